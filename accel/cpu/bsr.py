@@ -1,0 +1,207 @@
+"""Block-sparse matmul on the CPU with PyTorch ops (the CPU side of ``accel.ops.bsr_linear``).
+
+Same contract as ``accel.kernels.bsr_matmul`` so the dispatcher can pick either. Three
+strategies, chosen by the number of rows ``M`` of ``x`` (crossovers measured with
+``python -m bench.bsr_microbench --strategies`` on 4096x4096, block 32, 2 cores; see bench/results):
+
+* ``gather_bmm`` (small M): gather the ``x`` block column of every stored block, one batched
+  ``[M, B] @ [B, B]`` per block, then ``index_add_`` into its block row. Reads each stored block once.
+* ``gather_bmm_t`` (medium M): the same with ``x^T`` so each gathered slice is a contiguous
+  ``[B, M]`` panel and the products are ``[B, B] @ [B, M]``.
+* ``panels`` (large M): block rows sorted by block count and grouped into cache-sized chunks of
+  similar count; each row's blocks are laid side by side into a ``[B, P*B]`` panel (short rows
+  padded with zero blocks against a zero ``x`` block) so one ``bmm`` per chunk does the work with
+  long inner products. No scatter of partial products.
+
+Half-precision partial sums are accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import bsr_row_indices
+from .workspace import scratch
+
+# (largest M, strategy): see the module docstring
+STRATEGY_BY_M = ((8, "gather_bmm"), (48, "gather_bmm_t"), (math.inf, "panels"))
+STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels")
+#: bytes of gathered x per panel chunk (about an L2/L3 slice)
+PANEL_CHUNK_BYTES = 8 << 20
+#: rows whose block count is at least this fraction of the chunk's longest row share its chunk
+PANEL_FILL = 0.875
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def pick_strategy(m: int) -> str:
+    for limit, name in STRATEGY_BY_M:
+        if m <= limit:
+            return name
+    raise AssertionError("unreachable")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]))
+
+
+def _check(x, values, crow, col, out_features, block_index):
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"bsr_dense_mm_cpu: x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"bsr_dense_mm_cpu: values dtype {values.dtype} must equal x dtype {x.dtype}")
+    if x.dim() != 2 or values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(
+            f"bsr_dense_mm_cpu: expected x [M, K] and values [nnz, B, B], got {tuple(x.shape)} and {tuple(values.shape)}"
+        )
+    bs = values.shape[1]
+    if crow.numel() - 1 != math.ceil(out_features / bs):
+        raise ValueError(
+            f"bsr_dense_mm_cpu: crow_indices has {crow.numel() - 1} block rows, expected ceil({out_features}/{bs})"
+        )
+    n_pos = block_index.numel() if block_index is not None else values.shape[0]
+    if col.numel() != n_pos:
+        raise ValueError(f"bsr_dense_mm_cpu: col_indices has {col.numel()} entries but there are {n_pos} blocks")
+    return bs
+
+
+def bsr_dense_mm_cpu(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    blocks_transposed: bool = False,
+    block_index: torch.Tensor | None = None,
+    strategy: str | None = None,
+) -> torch.Tensor:
+    """``x[M, K] @ W^T (+ bias)`` for BSR ``W``; see ``accel.kernels.bsr_matmul.bsr_dense_mm``."""
+    bs = _check(x, values, crow_indices, col_indices, out_features, block_index)
+    m, k = x.shape
+    nbr = crow_indices.numel() - 1
+    nbc = math.ceil(k / bs)
+    strategy = strategy or pick_strategy(m)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown CPU BSR strategy {strategy!r}, expected one of {STRATEGIES}")
+    blocks = values.transpose(1, 2) if blocks_transposed else values  # [*, out, in]
+    nnz = col_indices.numel()
+    if m == 0 or nnz == 0 or k == 0:
+        y = x.new_zeros(m, out_features)
+    elif strategy == "panels":
+        y = _panels(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
+    else:
+        if block_index is not None:
+            blocks = blocks.index_select(0, block_index)
+        rows = bsr_row_indices(crow_indices, col_indices)
+        acc_dtype = _acc_dtype(x.dtype)
+        xp = _pad_cols(x, nbc * bs)
+        if strategy == "gather_bmm":
+            xg = scratch("gather.x", nnz * m * bs, x.dtype).view(nnz, m, bs)
+            torch.index_select(xp.reshape(m, nbc, bs).transpose(0, 1), 0, col_indices, out=xg)  # [nnz, M, in]
+            part = scratch("gather.part", nnz * m * bs, x.dtype).view(nnz, m, bs)
+            torch.bmm(xg, blocks.transpose(1, 2), out=part)  # [nnz, M, out]
+            acc = torch.zeros(nbr, m, bs, dtype=acc_dtype).index_add_(0, rows, part.to(acc_dtype))
+            y = acc.transpose(0, 1).reshape(m, nbr * bs)[:, :out_features].to(x.dtype)
+        else:
+            xt = scratch("gather.xt", nbc * bs * m, x.dtype).view(nbc * bs, m)
+            xt.copy_(xp.t())
+            xg = scratch("gather.x", nnz * bs * m, x.dtype).view(nnz, bs, m)
+            torch.index_select(xt.view(nbc, bs, m), 0, col_indices, out=xg)  # [nnz, in, M]
+            part = scratch("gather.part", nnz * bs * m, x.dtype).view(nnz, bs, m)
+            torch.bmm(blocks, xg, out=part)  # [nnz, out, M]
+            acc = torch.zeros(nbr, bs, m, dtype=acc_dtype).index_add_(0, rows, part.to(acc_dtype))
+            y = acc.view(nbr * bs, m)[:out_features].t().to(x.dtype)
+    y = y.contiguous()
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
+    m, k = x.shape
+    counts = crow[1:] - crow[:-1]
+    order = torch.argsort(counts, descending=True, stable=True)
+    sorted_counts = counts[order].tolist()
+    p_max = sorted_counts[0]
+    rows = bsr_row_indices(crow, col)
+    nnz = col.numel()
+    pos = torch.arange(nnz) - crow[rows]
+    # [nbr, p_max] position tables. A padding slot multiplies a zeroed copy of block 0 with the zero
+    # block of x at column nbc, so non-finite values elsewhere never leak into padded rows.
+    blk_of = torch.zeros(nbr, p_max, dtype=torch.int64)
+    col_of = torch.full((nbr, p_max), nbc, dtype=torch.int64)
+    blk_of[rows, pos] = block_index if block_index is not None else torch.arange(nnz)
+    col_of[rows, pos] = col
+    # x^T with one extra zero block: [nbc + 1, bs, M]; gathering whole [bs, M] slabs of it is the
+    # cheapest gather (contiguous rows of M elements)
+    xt = scratch("panels.xt", (nbc + 1) * bs * m, x.dtype).view((nbc + 1) * bs, m)
+    xt[:k].copy_(x.t())
+    xt[k:].zero_()
+    xt = xt.view(nbc + 1, bs, m)
+    yt = x.new_empty(nbr, bs, m)
+    row_bytes = bs * m * x.element_size()
+    s = 0
+    while s < nbr and sorted_counts[s] > 0:
+        p = sorted_counts[s]
+        cap = max(1, PANEL_CHUNK_BYTES // (p * row_bytes))
+        floor = math.ceil(PANEL_FILL * p)
+        e = s + 1
+        while e < nbr and e - s < cap and sorted_counts[e] >= floor:
+            e += 1
+        r = order[s:e]
+        n = e - s
+        slots = scratch("panels.blocks", n * p * bs * bs, x.dtype).view(n * p, bs, bs)
+        torch.index_select(blocks, 0, blk_of[r, :p].reshape(-1), out=slots)
+        if sorted_counts[e - 1] < p:
+            pad = (torch.arange(p)[None, :] >= counts[r][:, None]).reshape(-1).nonzero().squeeze(1)
+            slots.index_fill_(0, pad, 0)
+        panel = slots.view(n, p, bs, bs).permute(0, 2, 1, 3).reshape(n, bs, p * bs)  # [n, out, p*in]
+        xg = scratch("panels.xg", n * p * bs * m, x.dtype).view(n * p, bs, m)
+        torch.index_select(xt, 0, col_of[r, :p].reshape(-1), out=xg)
+        res = scratch("panels.out", n * bs * m, x.dtype).view(n, bs, m)
+        torch.bmm(panel, xg.view(n, p * bs, m), out=res)
+        yt.index_copy_(0, r, res)
+        s = e
+    if s < nbr:  # block rows without stored blocks
+        yt.index_fill_(0, order[s:], 0)
+    return yt.view(nbr * bs, m)[:out_features].t()
+
+
+def bsr_sddmm_cpu(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    row_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """``dvalues[p] = dy[:, r_p block]^T @ x[:, c_p block]``; see ``accel.kernels.bsr_matmul.bsr_sddmm``."""
+    if dy.dtype != x.dtype or dy.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"bsr_sddmm_cpu: dy and x must share one of {SUPPORTED_DTYPES}, got {dy.dtype} and {x.dtype}")
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"bsr_sddmm_cpu: dy [M, N] and x [M, K] must share M, got {tuple(dy.shape)} and {tuple(x.shape)}")
+    m = x.shape[0]
+    bs = block_size
+    nbr = math.ceil(dy.shape[1] / bs)
+    nbc = math.ceil(x.shape[1] / bs)
+    nnz = col_indices.numel()
+    out = x.new_empty(nnz, bs, bs)
+    if nnz == 0:
+        return out
+    dyb = _pad_cols(dy, nbr * bs).reshape(m, nbr, bs)
+    xb = _pad_cols(x, nbc * bs).reshape(m, nbc, bs)
+    # bound the gathered copies to ~64 MB per chunk
+    step = max(1, (64 << 20) // max(1, 2 * m * bs * x.element_size()))
+    for s in range(0, nnz, step):
+        e = min(nnz, s + step)
+        a = dyb.index_select(1, row_indices[s:e]).permute(1, 2, 0)  # [n, out, M]
+        b = xb.index_select(1, col_indices[s:e]).transpose(0, 1)  # [n, M, in]
+        torch.bmm(a, b, out=out[s:e])
+    return out

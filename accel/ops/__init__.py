@@ -1,0 +1,5 @@
+"""Op dispatch: one public function per op, Triton on CUDA and the PyTorch path on CPU."""
+
+from .bsr_linear import bsr_linear
+
+__all__ = ["bsr_linear"]

@@ -82,18 +82,39 @@ def sddmm_configs() -> list[triton.Config]:
 
 
 def fwd_configs_for_block(bs: int, configs: list[triton.Config] | None = None) -> list[triton.Config]:
-    """The forward configs that apply to block size ``bs``: BLOCK_K clamped to ``bs``, deduplicated."""
+    """The forward configs that apply to block size ``bs``, deduplicated: BLOCK_K is clamped to
+    ``bs``, and for ``bs = 128`` to 32 with at least 8 warps and at most 3 stages (the AOT check
+    measured register spills with BLOCK_K = 64, 4 warps or 4 stages at that block size)."""
     out, seen = [], set()
     for c in configs if configs is not None else fwd_configs():
-        key = (c.kwargs["BLOCK_M"], min(c.kwargs["BLOCK_K"], bs), c.num_warps, c.num_stages)
+        big = bs >= 128
+        k = min(c.kwargs["BLOCK_K"], bs, 32 if big else bs)
+        w = max(c.num_warps, 8) if big else c.num_warps
+        key = (c.kwargs["BLOCK_M"], k, w, min(c.num_stages, 3) if big else c.num_stages)
         if key not in seen:
             seen.add(key)
             out.append(_fwd_config(*key))
     return out
 
 
+def sddmm_configs_for_block(bs: int, configs: list[triton.Config] | None = None) -> list[triton.Config]:
+    """SDDMM configs for block size ``bs``: the ``[bs, bs]`` fp32 accumulator of ``bs = 128`` needs 8 warps."""
+    out, seen = [], set()
+    for c in configs if configs is not None else sddmm_configs():
+        w = max(c.num_warps, 8) if bs >= 128 else c.num_warps
+        key = (c.kwargs["BLOCK_M"], w, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(_sddmm_config(*key))
+    return out
+
+
 def _prune_fwd(configs, named_args, **kwargs):
     return fwd_configs_for_block(named_args["BS"], configs)
+
+
+def _prune_sddmm(configs, named_args, **kwargs):
+    return sddmm_configs_for_block(named_args["BS"], configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +178,7 @@ def _bsr_dense_mm_kernel(
     tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.autotune(configs=sddmm_configs(), key=["M", "BS"])
+@triton.autotune(configs=sddmm_configs(), key=["M", "BS"], prune_configs_by={"early_config_prune": _prune_sddmm})
 @triton.jit
 def _bsr_sddmm_kernel(
     dy_ptr, x_ptr, row_ptr, col_ptr, dv_ptr,

@@ -1,5 +1,5 @@
 """Every Triton kernel and autotune config compiles ahead of time for sm_80 and sm_90 (no GPU needed),
-uses tensor-core instructions and does not spill registers to local memory.
+uses tensor-core instructions and does not spill registers.
 
 ``accel.kernels.aot`` runs in a subprocess with TRITON_INTERPRET removed: interpreted kernels
 cannot be compiled. One run covers the whole table; the tests read its JSON.
@@ -27,27 +27,37 @@ def aot_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def _expected_jobs():
-    """(kernel, config, dtype, block, capability) for every table entry, built independently of aot.py."""
-    from accel.kernels import bsr_matmul as K
+def _name(c):
+    return "_".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in c.kwargs.items()) + \
+        f"_w{c.num_warps}_s{c.num_stages}"
+
+
+def _runtime_configs():
+    """(kernel, config name, block size) of every config a GPU autotuner can pick at run time."""
+    from accel.kernels import bsr_matmul as B
+    from accel.kernels import int8_conv as C
+    from accel.kernels import int8_matmul as Q
 
     want = set()
-    for cap in (80, 90):
-        for dt in ("fp16", "bf16", "fp32"):
-            for bs in K.SUPPORTED_BLOCK_SIZES:
-                for bm, bk, w, s in K.FWD_CONFIG_TABLE:
-                    want.add(("bsr_dense_mm", f"M{bm}_K{min(bk, bs)}_w{w}_s{s}", dt, bs, cap))
-                for bm, w, s in K.SDDMM_CONFIG_TABLE:
-                    want.add(("bsr_sddmm", f"M{bm}_w{w}_s{s}", dt, bs, cap))
+    for bs in B.SUPPORTED_BLOCK_SIZES:
+        want |= {("bsr_dense_mm", _name(c), bs) for c in B.fwd_configs_for_block(bs, B.gpu_fwd_configs())}
+        want |= {("bsr_sddmm", _name(c), bs) for c in B.sddmm_configs_for_block(bs, B.gpu_sddmm_configs())}
+    want |= {("int8_mm", _name(c), 0) for c in Q.gpu_mm_configs()}
+    want |= {("quantize_rows", _name(c), 0) for c in Q.gpu_quant_configs()}
+    want |= {("int8_conv2d", _name(c), 0) for c in C.gpu_conv_configs()}
     return want
 
 
 def _key(r):
-    return (r["kernel"], r["config"], r["dtype"], r["block_size"], r["capability"])
+    return (r["kernel"], r["config"], r["variant"], r["block_size"], r["capability"])
 
 
-def test_covers_every_config(aot_results):
-    assert {_key(r) for r in aot_results} == _expected_jobs()
+def test_covers_every_runtime_config_on_both_targets(aot_results):
+    for cap in (80, 90):
+        got = {(r["kernel"], r["config"], r["block_size"]) for r in aot_results if r["capability"] == cap}
+        assert got == _runtime_configs(), cap
+    variants = {r["variant"] for r in aot_results if r["kernel"] == "int8_mm"}
+    assert {"w8a8_int32", "w8a8_fp16_gelu", "w8_only_fp16", "w8_only_bf16", "w8_only_fp32_tf32"} <= variants
 
 
 def test_all_compile(aot_results):
@@ -58,12 +68,30 @@ def test_all_compile(aot_results):
 def test_tensor_cores(aot_results):
     """mma.sync on sm_80; on sm_90 wgmma wherever the dot tile has >= 64 rows (the Hopper warpgroup MMA)."""
     for r in aot_results:
+        if r["dot_m"] == 0:  # no tl.dot (the row quantizer)
+            continue
         ops = r["mma_instructions"]
         assert r["tensor_core"], (_key(r), "no mma/wgmma in PTX")
         if r["capability"] == 80:
             assert "mma.sync" in ops and "wgmma" not in ops, (_key(r), ops)
         elif r["dot_m"] >= 64:
             assert "wgmma.mma_async" in ops, (_key(r), ops)
+
+
+def test_int8_uses_int8_tensor_cores_with_k_tile_at_least_32(aot_results):
+    int8 = [r for r in aot_results if r["kernel"] in ("int8_mm", "int8_conv2d") and r["variant"].startswith("w8a8")]
+    assert int8
+    for r in int8:
+        assert ".s32.s8.s8" in r["mma_instructions"], (_key(r), r["mma_instructions"])
+        assert r["block_k"] >= 32, _key(r)
+
+
+def test_int8_config_tables_have_k_tile_at_least_32():
+    """NVIDIA's int8 mma needs K >= 32; the interpreter would accept less, so check the tables themselves."""
+    from accel.kernels import int8_conv, int8_matmul
+
+    for c in int8_matmul.gpu_mm_configs() + int8_conv.gpu_conv_configs():
+        assert c.kwargs["BLOCK_K"] >= 32, c
 
 
 def test_no_spills(aot_results):

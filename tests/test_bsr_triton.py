@@ -82,7 +82,7 @@ def test_noncontiguous_x_and_int32_indices():
     assert_close_dtype(y.cpu(), reference_linear(x, bsr), torch.float32, 48)
 
 
-@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
 def test_every_config(block):
     """Each forward and SDDMM config of the GPU tables, forced, on a ragged shape."""
     m, n, k = 37, 2 * block + 5, 3 * block - 3
@@ -95,7 +95,7 @@ def test_every_config(block):
         assert_close_dtype(y.cpu(), ref, torch.float32, k)
     rows = bsr_row_indices(bsr.crow_indices, bsr.col_indices)
     ref_dv = K_sddmm_reference(dy, x, rows, bsr.col_indices, block)
-    for cfg in K.gpu_sddmm_configs():
+    for cfg in K.sddmm_configs_for_block(block, K.gpu_sddmm_configs()):
         dv = K.bsr_sddmm(dy.to(DEV), x.to(DEV), rows.to(DEV), bsr.col_indices.to(DEV), block, config=cfg)
         torch.testing.assert_close(dv.cpu().double(), ref_dv, atol=1e-4, rtol=1e-4)
 

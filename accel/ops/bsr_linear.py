@@ -8,45 +8,27 @@ sees opaque calls with correct shapes:
 * ``accel::bsr_sddmm`` ``dW`` at the stored blocks only.
 
 Each op body calls :func:`_dispatch`, the one place that chooses the implementation: the Triton
-kernel for CUDA tensors, the PyTorch path of ``accel.cpu.bsr`` for CPU tensors. With
-``TRITON_INTERPRET=1`` *and* ``ACCEL_FORCE_TRITON=1`` CPU tensors go through the interpreted Triton
-kernels, which is how the CPU test suite exercises the GPU code path end to end.
+kernel for CUDA tensors, the PyTorch path of ``accel.cpu.bsr`` for CPU tensors (see
+``accel.ops._dispatch``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from ..cpu import bsr as cpu_bsr
 from ..formats import bsr_row_indices, bsr_transpose_structure
-
-try:
-    from ..kernels import INTERPRET
-    from ..kernels import bsr_matmul as triton_bsr
-except ImportError:  # triton missing: CPU only, and CUDA inputs raise in _dispatch
-    triton_bsr = None
-    INTERPRET = False
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if x.is_cuda:
-        if triton_bsr is None:
-            raise RuntimeError("bsr_linear: CUDA input but triton is not installed")
-        return True
-    if os.environ.get("ACCEL_FORCE_TRITON", "0") == "1":
-        if not INTERPRET:
-            raise RuntimeError("ACCEL_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        return True
-    return False
+from ._dispatch import needs_op, use_triton
 
 
 def _dispatch(name: str, *args, **kwargs) -> torch.Tensor:
     """Run op ``name`` ("bsr_dense_mm" or "bsr_sddmm") on Triton or the CPU path."""
-    if _use_triton(args[0]):
-        return getattr(triton_bsr, name)(*args, **kwargs)
+    if use_triton(args[0], "bsr_linear"):
+        from ..kernels import bsr_matmul
+
+        return getattr(bsr_matmul, name)(*args, **kwargs)
     kwargs.pop("allow_tf32", None)
     return getattr(cpu_bsr, name + "_cpu")(*args, **kwargs)
 
@@ -170,15 +152,8 @@ def bsr_linear(
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    if _needs_op(x2, values, bias):
+    if needs_op(x2, values, bias):
         y = _bsr_linear_op(x2, values, crow_indices, col_indices, out_features, bias, allow_tf32)
-    else:  # eager inference: the same implementation without the custom-op dispatch (~0.1 ms a call on CPU)
+    else:
         y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32)
     return y.view(*lead, out_features)
-
-
-def _needs_op(*tensors: torch.Tensor | None) -> bool:
-    """The registered op is needed under torch.compile (an opaque node) and when autograd must record."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,40 @@
+"""Where an op runs: the Triton kernels for CUDA tensors, the PyTorch CPU paths for CPU tensors.
+
+With ``TRITON_INTERPRET=1`` (set before triton is imported) *and* ``ACCEL_FORCE_TRITON=1``, CPU
+tensors go through the interpreted Triton kernels instead: that is how the CPU test suite runs
+the GPU code path end to end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from .. import kernels
+except ImportError:  # triton missing: CPU only, and CUDA inputs raise below
+    kernels = None
+
+
+def use_triton(x: torch.Tensor, what: str) -> bool:
+    if x.is_cuda:
+        if kernels is None:
+            raise RuntimeError(f"{what}: CUDA input but triton is not installed")
+        return True
+    if os.environ.get("ACCEL_FORCE_TRITON", "0") == "1":
+        if kernels is None or not kernels.INTERPRET:
+            raise RuntimeError("ACCEL_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        return True
+    if x.device.type != "cpu":
+        raise ValueError(f"{what}: unsupported device {x.device} (accel runs on CUDA and CPU)")
+    return False
+
+
+def needs_op(*tensors: torch.Tensor | None) -> bool:
+    """Whether to call the registered custom op rather than its implementation directly: under
+    torch.compile (so the graph holds one opaque node) and when autograd must record the call.
+    Eager inference skips the op dispatch, which costs ~0.1 ms a call on CPU."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -1,0 +1,217 @@
+"""int8 Linear and Conv2d microbenchmark.
+
+Linear (default 4096x4096, M in 1/16/256): accel's QuantLinear in modes dynamic (per-token int8
+activations), static and weight-only, against nn.Linear fp32 and bf16 and torch's dynamic int8
+Linear (``torch.ao.quantization.quantize_dynamic``), plus ``torch._int_mm`` on the pre-quantized
+integers (the bare int8 GEMM). Conv2d: ResNet-like layers (64..256 channels, 56x56..14x14),
+QuantConv2d against nn.Conv2d fp32 (NCHW and channels_last) and bf16. On CUDA the baselines are
+cuBLAS/cuDNN fp16 and bf16 and ``torch._int_mm``.
+
+All providers of one row run side by side in the same rounds (``bench.common.compare``). A
+provider slower than ``--slow-cutoff`` times the baseline (``torch._int_mm`` on CPUs without VNNI
+falls back to a reference loop, ~10 s a call at M=256) is timed once and kept out of the rounds.
+
+    python -m bench.int8_microbench                 # linear + conv, JSON in bench/results/
+    python -m bench.int8_microbench --only linear --ms 1 16 256 --warm 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from accel import QuantConv2d, QuantLinear
+from accel.cpu.int8 import act_qmax, linear_engine
+from accel.quant import sqnr
+
+from .common import compare, format_table, save_results
+
+warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+
+CONV_LAYERS = [
+    # (C_in, C_out, H=W, kernel, stride): ResNet-18/50 shapes
+    (64, 64, 56, 3, 1),
+    (64, 128, 56, 3, 2),
+    (128, 128, 28, 3, 1),
+    (256, 256, 14, 3, 1),
+    (256, 64, 56, 1, 1),
+]
+
+
+def _torch_dynamic(linear: nn.Linear):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+
+
+def _time_once(fn, device) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _run_row(providers: dict, base: str, device: str, budget: float, inner: int, slow_cutoff: float, ref_out, outputs):
+    """Time ``providers`` side by side; the ones slower than ``slow_cutoff`` x baseline are timed once."""
+    base_once = _time_once(providers[base], device)
+    slow = {}
+    for name in list(providers):
+        if name != base and name.startswith("torch_int_mm"):
+            t = _time_once(providers[name], device)
+            if t > slow_cutoff * base_once:
+                slow[name] = t
+                del providers[name]
+    res = compare(providers, base, device=device, budget_s=budget, inner=inner)
+    row = {f"ms_{n}": t.median_s * 1e3 for n, t in res.items()}
+    row.update({f"x_{n}": t.speedup for n, t in res.items() if n != base})
+    for name, t in slow.items():
+        row[f"ms_{name}"] = t * 1e3
+        row[f"x_{name}"] = res[base].median_s / t
+        row[f"{name}_timed_once"] = True
+    row.update({f"sqnr_{n}": sqnr(ref_out, out) for n, out in outputs.items()})
+    row["rounds"] = res[base].rounds
+    return row
+
+
+def linear_rows(n, k, ms, device, budget, inner, slow_cutoff):
+    rows = []
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n).to(device)
+    half = torch.float16 if device == "cuda" else torch.float32
+    base = "fp16" if device == "cuda" else "fp32"
+    lin_base = nn.Linear(k, n).to(device, half)
+    lin_base.load_state_dict(lin.state_dict())
+    lin_bf16 = nn.Linear(k, n).to(device, torch.bfloat16)
+    lin_bf16.load_state_dict(lin.state_dict())
+    q_dyn = QuantLinear.from_float(lin, "dynamic")
+    q_wo = QuantLinear.from_float(lin, "weight_only")
+    q_auto = QuantLinear.from_float(lin, "auto")
+    b_int = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
+    torch_dyn = _torch_dynamic(_copy_linear(lin)) if device == "cpu" else None
+    for m in ms:
+        x = torch.randn(m, k, device=device)
+        xb, x16 = x.to(half), x.bfloat16()
+        a_int = torch.randint(-127, 128, (max(m, 17), k), dtype=torch.int8, device=device)
+        with torch.no_grad():
+            ref = lin(x)
+            q_static = QuantLinear.from_float(lin, act_scale=x.abs().amax() / (act_qmax() if device == "cpu" else 127))
+            providers = {
+                base: lambda: lin_base(xb),
+                "bf16": lambda: lin_bf16(x16),
+                "accel_dynamic": lambda: q_dyn(x),
+                "accel_static": lambda: q_static(x),
+                "accel_weight_only": lambda: q_wo(x),
+                "accel_auto": lambda: q_auto(x),
+                "torch_int_mm": lambda: torch._int_mm(a_int, b_int),
+            }
+            if torch_dyn is not None:
+                providers["torch_dynamic_int8"] = lambda: torch_dyn(x)
+            outputs = {"accel_dynamic": q_dyn(x), "accel_static": q_static(x), "accel_weight_only": q_wo(x),
+                       "bf16": lin_bf16(x16)}
+            if torch_dyn is not None:
+                outputs["torch_dynamic_int8"] = torch_dyn(x)
+            row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref, outputs)
+        row.update(layer="linear", shape=f"{n}x{k}", m=m, auto_mode=q_auto.resolved_mode(x))
+        rows.append(row)
+        print(f"linear {n}x{k} M={m:<4} " + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items()
+                                                     if key.startswith("x_")), flush=True)
+    return rows
+
+
+def _copy_linear(lin):
+    new = nn.Linear(lin.in_features, lin.out_features)
+    new.load_state_dict(lin.state_dict())
+    return new
+
+
+def conv_rows(batches, device, budget, inner, slow_cutoff):
+    rows = []
+    torch.manual_seed(0)
+    half = torch.float16 if device == "cuda" else torch.float32
+    base = "fp16" if device == "cuda" else "fp32"
+    for c_in, c_out, hw, k, s in CONV_LAYERS:
+        conv = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device)
+        conv_base = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device, half)
+        conv_base.load_state_dict(conv.state_dict())
+        conv_cl = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device, half).to(memory_format=torch.channels_last)
+        conv_cl.load_state_dict(conv.state_dict())
+        conv_bf16 = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device, torch.bfloat16)
+        conv_bf16.load_state_dict(conv.state_dict())
+        q = QuantConv2d.from_float(conv)
+        for b in batches:
+            x = torch.randn(b, c_in, hw, hw, device=device)
+            xb, xcl, x16 = x.to(half), x.to(half).contiguous(memory_format=torch.channels_last), x.bfloat16()
+            xq_cl = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                ref = conv(x)
+                providers = {
+                    base: lambda: conv_base(xb),
+                    f"{base}_channels_last": lambda: conv_cl(xcl),
+                    "bf16": lambda: conv_bf16(x16),
+                    "accel_int8": lambda: q(x),
+                    "accel_int8_channels_last": lambda: q(xq_cl),
+                }
+                row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref,
+                               {"accel_int8": q(x), "bf16": conv_bf16(x16)})
+            row.update(layer="conv", shape=f"{c_in}->{c_out} {hw}x{hw} k{k} s{s}", m=b)
+            rows.append(row)
+            print(f"conv {row['shape']} B={b} " + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items()
+                                                           if key.startswith("x_")), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["linear", "conv"])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 16, 256])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row")
+    ap.add_argument("--warm", type=int, default=1, metavar="N", help="N back-to-back calls per turn (default 1: cold)")
+    ap.add_argument("--slow-cutoff", type=float, default=20.0, help="time once providers slower than this x baseline")
+    ap.add_argument("--json", help="output path (default bench/results/int8_microbench-<device>.json)")
+    args = ap.parse_args(argv)
+    rows = []
+    if args.only in (None, "linear"):
+        rows += linear_rows(args.n, args.k, args.ms, args.device, args.budget, args.warm, args.slow_cutoff)
+    if args.only in (None, "conv"):
+        rows += conv_rows(args.batches, args.device, args.budget, args.warm, args.slow_cutoff)
+    base = "fp16" if args.device == "cuda" else "fp32"
+    print()
+    lin = [r for r in rows if r["layer"] == "linear"]
+    if lin:
+        cols = [("shape", "linear", "s"), ("m", "M", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
+                ("ms_accel_dynamic", "int8 dyn ms", ".3f"), ("x_accel_dynamic", "x int8 dyn", ".2f"),
+                ("x_accel_static", "x int8 static", ".2f"), ("x_accel_weight_only", "x w-only", ".2f"),
+                ("auto_mode", "auto picks", "s"), ("x_accel_auto", "x auto", ".2f"), ("x_bf16", "x bf16", ".2f"),
+                ("x_torch_dynamic_int8", "x torch dyn int8", ".2f"), ("x_torch_int_mm", "x torch._int_mm", ".3f"),
+                ("sqnr_accel_dynamic", "SQNR dyn", ".1f"), ("sqnr_torch_dynamic_int8", "SQNR torch", ".1f")]
+        print(format_table(lin, cols))
+    conv = [r for r in rows if r["layer"] == "conv"]
+    if conv:
+        cols = [("shape", "conv", "s"), ("m", "B", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
+                ("ms_accel_int8", "int8 ms", ".3f"), ("x_accel_int8", "x int8", ".2f"),
+                ("x_accel_int8_channels_last", "x int8 (NHWC in)", ".2f"),
+                (f"x_{base}_channels_last", f"x {base} NHWC", ".2f"), ("x_bf16", "x bf16", ".2f"),
+                ("sqnr_accel_int8", "SQNR int8", ".1f")]
+        print()
+        print(format_table(conv, cols))
+    extra = {"cpu_act_qmax": act_qmax() if args.device == "cpu" else 127,
+             "cpu_linear_engine": linear_engine() if args.device == "cpu" else None}
+    path = save_results("int8_microbench", rows, extra=extra, path=args.json)
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from accel import QuantConv2d, QuantLinear
+from accel.cpu.int8 import act_qmax
+from accel.modules.quant_linear import WEIGHT_ONLY_MAX_M
+from accel.quant import int8_linear_ref, quantize_rows_ref, sqnr
+from tests.helpers import interpret_mode
+
+
+def _lin(k=100, n=70):
+    return nn.Linear(k, n)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "static"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_quant_linear_close_to_float(mode, activation):
+    lin = _lin()
+    x = torch.randn(4, 9, 100)
+    act_scale = x.abs().amax() / act_qmax() if mode == "static" else None
+    q = QuantLinear.from_float(lin, mode if mode != "static" else "auto", act_scale=act_scale, activation=activation)
+    assert q.mode == mode
+    with torch.no_grad():
+        ref = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu}[activation](lin(x))
+        y = q(x)
+    assert y.shape == (4, 9, 70) and y.dtype == torch.float32
+    assert sqnr(ref, y) >= (45 if mode == "weight_only" else 30)
+
+
+def test_dynamic_equals_int8_reference():
+    lin = _lin()
+    q = QuantLinear.from_float(lin, "dynamic")
+    x = torch.randn(6, 100)
+    xq, xs = quantize_rows_ref(x, act_qmax())
+    torch.testing.assert_close(q(x), int8_linear_ref(xq, xs, q.weight_q, q.weight_scale, q.bias), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_mode_resolution():
+    q = QuantLinear.from_float(_lin(), "auto")
+    limit = WEIGHT_ONLY_MAX_M["cpu"]
+    assert q.resolved_mode(torch.randn(limit + 1, 100)) == "dynamic"
+    if limit > 0:
+        assert q.resolved_mode(torch.randn(limit, 100)) == "weight_only"
+    assert QuantLinear.from_float(_lin(), act_scale=0.1).mode == "static"
+
+
+def test_half_precision_input_and_module():
+    q = QuantLinear.from_float(_lin(), "dynamic")
+    x = torch.randn(3, 100)
+    y32 = q(x)
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+    qh = copy.deepcopy(q).half()  # floating buffers become fp16; scales are used in fp32
+    assert qh.weight_q.dtype == torch.int8
+    torch.testing.assert_close(qh(x.half()).float(), y32, atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "weight_only"])
+def test_state_dict_round_trip(mode):
+    src = QuantLinear.from_float(_lin(), mode if mode != "static" else "auto", act_scale=0.05 if mode == "static" else None,
+                                 activation="relu")
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst = QuantLinear(100, 70)
+    dst.load_state_dict(torch.load(buf, weights_only=True))
+    assert (dst.mode, dst.activation) == (mode, "relu")
+    x = torch.randn(5, 100)
+    assert torch.equal(dst(x), src(x))
+    assert torch.equal(copy.deepcopy(src)(x), src(x))
+
+
+def test_static_needs_a_scale_and_inference_only():
+    q = QuantLinear(100, 70, mode="static")
+    with pytest.raises(RuntimeError, match="has no activation scale"):
+        q(torch.randn(2, 100))
+    with pytest.raises(ValueError, match="one finite positive number"):
+        q.set_act_scale(-1.0)
+    q = QuantLinear.from_float(_lin())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(torch.randn(2, 100, requires_grad=True))
+    with torch.no_grad():
+        q(torch.randn(2, 100, requires_grad=True))
+
+
+def test_linear_errors_name_the_values():
+    q = QuantLinear.from_float(_lin())
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 100\], got \(2, 99\)"):
+        q(torch.randn(2, 99))
+    with pytest.raises(TypeError, match="x dtype must be one of .* got torch.float64"):
+        q(torch.randn(2, 100, dtype=torch.float64))
+    with pytest.raises(TypeError, match="expects nn.Linear, got Conv2d"):
+        QuantLinear.from_float(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        QuantLinear(4, 4, mode="int4")
+
+
+# ---------------------------------------------------------------------------------------- conv
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(16, 24, 3, stride=2, padding=1),
+                                  nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False), nn.Conv2d(32, 16, 1)],
+                         ids=["3to32", "stride2", "dilated", "1x1"])
+def test_quant_conv_close_to_float(conv):
+    q = QuantConv2d.from_float(conv, activation="relu")
+    x = torch.randn(2, conv.in_channels, 12, 12)
+    with torch.no_grad():
+        ref = F.relu(conv(x))
+    y = q(x)
+    assert y.shape == ref.shape
+    assert sqnr(ref, y) >= 30
+    q_static = QuantConv2d.from_float(conv, act_scale=x.abs().amax() / act_qmax())
+    assert q_static.mode == "static"
+    with torch.no_grad():
+        assert sqnr(conv(x), q_static(x)) >= 28
+
+
+def test_quant_conv_unsupported_layers_stay_float():
+    for conv, why in [(nn.Conv2d(8, 8, 3, groups=2), "groups=2"), (nn.Conv2d(4, 4, 3, padding_mode="reflect"), "reflect"),
+                      (nn.Conv2d(4, 4, 3, padding="same"), "'same'")]:
+        assert why in QuantConv2d.unsupported_reason(conv)
+        with pytest.raises(ValueError, match="keep this layer in floating point"):
+            QuantConv2d.from_float(conv)
+    assert QuantConv2d.unsupported_reason(nn.Conv2d(3, 32, 3)) is None
+
+
+def test_quant_conv_state_dict_and_batch_zero():
+    src = QuantConv2d.from_float(nn.Conv2d(4, 6, 3, padding=1))
+    dst = QuantConv2d(4, 6, 3, padding=1)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(dst(x), src(x))
+    assert src(x[:0]).shape == (0, 6, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------- compile
+def test_opcheck():
+    import accel.ops.int8  # noqa: F401  (registers the ops)
+
+    lin = QuantLinear.from_float(_lin())
+    x = torch.randn(5, 100)
+    torch.library.opcheck(torch.ops.accel.int8_linear.default, (x, lin.weight_q, lin.weight_scale, lin.bias, None, "relu"))
+    torch.library.opcheck(torch.ops.accel.int8_linear.default,
+                          (x, lin.weight_q, lin.weight_scale, None, torch.tensor([0.05]), "none"))
+    torch.library.opcheck(torch.ops.accel.int8_weight_only_linear.default,
+                          (x, lin.weight_q, lin.weight_scale, lin.bias, "gelu"))
+    conv = QuantConv2d.from_float(nn.Conv2d(4, 6, 3, stride=2, padding=1))
+    torch.library.opcheck(torch.ops.accel.int8_conv2d.default,
+                          (torch.randn(2, 4, 9, 9), conv.weight_q, conv.weight_scale, conv.bias, None, [2, 2], [1, 1],
+                           [1, 1], "none"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch.compiler.reset()
+    model = nn.Sequential(QuantConv2d.from_float(nn.Conv2d(3, 8, 3, padding=1), activation="relu"), nn.Flatten(),
+                          QuantLinear.from_float(nn.Linear(8 * 6 * 6, 10), "dynamic")).eval()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for b in (2, 5):
+            x = torch.randn(b, 3, 6, 6)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not interpret_mode(), reason="routes CPU tensors through the interpreted Triton kernels")
+def test_triton_path_end_to_end(monkeypatch):
+    """The modules through the (interpreted) Triton kernels: 8-bit activations, exact integer semantics."""
+    lin, conv = _lin(), nn.Conv2d(5, 7, 3, padding=1)
+    x, xc = torch.randn(6, 100), torch.randn(2, 5, 8, 8)
+    monkeypatch.setenv("ACCEL_FORCE_TRITON", "1")
+    q = QuantLinear.from_float(lin, "dynamic", activation="gelu")
+    xq, xs = quantize_rows_ref(x, 127)
+    torch.testing.assert_close(q(x), int8_linear_ref(xq, xs, q.weight_q, q.weight_scale, q.bias, "gelu"),
+                               atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        assert sqnr(lin(x), QuantLinear.from_float(lin, "weight_only")(x)) >= 45
+        qs = QuantLinear.from_float(lin, act_scale=x.abs().amax() / 127)
+        assert sqnr(lin(x), qs(x)) >= 30
+        qc = QuantConv2d.from_float(conv)
+        assert sqnr(conv(xc), qc(xc)) >= 35
+        assert sqnr(conv(xc), qc(xc.contiguous(memory_format=torch.channels_last))) >= 35

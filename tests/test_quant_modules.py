@@ -74,17 +74,39 @@ def test_state_dict_round_trip(mode):
     assert torch.equal(copy.deepcopy(src)(x), src(x))
 
 
-def test_static_needs_a_scale_and_inference_only():
+def test_static_needs_a_scale():
     q = QuantLinear(100, 70, mode="static")
     with pytest.raises(RuntimeError, match="has no activation scale"):
         q(torch.randn(2, 100))
     with pytest.raises(ValueError, match="one finite positive number"):
         q.set_act_scale(-1.0)
-    q = QuantLinear.from_float(_lin())
-    with pytest.raises(RuntimeError, match="inference-only"):
-        q(torch.randn(2, 100, requires_grad=True))
-    with torch.no_grad():
-        q(torch.randn(2, 100, requires_grad=True))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_gradient_reaches_x_straight_through(mode, activation):
+    """int8 weights are frozen; dx is the float layer's dx with the dequantized weight (STE)."""
+    q = QuantLinear.from_float(_lin(), mode, activation=activation)
+    x = torch.randn(6, 100, requires_grad=True)
+    y = q(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    mask = (y > 0).float() if activation == "relu" else 1.0
+    torch.testing.assert_close(x.grad, (dy * mask) @ q.dequantized_weight(), atol=1e-5, rtol=1e-5)
+    assert q.weight_q.grad is None
+    with pytest.raises(RuntimeError, match="no backward through a fused GELU"):
+        QuantLinear.from_float(_lin(), mode, activation="gelu")(torch.randn(2, 100, requires_grad=True))
+
+
+def test_conv_gradient_reaches_x():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    q = QuantConv2d.from_float(conv)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    y = q(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = torch.nn.grad.conv2d_input(x.shape, q.dequantized_weight(), dy, 2, 1)
+    torch.testing.assert_close(x.grad, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_errors_name_the_values():

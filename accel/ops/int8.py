@@ -10,8 +10,11 @@ Three custom ops (``torch.library.custom_op`` + ``register_fake``), each with on
 * ``accel::int8_conv2d``: quantize ``x`` per image (or static), implicit-GEMM int8 conv. CUDA:
   ``int8_conv2d``. CPU: ``conv2d_int8_cpu`` (oneDNN).
 
-Outputs have ``x``'s dtype. The ops are inference-only (no autograd): train with fake quantization
-and convert. Inputs that need a gradient raise instead of silently cutting the graph.
+Outputs have ``x``'s dtype. The int8 weights are frozen buffers; gradients reach ``x`` straight
+through the quantization (``dx = dy @ dequant(W)``, the transposed conv for Conv2d), so an int8
+layer can sit inside a model that still trains elsewhere. A fused GELU has no backward here (it
+would need the pre-activation): such a layer raises when a gradient is needed. To train the int8
+layers themselves, use fake quantization (``accel.qat``) and convert.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..cpu import int8 as cpu_int8
-from ..quant import ACTIVATIONS, QMAX
+from ..quant import ACTIVATIONS, QMAX, dequantize_weight
 from ._dispatch import needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -117,6 +120,48 @@ def conv2d_output_shape(x_shape, w_shape, stride, padding, dilation) -> tuple[in
 
 
 # ---------------------------------------------------------------------------------------------
+# straight-through backward to x (weights are frozen int8 buffers)
+# ---------------------------------------------------------------------------------------------
+def _grad_through_activation(ctx, dy):
+    if ctx.activation == "relu":
+        (out,) = ctx.saved_tensors[-1:]
+        return dy * (out > 0).to(dy.dtype)
+    return dy
+
+
+def _setup_linear(ctx, inputs, output):  # (x, w_q, w_scale, bias, [act_scale,] activation)
+    ctx.activation, ctx.n_inputs = inputs[-1], len(inputs)
+    ctx.save_for_backward(inputs[1], inputs[2], output)
+
+
+def _backward_linear(ctx, dy):
+    w_q, w_scale, _ = ctx.saved_tensors
+    dy = _grad_through_activation(ctx, dy)
+    dx = dy @ dequantize_weight(w_q, w_scale).to(dy.dtype)
+    return (dx,) + (None,) * (ctx.n_inputs - 1)
+
+
+def _setup_conv(ctx, inputs, output):
+    x, w_q, w_scale, _bias, _act_scale, stride, padding, dilation, activation = inputs
+    ctx.activation, ctx.geometry, ctx.x_shape = activation, (stride, padding, dilation), x.shape
+    ctx.save_for_backward(w_q, w_scale, output)
+
+
+def _backward_conv(ctx, dy):
+    w_q, w_scale, _ = ctx.saved_tensors
+    dy = _grad_through_activation(ctx, dy)
+    stride, padding, dilation = ctx.geometry
+    w = dequantize_weight(w_q, w_scale).to(dy.dtype)
+    dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation)
+    return (dx,) + (None,) * 8
+
+
+_int8_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
+_weight_only_op.register_autograd(_backward_linear, setup_context=_setup_linear)
+_int8_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
+
+
+# ---------------------------------------------------------------------------------------------
 # public functions: validate, then call the op (compile / autograd) or its body (eager)
 # ---------------------------------------------------------------------------------------------
 def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dims):
@@ -137,9 +182,9 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"{what}: tensors on different devices {sorted(map(str, devices))}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(f"{what} is inference-only (int8 has no gradient): call it under torch.no_grad(), or "
-                           "train with fake quantization (accel.qat) and convert afterwards")
+    if torch.is_grad_enabled() and x.requires_grad and activation == "gelu":
+        raise RuntimeError(f"{what}: no backward through a fused GELU (it needs the pre-activation); fuse "
+                           "'none' or 'relu', call under torch.no_grad(), or train with accel.qat")
 
 
 def int8_linear(
@@ -167,10 +212,10 @@ def int8_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if weight_only:
         args = (x2, w_q, w_scale, bias, activation)
-        y = _weight_only_op(*args) if needs_op() else _weight_only_impl(*args)
+        y = _weight_only_op(*args) if needs_op(x2) else _weight_only_impl(*args)
     else:
         args = (x2, w_q, w_scale, bias, act_scale, activation)
-        y = _int8_linear_op(*args) if needs_op() else _int8_linear_impl(*args)
+        y = _int8_linear_op(*args) if needs_op(x2) else _int8_linear_impl(*args)
     return y.view(*lead, w_q.shape[0])
 
 
@@ -201,4 +246,4 @@ def int8_conv2d(
         return torch.empty(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
                            device=x.device, memory_format=torch.channels_last)
     args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation)
-    return _int8_conv2d_op(*args) if needs_op() else _int8_conv2d_impl(*args)
+    return _int8_conv2d_op(*args) if needs_op(x) else _int8_conv2d_impl(*args)

@@ -1,0 +1,217 @@
+"""Activation calibration (post-training static quantization) and quantization-aware training.
+
+Calibration: observers watch the inputs of the layers to quantize while a loader runs through the
+model, then give each layer a static activation scale ``clip / qmax``:
+
+* ``minmax``: ``clip`` = the largest ``|x|`` seen;
+* ``percentile``: ``clip`` = the ``p``-th percentile of ``|x|`` (outliers saturate);
+* ``mse``: ``clip`` in ``absmax * [0.3, 1]`` minimising the mean squared quantization error.
+
+Percentile and MSE work on a bounded random sample of ``|x|`` (``SAMPLE`` values per layer).
+
+QAT: :func:`prepare_qat` swaps Linear / Conv2d for fake-quantized twins that quantize weights per
+output channel and activations per token / per image with accel's rule (``accel.quant``), passing
+gradients straight through the rounding; :func:`convert` turns them into ``QuantLinear`` /
+``QuantConv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules.quant_linear import QuantConv2d, QuantLinear
+from .quant import QMAX, ieee_div
+
+SAMPLE = 1 << 20
+METHODS = ("minmax", "percentile", "mse")
+
+
+class Observer:
+    """Collects ``|x|`` statistics; :meth:`clip` returns the clipping threshold of the method."""
+
+    def __init__(self, method: str = "minmax", percentile: float = 99.99, seed: int = 0) -> None:
+        if method not in METHODS:
+            raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+        self.method, self.percentile = method, percentile
+        self.absmax = 0.0
+        self._sample: list[torch.Tensor] = []
+        self._kept = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        a = x.detach().float().abs().flatten().cpu()
+        if not torch.isfinite(a).all():
+            raise ValueError("calibration data holds NaN or inf")
+        if a.numel() == 0:
+            return
+        self.absmax = max(self.absmax, float(a.max()))
+        if self.method != "minmax":
+            take = min(a.numel(), max(1, SAMPLE // 16))
+            idx = torch.randint(0, a.numel(), (take,), generator=self._gen)
+            self._sample.append(a[idx])
+            self._kept += take
+            if self._kept > SAMPLE:  # thin the pool: keep a random half
+                pool = torch.cat(self._sample)
+                self._sample = [pool[torch.randperm(pool.numel(), generator=self._gen)[: SAMPLE // 2]]]
+                self._kept = self._sample[0].numel()
+
+    def clip(self, qmax: int = QMAX) -> float:
+        if self.absmax == 0.0:
+            return 0.0
+        if self.method == "minmax":
+            return self.absmax
+        sample = torch.cat(self._sample)
+        if self.method == "percentile":
+            return max(float(torch.quantile(sample, self.percentile / 100.0)), 1e-12)
+        best, best_err = self.absmax, float("inf")
+        for frac in torch.linspace(0.3, 1.0, 50).tolist():
+            c = self.absmax * frac
+            s = c / qmax
+            q = torch.round((sample / s).clamp(max=qmax)) * s
+            err = float((q - sample).pow(2).mean())
+            if err < best_err:
+                best, best_err = c, err
+        return best
+
+    def scale(self, qmax: int = QMAX) -> float:
+        return self.clip(qmax) / qmax
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None = None, num_batches: int | None = None,
+              filter_fn=None, device: str = "cpu", percentile: float = 99.99) -> dict[str, float]:
+    """Run ``loader`` through ``model`` and return ``{layer name: static activation scale}`` for its
+    Linear / Conv2d / QuantLinear / QuantConv2d layers (``filter_fn(module, name)`` narrows them).
+
+    ``qmax`` defaults to the activation range the layers will run with on ``device`` (127 on CUDA;
+    ``accel.cpu.int8.act_qmax()`` on the CPU).
+    """
+    if qmax is None:
+        from .cpu.int8 import act_qmax
+
+        qmax = QMAX if device.startswith("cuda") else act_qmax()
+    kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
+    observers, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, kinds) and (filter_fn is None or filter_fn(m, name)):
+            observers[name] = Observer(method, percentile)
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: observers[name].observe(args[0])))
+    if not observers:
+        raise ValueError("calibrate: no Linear/Conv2d layer selected")
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(loader):
+            if num_batches is not None and i >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {name: obs.scale(qmax) for name, obs in observers.items()}
+
+
+# ------------------------------------------------------------------------------------------------ QAT
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def fake_quant(x: torch.Tensor, qmax: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """``round(clamp(x * inv)) / inv`` with the scale from the absmax over ``dims`` (one scale per index
+    of the other dims), gradients straight through the rounding; all-zero groups stay zero."""
+    absmax = x.detach().abs().amax(dim=dims, keepdim=True).float()
+    inv = torch.where(absmax > 0, ieee_div(qmax, absmax), torch.zeros_like(absmax))
+    scale = absmax / qmax
+    q = _RoundSTE.apply((x.float() * inv).clamp(-qmax, qmax))
+    return (q * scale).to(x.dtype)
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear whose forward sees int8-rounded weights (per channel) and activations (per token)."""
+
+    act_qmax: int = QMAX
+
+    def forward(self, x):
+        w = fake_quant(self.weight, QMAX, (1,))
+        return F.linear(fake_quant(x, self.act_qmax, (x.dim() - 1,)), w, self.bias)
+
+
+class FakeQuantConv2d(nn.Conv2d):
+    """nn.Conv2d whose forward sees int8-rounded weights (per output channel) and activations (per image)."""
+
+    act_qmax: int = QMAX
+
+    def forward(self, x):
+        w = fake_quant(self.weight, QMAX, (1, 2, 3))
+        return self._conv_forward(fake_quant(x, self.act_qmax, (1, 2, 3)), w, self.bias)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -> list[str]:
+    """Swap the Linear / Conv2d layers (that ``filter_fn`` accepts and that QuantConv2d can serve) for
+    fake-quantized twins, in place, sharing their parameters. ``act_qmax`` is the activation range
+    of the deployment target (default: this machine's CPU rule). Returns the swapped names."""
+    if act_qmax is None:
+        from .cpu.int8 import act_qmax as cpu_qmax
+
+        act_qmax = cpu_qmax()
+    swapped = []
+    for name, m in list(model.named_modules()):
+        if filter_fn is not None and not filter_fn(m, name):
+            continue
+        if type(m) is nn.Linear:
+            new = FakeQuantLinear(m.in_features, m.out_features, m.bias is not None, device=m.weight.device,
+                                  dtype=m.weight.dtype)
+        elif type(m) is nn.Conv2d and QuantConv2d.unsupported_reason(m) is None:
+            new = FakeQuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                                  bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+        else:
+            continue
+        new.weight, new.bias = m.weight, m.bias
+        new.act_qmax = act_qmax
+        new.train(m.training)
+        _swap(model, name, new)
+        swapped.append(name)
+    return swapped
+
+
+def strip(model: nn.Module) -> list[str]:
+    """Turn the fake-quantized layers back into plain nn.Linear / nn.Conv2d (same parameters), in
+    place: ``accel.quantize_`` can then convert them, measuring each layer first."""
+    stripped = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (FakeQuantLinear, FakeQuantConv2d)):
+            plain = nn.Linear.__new__(nn.Linear) if isinstance(m, FakeQuantLinear) else nn.Conv2d.__new__(nn.Conv2d)
+            plain.__dict__.update(m.__dict__)
+            _swap(model, name, plain)
+            stripped.append(name)
+    return stripped
+
+
+def convert(model: nn.Module, linear_mode: str = "dynamic", conv_mode: str = "dynamic") -> list[str]:
+    """Replace the fake-quantized layers by ``QuantLinear`` / ``QuantConv2d``, in place."""
+    converted = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FakeQuantLinear):
+            _swap(model, name, QuantLinear.from_float(m, linear_mode))
+        elif isinstance(m, FakeQuantConv2d):
+            _swap(model, name, QuantConv2d.from_float(m, conv_mode))
+        else:
+            continue
+        converted.append(name)
+    return converted

@@ -1,0 +1,124 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from accel.prune import (
+    GradualPruner,
+    apply_masks_,
+    block_masks,
+    channel_masks,
+    cubic_sparsity,
+    prune_,
+    sensitivity_scan,
+    sparsity_of,
+)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_layer_scope_prunes_each_layer_alike():
+    masks = block_masks(_mlp(), 0.5, block=32, scope="layer")
+    assert set(masks) == {"0", "2", "4"}
+    for m in masks.values():
+        assert int(m.sum()) == round(0.5 * m.numel())
+
+
+def test_global_scope_prunes_the_total():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(100)  # the middle layer dominates the global ranking
+    masks = block_masks(model, 0.5, block=32, scope="global")
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * total)
+    assert masks["2"].all()
+
+
+def test_l1_and_l2_rank_differently():
+    lin = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[:, :32] = 0.1  # block 0: many small values, L1 = 102.4, L2 = 3.2
+        lin.weight[0, 32] = 5.0  # block 1: one big value, L1 = 5, L2 = 5
+    model = nn.Sequential(lin)
+    assert block_masks(model, 0.5, block=32, norm=1, scope="layer")["0"].tolist() == [[True, False]]
+    assert block_masks(model, 0.5, block=32, norm=2, scope="layer")["0"].tolist() == [[False, True]]
+
+
+def test_prune_zeroes_blocks_and_channels():
+    model = _mlp()
+    prune_(model, 0.75, block=32, scope="layer")
+    assert sparsity_of(model) == pytest.approx(0.75, abs=0.05)
+    model = _mlp()
+    masks = channel_masks(model, 0.5)
+    apply_masks_(model, masks)
+    for name, mask in masks.items():
+        w = model.get_submodule(name).weight
+        assert (w[~mask] == 0).all() and (w[mask] != 0).any(dim=1).all()
+        assert (model.get_submodule(name).bias[~mask] == 0).all()
+
+
+def test_conv_blocks_use_the_implicit_gemm_matrix():
+    conv = nn.Conv2d(8, 64, 3)  # [64, 72] matrix: 2 x 3 blocks of 32
+    masks = block_masks(nn.Sequential(conv), 0.5, block=32, scope="layer", filter_fn=lambda m, n: True)
+    assert masks["0"].shape == (2, 3)
+    apply_masks_(nn.Sequential(conv), masks)
+    assert sparsity_of(nn.Sequential(conv), lambda m, n: True) > 0.3
+
+
+def test_cubic_schedule():
+    assert cubic_sparsity(0, 0.8, 10, 110) == 0.0
+    assert cubic_sparsity(110, 0.8, 10, 110) == 0.8
+    assert cubic_sparsity(500, 0.8, 10, 110) == 0.8
+    mid = cubic_sparsity(60, 0.8, 10, 110)
+    assert mid == pytest.approx(0.8 - 0.8 * 0.5 ** 3)
+    values = [cubic_sparsity(t, 0.8, 10, 110) for t in range(0, 120)]
+    assert values == sorted(values)
+
+
+def test_gradual_pruner_reaches_target_and_keeps_pruned_weights_zero():
+    model = _mlp()
+    pruner = GradualPruner(model, 0.75, begin=0, end=20, frequency=5, block=32, scope="layer")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for _ in range(30):
+        opt.zero_grad()
+        model(torch.randn(16, 128)).pow(2).mean().backward()
+        opt.step()
+        seen.append(pruner.step())
+    assert seen[-1] == pytest.approx(0.75)
+    assert seen == sorted(seen)
+    for name, mask in pruner.masks.items():
+        assert int(mask.sum()) == round(0.25 * mask.numel())
+    assert sparsity_of(model) == pytest.approx(0.75, abs=0.05)
+
+
+def test_sensitivity_scan():
+    model = _mlp()
+    x = torch.randn(32, 128)
+    ref = model(x).detach()
+
+    def evaluate(m):
+        with torch.no_grad():
+            return float((m(x) - ref).pow(2).mean())
+
+    rows = sensitivity_scan(model, evaluate, sparsities=(0.5, 0.9))
+    assert rows[0] == {"layer": None, "sparsity": 0.0, "metric": 0.0}
+    assert len(rows) == 1 + 3 * 2
+    by = {(r["layer"], r["sparsity"]): r["metric"] for r in rows[1:]}
+    for layer in ("0", "2", "4"):
+        assert by[(layer, 0.9)] >= by[(layer, 0.5)] > 0
+    assert torch.equal(model(x), ref)  # the scan works on copies
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="scope must be"):
+        block_masks(_mlp(), 0.5, scope="net")
+    with pytest.raises(ValueError, match="no layer to prune"):
+        block_masks(nn.Sequential(nn.ReLU()), 0.5)
+    with pytest.raises(ValueError, match="begin < end"):
+        GradualPruner(_mlp(), 0.5, begin=10, end=5)
+    with pytest.raises(ValueError, match="structure must be"):
+        prune_(_mlp(), 0.5, structure="unstructured")

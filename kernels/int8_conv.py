@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._triton import check_launchable, config_kwargs, kernel_for, pick_configs
-from .int8_matmul import ACTIVATIONS, FLOAT_DTYPES, MAX_K, dequant_epilogue
+from .int8_matmul import ACTIVATIONS, FLOAT_DTYPES, MAX_K, dequant_epilogue, grouped_tile
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_K >= 32 for the int8 dot
 CONV_CONFIG_TABLE = [
@@ -70,15 +70,7 @@ def _int8_conv2d_kernel(
 ):
     M = B * OH * OW
     K = KH * KW * C
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(OC, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, OC, BLOCK_M, BLOCK_N, GROUP_M)
 
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -50,7 +50,8 @@ class QuantConfig:
     budget_s: float = 0.5
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -125,8 +126,17 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
             new = sparse if faster else dense
             rows.append(_row(name, lin, x, new.mode, f"density {sparse.density:.3f}; sparse {timing[2]:.2f}x dense",
                              timing))
-        _swap(model, name, new)
+        replace_module(model, name, new)
     return rows
+
+
+def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:
+    """Turn the layers ``sparsify_`` kept dense back into plain ``nn.Linear`` (masked weights, so their
+    zeros stay zero), in place, so ``quantize_`` can still try int8 on them. Returns their names."""
+    names = [r["layer"] for r in sparsify_rows if r["decision"] == "dense"]
+    for name in names:
+        replace_module(model, name, model.get_submodule(name).to_linear())
+    return names
 
 
 def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn | None = None, *,
@@ -162,12 +172,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             new = QuantLinear.from_float(m, mode, act_scale=scale)
         if x is None:
             rows.append(_row(name, m, None, f"int8 {new.mode}", "not measured"))
-            _swap(model, name, new)
+            replace_module(model, name, new)
             continue
         timing = _measure(m, new, x, config.budget_s)
         if timing[2] >= config.min_speedup:
             rows.append(_row(name, m, x, f"int8 {new.mode}", f"int8 {timing[2]:.2f}x float", timing))
-            _swap(model, name, new)
+            replace_module(model, name, new)
         else:
             rows.append(_row(name, m, x, "float", f"int8 slower here ({timing[2]:.2f}x)", timing))
     return rows
@@ -232,7 +242,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"{path} was not written by accel.save (no 'accel' metadata)")
     info = json.loads(meta["accel"])
     for name, desc in info["layers"].items():
-        _swap(model, name, _build(desc))
+        replace_module(model, name, _build(desc))
     sd = load_file(path)
     sd.update(info["extra_state"])
     model.load_state_dict(sd, strict=True)

@@ -140,9 +140,7 @@ def compress(args) -> dict:
     decisions = api.sparsify_(compressed, api.SparsityConfig(block=args.block), masks=pruner.masks,
                               example_inputs=measure_x)
     # a pruned layer whose sparse form lost to dense gets the int8 candidate too (its zeros stay zero)
-    kept_dense = [r["layer"] for r in decisions if r["decision"] == "dense"]
-    for name in kept_dense:
-        api._swap(compressed, name, compressed.get_submodule(name).to_linear())
+    kept_dense = api.linearize_kept_dense_(compressed, decisions)
     int8_candidates = set(qat_layers) | set(kept_dense)
     decisions += api.quantize_(compressed, filter_fn=lambda m, n: n in int8_candidates, example_inputs=measure_x)
     acc_final = evaluate(compressed, test_loader)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .api import replace_module
 from .modules.quant_linear import QuantConv2d, QuantLinear
 from .quant import QMAX, ieee_div
 
@@ -157,11 +158,6 @@ class FakeQuantConv2d(nn.Conv2d):
         return self._conv_forward(fake_quant(x, self.act_qmax, (1, 2, 3)), w, self.bias)
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -> list[str]:
     """Swap the Linear / Conv2d layers (that ``filter_fn`` accepts and that QuantConv2d can serve) for
     fake-quantized twins, in place, sharing their parameters. ``act_qmax`` is the activation range
@@ -185,7 +181,7 @@ def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -
         new.weight, new.bias = m.weight, m.bias
         new.act_qmax = act_qmax
         new.train(m.training)
-        _swap(model, name, new)
+        replace_module(model, name, new)
         swapped.append(name)
     return swapped
 
@@ -198,7 +194,7 @@ def strip(model: nn.Module) -> list[str]:
         if isinstance(m, (FakeQuantLinear, FakeQuantConv2d)):
             plain = nn.Linear.__new__(nn.Linear) if isinstance(m, FakeQuantLinear) else nn.Conv2d.__new__(nn.Conv2d)
             plain.__dict__.update(m.__dict__)
-            _swap(model, name, plain)
+            replace_module(model, name, plain)
             stripped.append(name)
     return stripped
 
@@ -208,9 +204,9 @@ def convert(model: nn.Module, linear_mode: str = "dynamic", conv_mode: str = "dy
     converted = []
     for name, m in list(model.named_modules()):
         if isinstance(m, FakeQuantLinear):
-            _swap(model, name, QuantLinear.from_float(m, linear_mode))
+            replace_module(model, name, QuantLinear.from_float(m, linear_mode))
         elif isinstance(m, FakeQuantConv2d):
-            _swap(model, name, QuantConv2d.from_float(m, conv_mode))
+            replace_module(model, name, QuantConv2d.from_float(m, conv_mode))
         else:
             continue
         converted.append(name)

@@ -38,10 +38,7 @@ def variants(model: nn.Module, x: torch.Tensor, sparsity: float, block: int, wit
     out["int8"] = q
     both = copy.deepcopy(model)
     rows = accel.sparsify_(both, cfg, filter_fn=lambda m, n: n in linear, example_inputs=(x,))
-    for r in rows:  # pruned layers kept dense may still go int8
-        if r["decision"] == "dense":
-            parent, _, child = r["layer"].rpartition(".")
-            setattr(both.get_submodule(parent) if parent else both, child, both.get_submodule(r["layer"]).to_linear())
+    accel.api.linearize_kept_dense_(both, rows)  # pruned layers kept dense may still go int8
     rows += accel.quantize_(both, example_inputs=(x,))
     decisions["sparse+int8"] = rows
     out["sparse+int8"] = both

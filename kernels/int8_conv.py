@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._triton import check_launchable, config_kwargs, kernel_for, pick_configs
-from .int8_matmul import ACTIVATIONS, FLOAT_DTYPES, MAX_K, dequant_epilogue, grouped_tile
+from .int8_matmul import ACTIVATIONS, FLOAT_DTYPES, MAX_K, dequant_epilogue, grouped_tile, tile_config
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); BLOCK_K >= 32 for the int8 dot
 CONV_CONFIG_TABLE = [
@@ -33,16 +33,12 @@ CONV_CONFIG_TABLE = [
 CONV_INTERPRET_CONFIG = (32, 32, 32, 4, 4, 1)
 
 
-def _conv_config(m, n, k, g, w, s) -> triton.Config:
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s)
-
-
 def gpu_conv_configs() -> list[triton.Config]:
-    return [_conv_config(*row) for row in CONV_CONFIG_TABLE]
+    return [tile_config(*row) for row in CONV_CONFIG_TABLE]
 
 
 def conv_configs() -> list[triton.Config]:
-    return pick_configs(gpu_conv_configs(), _conv_config(*CONV_INTERPRET_CONFIG))
+    return pick_configs(gpu_conv_configs(), tile_config(*CONV_INTERPRET_CONFIG))
 
 
 @triton.autotune(configs=conv_configs(), key=["C", "H", "W", "OC", "OH", "OW", "KH", "KW", "OUT_INT32"])

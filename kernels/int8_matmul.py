@@ -52,16 +52,17 @@ QUANT_CONFIG_TABLE = [(1024, 4), (4096, 8)]
 QUANT_INTERPRET_CONFIG = (256, 4)
 
 
-def _mm_config(m, n, k, g, w, s) -> triton.Config:
+def tile_config(m, n, k, g, w, s) -> triton.Config:
+    """A GEMM-tile config from a table row (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g}, num_warps=w, num_stages=s)
 
 
 def gpu_mm_configs() -> list[triton.Config]:
-    return [_mm_config(*row) for row in MM_CONFIG_TABLE]
+    return [tile_config(*row) for row in MM_CONFIG_TABLE]
 
 
 def mm_configs() -> list[triton.Config]:
-    return pick_configs(gpu_mm_configs(), _mm_config(*MM_INTERPRET_CONFIG))
+    return pick_configs(gpu_mm_configs(), tile_config(*MM_INTERPRET_CONFIG))
 
 
 def _quant_config(k, w) -> triton.Config:

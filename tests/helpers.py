@@ -26,13 +26,6 @@ def reference_linear(x: torch.Tensor, bsr: BSRMatrix, bias: torch.Tensor | None 
     return y if bias is None else y + bias.double()
 
 
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``20 log10(||ref|| / ||ref - out||)``."""
-    ref, out = ref.double(), out.double()
-    noise = (ref - out).norm()
-    return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
-
-
 #: (atol, rtol) per dtype for fp32-accumulated matmuls of Gaussian data with K up to a few hundred
 TOL = {
     torch.float64: (1e-10, 1e-10),

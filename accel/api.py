@@ -1,14 +1,21 @@
-"""Model-level API: swap layers for the kernel-backed modules, keep the ones that would get slower,
-report every decision; save and load compressed models as safetensors.
+"""Model-level API: swap layers for the kernel-backed modules, report every decision; save and load
+compressed models as safetensors.
 
-``sparsify_`` and ``quantize_`` follow torchao's ``quantize_(model, config, filter_fn)`` shape. With
-``example_inputs`` they run the model once to capture each candidate layer's real input, time the
-original layer and its replacement side by side on it (``accel.timing.compare``) and keep the
-original where the replacement is not faster. The returned rows say what happened to each layer.
+``sparsify_`` and ``quantize_`` follow torchao's ``quantize_(model, config, filter_fn)`` shape.
+They store the compressed weights and the layer types, not a decision about speed: by default
+the layers are ``mode="auto"`` and pick their form per batch-size bucket on the machine that runs
+them (block-sparse strategy or the densified weight; dynamic int8, weight-only int8 or the
+dequantized float weight), measured once and cached by ``accel.engines``. So a model compressed
+on one machine is decided again on the next, and identical layers share one decision.
+
+With ``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs, or
+``(args, kwargs)``) they run the model to capture each layer's real input, make those decisions
+now for each batch size in ``batch_sizes``, and report them per layer and batch.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,38 +23,102 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .modules import QuantConv2d, QuantLinear, SparseLinear
+from . import engines
+from .inputs import as_call, at_batch, batch_size_of
+from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseLinear
 from .prune import block_masks
+from .shrink import layer_shapes, resize_
 from .timing import compare
 
 FilterFn = Callable[[nn.Module, str], bool]
+SCOPES = ("global", "layer", "sensitivity")
 
 
 @dataclass
 class SparsityConfig:
     """Block sparsity for ``sparsify_``: one-shot masks (``sparsity``, ``block``, L``norm``, ``scope``)
-    unless masks from a pruner are passed."""
+    unless masks from a pruner are passed. ``scope="global"`` ranks blocks across layers by their
+    norm relative to their layer's and keeps every layer between ``min_density`` and
+    ``max_density``; ``"sensitivity"`` allocates per-layer sparsity from the output error each
+    layer causes on ``example_inputs``; ``"layer"`` prunes every layer alike. ``mode`` is the
+    SparseLinear mode ("auto": decide sparse or dense on the running machine)."""
 
     sparsity: float = 0.75
     block: int = 32
     norm: int = 2
     scope: str = "global"
+    min_density: float = 0.05
+    max_density: float = 1.0
+    mode: str = "auto"
     measure: bool = True
-    min_speedup: float = 1.0
     budget_s: float = 0.5
+    batch_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_fraction("SparsityConfig.sparsity", self.sparsity, allow_one=True)
+        if self.scope not in SCOPES:
+            raise ValueError(f"SparsityConfig.scope must be one of {SCOPES}, got {self.scope!r}")
+        _check_fraction("SparsityConfig.min_density", self.min_density, allow_one=True)
+        if not self.min_density <= self.max_density <= 1.0:
+            raise ValueError(f"SparsityConfig: need min_density <= max_density <= 1, got {self.min_density}, "
+                             f"{self.max_density}")
+        if self.mode not in ("auto", "sparse", "dense"):
+            raise ValueError(f"SparsityConfig.mode must be auto, sparse or dense, got {self.mode!r}")
+        _check_batch_sizes(self.batch_sizes)
 
 
 @dataclass
 class QuantConfig:
-    """int8 for ``quantize_``: ``linear_mode`` (QuantLinear: auto/dynamic/static/weight_only) and
-    ``conv_mode`` (QuantConv2d: dynamic/static); static modes take ``act_scales`` from ``accel.calibrate``."""
+    """int8 for ``quantize_``: ``linear_mode`` (QuantLinear: auto/dynamic/static/weight_only),
+    ``conv_mode`` (QuantConv2d: auto/dynamic/static), ``embeddings`` (weight-only int8
+    ``nn.Embedding``); static modes take ``act_scales`` from ``accel.calibrate``; ``act_qmax``
+    fixes the activation range (None: the running machine's)."""
 
-    linear_mode: str = "dynamic"
-    conv_mode: str = "dynamic"
+    linear_mode: str = "auto"
+    conv_mode: str = "auto"
+    embeddings: bool = True
     act_scales: dict[str, float] = field(default_factory=dict)
+    act_qmax: int | None = None
     measure: bool = True
-    min_speedup: float = 1.0
     budget_s: float = 0.5
+    batch_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.linear_mode not in QuantLinear.MODES:
+            raise ValueError(f"QuantConfig.linear_mode must be one of {QuantLinear.MODES}, got {self.linear_mode!r}")
+        if self.conv_mode not in QuantConv2d.MODES:
+            raise ValueError(f"QuantConfig.conv_mode must be one of {QuantConv2d.MODES}, got {self.conv_mode!r}")
+        if self.act_qmax not in (None, 63, 127):
+            raise ValueError(f"QuantConfig.act_qmax must be None, 63 or 127, got {self.act_qmax!r}")
+        _check_batch_sizes(self.batch_sizes)
+
+
+def _check_fraction(name: str, v, allow_one: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= v < 1.0 or (allow_one and v == 1.0)):
+        raise ValueError(f"{name} must be in [0, 1{']' if allow_one else ')'}, got {v!r}")
+
+
+def _check_batch_sizes(b) -> None:
+    if b is not None and (not isinstance(b, (tuple, list)) or not b or
+                          any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in b)):
+        raise ValueError(f"batch_sizes must be a non-empty tuple of ints >= 1, got {b!r}")
+
+
+def as_linear(m: nn.Module) -> nn.Linear | None:
+    """``m`` as an ``nn.Linear`` (itself), or the equivalent Linear of a Hugging Face ``Conv1D`` (GPT-2's
+    projections: weight ``[in, out]``, ``y = x @ W + b``); None for anything else."""
+    if type(m) is nn.Linear:
+        return m
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and \
+            m.weight.dim() == 2:
+        lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None, device=m.weight.device,
+                        dtype=m.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(m.weight.t())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        return lin
+    return None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -56,18 +127,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+# ------------------------------------------------------------------------------------------------ inputs
 @torch.no_grad()
-def capture_inputs(model: nn.Module, names: list[str], example_inputs: tuple) -> dict[str, torch.Tensor]:
-    """The input each named module receives when ``model(*example_inputs)`` runs."""
+def capture_inputs(model: nn.Module, names: list[str], example_inputs) -> dict[str, torch.Tensor]:
+    """The first input each named module receives when ``model`` runs on ``example_inputs``."""
+    args, kwargs = as_call(example_inputs)
     seen, hooks = {}, []
     modules = dict(model.named_modules())
     for name in names:
         hooks.append(modules[name].register_forward_pre_hook(
-            lambda m, args, name=name: seen.setdefault(name, args[0].detach().clone())))
+            lambda m, a, name=name: seen.setdefault(name, a[0].detach().clone()) if a else None))
     was_training = model.training
     model.eval()
     try:
-        model(*example_inputs)
+        model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -83,138 +156,248 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
     return res["old"].median_s * 1e3, res["new"].median_s * 1e3, res["new"].speedup
 
 
-def _row(name, module, x, decision, reason="", timing=None):
+def _row(name, module, x, decision, reason="", timing=None, batch=None):
     row = {"layer": name, "kind": type(module).__name__, "input_shape": None if x is None else list(x.shape),
-           "decision": decision, "reason": reason}
+           "batch": batch, "decision": decision, "reason": reason}
     if timing is not None:
         row.update(ms_before=timing[0], ms_after=timing[1], speedup=timing[2])
     return row
 
 
+def _inputs_per_batch(model, names, example_inputs, batch_sizes) -> list[tuple[int | None, dict]]:
+    if example_inputs is None:
+        return []
+    if batch_sizes is None:
+        return [(batch_size_of(example_inputs), capture_inputs(model, names, example_inputs))]
+    return [(b, capture_inputs(model, names, at_batch(example_inputs, b))) for b in batch_sizes]
+
+
+def _decision_of(new: nn.Module, x: torch.Tensor) -> str:
+    """What ``new`` runs at input ``x`` on this machine (its mode, resolved by the engine decisions)."""
+    if isinstance(new, SparseLinear):
+        if new.storage == "dense":
+            return "dense"
+        key = _last_key("bsr_linear")
+        return f"{new.mode}: {engines.decision(key).engine}" if key and engines.decision(key) else new.mode
+    if isinstance(new, QuantLinear):
+        return f"int8 {new.mode}" + (f": {new.resolved_mode(x)}" if new.mode == "auto" else "")
+    if isinstance(new, QuantConv2d):
+        key = _last_key("int8_conv2d")
+        form = engines.decision(key).engine if key and engines.decision(key) else None
+        return f"int8 {new.mode}" + (f": {'float' if form == 'float' else 'int8'}" if new.mode == "auto" and form else "")
+    return type(new).__name__
+
+
+def _last_key(op: str) -> str | None:
+    return engines.last_key(op)
+
+
 def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn: FilterFn | None = None, *,
-              masks: dict[str, torch.Tensor] | None = None, example_inputs: tuple | None = None) -> list[dict]:
+              masks: dict[str, torch.Tensor] | None = None, example_inputs=None) -> list[dict]:
     """Replace ``nn.Linear`` layers by block-sparse ``SparseLinear`` (in place) and report.
 
-    Blocks come from ``masks`` (e.g. ``GradualPruner.masks``) or are chosen one-shot by ``config``.
-    With ``example_inputs`` (and ``config.measure``), a layer whose sparse form is not at least
-    ``min_speedup`` times faster at its real input keeps a dense, masked weight
-    (``SparseLinear`` mode "dense"); without, ``SparseLinear``'s density rule decides.
+    Blocks come from ``masks`` (e.g. ``GradualPruner.masks``) or are chosen one-shot by ``config``
+    (``scope="sensitivity"`` needs ``example_inputs``). Layers are ``config.mode`` ("auto": sparse or
+    densified per batch bucket, decided on the running machine). With ``example_inputs`` (and
+    ``config.measure``) each layer runs at its real input(s) now and the rows report the decision
+    and the sparse layer's speed against the dense one.
     """
     config = config or SparsityConfig()
-    if masks is None:
-        def linear_only(m, n):
-            return type(m) is nn.Linear and (filter_fn is None or filter_fn(m, n))
 
-        masks = block_masks(model, config.sparsity, config.block, config.norm, config.scope, linear_only)
+    def linear_only(m, n):
+        return type(m) is nn.Linear and (filter_fn is None or filter_fn(m, n))
+
+    if masks is None:
+        if config.scope == "sensitivity" and example_inputs is None:
+            raise ValueError("sparsify_: scope 'sensitivity' needs example_inputs (the output error is measured on them)")
+        masks = block_masks(model, config.sparsity, config.block, config.norm, config.scope, linear_only,
+                            min_density=config.min_density, max_density=config.max_density,
+                            example_inputs=example_inputs)
     modules = dict(model.named_modules())
     for name in masks:
         if type(modules.get(name)) is not nn.Linear:
             raise ValueError(f"sparsify_: mask for {name!r}, which is {type(modules.get(name)).__name__}, not nn.Linear")
-    inputs = capture_inputs(model, list(masks), example_inputs) if example_inputs is not None and config.measure else {}
+    news = {name: SparseLinear.from_dense(modules[name], mask=mask, block=config.block, mode=config.mode)
+            for name, mask in masks.items()}  # every conversion checked before the model changes
+    per_batch = _inputs_per_batch(model, list(masks), example_inputs, config.batch_sizes) if config.measure else []
     rows = []
-    for name, mask in masks.items():
+    for name, new in news.items():
         lin = modules[name]
-        sparse = SparseLinear.from_dense(lin, mask=mask, block=config.block, mode="sparse")
-        x = inputs.get(name)
-        if x is None:
-            new = SparseLinear.from_dense(lin, mask=mask, block=config.block, mode="auto")
+        measured = False
+        for batch, inputs in per_batch:
+            x = inputs.get(name)
+            if x is None:
+                continue
+            measured = True
+            with torch.no_grad():
+                new(x)  # makes (and caches) this machine's decision for this shape and bucket
+            timing = _measure(lin, new, x, config.budget_s)
+            rows.append(_row(name, lin, x, _decision_of(new, x), f"density {new.density:.3f}; {timing[2]:.2f}x dense",
+                             timing, batch))
+        if not measured:
             rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
-        else:
-            dense = SparseLinear.from_dense(lin, mask=mask, block=config.block, mode="dense")
-            timing = _measure(dense, sparse, x, config.budget_s)
-            faster = timing[2] >= config.min_speedup
-            new = sparse if faster else dense
-            rows.append(_row(name, lin, x, new.mode, f"density {sparse.density:.3f}; sparse {timing[2]:.2f}x dense",
-                             timing))
         replace_module(model, name, new)
     return rows
 
 
 def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:
-    """Turn the layers ``sparsify_`` kept dense back into plain ``nn.Linear`` (masked weights, so their
+    """Turn the layers ``sparsify_`` stored dense back into plain ``nn.Linear`` (masked weights, so their
     zeros stay zero), in place, so ``quantize_`` can still try int8 on them. Returns their names."""
-    names = [r["layer"] for r in sparsify_rows if r["decision"] == "dense"]
+    names = sorted({r["layer"] for r in sparsify_rows if r["decision"] == "dense"})
     for name in names:
         replace_module(model, name, model.get_submodule(name).to_linear())
     return names
 
 
 def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn | None = None, *,
-              example_inputs: tuple | None = None) -> list[dict]:
-    """Replace ``nn.Linear`` by ``QuantLinear`` and ``nn.Conv2d`` by ``QuantConv2d`` (in place) and report.
+              example_inputs=None) -> list[dict]:
+    """Replace ``nn.Linear`` by ``QuantLinear``, ``nn.Conv2d`` by ``QuantConv2d`` and (with
+    ``config.embeddings``) ``nn.Embedding`` by ``QuantEmbedding``, in place, and report.
 
-    Layers QuantConv2d cannot serve stay in floating point, with the reason. With ``example_inputs``
-    (and ``config.measure``), a layer whose int8 form is not at least ``min_speedup`` times faster
-    at its real input stays in floating point too.
+    Layers QuantConv2d cannot serve stay in floating point, with the reason. The ``auto`` modes
+    (default) decide per batch bucket on the running machine between int8 and the dequantized float
+    weight; with ``example_inputs`` (and ``config.measure``) those decisions are made now, at each
+    layer's real input, and reported with the int8 layer's speed against the float one.
     """
     config = config or QuantConfig()
+    kinds = (nn.Conv2d,) + ((nn.Embedding,) if config.embeddings else ())
     candidates = {name: m for name, m in model.named_modules()
-                  if type(m) in (nn.Linear, nn.Conv2d) and (filter_fn is None or filter_fn(m, name))}
-    inputs = (capture_inputs(model, list(candidates), example_inputs)
-              if example_inputs is not None and config.measure else {})
-    rows = []
-    for name, m in candidates.items():
-        x = inputs.get(name)
+                  if (type(m) in kinds or as_linear(m) is not None) and (filter_fn is None or filter_fn(m, name))}
+    rows, news = [], {}
+    for name, m in candidates.items():  # build every replacement before the model changes
         scale = config.act_scales.get(name)
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Embedding):
+            if m.max_norm is not None or m.sparse:
+                rows.append(_row(name, m, None, "float", "max_norm / sparse embedding"))
+                continue
+            news[name] = QuantEmbedding.from_float(m)
+        elif isinstance(m, nn.Conv2d):
             reason = QuantConv2d.unsupported_reason(m)
             if reason is not None:
-                rows.append(_row(name, m, x, "float", reason))
+                rows.append(_row(name, m, None, "float", reason))
                 continue
             mode = "static" if scale is not None else config.conv_mode
             if mode == "static" and scale is None:
                 raise ValueError(f"quantize_: conv_mode 'static' needs act_scales[{name!r}] (accel.calibrate)")
-            new = QuantConv2d.from_float(m, mode, act_scale=scale)
+            news[name] = QuantConv2d.from_float(m, mode, act_scale=scale, act_qmax=config.act_qmax)
         else:
             mode = "static" if scale is not None else config.linear_mode
             if mode == "static" and scale is None:
                 raise ValueError(f"quantize_: linear_mode 'static' needs act_scales[{name!r}] (accel.calibrate)")
-            new = QuantLinear.from_float(m, mode, act_scale=scale)
-        if x is None:
-            rows.append(_row(name, m, None, f"int8 {new.mode}", "not measured"))
-            replace_module(model, name, new)
-            continue
-        timing = _measure(m, new, x, config.budget_s)
-        if timing[2] >= config.min_speedup:
-            rows.append(_row(name, m, x, f"int8 {new.mode}", f"int8 {timing[2]:.2f}x float", timing))
-            replace_module(model, name, new)
-        else:
-            rows.append(_row(name, m, x, "float", f"int8 slower here ({timing[2]:.2f}x)", timing))
+            news[name] = QuantLinear.from_float(as_linear(m), mode, act_scale=scale, act_qmax=config.act_qmax)
+    per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes) if config.measure else []
+    for name, new in news.items():
+        m = candidates[name]
+        measured = False
+        for batch, inputs in per_batch:
+            x = inputs.get(name)
+            if x is None or isinstance(new, QuantEmbedding):
+                continue
+            measured = True
+            with torch.no_grad():
+                new(x)  # makes (and caches) this machine's decision for this shape and bucket
+            timing = _measure(m, new, x, config.budget_s)
+            rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
+        if not measured:
+            note = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
+            rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", note))
+        replace_module(model, name, new)
     return rows
 
 
 def format_report(rows: list[dict]) -> str:
-    lines = [f"{'layer':<28} {'kind':<8} {'input':<20} {'decision':<18} reason"]
+    """A plain-text table of ``sparsify_`` / ``quantize_`` rows, columns sized to their contents."""
+    cols = [("layer", "layer"), ("kind", "kind"), ("input", "input"), ("batch", "batch"), ("decision", "decision"),
+            ("reason", "reason")]
+    body = []
     for r in rows:
-        shape = "x".join(map(str, r["input_shape"])) if r["input_shape"] else "-"
-        lines.append(f"{r['layer']:<28} {r['kind']:<8} {shape:<20} {r['decision']:<18} {r['reason']}")
+        shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "-"
+        body.append({"layer": r["layer"], "kind": r["kind"], "input": shape,
+                     "batch": "-" if r.get("batch") is None else str(r["batch"]), "decision": r["decision"],
+                     "reason": r["reason"]})
+    widths = {k: max([len(h)] + [len(str(b[k])) for b in body]) for k, h in cols}
+    lines = ["  ".join(h.ljust(widths[k]) for k, h in cols).rstrip()]
+    lines += ["  ".join(str(b[k]).ljust(widths[k]) for k, _ in cols).rstrip() for b in body]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ save / load
+ACCEL_TYPES = (SparseLinear, QuantLinear, QuantConv2d, QuantEmbedding)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
 def _describe(m: nn.Module) -> dict:
     if isinstance(m, SparseLinear):
         return {"type": "SparseLinear", "in_features": m.in_features, "out_features": m.out_features,
-                "bias": m.bias is not None, "block_size": m.block_size}
+                "bias": m.bias is not None, "block_size": m.block_size,
+                "dtype": _dtype_name((m.values if m.storage == "sparse" else m.weight).dtype)}
     if isinstance(m, QuantLinear):
         return {"type": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
-                "bias": m.bias is not None}
+                "bias": m.bias is not None, "dtype": _dtype_name(m.bias.dtype) if m.bias is not None else "float32"}
+    if isinstance(m, QuantEmbedding):
+        return {"type": "QuantEmbedding", "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                "dtype": _dtype_name(m.out_dtype)}
     return {"type": "QuantConv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
             "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
-            "dilation": list(m.dilation), "bias": m.bias is not None}
+            "dilation": list(m.dilation), "bias": m.bias is not None,
+            "dtype": _dtype_name(m.bias.dtype) if m.bias is not None else "float32"}
 
 
-def _build(desc: dict) -> nn.Module:
-    desc = dict(desc)
-    kind = desc.pop("type")
-    if kind == "SparseLinear":
-        return SparseLinear(desc["in_features"], desc["out_features"], desc["bias"], desc["block_size"])
-    if kind == "QuantLinear":
-        return QuantLinear(desc["in_features"], desc["out_features"], desc["bias"])
+def _compatible(desc: dict, target: nn.Module | None) -> str | None:
+    """Why the layer ``desc`` of a file cannot replace ``target`` (None if it can)."""
+    kind = desc.get("type")
+    if target is None:
+        return "no such module in the model"
+    if kind in ("SparseLinear", "QuantLinear"):
+        ok = isinstance(target, (nn.Linear, SparseLinear, QuantLinear))
+        shape = (getattr(target, "in_features", None), getattr(target, "out_features", None))
+        want = (desc.get("in_features"), desc.get("out_features"))
+        if not ok:
+            return f"the file has a {kind} there, the model has {type(target).__name__}"
+        if shape != want:
+            return f"the file's {kind} is (in, out) = {want}, the model's layer is {shape}"
+        has_bias = getattr(target, "bias", None) is not None
+        if has_bias != bool(desc.get("bias")):
+            return f"bias: the file {'has' if desc.get('bias') else 'has no'} bias, the model's layer " \
+                   f"{'has' if has_bias else 'has no'} bias"
+        return None
     if kind == "QuantConv2d":
-        return QuantConv2d(desc["in_channels"], desc["out_channels"], desc["kernel_size"], desc["stride"],
-                           desc["padding"], desc["dilation"], desc["bias"])
-    raise ValueError(f"unknown accel module type {kind!r} in the file")
+        if not isinstance(target, (nn.Conv2d, QuantConv2d)):
+            return f"the file has a QuantConv2d there, the model has {type(target).__name__}"
+        pad = (0, 0) if getattr(target, "padding", None) == "valid" else target.padding
+        mine = (target.in_channels, target.out_channels, list(target.kernel_size), list(target.stride), list(pad),
+                list(target.dilation))
+        want = (desc.get("in_channels"), desc.get("out_channels"), desc.get("kernel_size"), desc.get("stride"),
+                desc.get("padding"), desc.get("dilation"))
+        return None if mine == want else f"conv geometry (in, out, kernel, stride, padding, dilation): file {want}, " \
+                                         f"model {mine}"
+    if kind == "QuantEmbedding":
+        if not isinstance(target, (nn.Embedding, QuantEmbedding)):
+            return f"the file has a QuantEmbedding there, the model has {type(target).__name__}"
+        mine = (target.num_embeddings, target.embedding_dim)
+        want = (desc.get("num_embeddings"), desc.get("embedding_dim"))
+        return None if mine == want else f"embedding (rows, dim): file {want}, model {mine}"
+    return f"unknown accel module type {kind!r}"
+
+
+def _build(desc: dict, target: nn.Module) -> nn.Module:
+    """The accel module ``desc`` describes, in the dtype and device of the layer it replaces."""
+    ref = next((t for t in list(target.parameters()) + list(target.buffers()) if t.is_floating_point()), None)
+    device = ref.device if ref is not None else None
+    dtype = ref.dtype if ref is not None else getattr(torch, desc.get("dtype", "float32"), torch.float32)
+    kind = desc["type"]
+    if kind == "SparseLinear":
+        return SparseLinear(desc["in_features"], desc["out_features"], desc["bias"], desc["block_size"], device=device,
+                            dtype=dtype)
+    if kind == "QuantLinear":
+        return QuantLinear(desc["in_features"], desc["out_features"], desc["bias"], device=device, dtype=dtype)
+    if kind == "QuantEmbedding":
+        return QuantEmbedding(desc["num_embeddings"], desc["embedding_dim"], device=device, dtype=dtype)
+    return QuantConv2d(desc["in_channels"], desc["out_channels"], desc["kernel_size"], desc["stride"],
+                       desc["padding"], desc["dilation"], desc["bias"], device=device, dtype=dtype)
 
 
 def save(model: nn.Module, path: str) -> None:
@@ -225,25 +408,67 @@ def save(model: nn.Module, path: str) -> None:
     sd = model.state_dict()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
     extra = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-    layers = {name: _describe(m) for name, m in model.named_modules()
-              if isinstance(m, (SparseLinear, QuantLinear, QuantConv2d))}
-    save_file(tensors, path, metadata={"accel": json.dumps({"layers": layers, "extra_state": extra})})
+    layers = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, ACCEL_TYPES)}
+    meta = {"layers": layers, "extra_state": extra, "shapes": layer_shapes(model)}
+    save_file(tensors, path, metadata={"accel": json.dumps(meta)})
 
 
 def load(model: nn.Module, path: str) -> nn.Module:
     """Load a file written by :func:`save` into ``model``, a fresh instance of the *uncompressed*
-    architecture: the layers the file records as accel modules are rebuilt first. Returns ``model``."""
+    architecture: the layers the file records as accel modules are rebuilt (in the dtype and device
+    of the layers they replace), then the state is loaded. Every layer of the file is checked
+    against the model first (type and shape), and the load runs on a copy: when anything fails,
+    ``model`` is left exactly as it was. Returns ``model``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise ValueError(f"accel.load: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if "accel" not in meta:
         raise ValueError(f"{path} was not written by accel.save (no 'accel' metadata)")
-    info = json.loads(meta["accel"])
-    for name, desc in info["layers"].items():
-        replace_module(model, name, _build(desc))
-    sd = load_file(path)
-    sd.update(info["extra_state"])
-    model.load_state_dict(sd, strict=True)
+    try:
+        info = json.loads(meta["accel"])
+        layers, extra_state, shapes = dict(info["layers"]), dict(info["extra_state"]), dict(info.get("shapes", {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"accel.load: {path} has corrupt accel metadata ({e})") from None
+    trial = copy.deepcopy(model)  # everything happens on a copy: a failed load leaves `model` as it was
+    cuttable = layer_shapes(trial)
+    want = {k: v for k, v in shapes.items() if k not in layers}
+    for name, desc in layers.items():  # accel layers of a shrunk model: give the stock layer their channel counts
+        if not isinstance(desc, dict):
+            raise ValueError(f"accel.load: {path} has corrupt accel metadata for layer {name!r}")
+        io = {"in": desc.get("in_features", desc.get("in_channels")), "out": desc.get("out_features",
+                                                                                      desc.get("out_channels"))}
+        if name in cuttable and isinstance(io["in"], int) and isinstance(io["out"], int):
+            have = cuttable[name]
+            if io["in"] <= have["in"] and io["out"] <= have["out"]:
+                want[name] = io
+    try:
+        resized = resize_(trial, want)  # channels removed by shrink_
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f"accel.load: {path} does not fit this model (channel counts): {e}") from None
+    modules = dict(trial.named_modules())
+    problems = [f"{name}: {why}" for name, desc in layers.items()
+                if (why := _compatible(desc if isinstance(desc, dict) else {}, modules.get(name))) is not None]
+    if problems:
+        raise ValueError(f"accel.load: {path} does not fit this model:\n  " + "\n  ".join(problems))
+    try:
+        sd = load_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"accel.load: cannot read the tensors of {path} ({type(e).__name__}: {e})") from None
+    sd.update(extra_state)
+    for name, desc in layers.items():
+        replace_module(trial, name, _build(desc, trial.get_submodule(name)))
+    try:
+        trial.load_state_dict(sd, strict=True)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"accel.load: {path} does not load into this model: {e}") from None
+    # success: move the rebuilt layers and the loaded state into the caller's model
+    for name in list(resized) + list(layers):
+        replace_module(model, name, trial.get_submodule(name))
+    model.load_state_dict(trial.state_dict(), strict=True)
     return model
+

@@ -26,11 +26,97 @@ import torch
 import torch.nn as nn
 
 
-def _load_factory(spec: str):
-    module, _, attr = spec.partition(":")
-    if not attr:
-        raise SystemExit(f"expected module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
+class UserError(Exception):
+    """A bad argument or input of the user's: one line on stderr, exit code 2."""
+
+
+def _load_factory(spec: str, what: str):
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise UserError(f"{what} must be module:function, got {spec!r}")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure of the user's module is their error to see
+        raise UserError(f"{what} {spec!r}: cannot import {module!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise UserError(f"{what} {spec!r}: {module!r} has no function {attr!r}")
+    return fn
+
+
+def _call_factory(fn, spec: str, what: str):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{what} {spec!r} raised {type(e).__name__}: {e}") from None
+
+
+def _validate(args) -> None:
+    """Every check that needs no model, before anything runs."""
+    from .formats import BLOCK_SIZES
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    need(0.0 <= args.sparsity < 1.0, f"--sparsity must be in [0, 1), got {args.sparsity}")
+    need(0.0 <= args.channel_ratio < 1.0, f"--channel-ratio must be in [0, 1), got {args.channel_ratio}")
+    need(0.0 <= args.min_density <= 1.0, f"--min-density must be in [0, 1], got {args.min_density}")
+    for flag in ("epochs", "kd_epochs", "qat_epochs"):
+        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    need(args.block in BLOCK_SIZES, f"--block must be one of {BLOCK_SIZES}, got {args.block}")
+    need(all(b >= 1 for b in args.batches), f"--batches must all be >= 1, got {args.batches}")
+    need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    need(args.temperature > 0, f"--temperature must be > 0, got {args.temperature}")
+    need(0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}")
+    need(args.budget > 0, f"--budget must be > 0, got {args.budget}")
+    if args.pretrained is not None:
+        need(os.path.isfile(args.pretrained), f"--pretrained {args.pretrained!r}: no such file")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".accel-write-test")
+        with open(probe, "w") as f:
+            f.write("")
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {args.out!r} is not writable ({e.strerror or e})") from None
+
+
+def _setup(args):
+    """Model, data and a first batch, each checked: the user's factories run here, before training."""
+    from .data import digits_loaders
+    from .models import SeedCNN
+
+    if args.data:
+        loaders = _call_factory(_load_factory(args.data, "--data"), args.data, "--data")
+        if not isinstance(loaders, (tuple, list)) or len(loaders) != 2:
+            raise UserError(f"--data {args.data!r} must return (train_loader, test_loader), got {type(loaders).__name__}")
+        train_loader, test_loader = loaders
+    else:
+        train_loader, test_loader = digits_loaders(args.batch_size, seed=args.seed)
+    dense = _call_factory(_load_factory(args.model, "--model"), args.model, "--model") if args.model else SeedCNN()
+    if not isinstance(dense, nn.Module):
+        raise UserError(f"--model {args.model!r} must return an nn.Module, got {type(dense).__name__}")
+    try:
+        batch = next(iter(test_loader))
+        example = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(example, torch.Tensor) or example.dim() < 2:
+            raise TypeError(f"batches must be (inputs, labels) with a batched tensor input, got {type(batch).__name__}")
+    except (StopIteration, TypeError) as e:
+        raise UserError(f"--data: the test loader gives no usable batch ({e or 'empty'})") from None
+    if args.pretrained:
+        try:
+            dense.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True))
+        except Exception as e:  # noqa: BLE001 - a garbage or mismatched file is the user's error
+            raise UserError(f"--pretrained {args.pretrained!r} does not load into the model "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    try:
+        with torch.no_grad():
+            dense.eval()(example[:2])
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"the model cannot run on a batch of the data ({type(e).__name__}: {e})") from None
+    return dense, train_loader, test_loader, example
 
 
 def _count_params(model: nn.Module) -> dict:
@@ -47,8 +133,10 @@ def _latency(dense: nn.Module, compressed: nn.Module, shape: tuple, budget_s: fl
     x = torch.randn(shape)
     with torch.no_grad():
         res = compare({"dense": lambda: dense(x), "compressed": lambda: compressed(x)}, "dense", budget_s=budget_s)
-    return {"batch": shape[0], "dense_ms": res["dense"].median_s * 1e3, "compressed_ms": res["compressed"].median_s * 1e3,
-            "speedup": res["compressed"].speedup, "rounds": res["dense"].rounds}
+    d, c = res["dense"].median_s, res["compressed"].median_s
+    # the speedup shown is the ratio of the two medians shown (the per-round paired median is kept too)
+    return {"batch": shape[0], "dense_ms": d * 1e3, "compressed_ms": c * 1e3, "speedup": d / c,
+            "speedup_paired_median": res["compressed"].speedup, "rounds": res["dense"].rounds}
 
 
 def _plot(report: dict, path: str) -> None:
@@ -84,25 +172,21 @@ def _plot(report: dict, path: str) -> None:
 
 def compress(args) -> dict:
     from . import api, qat
-    from .data import digits_loaders
     from .distill import evaluate, train
-    from .models import SeedCNN
+    from .engines import native_act_qmax
     from .prune import GradualPruner, sparsity_of
+    from .shrink import format_report as shrink_report
+    from .shrink import shrink_
 
+    _validate(args)
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
     log = print
-
-    train_loader, test_loader = (_load_factory(args.data)() if args.data else digits_loaders(args.batch_size,
-                                                                                            seed=args.seed))
-    dense = _load_factory(args.model)() if args.model else SeedCNN()
-    example = next(iter(test_loader))[0]
+    dense, train_loader, test_loader, example = _setup(args)
     input_shape = tuple(example.shape[1:])
 
     t0 = time.time()
     if args.pretrained:
-        dense.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True))
         log(f"[1/5] dense model loaded from {args.pretrained}")
     else:
         train(dense, train_loader, args.epochs, args.lr, progress=progress, desc="dense")
@@ -110,41 +194,69 @@ def compress(args) -> dict:
     acc_dense = evaluate(dense, test_loader)
     log(f"[1/5] dense accuracy {acc_dense:.2f}%  ({time.time() - t0:.0f}s)")
 
-    # 2. gradual block pruning of the Linear layers, distilled from the dense teacher
+    # 2. pruning, distilled from the dense teacher: channels removed (a smaller dense model of stock
+    #    layers) and/or gradual block sparsity of the Linear layers
     student = copy.deepcopy(dense)
+    shrunk = []
+    if args.prune in ("channels", "both"):
+        shrunk = shrink_(student, (example[: max(2, min(8, len(example)))],), args.channel_ratio)
+        log("      " + shrink_report(shrunk).replace("\n", "\n      "))
 
     def prunable(m, name):  # layers wide enough to hold more than one block row
         return type(m) is nn.Linear and m.out_features >= 2 * args.block and m.in_features >= 2 * args.block
 
-    steps = args.kd_epochs * len(train_loader)
-    pruner = GradualPruner(student, args.sparsity, begin=0, end=max(1, int(0.7 * steps)),
-                           frequency=max(1, len(train_loader) // 4), block=args.block, filter_fn=prunable)
+    steps = max(1, args.kd_epochs * len(train_loader))
+    pruner = None
+    if args.prune in ("blocks", "both") and any(prunable(m, n) for n, m in student.named_modules()):
+        pruner = GradualPruner(student, args.sparsity, begin=0, end=max(1, int(0.7 * steps)),
+                               frequency=max(1, len(train_loader) // 4), block=args.block, filter_fn=prunable,
+                               min_density=args.min_density)
     train(student, train_loader, args.kd_epochs, args.lr / 2, teacher=dense, temperature=args.temperature,
-          alpha=args.alpha, after_step=pruner.step, progress=progress, desc="prune+distill")
+          alpha=args.alpha, after_step=pruner.step if pruner else None, progress=progress, desc="prune+distill")
     acc_pruned = evaluate(student, test_loader)
-    log(f"[2/5] {args.sparsity:.0%} block sparsity (block {args.block}) on {sorted(pruner.masks)}, "
-        f"distilled: accuracy {acc_pruned:.2f}%  (weights zero: {sparsity_of(student, prunable):.1%})")
+    masks = pruner.masks if pruner else {}
+    what = []
+    if shrunk:
+        kept = sum(r["channels_after"] for r in shrunk if r["status"] == "pruned")
+        before = sum(r["channels_before"] for r in shrunk if r["status"] == "pruned")
+        what.append(f"channels {before} -> {kept}")
+    if masks:
+        what.append(f"{args.sparsity:.0%} block sparsity (block {args.block}) on {sorted(masks)} "
+                    f"(weights zero: {sparsity_of(student, prunable):.1%})")
+    log(f"[2/5] pruned ({'; '.join(what) or 'nothing prunable'}), distilled: accuracy {acc_pruned:.2f}%")
 
-    # 3. quantization-aware fine-tuning of the layers that will run in int8 (the non-pruned ones)
-    qat_layers = qat.prepare_qat(student, filter_fn=lambda m, n: n not in pruner.masks)
+    # 3. quantization-aware fine-tuning of the layers that will run in int8 (the non-block-pruned ones)
+    qmax = native_act_qmax()
+    qat_layers = qat.prepare_qat(student, filter_fn=lambda m, n: n not in masks, act_qmax=qmax)
     if args.qat_epochs:
         train(student, train_loader, args.qat_epochs, args.lr / 10, teacher=dense, temperature=args.temperature,
-              alpha=args.alpha, after_step=pruner.step, progress=progress, desc="qat")
+              alpha=args.alpha, after_step=pruner.step if pruner else None, progress=progress, desc="qat")
     acc_qat = evaluate(student, test_loader)
-    log(f"[3/5] fake-quantized {qat_layers}, {args.qat_epochs} QAT epoch(s): accuracy {acc_qat:.2f}%")
+    log(f"[3/5] fake-quantized {qat_layers} (activation qmax {qmax}), {args.qat_epochs} QAT epoch(s): "
+        f"accuracy {acc_qat:.2f}%")
 
-    # 4. convert: block-sparse Linear, int8 elsewhere, each kept only where faster at the real shape
+    # 4. convert: block-sparse Linear and int8 elsewhere, in "auto" modes that pick their form per batch
+    #    bucket on the machine that runs them; the decisions for --batches are made (and reported) now
     compressed = copy.deepcopy(student).eval()
     qat.strip(compressed)
-    measure_x = (torch.randn(args.decide_batch, *input_shape),)
-    decisions = api.sparsify_(compressed, api.SparsityConfig(block=args.block), masks=pruner.masks,
-                              example_inputs=measure_x)
-    # a pruned layer whose sparse form lost to dense gets the int8 candidate too (its zeros stay zero)
-    kept_dense = api.linearize_kept_dense_(compressed, decisions)
+    measure_x = (example[:1],)
+    batches = tuple(sorted(set(args.batches)))
+    decisions = api.sparsify_(compressed, api.SparsityConfig(block=args.block, batch_sizes=batches,
+                                                             budget_s=min(0.5, args.budget / 4)),
+                              masks=masks, example_inputs=measure_x) if masks else []
+    # a pruned layer that runs dense at every batch size goes int8 instead (its zeros stay zero)
+    by_layer: dict[str, list[str]] = {}
+    for r in decisions:
+        by_layer.setdefault(r["layer"], []).append(r["decision"])
+    always_dense = [{"layer": n, "decision": "dense"} for n, ds in by_layer.items() if all(d.endswith("dense") for d in ds)]
+    kept_dense = api.linearize_kept_dense_(compressed, always_dense)
     int8_candidates = set(qat_layers) | set(kept_dense)
-    decisions += api.quantize_(compressed, filter_fn=lambda m, n: n in int8_candidates, example_inputs=measure_x)
+    decisions += api.quantize_(compressed, api.QuantConfig(act_qmax=qmax, batch_sizes=batches,
+                                                           budget_s=min(0.5, args.budget / 4)),
+                               filter_fn=lambda m, n: n in int8_candidates, example_inputs=measure_x)
     acc_final = evaluate(compressed, test_loader)
-    log(f"[4/5] converted (each layer's form measured at batch {args.decide_batch}): accuracy {acc_final:.2f}%")
+    log(f"[4/5] converted (forms decided on this machine at batch {', '.join(map(str, batches))}): "
+        f"accuracy {acc_final:.2f}%")
     log("      " + api.format_report(decisions).replace("\n", "\n      "))
 
     # 5. report
@@ -153,7 +265,7 @@ def compress(args) -> dict:
     api.save(compressed, comp_path)
     latency = [_latency(dense, compressed, (b, *input_shape), args.budget) for b in args.batches]
     report = {
-        "title": f"{type(dense).__name__}: {args.sparsity:.0%} block sparsity + int8 vs dense fp32 (CPU)",
+        "title": f"{type(dense).__name__}: {_title(args)} + int8 vs dense fp32 (CPU)",
         "accuracy": {"dense": acc_dense, "pruned_distilled": acc_pruned, "qat": acc_qat, "compressed": acc_final,
                      "drop_points": acc_dense - acc_final},
         "parameters": {"dense": _count_params(dense), "compressed": _count_params(compressed)},
@@ -161,8 +273,8 @@ def compress(args) -> dict:
         "latency": latency,
         "layers": decisions,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "environment": _environment(),
+        "channel_pruning": shrunk,
     }
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -170,6 +282,21 @@ def compress(args) -> dict:
     print(render(report))
     print(f"\nsaved {args.out}/report.json, report.png, dense.safetensors, compressed.safetensors")
     return report
+
+
+def _title(args) -> str:
+    parts = []
+    if args.prune in ("channels", "both"):
+        parts.append(f"{args.channel_ratio:.0%} channels removed")
+    if args.prune in ("blocks", "both"):
+        parts.append(f"{args.sparsity:.0%} block sparsity")
+    return " + ".join(parts)
+
+
+def _environment() -> dict:
+    from .engines import machine
+
+    return {**machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def render(report: dict) -> str:
@@ -188,6 +315,33 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def engines_cmd(args) -> int:
+    from . import engines
+
+    if args.clear:
+        engines.clear(disk=True)
+        print(f"cleared {engines._CACHE.path()}")
+    if args.measure:
+        _measure_standard_shapes()
+    print(engines.report())
+    return 0
+
+
+def _measure_standard_shapes() -> None:
+    """Decide the engines of a few common layer shapes now (QuantLinear auto, SparseLinear at 90%)."""
+    from .modules import QuantLinear, SparseLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 1024)
+    q = QuantLinear.from_float(lin, "auto")
+    s = SparseLinear.from_dense(lin, sparsity=0.9)
+    with torch.no_grad():
+        for m in (1, 16, 256):
+            x = torch.randn(m, 1024)
+            q(x)
+            s(x)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="accel", description="accel: compress networks so they actually run faster")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -199,21 +353,34 @@ def main(argv=None) -> int:
     c.add_argument("--epochs", type=int, default=8, help="dense training epochs")
     c.add_argument("--kd-epochs", type=int, default=8, help="pruning + distillation epochs")
     c.add_argument("--qat-epochs", type=int, default=1)
+    c.add_argument("--prune", choices=["blocks", "channels", "both"], default="blocks",
+                   help="blocks: gradual block sparsity of the Linear layers; channels: remove channels "
+                        "(accel.shrink_, a smaller dense model); both")
     c.add_argument("--sparsity", type=float, default=0.75, help="final block sparsity of the Linear layers")
+    c.add_argument("--min-density", type=float, default=0.05, help="per-layer floor of kept blocks")
+    c.add_argument("--channel-ratio", type=float, default=0.5, help="fraction of channels removed (--prune channels/both)")
     c.add_argument("--block", type=int, default=32)
     c.add_argument("--temperature", type=float, default=4.0)
     c.add_argument("--alpha", type=float, default=0.7, help="weight of the soft (teacher) loss")
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="latency batch sizes")
-    c.add_argument("--decide-batch", type=int, default=256, help="batch at which each layer's form is chosen")
+    c.add_argument("--batches", type=int, nargs="+", default=[1, 256],
+                   help="batch sizes: each layer's form is decided at each, and latency is reported at each")
     c.add_argument("--budget", type=float, default=3.0, help="seconds of latency timing per batch size")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("engines", help="print this machine's engine decisions and their measured times")
+    e.add_argument("--measure", action="store_true", help="decide a few common layer shapes now")
+    e.add_argument("--clear", action="store_true", help="forget this machine's decisions first")
     args = ap.parse_args(argv)
-    if args.cmd == "compress":
-        compress(args)
-    return 0
+    try:
+        if args.cmd == "compress":
+            compress(args)
+            return 0
+        return engines_cmd(args)
+    except UserError as err:
+        print(f"accel {args.cmd}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -16,9 +16,73 @@ import torch
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def _check_block_size(block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {block_size}")
+def check_block_size(block_size, what: str = "block size") -> int:
+    """``block_size`` if it is an int in :data:`BLOCK_SIZES`, else a ValueError naming it."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"{what} must be an int in {BLOCK_SIZES}, got {block_size!r}")
+    return block_size
+
+
+def check_bsr(crow: torch.Tensor, col: torch.Tensor, nnz: int, shape: tuple[int, int], block_size: int,
+              what: str = "BSR") -> None:
+    """Check the BSR invariants, raising a ValueError that names the first broken one: int32/int64 1-D
+    indices on one device, ``len(crow) == ceil(N/B) + 1``, ``crow[0] == 0``, ``crow`` non-decreasing,
+    ``crow[-1] == nnz == len(col)``, ``0 <= col < ceil(K/B)`` and columns strictly increasing within
+    each block row (no duplicates). One pass over the indices; on CUDA it synchronises once."""
+    nbr, nbc = block_grid(shape, block_size)
+    for name, t in (("crow_indices", crow), ("col_indices", col)):
+        if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
+            raise ValueError(f"{what}: {name} must be a 1-D int32/int64 tensor, got {t.dtype} {tuple(t.shape)}")
+    if crow.device != col.device:
+        raise ValueError(f"{what}: crow_indices on {crow.device} but col_indices on {col.device}")
+    if crow.numel() != nbr + 1:
+        raise ValueError(f"{what}: crow_indices has {crow.numel()} entries, expected ceil({shape[0]}/{block_size}) + 1 "
+                         f"= {nbr + 1}")
+    if col.numel() != nnz:
+        raise ValueError(f"{what}: col_indices has {col.numel()} entries but there are {nnz} blocks")
+    c = crow.to(torch.int64)
+    first, last = (int(v) for v in c[[0, -1]].tolist())
+    if first != 0 or last != nnz:
+        raise ValueError(f"{what}: crow_indices must start at 0 and end at nnz={nnz}, got {first} ... {last}")
+    counts = c[1:] - c[:-1]
+    if nbr and bool((counts < 0).any()):
+        r = int((counts < 0).nonzero()[0])
+        raise ValueError(f"{what}: crow_indices decreases at block row {r} ({int(c[r])} -> {int(c[r + 1])})")
+    if nnz:
+        cc = col.to(torch.int64)
+        lo, hi = (int(v) for v in torch.aminmax(cc))
+        if lo < 0 or hi >= nbc:
+            raise ValueError(f"{what}: col_indices must lie in [0, {nbc}) for K={shape[1]}, block {block_size}; "
+                             f"got values in [{lo}, {hi}]")
+        if nnz > 1:
+            same_row = torch.ones(nnz - 1, dtype=torch.bool, device=cc.device)
+            starts = c[1:-1]
+            starts = starts[(starts > 0) & (starts < nnz)]
+            same_row[starts - 1] = False
+            bad = same_row & (cc[1:] <= cc[:-1])
+            if bool(bad.any()):
+                p = int(bad.nonzero()[0]) + 1
+                raise ValueError(f"{what}: col_indices must increase strictly within a block row; position {p} "
+                                 f"({int(cc[p - 1])} then {int(cc[p])})")
+
+
+_CHECKED: dict = {}
+
+
+def check_bsr_cached(crow: torch.Tensor, col: torch.Tensor, nnz: int, shape: tuple[int, int], block_size: int,
+                     what: str = "BSR") -> None:
+    """:func:`check_bsr`, skipped when these very index tensors (same objects, versions and data) were
+    already checked for this shape: the per-call cost of validation stays a few microseconds."""
+    def state(t):
+        return (id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+
+    key = (state(crow), state(col), nnz, tuple(shape), block_size)
+    if _CHECKED.get(id(crow)) == key and not crow.is_inference() and not col.is_inference():
+        return
+    check_bsr(crow, col, nnz, shape, block_size, what)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[id(crow)] = key
 
 
 def block_grid(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
@@ -39,7 +103,7 @@ def pad_to_blocks(dense: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def block_norms(dense: torch.Tensor, block_size: int, p: int = 2) -> torch.Tensor:
     """``[nbr, nbc]`` L1 (p=1) or L2 (p=2) norm of each block of ``dense`` (padding counts as 0)."""
-    _check_block_size(block_size)
+    check_block_size(block_size)
     if p not in (1, 2):
         raise ValueError(f"block norm order must be 1 or 2, got {p}")
     nbr, nbc = block_grid(tuple(dense.shape), block_size)
@@ -66,10 +130,25 @@ def expand_block_mask(block_mask: torch.Tensor, block_size: int, shape: tuple[in
     return full[: shape[0], : shape[1]]
 
 
+def check_binary_mask(mask: torch.Tensor, what: str = "mask") -> torch.Tensor:
+    """``mask`` as bool if it is bool or holds only 0 and 1; a ValueError naming other values (0.5, NaN, ...)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{what} must be bool or hold only 0 and 1, got dtype {mask.dtype}")
+    bad = ~((mask == 0) | (mask == 1))
+    if bool(bad.any()):
+        vals = mask[bad].flatten()[:4].tolist()
+        raise ValueError(f"{what} must be bool or hold only 0 and 1 (it is a mask, not a scale), got values like {vals}")
+    return mask != 0
+
+
 def as_block_mask(mask: torch.Tensor, shape: tuple[int, int], block_size: int) -> torch.Tensor:
     """Accept an elementwise ``[N, K]`` mask (a block is kept if any element is) or a ``[nbr, nbc]`` block mask."""
     grid = block_grid(shape, block_size)
-    mask = mask.to(torch.bool)
+    mask = check_binary_mask(mask)
     if tuple(mask.shape) == tuple(shape):
         nbr, nbc = grid
         return pad_to_blocks(mask, block_size).view(nbr, block_size, nbc, block_size).any(dim=3).any(dim=1)
@@ -98,7 +177,7 @@ class BSRMatrix:
         Stored blocks keep their zeros; unstored blocks are dropped even if nonzero, so pass the
         mask you pruned with.
         """
-        _check_block_size(block_size)
+        check_block_size(block_size)
         if dense.dim() != 2:
             raise ValueError(f"dense must be 2-D, got shape {tuple(dense.shape)}")
         shape = (int(dense.shape[0]), int(dense.shape[1]))

@@ -12,13 +12,16 @@ Masks are dicts ``{module name: bool tensor}``: ``[nbr, nbc]`` block masks or ``
 
 from __future__ import annotations
 
-import copy
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from .formats import block_norms, expand_block_mask, topk_block_mask
+from .inputs import as_call
+from .shrink import ShrinkError, ShrinkPlan, apply_plan, layer_shapes, plan_shrink, resize_, shrink_  # noqa: F401
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -39,26 +42,160 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
             if isinstance(m, (nn.Linear, nn.Conv2d)) and filter_fn(m, name)}
 
 
+def _layer_bounds(n: int, min_density: float, max_density: float) -> tuple[int, int]:
+    """(fewest, most) blocks a layer of ``n`` blocks may keep; at least one block unless max_density is 0."""
+    lo = min(n, max(1 if max_density > 0 else 0, math.ceil(min_density * n - 1e-9)))
+    hi = max(lo, min(n, math.floor(max_density * n + 1e-9)))
+    return lo, hi
+
+
+def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        mask[torch.sort(scores.flatten(), descending=True, stable=True).indices[:keep]] = True
+    return mask.view_as(scores)
+
+
 def block_masks(model: nn.Module, sparsity: float, block: int = 32, norm: int = 2, scope: str = "global",
-                filter_fn: FilterFn | None = None) -> dict[str, torch.Tensor]:
-    """Keep the highest-norm blocks. ``scope="layer"``: ``sparsity`` of the blocks of every layer;
-    ``scope="global"``: ``sparsity`` of all blocks of the selected layers together, ranked by their
-    raw L``norm`` (layers with small weights lose more blocks)."""
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+                filter_fn: FilterFn | None = None, *, min_density: float = 0.0, max_density: float = 1.0,
+                example_inputs=None, sparsities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9, 0.95)
+                ) -> dict[str, torch.Tensor]:
+    """Keep the highest-norm blocks, every layer keeping between ``min_density`` and ``max_density`` of
+    its blocks (and at least one).
+
+    * ``scope="layer"``: ``sparsity`` of the blocks of every layer;
+    * ``scope="global"``: ``sparsity`` of all blocks of the selected layers together, blocks ranked by
+      their L``norm`` divided by the mean block norm of their layer (raw norms would strip the
+      layers whose weights happen to be small); layers that would fall below the floor are held at
+      it, with a warning naming them;
+    * ``scope="sensitivity"``: per-layer sparsities chosen to reach ``sparsity`` overall with the
+      least output error: each layer is pruned alone at ``sparsities`` and the model's output on
+      ``example_inputs`` compared with the unpruned output (:func:`sensitivity_scan`), then blocks
+      are taken greedily from the layers whose output error grows least per block pruned.
+    """
+    if scope not in ("global", "layer", "sensitivity"):
+        raise ValueError(f"scope must be 'global', 'layer' or 'sensitivity', got {scope!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    if not 0.0 <= min_density <= max_density <= 1.0:
+        raise ValueError(f"need 0 <= min_density <= max_density <= 1, got {min_density}, {max_density}")
     layers = prunable_layers(model, filter_fn)
     if not layers:
         raise ValueError("no layer to prune: the filter selected no nn.Linear / nn.Conv2d")
     scores = {name: block_norms(_weight_matrix(m), block, p=norm) for name, m in layers.items()}
+    bounds = {name: _layer_bounds(s.numel(), min_density, max_density) for name, s in scores.items()}
     if scope == "layer":
-        return {name: topk_block_mask(s, sparsity) for name, s in scores.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = topk_block_mask(flat, sparsity).flatten()
-    out, i = {}, 0
-    for name, s in scores.items():
-        out[name] = keep[i:i + s.numel()].view_as(s)
-        i += s.numel()
-    return out
+        return {name: _keep_top(s, min(max(int(round((1.0 - sparsity) * s.numel())), bounds[name][0]), bounds[name][1]))
+                for name, s in scores.items()}
+    total = sum(s.numel() for s in scores.values())
+    target = int(round((1.0 - sparsity) * total))
+    if scope == "sensitivity":
+        if example_inputs is None:
+            raise ValueError("scope 'sensitivity' needs example_inputs")
+        keep = _allocate_by_sensitivity(model, layers, scores, bounds, target, block, norm, example_inputs, sparsities)
+        return {name: _keep_top(scores[name], keep[name]) for name in scores}
+    normalized = {name: s / s.mean().clamp_min(1e-30) for name, s in scores.items()}
+    keep = _water_fill(normalized, bounds, target)
+    raw = _water_fill(normalized, {n: (0, s.numel()) for n, s in scores.items()}, target)
+    held = [f"{n} (would keep {raw[n]}/{scores[n].numel()} blocks)" for n in scores if raw[n] < bounds[n][0]]
+    if held:
+        warnings.warn(f"global pruning held {len(held)} layer(s) at the floor min_density={min_density}: "
+                      + ", ".join(held), stacklevel=2)
+    return {name: _keep_top(normalized[name], keep[name]) for name in scores}
+
+
+def _water_fill(scores: dict[str, torch.Tensor], bounds: dict[str, tuple[int, int]], target: int) -> dict[str, int]:
+    """Blocks kept per layer: those scoring above one global threshold, clamped to each layer's bounds,
+    with the threshold chosen so the total is as close to ``target`` as the bounds allow."""
+    sorted_scores = {n: torch.sort(s.flatten(), descending=True).values for n, s in scores.items()}
+    lo_total = sum(b[0] for b in bounds.values())
+    hi_total = sum(b[1] for b in bounds.values())
+    target = min(max(target, lo_total), hi_total)
+
+    def kept_at(t: float) -> dict[str, int]:
+        out = {}
+        for n, v in sorted_scores.items():
+            c = int((v >= t).sum())
+            out[n] = min(max(c, bounds[n][0]), bounds[n][1])
+        return out
+
+    cands = torch.unique(torch.cat([v for v in sorted_scores.values()])).flip(0)  # descending thresholds
+    lo_i, hi_i = 0, cands.numel() - 1
+    if cands.numel() == 0:
+        return {n: b[0] for n, b in bounds.items()}
+    while lo_i < hi_i:  # smallest index (highest threshold) whose kept total reaches target
+        mid = (lo_i + hi_i) // 2
+        if sum(kept_at(float(cands[mid])).values()) >= target:
+            hi_i = mid
+        else:
+            lo_i = mid + 1
+    keep = kept_at(float(cands[lo_i]))
+    excess = sum(keep.values()) - target  # ties at the threshold: drop the excess from layers above their floor
+    for n in sorted(keep, key=lambda n: -keep[n]):
+        if excess <= 0:
+            break
+        give = min(excess, keep[n] - bounds[n][0])
+        keep[n] -= give
+        excess -= give
+    return keep
+
+
+def _flat_output(out) -> torch.Tensor:
+    """All floating tensors of a model output (tensor, tuple/list, dict / ModelOutput) as one vector."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().double().flatten() if out.is_floating_point() else torch.zeros(0, dtype=torch.float64)
+    if isinstance(out, dict) or hasattr(out, "values") and callable(out.values):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        parts = [_flat_output(o) for o in out]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+def output_sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = (ref - out).norm()
+    if noise == 0:
+        return math.inf
+    return float(20 * torch.log10(ref.norm().clamp_min(1e-30) / noise))
+
+
+def _allocate_by_sensitivity(model, layers, scores, bounds, target, block, norm, example_inputs, sparsities):
+    rows = sensitivity_scan(model, example_inputs=example_inputs, sparsities=sparsities, block=block, norm=norm,
+                            filter_fn=lambda m, n: n in layers)
+    noise: dict[str, dict[int, float]] = {n: {s.numel(): 0.0} for n, s in scores.items()}  # kept -> output noise
+    for r in rows[1:]:
+        n = r["layer"]
+        kept = int(round((1.0 - r["sparsity"]) * scores[n].numel()))
+        noise[n][kept] = 10 ** (-r["metric"] / 10) if math.isfinite(r["metric"]) else 0.0
+    # each layer moves down its options (fewer blocks kept) within its bounds; greedily take the move
+    # with the least added output noise per block removed until the target is reached
+    options = {n: sorted((k for k in noise[n] if bounds[n][0] <= k <= bounds[n][1]), reverse=True) for n in noise}
+    for n in options:
+        if bounds[n][0] not in options[n] and bounds[n][0] < scores[n].numel():
+            lowest = min(noise[n])
+            options[n].append(bounds[n][0])
+            noise[n][bounds[n][0]] = noise[n][lowest] * max(1.0, lowest / max(1, bounds[n][0]))  # extrapolated
+    keep = {n: options[n][0] if options[n] else bounds[n][1] for n in noise}
+    step = {n: 0 for n in noise}
+    while sum(keep.values()) > target:
+        best, best_cost = None, math.inf
+        for n in noise:
+            if step[n] + 1 >= len(options[n]):
+                continue
+            k0, k1 = options[n][step[n]], options[n][step[n] + 1]
+            cost = (noise[n][k1] - noise[n][k0]) / max(1, k0 - k1)
+            if cost < best_cost:
+                best, best_cost = n, cost
+        if best is None:
+            break
+        over = sum(keep.values()) - target
+        k0, k1 = options[best][step[best]], options[best][step[best] + 1]
+        if k0 - k1 > over:  # a partial step lands exactly on the target
+            keep[best] = k0 - over
+            break
+        step[best] += 1
+        keep[best] = k1
+    return keep
 
 
 def channel_masks(model: nn.Module, sparsity: float, norm: int = 2, filter_fn: FilterFn | None = None
@@ -126,13 +263,16 @@ class GradualPruner:
 
     def __init__(self, model: nn.Module, final_sparsity: float, begin: int, end: int, frequency: int = 1,
                  initial_sparsity: float = 0.0, block: int = 32, norm: int = 2, scope: str = "global",
-                 filter_fn: FilterFn | None = None) -> None:
+                 filter_fn: FilterFn | None = None, min_density: float = 0.0, max_density: float = 1.0) -> None:
         if not 0 <= begin < end or frequency < 1:
             raise ValueError(f"need 0 <= begin < end and frequency >= 1, got begin={begin}, end={end}, "
                              f"frequency={frequency}")
         self.model, self.final, self.initial = model, final_sparsity, initial_sparsity
         self.begin, self.end, self.frequency = begin, end, frequency
         self.block, self.norm, self.scope, self.filter_fn = block, norm, scope, filter_fn
+        if scope not in ("global", "layer"):
+            raise ValueError(f"GradualPruner scope must be 'global' or 'layer', got {scope!r}")
+        self.min_density, self.max_density = min_density, max_density
         self.step_count = 0
         self.masks: dict[str, torch.Tensor] = {}
         self.sparsity = 0.0
@@ -147,26 +287,56 @@ class GradualPruner:
         due = t >= self.begin and ((t - self.begin) % self.frequency == 0 or t >= self.end)
         target = self.sparsity_at(t)
         if due and target > self.sparsity:
-            self.masks = block_masks(self.model, target, self.block, self.norm, self.scope, self.filter_fn)
+            with warnings.catch_warnings():  # the floor warning would repeat every schedule step
+                warnings.simplefilter("ignore")
+                self.masks = block_masks(self.model, target, self.block, self.norm, self.scope, self.filter_fn,
+                                         min_density=self.min_density, max_density=self.max_density)
             self.sparsity = target
         if self.masks:
             apply_masks_(self.model, self.masks, self.block)
         return self.sparsity
 
 
-def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
-                     sparsities: tuple[float, ...] = (0.5, 0.75, 0.9), block: int = 32, norm: int = 2,
-                     filter_fn: FilterFn | None = None) -> list[dict]:
-    """Prune one layer at a time (one-shot, no fine-tuning) and evaluate: how much each layer can lose.
+def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | None = None, *,
+                     example_inputs=None, sparsities: tuple[float, ...] = (0.5, 0.75, 0.9), block: int = 32,
+                     norm: int = 2, filter_fn: FilterFn | None = None) -> list[dict]:
+    """Prune one layer at a time (one-shot, no fine-tuning) and score the model: how much each layer
+    can lose. The score is ``evaluate(model)`` (e.g. accuracy), or, with ``example_inputs`` instead
+    (a tuple of positional inputs, a dict of keyword inputs, or ``(args, kwargs)``), the SQNR in dB
+    of the model's output against the unpruned output (output reconstruction; higher is better).
 
-    Returns rows ``{"layer", "sparsity", "metric"}`` plus one ``sparsity=0`` baseline row.
+    Returns rows ``{"layer", "sparsity", "metric"}`` plus one ``sparsity=0`` baseline row. The layers
+    are pruned in place and restored after each trial.
     """
-    rows = [{"layer": None, "sparsity": 0.0, "metric": evaluate(model)}]
-    for name in prunable_layers(model, filter_fn):
-        for s in sparsities:
-            trial = copy.deepcopy(model)
-            prune_(trial, s, block, norm, "layer", lambda m, n, name=name: n == name)
-            rows.append({"layer": name, "sparsity": s, "metric": evaluate(trial)})
+    if (evaluate is None) == (example_inputs is None):
+        raise ValueError("sensitivity_scan: pass exactly one of evaluate or example_inputs")
+    if evaluate is None:
+        args, kwargs = as_call(example_inputs)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            ref = _flat_output(model(*args, **kwargs))
+
+        def evaluate(m):  # noqa: F811
+            with torch.no_grad():
+                return output_sqnr(ref, _flat_output(m(*args, **kwargs)))
+    else:
+        was_training = model.training
+    try:
+        rows = [{"layer": None, "sparsity": 0.0, "metric": evaluate(model)}]
+        for name, m in prunable_layers(model, filter_fn).items():
+            saved = m.weight.detach().clone()
+            for s in sparsities:
+                mask = topk_block_mask(block_norms(_weight_matrix(m), block, p=norm), s)
+                with torch.no_grad():
+                    m.weight.mul_(element_mask(m, mask, block).to(m.weight.dtype))
+                try:
+                    rows.append({"layer": name, "sparsity": s, "metric": evaluate(model)})
+                finally:
+                    with torch.no_grad():
+                        m.weight.copy_(saved)
+    finally:
+        model.train(was_training)
     return rows
 
 
@@ -179,5 +349,6 @@ def sparsity_of(model: nn.Module, filter_fn: FilterFn | None = None) -> float:
     return zeros / total if total else 0.0
 
 
-__all__ = ["GradualPruner", "apply_masks_", "block_masks", "channel_masks", "cubic_sparsity", "prune_",
-           "sensitivity_scan", "sparsity_of"]
+__all__ = ["GradualPruner", "ShrinkError", "ShrinkPlan", "apply_masks_", "apply_plan", "block_masks", "channel_masks",
+           "cubic_sparsity", "layer_shapes", "plan_shrink", "prune_", "resize_", "sensitivity_scan", "shrink_",
+           "sparsity_of"]

@@ -12,7 +12,8 @@ Percentile and MSE work on a bounded random sample of ``|x|`` (``SAMPLE`` values
 QAT: :func:`prepare_qat` swaps Linear / Conv2d for fake-quantized twins that quantize weights per
 output channel and activations per token / per image with accel's rule (``accel.quant``), passing
 gradients straight through the rounding; :func:`convert` turns them into ``QuantLinear`` /
-``QuantConv2d``.
+``QuantConv2d`` that keep the activation range QAT simulated (``act_qmax``, saved with the model), so
+inference computes what was trained on any CPU or GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import replace_module
+from .inputs import loader_batch_call
 from .modules.quant_linear import QuantConv2d, QuantLinear
 from .quant import QMAX, ieee_div
 
@@ -88,12 +90,13 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
     Linear / Conv2d / QuantLinear / QuantConv2d layers (``filter_fn(module, name)`` narrows them).
 
     ``qmax`` defaults to the activation range the layers will run with on ``device`` (127 on CUDA;
-    ``accel.cpu.int8.act_qmax()`` on the CPU).
+    ``accel.engines.native_act_qmax()`` on the CPU). Batches may be tensors, ``(inputs, labels)``
+    tuples, dicts of keyword inputs or ``(args, kwargs)`` (``accel.inputs.loader_batch_call``).
     """
     if qmax is None:
-        from .cpu.int8 import act_qmax
+        from .engines import native_act_qmax
 
-        qmax = QMAX if device.startswith("cuda") else act_qmax()
+        qmax = QMAX if device.startswith("cuda") else native_act_qmax()
     kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
     observers, hooks = {}, []
     for name, m in model.named_modules():
@@ -108,8 +111,9 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
         for i, batch in enumerate(loader):
             if num_batches is not None and i >= num_batches:
                 break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x.to(device))
+            args, kwargs = loader_batch_call(batch)
+            move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+            model(*(move(a) for a in args), **{k: move(v) for k, v in kwargs.items()})
     finally:
         for h in hooks:
             h.remove()
@@ -163,9 +167,11 @@ def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -
     fake-quantized twins, in place, sharing their parameters. ``act_qmax`` is the activation range
     of the deployment target (default: this machine's CPU rule). Returns the swapped names."""
     if act_qmax is None:
-        from .cpu.int8 import act_qmax as cpu_qmax
+        from .engines import native_act_qmax
 
-        act_qmax = cpu_qmax()
+        act_qmax = native_act_qmax()
+    if act_qmax not in (63, 127):
+        raise ValueError(f"prepare_qat: act_qmax must be 63 or 127, got {act_qmax!r}")
     swapped = []
     for name, m in list(model.named_modules()):
         if filter_fn is not None and not filter_fn(m, name):
@@ -200,13 +206,14 @@ def strip(model: nn.Module) -> list[str]:
 
 
 def convert(model: nn.Module, linear_mode: str = "dynamic", conv_mode: str = "dynamic") -> list[str]:
-    """Replace the fake-quantized layers by ``QuantLinear`` / ``QuantConv2d``, in place."""
+    """Replace the fake-quantized layers by ``QuantLinear`` / ``QuantConv2d``, in place, with the
+    activation range each simulated (``act_qmax``)."""
     converted = []
     for name, m in list(model.named_modules()):
         if isinstance(m, FakeQuantLinear):
-            replace_module(model, name, QuantLinear.from_float(m, linear_mode))
+            replace_module(model, name, QuantLinear.from_float(m, linear_mode, act_qmax=m.act_qmax))
         elif isinstance(m, FakeQuantConv2d):
-            replace_module(model, name, QuantConv2d.from_float(m, conv_mode))
+            replace_module(model, name, QuantConv2d.from_float(m, conv_mode, act_qmax=m.act_qmax))
         else:
             continue
         converted.append(name)

@@ -21,6 +21,8 @@ scales, bias and activation in float32 in the kernels' order.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,12 +43,14 @@ def quantize_weight(w: torch.Tensor, qmax: int = QMAX) -> tuple[torch.Tensor, to
     """Per-output-channel (dim 0) symmetric quantization: ``(q int8 like w, scale fp32 [w.shape[0]])``."""
     if not w.is_floating_point():
         raise TypeError(f"quantize_weight: expected a float weight, got {w.dtype}")
+    if w.dim() < 1:
+        raise ValueError(f"quantize_weight: expected a weight with an output-channel dim, got shape {tuple(w.shape)}")
     w = w.detach()
-    flat = w.reshape(w.shape[0], -1).float()
+    flat = w.reshape(w.shape[0], math.prod(w.shape[1:])).float()
     if not torch.isfinite(flat).all():
         bad = (~torch.isfinite(flat)).any(1).nonzero().flatten().tolist()
         raise ValueError(f"quantize_weight: weight of shape {tuple(w.shape)} holds NaN/inf in output channels {bad[:8]}")
-    absmax = flat.abs().amax(1)
+    absmax = flat.abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
     inv = torch.where(absmax > 0, ieee_div(qmax, absmax), torch.zeros_like(absmax))
     q = _quantize(flat, inv[:, None], qmax).view(w.shape)
     return q, absmax / qmax
@@ -61,18 +65,24 @@ def quantize_rows_ref(
     x: torch.Tensor, qmax: int = QMAX, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``accel.kernels.int8_matmul.quantize_rows``: ``(q int8 [M, K], scale fp32 [M])``."""
-    return _quantize_groups(x.reshape(x.shape[0], -1), qmax, static_scale)
+    if x.dim() < 1:
+        raise ValueError("quantize_rows_ref: expected x [M, ...], got a 0-d tensor")
+    return _quantize_groups(x.reshape(x.shape[0], math.prod(x.shape[1:])), qmax, static_scale)
 
 
 def quantize_per_image_ref(
     x: torch.Tensor, qmax: int = QMAX, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (dim 0) quantization of an ``[B, ...]`` activation: ``(q int8 like x, scale fp32 [B])``."""
-    q, s = _quantize_groups(x.reshape(x.shape[0], -1), qmax, static_scale)
+    if x.dim() < 1:
+        raise ValueError("quantize_per_image_ref: expected x [B, ...], got a 0-d tensor")
+    q, s = _quantize_groups(x.reshape(x.shape[0], math.prod(x.shape[1:])), qmax, static_scale)
     return q.view(x.shape), s
 
 
 def _quantize_groups(x2: torch.Tensor, qmax: int, static_scale: torch.Tensor | None):
+    if not x2.is_floating_point():
+        raise TypeError(f"quantize: expected a float tensor, got {x2.dtype}")
     xf = x2.float()
     absmax = torch.where(torch.isnan(xf), torch.inf, xf.abs()).amax(1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
     bad = absmax == torch.inf

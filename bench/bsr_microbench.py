@@ -1,8 +1,12 @@
 """Block-sparse linear microbenchmark: ``y = x @ W^T`` with a block-sparse ``W``.
 
 Prints a table of the speedup of accel's block-sparse path over dense fp32 (``F.linear``), dense
-bf16 and torch's own BSR matmul, over block densities and batch sizes M, and saves it as JSON
-under ``bench/results/``. All providers of one (density, M) cell run side by side in the same
+bf16 and torch's own BSR matmul, over block densities, batch sizes M and input dtypes (fp32 and
+bf16: each compared first with the dense layer in its own dtype), and saves it as JSON under
+``bench/results/``. ``accel`` is a SparseLinear in mode "sparse" (block-sparse strategies only),
+``accel_auto`` in mode "auto" (may run the densified weight where that is faster here); both
+use the engines ``accel.engines`` measures on this machine (decided before timing starts). All
+providers of one (density, M) cell run side by side in the same
 rounds (``bench.common.compare``). On CUDA the providers are cuBLAS fp16/bf16, torch's Triton
 ``bsr_dense_mm`` and accel's Triton kernel; on CPU dense fp32/bf16, torch BSR and accel's CPU path.
 
@@ -43,17 +47,19 @@ def random_bsr(n: int, k: int, block: int, density: float, dtype: torch.dtype, d
 
 
 def cpu_providers(bsr: BSRMatrix, x: torch.Tensor, strategies: bool) -> dict:
+    """``x`` and ``bsr`` in the input dtype (fp32 or bf16); the dense baselines in fp32 and bf16."""
     w = bsr.to_dense()
-    w16, x16 = w.bfloat16(), x.bfloat16()
+    w32, x32, w16, x16 = w.float(), x.float(), w.bfloat16(), x.bfloat16()
     tw = bsr.to_torch_sparse()
     k = bsr.shape[1]
     xt_pad = F.pad(x, (0, tw.shape[1] - k)).t().contiguous() if tw.shape[1] != k else x.t().contiguous()
     args = (bsr.values, bsr.crow_indices, bsr.col_indices, bsr.shape)
     p = {
-        "dense_fp32": lambda: F.linear(x, w),
+        "dense_fp32": lambda: F.linear(x32, w32),
         "dense_bf16": lambda: F.linear(x16, w16),
         "torch_bsr": lambda: (tw @ xt_pad).t(),
         "accel": lambda: bsr_linear(x, *args),
+        "accel_auto": lambda: bsr_linear(x, *args, allow_dense=True),
     }
     if strategies:
         for s in cpu_bsr.STRATEGIES:
@@ -79,9 +85,17 @@ def cuda_providers(bsr: BSRMatrix, x: torch.Tensor) -> dict:
     }
 
 
-def run(n, k, block, densities, ms, device, budget_s, strategies, inner=1) -> list[dict]:
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    base = "dense_fp16" if device == "cuda" else "dense_fp32"
+def run(n, k, block, densities, ms, device, budget_s, strategies, inner=1, dtypes=("float32",)) -> list[dict]:
+    rows = []
+    for dtype_name in dtypes if device == "cpu" else ("float16",):
+        dtype = getattr(torch, dtype_name)
+        base = "dense_fp16" if device == "cuda" else "dense_fp32"
+        same = {torch.float32: "dense_fp32", torch.bfloat16: "dense_bf16"}.get(dtype, base)
+        rows += _run_dtype(n, k, block, densities, ms, device, budget_s, strategies, inner, dtype, base, same)
+    return rows
+
+
+def _run_dtype(n, k, block, densities, ms, device, budget_s, strategies, inner, dtype, base, same) -> list[dict]:
     rows = []
     for density in densities:
         bsr = random_bsr(n, k, block, density, dtype, device)
@@ -89,20 +103,29 @@ def run(n, k, block, densities, ms, device, budget_s, strategies, inner=1) -> li
             x = torch.randn(m, k, dtype=dtype, device=device)
             providers = cuda_providers(bsr, x) if device == "cuda" else cpu_providers(bsr, x, strategies)
             with torch.no_grad():
-                torch.testing.assert_close(providers["accel"]().float(), providers[base]().float(),
-                                           rtol=2e-2, atol=2e-2 * (k ** 0.5))
+                for name in ("accel", "accel_auto"):  # decide this machine's engines before timing
+                    if name in providers:
+                        torch.testing.assert_close(providers[name]().float(), providers[same]().float(),
+                                                   rtol=2e-2, atol=2e-2 * (k ** 0.5))
                 res = compare(providers, base, device=device, budget_s=budget_s, inner=inner)
             row = {"n": n, "k": k, "block": block, "density": density, "m": m, "dtype": str(dtype),
                    "cache": "cold" if inner == 1 else "warm"}
             row.update({f"ms_{name}": t.median_s * 1e3 for name, t in res.items()})
-            row["vs_dense"] = res["accel"].speedup
+            row["vs_dense"] = ratio(res, base, "accel")
+            row["vs_same_dtype_dense"] = ratio(res, same, "accel")
             row["vs_bf16"] = ratio(res, "dense_bf16", "accel")
             row["vs_torch_bsr"] = ratio(res, "torch_bsr", "accel")
+            if "accel_auto" in res:
+                row["auto_vs_same_dtype_dense"] = ratio(res, same, "accel_auto")
+                row["auto_vs_best_dense"] = min(ratio(res, "dense_fp32", "accel_auto"),
+                                                ratio(res, "dense_bf16", "accel_auto"))
+            row["vs_best_dense"] = min(ratio(res, "dense_bf16", "accel"), ratio(res, base, "accel"))
             for s in cpu_bsr.STRATEGIES if strategies and device == "cpu" else ():
                 row[f"vs_dense_{s}"] = res[s].speedup
             row["rounds"] = res[base].rounds
             rows.append(row)
-            print(f"density {density:<5} M {m:<5} accel {row['vs_dense']:.2f}x dense, {row['vs_bf16']:.2f}x bf16, "
+            print(f"{str(dtype)[6:]:<8} density {density:<5} M {m:<5} accel {row['vs_same_dtype_dense']:.2f}x dense "
+                  f"{str(dtype)[6:]}, {row['vs_dense']:.2f}x fp32, {row['vs_bf16']:.2f}x bf16, "
                   f"{row['vs_torch_bsr']:.2f}x torch BSR ({row['rounds']} rounds)", flush=True)
     return rows
 
@@ -119,20 +142,48 @@ def main(argv=None) -> None:
     ap.add_argument("--strategies", action="store_true", help="also time every CPU strategy")
     ap.add_argument("--warm", type=int, default=1, metavar="N",
                     help="N back-to-back calls per turn, timing the last N-1 (default 1: one cold call per turn)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="input dtypes (CPU)")
+    ap.add_argument("--proportional", action="store_true",
+                    help="also: a 1536->384 layer keeping 1 of its 576 blocks at M=4096 (cost must follow the blocks)")
     ap.add_argument("--json", help="output path (default bench/results/bsr_microbench-<device>.json)")
     args = ap.parse_args(argv)
     rows = run(args.n, args.k, args.block, args.densities, args.ms, args.device, args.budget, args.strategies,
-               args.warm)
+               args.warm, args.dtypes)
+    if args.proportional:
+        rows += proportional(args.device, args.budget)
     base = "dense_fp16" if args.device == "cuda" else "dense_fp32"
-    cols = [("density", "density", ".2f"), ("m", "M", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
-            ("ms_accel", "accel ms", ".3f"), ("vs_dense", f"x {base}", ".2f"), ("vs_bf16", "x dense_bf16", ".2f"),
-            ("vs_torch_bsr", "x torch_bsr", ".2f")]
+    cols = [("dtype", "x dtype", "s"), ("density", "density", ".3f"), ("m", "M", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
+            ("ms_accel", "accel ms", ".3f"), ("vs_same_dtype_dense", "x dense same dtype", ".2f"),
+            ("vs_dense", f"x {base}", ".2f"), ("vs_bf16", "x dense_bf16", ".2f"), ("vs_torch_bsr", "x torch_bsr", ".2f"),
+            ("auto_vs_same_dtype_dense", "auto x dense same dtype", ".2f")]
     if args.strategies and args.device == "cpu":
         cols += [(f"vs_dense_{s}", s, ".2f") for s in cpu_bsr.STRATEGIES]
     print()
     print(format_table(rows, cols))
     path = save_results("bsr_microbench", rows, path=args.json)
     print(f"\nsaved {path}")
+
+
+def proportional(device: str, budget_s: float) -> list[dict]:
+    """Cost follows the stored blocks: a 1536->384 layer keeping 1 of its 576 blocks at M=4096, against
+    the same layer keeping all blocks and against dense (the output must still be written)."""
+    rows = []
+    x = torch.randn(4096, 1536, device=device)
+    for keep in (1, 58, 576):
+        bsr = random_bsr(384, 1536, 32, keep / 576, torch.float32, device, seed=1)
+        w = bsr.to_dense()
+        args = (bsr.values, bsr.crow_indices, bsr.col_indices, bsr.shape)
+        p = {"dense_fp32": lambda: F.linear(x, w), "accel": lambda: bsr_linear(x, *args)}
+        with torch.no_grad():
+            p["accel"]()
+            res = compare(p, "dense_fp32", device=device, budget_s=budget_s)
+        rows.append({"n": 384, "k": 1536, "block": 32, "density": keep / 576, "m": 4096, "dtype": "torch.float32",
+                     "cache": "cold", "ms_dense_fp32": res["dense_fp32"].median_s * 1e3,
+                     "ms_accel": res["accel"].median_s * 1e3, "vs_dense": res["accel"].speedup,
+                     "vs_same_dtype_dense": res["accel"].speedup, "kept_blocks": keep})
+        print(f"proportional: {keep}/576 blocks at M=4096: accel {rows[-1]['ms_accel']:.3f} ms, dense "
+              f"{rows[-1]['ms_dense_fp32']:.3f} ms ({rows[-1]['vs_dense']:.2f}x)", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -29,14 +29,21 @@ def ratio(results: dict[str, Timing], num: str, den: str) -> float:
 
 
 def environment() -> dict:
-    """Device, versions and date, stored with every result file."""
+    """Device, versions and date, stored with every result file: the CPU model and ISA flags (and what
+    accel and oneDNN make of them, ``accel.engines.machine``), the GPU and driver where there is one."""
+    from accel import engines
+
+    m = engines.machine()
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": m["cpu"],
+        "cpu_flags": m["cpu_flags"],
+        "cpu_isa": {"hardware": m["hardware_isa"], "accel": m["accel_isa"], "onednn": m["onednn_isa"]},
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": m,
         "device": "cpu",
     }
     try:
@@ -55,17 +62,6 @@ def environment() -> dict:
     except OSError:
         env["git_commit"] = None
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def save_results(name: str, rows: list[dict], extra: dict | None = None, path: str | None = None) -> str:

@@ -24,8 +24,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from accel import QuantConv2d, QuantLinear
-from accel.cpu.int8 import act_qmax, linear_engine
+from accel import QuantConv2d, QuantLinear, engines
+from accel.cpu.int8 import act_qmax
 from accel.quant import sqnr
 
 from .common import compare, format_table, save_results
@@ -82,6 +82,19 @@ def _run_row(providers: dict, base: str, device: str, budget: float, inner: int,
     return row
 
 
+def _int_mm_quant(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """What a user can write in plain torch ops: per-token int8 quantization, ``torch._int_mm``, dequant."""
+    s = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    q = torch.round(x / s).to(torch.int8)
+    return torch._int_mm(q, w_t).float() * (s * w_scale) + bias
+
+
+def _decide(modules_inputs) -> None:
+    """Run each accel module once so this machine's engine decisions are made before timing."""
+    for m, x in modules_inputs:
+        m(x)
+
+
 def linear_rows(n, k, ms, device, budget, inner, slow_cutoff):
     rows = []
     torch.manual_seed(0)
@@ -95,7 +108,9 @@ def linear_rows(n, k, ms, device, budget, inner, slow_cutoff):
     q_dyn = QuantLinear.from_float(lin, "dynamic")
     q_wo = QuantLinear.from_float(lin, "weight_only")
     q_auto = QuantLinear.from_float(lin, "auto")
-    b_int = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
+    q_auto_bf16 = QuantLinear.from_float(lin_bf16, "auto")
+    b_int = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device).t()  # [K, N] column-major
+    w_t = q_dyn.weight_q.t()
     torch_dyn = _torch_dynamic(_copy_linear(lin)) if device == "cpu" else None
     for m in ms:
         x = torch.randn(m, k, device=device)
@@ -104,6 +119,7 @@ def linear_rows(n, k, ms, device, budget, inner, slow_cutoff):
         with torch.no_grad():
             ref = lin(x)
             q_static = QuantLinear.from_float(lin, act_scale=x.abs().amax() / (act_qmax() if device == "cpu" else 127))
+            _decide([(q_dyn, x), (q_wo, x), (q_auto, x), (q_auto_bf16, x16), (q_static, x)])
             providers = {
                 base: lambda: lin_base(xb),
                 "bf16": lambda: lin_bf16(x16),
@@ -111,19 +127,27 @@ def linear_rows(n, k, ms, device, budget, inner, slow_cutoff):
                 "accel_static": lambda: q_static(x),
                 "accel_weight_only": lambda: q_wo(x),
                 "accel_auto": lambda: q_auto(x),
+                "accel_auto_bf16": lambda: q_auto_bf16(x16),
                 "torch_int_mm": lambda: torch._int_mm(a_int, b_int),
+                "torch_int_mm_quant": lambda: _int_mm_quant(x, w_t, q_dyn.weight_scale, lin.bias),
             }
             if torch_dyn is not None:
                 providers["torch_dynamic_int8"] = lambda: torch_dyn(x)
             outputs = {"accel_dynamic": q_dyn(x), "accel_static": q_static(x), "accel_weight_only": q_wo(x),
-                       "bf16": lin_bf16(x16)}
+                       "accel_auto": q_auto(x), "accel_auto_bf16": q_auto_bf16(x16).float(), "bf16": lin_bf16(x16)}
             if torch_dyn is not None:
                 outputs["torch_dynamic_int8"] = torch_dyn(x)
             row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref, outputs)
-        row.update(layer="linear", shape=f"{n}x{k}", m=m, auto_mode=q_auto.resolved_mode(x))
+        best_fp32_in = [b for b in (base, "bf16", "torch_dynamic_int8", "torch_int_mm_quant") if f"ms_{b}" in row]
+        best = min(best_fp32_in, key=lambda b: row[f"ms_{b}"])
+        row.update(layer="linear", shape=f"{n}x{k}", m=m, auto_mode=q_auto.resolved_mode(x),
+                   auto_mode_bf16=q_auto_bf16.resolved_mode(x16), best_baseline=best,
+                   x_auto_vs_best=row[f"ms_{best}"] / row["ms_accel_auto"],
+                   x_auto_bf16_vs_bf16=row["ms_bf16"] / row["ms_accel_auto_bf16"],
+                   x_weight_only_vs_fp32=row[f"ms_{base}"] / row["ms_accel_weight_only"])
         rows.append(row)
-        print(f"linear {n}x{k} M={m:<4} " + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items()
-                                                     if key.startswith("x_")), flush=True)
+        print(f"linear {n}x{k} M={m:<4} auto ({row['auto_mode']}) {row['x_auto_vs_best']:.2f}x best ({best}); "
+              + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items() if key.startswith("x_")), flush=True)
     return rows
 
 
@@ -144,29 +168,48 @@ def conv_rows(batches, device, budget, inner, slow_cutoff):
         conv_base.load_state_dict(conv.state_dict())
         conv_cl = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device, half).to(memory_format=torch.channels_last)
         conv_cl.load_state_dict(conv.state_dict())
-        conv_bf16 = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device, torch.bfloat16)
+        conv_bf16 = nn.Conv2d(c_in, c_out, k, s, k // 2).to(device, torch.bfloat16).to(memory_format=torch.channels_last)
         conv_bf16.load_state_dict(conv.state_dict())
-        q = QuantConv2d.from_float(conv)
+        q = QuantConv2d.from_float(conv)  # dynamic int8
+        q_auto = QuantConv2d.from_float(conv, "auto")
         for b in batches:
             x = torch.randn(b, c_in, hw, hw, device=device)
-            xb, xcl, x16 = x.to(half), x.to(half).contiguous(memory_format=torch.channels_last), x.bfloat16()
+            xb, xcl = x.to(half), x.to(half).contiguous(memory_format=torch.channels_last)
+            x16 = x.bfloat16().contiguous(memory_format=torch.channels_last)
             xq_cl = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 ref = conv(x)
+                _decide([(q, x), (q, xq_cl), (q_auto, x), (q_auto, xq_cl)])
                 providers = {
                     base: lambda: conv_base(xb),
                     f"{base}_channels_last": lambda: conv_cl(xcl),
-                    "bf16": lambda: conv_bf16(x16),
+                    "bf16_channels_last": lambda: conv_bf16(x16),
                     "accel_int8": lambda: q(x),
                     "accel_int8_channels_last": lambda: q(xq_cl),
+                    "accel_auto": lambda: q_auto(x),
+                    "accel_auto_channels_last": lambda: q_auto(xq_cl),
                 }
                 row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref,
-                               {"accel_int8": q(x), "bf16": conv_bf16(x16)})
-            row.update(layer="conv", shape=f"{c_in}->{c_out} {hw}x{hw} k{k} s{s}", m=b)
+                               {"accel_int8": q(x), "accel_auto": q_auto(x), "bf16_channels_last": conv_bf16(x16)})
+            baselines = (base, f"{base}_channels_last", "bf16_channels_last")
+            best = min(baselines, key=lambda p: row[f"ms_{p}"])
+            mine = min(("accel_auto", "accel_auto_channels_last"), key=lambda p: row[f"ms_{p}"])
+            row.update(layer="conv", shape=f"{c_in}->{c_out} {hw}x{hw} k{k} s{s}", m=b, best_baseline=best,
+                       x_auto_vs_best=row[f"ms_{best}"] / row[f"ms_{mine}"],
+                       x_int8_vs_best=row[f"ms_{best}"] / min(row["ms_accel_int8"], row["ms_accel_int8_channels_last"]),
+                       auto_form=_conv_form())
             rows.append(row)
-            print(f"conv {row['shape']} B={b} " + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items()
-                                                           if key.startswith("x_")), flush=True)
+            print(f"conv {row['shape']} B={b} auto ({row['auto_form']}) {row['x_auto_vs_best']:.2f}x best ({best}); "
+                  + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items() if key.startswith("x_")), flush=True)
     return rows
+
+
+def _conv_form() -> str:
+    from accel import engines
+
+    key = engines.last_key("int8_conv2d")
+    d = engines.decision(key) if key else None
+    return "-" if d is None else ("float" if d.engine == "float" else f"int8 ({d.engine})")
 
 
 def main(argv=None) -> None:
@@ -192,23 +235,26 @@ def main(argv=None) -> None:
     lin = [r for r in rows if r["layer"] == "linear"]
     if lin:
         cols = [("shape", "linear", "s"), ("m", "M", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
-                ("ms_accel_dynamic", "int8 dyn ms", ".3f"), ("x_accel_dynamic", "x int8 dyn", ".2f"),
-                ("x_accel_static", "x int8 static", ".2f"), ("x_accel_weight_only", "x w-only", ".2f"),
-                ("auto_mode", "auto picks", "s"), ("x_accel_auto", "x auto", ".2f"), ("x_bf16", "x bf16", ".2f"),
-                ("x_torch_dynamic_int8", "x torch dyn int8", ".2f"), ("x_torch_int_mm", "x torch._int_mm", ".3f"),
-                ("sqnr_accel_dynamic", "SQNR dyn", ".1f"), ("sqnr_torch_dynamic_int8", "SQNR torch", ".1f")]
+                ("auto_mode", "auto picks", "s"), ("x_accel_auto", f"x auto vs {base}", ".2f"),
+                ("best_baseline", "best baseline", "s"), ("x_auto_vs_best", "x auto vs best", ".2f"),
+                ("x_accel_dynamic", "x int8 dyn", ".2f"), ("x_accel_static", "x int8 static", ".2f"),
+                ("x_weight_only_vs_fp32", "x w-only", ".2f"), ("x_bf16", "x bf16", ".2f"),
+                ("x_torch_dynamic_int8", "x torch dyn int8", ".2f"), ("x_torch_int_mm_quant", "x _int_mm+quant", ".2f"),
+                ("x_torch_int_mm", "x torch._int_mm", ".2f"), ("x_auto_bf16_vs_bf16", "auto bf16 x bf16", ".2f"),
+                ("sqnr_accel_auto", "SQNR auto", ".1f"), ("sqnr_torch_dynamic_int8", "SQNR torch", ".1f")]
         print(format_table(lin, cols))
     conv = [r for r in rows if r["layer"] == "conv"]
     if conv:
         cols = [("shape", "conv", "s"), ("m", "B", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
-                ("ms_accel_int8", "int8 ms", ".3f"), ("x_accel_int8", "x int8", ".2f"),
-                ("x_accel_int8_channels_last", "x int8 (NHWC in)", ".2f"),
-                (f"x_{base}_channels_last", f"x {base} NHWC", ".2f"), ("x_bf16", "x bf16", ".2f"),
+                ("auto_form", "auto runs", "s"), ("best_baseline", "best baseline", "s"),
+                ("x_auto_vs_best", "x auto vs best", ".2f"), ("x_int8_vs_best", "x int8 vs best", ".2f"),
+                ("x_accel_int8", "x int8", ".2f"), ("x_accel_int8_channels_last", "x int8 (NHWC in)", ".2f"),
+                (f"x_{base}_channels_last", f"x {base} NHWC", ".2f"), ("x_bf16_channels_last", "x bf16 NHWC", ".2f"),
                 ("sqnr_accel_int8", "SQNR int8", ".1f")]
         print()
         print(format_table(conv, cols))
     extra = {"cpu_act_qmax": act_qmax() if args.device == "cpu" else 127,
-             "cpu_linear_engine": linear_engine() if args.device == "cpu" else None}
+             "engine_decisions": {k: vars(d) for k, d in engines.decisions().items()}}
     path = save_results("int8_microbench", rows, extra=extra, path=args.json)
     print(f"\nsaved {path}")
 

@@ -15,3 +15,11 @@ def tiny_data():
     x = torch.randn(96, 3, 8, 8, generator=g)
     y = (x[:, 0].mean((1, 2)) > 0).long()
     return DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16), DataLoader(TensorDataset(x[64:], y[64:]))
+
+
+def not_a_model():
+    return 3
+
+
+def one_loader():
+    return tiny_data()[0]

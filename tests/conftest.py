@@ -4,12 +4,19 @@
 CPU tensors through Triton's interpreter (``@triton.jit`` reads the flag when it is applied). The
 ahead-of-time compile tests run ``accel.kernels.aot`` in a subprocess with the flag removed.
 Set ``ACCEL_TEST_NO_INTERPRET=1`` to run the suite against real Triton (on a GPU machine).
+
+Engine decisions (``accel.engines``): the suite does not measure (``ACCEL_ENGINE_MEASURE=0``, so
+every call takes the documented default and results do not depend on how busy the machine is)
+and keeps its cache in a temporary directory; the engine tests turn measuring on themselves.
 """
 
 import os
+import tempfile
 
 if os.environ.get("ACCEL_TEST_NO_INTERPRET", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["ACCEL_ENGINE_MEASURE"] = "0"
+os.environ["ACCEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="accel-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,3 +44,22 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     yield
+
+
+@pytest.fixture
+def accel_env(monkeypatch):
+    """``accel_env(NAME=value, OTHER=None)`` sets (None: unsets) accel's environment variables for the
+    test and makes accel read them again (it reads them once, as oneDNN does); undone afterwards."""
+    from accel import engines
+
+    def set_vars(**values):
+        for k, v in values.items():
+            if v is None:
+                monkeypatch.delenv(k, raising=False)
+            else:
+                monkeypatch.setenv(k, str(v))
+        engines.reload_env()
+
+    yield set_vars
+    monkeypatch.undo()
+    engines.reload_env()

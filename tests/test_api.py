@@ -7,6 +7,17 @@ from accel import QuantConv2d, QuantLinear, SparseLinear
 from accel.models import SeedCNN, TransformerMLP
 
 
+@pytest.fixture
+def measuring(monkeypatch, accel_env):
+    """Engine decisions measured for real (the suite's default is to take the unmeasured defaults)."""
+    accel_env(ACCEL_ENGINE_MEASURE="1")
+    monkeypatch.setattr(accel.engines, "BUDGET_S", 0.02)
+    monkeypatch.setattr(accel.engines, "MIN_ROUNDS", 2)
+    accel.engines.clear()
+    yield
+    accel.engines.clear()
+
+
 def test_sparsify_one_shot_without_measurement():
     torch.manual_seed(0)
     model = TransformerMLP(256, 512)
@@ -14,19 +25,41 @@ def test_sparsify_one_shot_without_measurement():
     rows = accel.sparsify_(model, accel.SparsityConfig(sparsity=0.75, scope="layer"))
     assert [r["layer"] for r in rows] == ["fc1", "fc2"]
     assert all(isinstance(model.get_submodule(n), SparseLinear) for n in ("fc1", "fc2"))
-    assert all(r["decision"] == "sparse" and "not measured" in r["reason"] for r in rows)
+    assert all(r["decision"] == "auto" and "not measured" in r["reason"] for r in rows)
     assert model.fc1.density == pytest.approx(0.25)
     assert model(x).shape == (8, 256)
 
 
-def test_sparsify_measures_and_reports():
+def test_sparsify_measures_and_reports_per_batch(measuring):
     model = TransformerMLP(256, 512)
-    rows = accel.sparsify_(model, accel.SparsityConfig(sparsity=0.9, budget_s=0.05), example_inputs=(torch.randn(4, 256),))
+    rows = accel.sparsify_(model, accel.SparsityConfig(sparsity=0.9, budget_s=0.02, batch_sizes=(1, 8)),
+                           example_inputs=(torch.randn(4, 256),))
+    assert [(r["layer"], r["batch"]) for r in rows] == [("fc1", 1), ("fc1", 8), ("fc2", 1), ("fc2", 8)]
     for r in rows:
-        assert r["decision"] in ("sparse", "dense") and r["ms_before"] > 0 and r["ms_after"] > 0
-        assert r["input_shape"] == [4, r["layer"] == "fc1" and 256 or 512]
-        assert (r["decision"] == "sparse") == (r["speedup"] >= 1.0)
-        assert model.get_submodule(r["layer"]).mode == r["decision"]
+        assert r["ms_before"] > 0 and r["ms_after"] > 0
+        assert r["input_shape"] == [r["batch"], 256 if r["layer"] == "fc1" else 512]
+        engine = r["decision"].split(": ")[1]
+        assert engine in ("gather_bmm", "gather_bmm_t", "panels", "rows", "dense")
+    assert "fc1" in accel.format_report(rows) and "batch" in accel.format_report(rows).splitlines()[0]
+
+
+def test_example_inputs_as_kwargs_and_args_kwargs():
+    class KwModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 8)
+
+        def forward(self, x, *, scale=None):
+            return self.b(self.a(x) * (1 if scale is None else scale))
+
+    x = torch.randn(3, 64)
+    for example in ({"x": x}, ((x,), {"scale": 2.0}), (x,)):
+        model = KwModel()
+        rows = accel.quantize_(model, accel.QuantConfig(budget_s=0.01), example_inputs=example)
+        assert {r["layer"] for r in rows} == {"a", "b"} and all(r["input_shape"] == [3, 64] for r in rows
+                                                                if r["layer"] == "a")
+    with pytest.raises(TypeError, match="example_inputs must be"):
+        accel.quantize_(KwModel(), example_inputs=42)
 
 
 def test_quantize_skips_unsupported_and_reports():
@@ -40,12 +73,30 @@ def test_quantize_skips_unsupported_and_reports():
         accel.quantize_(nn.Sequential(nn.Linear(4, 4)), accel.QuantConfig(linear_mode="static"))
 
 
-def test_quantize_measured_keeps_float_where_slower():
-    model = nn.Sequential(nn.Linear(16, 4))  # tiny: int8's fixed costs dominate
-    rows = accel.quantize_(model, accel.QuantConfig(budget_s=0.05), example_inputs=(torch.randn(1, 16),))
-    r = rows[0]
-    assert r["ms_before"] > 0 and (r["decision"] == "float") == (r["speedup"] < 1.0)
-    assert isinstance(model[0], nn.Linear if r["decision"] == "float" else QuantLinear)
+def test_quantize_auto_decides_per_bucket_on_this_machine(measuring):
+    model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16))  # tiny: int8's fixed costs dominate
+    rows = accel.quantize_(model, accel.QuantConfig(budget_s=0.02, batch_sizes=(1, 64)),
+                           example_inputs=(torch.randn(2, 16),))
+    assert isinstance(model[0], QuantLinear) and model[0].mode == "auto"
+    for r in rows:
+        form = r["decision"].split(": ")[1]
+        assert form in ("dynamic", "weight_only", "float")
+        assert model.get_submodule(r["layer"]).resolved_mode(torch.randn(r["batch"], r["input_shape"][1])) == form
+    # one decision per (shape, bucket): another layer of the same shape reuses it, measured once
+    twin = QuantLinear.from_float(nn.Linear(16, 4), "auto")
+    assert twin.resolved_mode(torch.randn(1, 16)) == model[0].resolved_mode(torch.randn(1, 16))
+
+
+def test_quantize_embeddings_weight_only():
+    emb = nn.Embedding(100, 32)
+    model = nn.Sequential(emb, nn.Linear(32, 4))
+    ids = torch.randint(0, 100, (2, 7))
+    ref = model(ids).detach()
+    accel.quantize_(model)
+    assert isinstance(model[0], accel.QuantEmbedding)
+    assert accel.quant.sqnr(ref, model(ids)) > 30
+    with pytest.raises(IndexError, match=r"out of range \[0, 100\)"):
+        model[0](torch.tensor([100]))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -66,6 +117,76 @@ def test_save_load_round_trip(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not written by accel.save"):
         accel.load(SeedCNN(), str(tmp_path / "other.safetensors"))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_checks_the_target_and_changes_nothing_on_failure(tmp_path):
+    src = nn.Sequential(nn.Linear(256, 64))
+    accel.sparsify_(src, accel.SparsityConfig(sparsity=0.5))
+    path = str(tmp_path / "m.safetensors")
+    accel.save(src, path)
+    other = nn.Sequential(nn.Linear(7, 7))  # a different architecture
+    before = _state(other)
+    with pytest.raises(ValueError, match=r"does not fit this model:\n  0: the file's SparseLinear is \(in, out\) = "
+                                         r"\(256, 64\), the model's layer is \(7, 7\)"):
+        accel.load(other, path)
+    assert type(other[0]) is nn.Linear and _same(before, _state(other))
+    # a file whose other layers do not fit: checked on a copy, the model is untouched
+    src2 = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 7))
+    accel.sparsify_(src2, accel.SparsityConfig(sparsity=0.5), filter_fn=lambda m, n: n == "0")
+    accel.save(src2, path)
+    wrong = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 9), nn.Linear(9, 2))
+    before = _state(wrong)
+    with pytest.raises(ValueError, match="does not load into this model"):
+        accel.load(wrong, path)
+    assert type(wrong[0]) is nn.Linear and _same(before, _state(wrong))
+
+
+def test_load_keeps_the_models_dtype(tmp_path):
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16)
+    accel.sparsify_(src, accel.SparsityConfig(sparsity=0.5))
+    accel.quantize_(src, filter_fn=lambda m, n: type(m) is nn.Linear)
+    path = str(tmp_path / "bf16.safetensors")
+    accel.save(src, path)
+    dst = accel.load(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16), path)
+    assert dst[0].values.dtype == torch.bfloat16
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert dst(x).dtype == torch.bfloat16 and torch.equal(dst(x), src(x))
+
+
+def test_load_rejects_corrupt_files(tmp_path):
+    src = nn.Sequential(nn.Linear(256, 64))
+    accel.sparsify_(src, accel.SparsityConfig(sparsity=0.5))
+    path = tmp_path / "m.safetensors"
+    accel.save(src, str(path))
+    data = bytearray(path.read_bytes())
+    # corrupt crow_indices: find it through the header and write a huge row pointer
+    import json
+    import struct
+    hlen = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + hlen])
+    start = 8 + hlen + header["0.crow_indices"]["data_offsets"][0]
+    data[start + 8:start + 16] = struct.pack("<q", 10 ** 9)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    target = nn.Sequential(nn.Linear(256, 64))
+    before = _state(target)
+    with pytest.raises(ValueError, match="crow_indices"):
+        accel.load(target, str(bad))
+    assert type(target[0]) is nn.Linear and _same(before, _state(target))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        accel.load(target, str(garbage))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

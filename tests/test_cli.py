@@ -3,13 +3,16 @@
 import json
 import os
 
+import pytest
+import torch
+
 from accel.cli import main
 
 
 def test_compress_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["compress", "--out", str(out), "--epochs", "1", "--kd-epochs", "1", "--qat-epochs", "1",
-               "--batches", "1", "4", "--decide-batch", "4", "--budget", "0.2", "--no-progress"])
+               "--batches", "1", "4", "--budget", "0.2", "--no-progress"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     acc = report["accuracy"]
@@ -37,8 +40,64 @@ def test_compress_own_model_and_data(tmp_path):
     out = tmp_path / "own"
     main(["compress", "--out", str(out), "--model", "tests.cli_fixtures:tiny_model", "--data",
           "tests.cli_fixtures:tiny_data", "--epochs", "2", "--kd-epochs", "1", "--qat-epochs", "0", "--block", "16",
-          "--batches", "2", "--decide-batch", "2", "--budget", "0.1", "--no-progress"])
+          "--batches", "2", "--budget", "0.1", "--no-progress"])
     report = json.loads((out / "report.json").read_text())
     assert report["title"].startswith("Sequential")
     assert {r["layer"] for r in report["layers"]} >= {"3"}  # the 512 -> 64 Linear was pruned and converted
     assert report["latency"][0]["batch"] == 2
+
+
+def test_compress_channels_and_both(tmp_path):
+    for prune in ("channels", "both"):
+        out = tmp_path / prune
+        main(["compress", "--out", str(out), "--prune", prune, "--epochs", "1", "--kd-epochs", "1", "--qat-epochs", "0",
+              "--batches", "2", "--budget", "0.1", "--no-progress"])
+        report = json.loads((out / "report.json").read_text())
+        assert any(r["status"] == "pruned" for r in report["channel_pruning"])
+        from accel import load
+        from accel.data import digits_loaders
+        from accel.distill import evaluate
+        from accel.models import SeedCNN
+
+        reloaded = load(SeedCNN(), str(out / "compressed.safetensors"))  # the shrunk shapes come back too
+        assert evaluate(reloaded, digits_loaders()[1]) == report["accuracy"]["compressed"]
+
+
+BAD = [
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1), got 1.5"),
+    (["--sparsity", "-0.5"], "--sparsity must be in [0, 1), got -0.5"),
+    (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+    (["--batches", "0"], "--batches must all be >= 1, got [0]"),
+    (["--block", "24"], "--block must be one of"),
+    (["--model", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+    (["--model", "tests.cli_fixtures:nope"], "has no function 'nope'"),
+    (["--model", "tests.cli_fixtures"], "--model must be module:function"),
+    (["--model", "tests.cli_fixtures:not_a_model"], "must return an nn.Module, got int"),
+    (["--data", "tests.cli_fixtures:one_loader"], "must return (train_loader, test_loader)"),
+    (["--pretrained", "/no/such/file.pt"], "no such file"),
+    (["--out", "/proc/accel-cannot-write-here"], "is not writable"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_user_errors_are_one_line_and_exit_2_before_training(argv, message, tmp_path, capsys, monkeypatch):
+    import accel.distill
+
+    monkeypatch.setattr(accel.distill, "train", lambda *a, **k: pytest.fail("training started"))
+    args = ["compress", "--no-progress"] + (["--out", str(tmp_path / "o")] if "--out" not in argv else []) + argv
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_garbage_pretrained_file(tmp_path, capsys):
+    bad = tmp_path / "dense.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--out", str(tmp_path / "o"), "--pretrained", str(bad), "--no-progress"])
+    assert exc.value.code == 2 and "does not load into the model" in capsys.readouterr().err
+    torch.save({"wrong": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit):
+        main(["compress", "--out", str(tmp_path / "o"), "--pretrained", str(tmp_path / "other.pt"), "--no-progress"])

@@ -16,7 +16,7 @@ from accel.quant import (
     weight_only_linear_ref,
 )
 
-ENGINES = ["fbgemm", "onednn"]
+ENGINES = [e for e in C.exact_engines(63)]
 
 
 def _close(y, ref):
@@ -86,25 +86,35 @@ def test_linear_sqnr_on_gaussian_data():
     assert sqnr(ref, int8_linear_ref(xq, xs, wq, ws)) >= 35.0
 
 
-@pytest.mark.skipif(C.act_qmax() != 127, reason="full 8-bit activations need VNNI/AMX (AVX2 int16 saturation)")
-def test_linear_8bit_activations_exact_with_vnni():
+@pytest.mark.parametrize("engine", C.exact_engines(127))
+def test_linear_8bit_activations_exact(engine):
+    """qmax 127 on every CPU: natively with VNNI/AMX, as two 7-bit passes (``*_split``) without."""
     x, w = torch.randn(16, 300), torch.randn(40, 300)
+    x[3] *= 50  # a wide row: its integers fill [-127, 127]
     wq, ws = quantize_weight(w)
     xq, xs = quantize_rows_ref(x, 127)
-    _close(C.linear_int8_cpu(x, wq, ws, qmax=127), int8_linear_ref(xq, xs, wq, ws))
+    assert xq.abs().max() == 127
+    _close(C.linear_int8_cpu(x, wq, ws, qmax=127, engine=engine), int8_linear_ref(xq, xs, wq, ws))
 
 
-def test_act_qmax_rule(monkeypatch):
-    vnni = torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
-    assert C.act_qmax() == (127 if vnni else 63)
-    monkeypatch.setenv("ACCEL_CPU_ACT_QMAX", "127")
+def test_act_qmax_rule(accel_env):
+    from accel import engines
+
+    assert C.act_qmax() == (127 if engines.has_vnni() else 63)
+    accel_env(ACCEL_CPU_ACT_QMAX="127")
     assert C.act_qmax() == 127
-    monkeypatch.setenv("ACCEL_CPU_ACT_QMAX", "100")
-    with pytest.raises(ValueError, match="must be 63 or 127, got 100"):
+    accel_env(ACCEL_CPU_ACT_QMAX="100")
+    with pytest.raises(ValueError, match="must be 63 or 127, got '100'"):
         C.act_qmax()
-    monkeypatch.setenv("ACCEL_CPU_LINEAR_ENGINE", "mkl")
-    with pytest.raises(ValueError, match="fbgemm or onednn, got mkl"):
-        C.linear_engine()
+    accel_env(ACCEL_CPU_ACT_QMAX=None, ACCEL_CPU_ISA="avx2")  # accel's own detection, capped: the AVX2 rules on any CPU
+    assert C.act_qmax() == 63 and not engines.has_vnni()
+    assert "fbgemm" not in C.exact_engines(127) and "int_mm" not in C.exact_engines(127)
+    assert {"fbgemm_split", "onednn_split"} <= set(C.exact_engines(127)) or not C.fbgemm_available()
+    with pytest.raises(ValueError, match="not exact for activation qmax 127"):
+        C.linear_int8_cpu(torch.randn(2, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4), qmax=127, engine="fbgemm")
+    accel_env(ACCEL_CPU_ISA="sse")
+    with pytest.raises(ValueError, match="ACCEL_CPU_ISA must be one of"):
+        engines.cpu_isa()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

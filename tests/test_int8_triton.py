@@ -80,8 +80,26 @@ def test_quantize_rows_every_config():
     x = torch.randn(3, 1500)
     q_ref, s_ref = quantize_rows_ref(x)
     for cfg in Q.gpu_quant_configs():
-        q, s = Q.quantize_rows(x.to(DEV), config=cfg)
+        q, s = Q.quantize_rows(x.to(DEV), config=cfg, one_pass=False)
         assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref), cfg
+
+
+@pytest.mark.parametrize("k", [1, 70, 300, 1030])
+def test_quantize_rows_one_and_two_passes_agree(k):
+    """The single-pass kernel (rows up to ONE_PASS_MAX_K, held in registers) and the two-pass one give
+    the reference bit for bit, special rows included."""
+    x = torch.randn(6, k) * 5
+    x[1] = 0.0
+    x[2, k // 2] = float("nan")
+    x[4, 0] = float("inf")
+    q_ref, s_ref = quantize_rows_ref(x)
+    for one_pass in (True, False):
+        q, s = Q.quantize_rows(x.to(DEV), one_pass=one_pass)
+        assert torch.equal(q.cpu(), q_ref), one_pass
+        assert torch.equal(s.cpu().isnan(), s_ref.isnan()) and torch.equal(s.cpu().nan_to_num(), s_ref.nan_to_num())
+    assert Q.one_pass_config(k).kwargs["BLOCK_K"] >= k
+    with pytest.raises(ValueError, match="one-pass kernel needs BLOCK_K >= K"):
+        Q.quantize_rows(torch.randn(2, 300).to(DEV), one_pass=True, config=Q.one_pass_config(100))
 
 
 # ------------------------------------------------------------------------------------ int8_mm
@@ -140,15 +158,101 @@ def test_weight_only(shape, dtype):
     torch.testing.assert_close(y.float(), ref, atol=tol[0], rtol=tol[1])
 
 
-def test_every_mm_config():
-    m, n, k = 70, 90, 200  # ragged against every tile
+def _mm_config_id(c):
+    kw = c.kwargs
+    return (f"M{kw['BLOCK_M']}-N{kw['BLOCK_N']}-K{kw['BLOCK_K']}-split{kw['SPLIT_K']}-swap{kw['SWAP_AB']}"
+            f"-w{c.num_warps}-s{c.num_stages}")
+
+
+@pytest.mark.parametrize("cfg", Q.gpu_mm_configs(), ids=_mm_config_id)
+def test_every_mm_config(cfg):
+    """Each pointer-kernel config (large-M, weight-only swap-AB, small-M split-K, unaligned), forced, on
+    shapes ragged against every tile: int32 exact, scaled epilogue and weight-only to the reference."""
+    m, n, k = 37, 90, 200
     a, b, x = _randint8(m, k), _randint8(n, k), torch.randn(m, k)
+    sa, sb, bias = torch.rand(m) * 0.01, torch.rand(n) * 0.01, torch.randn(n)
     exact = (a.long() @ b.long().t()).int()
-    ref_w = weight_only_linear_ref(x, b, None)
-    for cfg in Q.gpu_mm_configs():
+    c = Q.int8_mm(a.to(DEV), b.to(DEV), out_dtype=torch.int32, config=cfg, impl="ptr")
+    assert torch.equal(c.cpu(), exact)
+    y = Q.int8_mm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), bias.to(DEV), activation="relu", config=cfg, impl="ptr")
+    torch.testing.assert_close(y.cpu(), int8_linear_ref(a, sa, b, sb, bias, "relu"), atol=1e-5, rtol=1e-5)
+    w = Q.int8_mm(x.to(DEV), b.to(DEV), None, sb.to(DEV), config=cfg, impl="ptr")
+    torch.testing.assert_close(w.cpu().double(), weight_only_linear_ref(x, b, sb).double(), atol=1e-4, rtol=1e-5)
+
+
+NO_TMA = not interpret_mode() and torch.cuda.get_device_capability()[0] < 9
+
+
+@pytest.mark.skipif(NO_TMA, reason="TMA needs sm_90+")
+@pytest.mark.parametrize("cfg", Q.gpu_mm_tma_configs(), ids=_mm_config_id)
+def test_every_tma_config(cfg):
+    """The persistent TMA kernel (device-side tensor descriptors; out-of-bounds tiles read as zero)
+    with each of its configs: same results as the pointer kernel, int32 bit for bit."""
+    m, n, k = 37, 90, 208  # K a multiple of 16: TMA needs 16-byte aligned rows
+    a, b, x = _randint8(m, k), _randint8(n, k), torch.randn(m, k)
+    sa, sb, bias = torch.rand(m) * 0.01, torch.rand(n) * 0.01, torch.randn(n)
+    c = Q.int8_mm(a.to(DEV), b.to(DEV), out_dtype=torch.int32, config=cfg, impl="tma")
+    assert torch.equal(c.cpu(), (a.long() @ b.long().t()).int())
+    y = Q.int8_mm(a.to(DEV), b.to(DEV), sa.to(DEV), sb.to(DEV), bias.to(DEV), activation="gelu", config=cfg, impl="tma")
+    torch.testing.assert_close(y.cpu(), int8_linear_ref(a, sa, b, sb, bias, "gelu"), atol=1e-5, rtol=1e-5)
+    w = Q.int8_mm(x.to(DEV), b.to(DEV), None, sb.to(DEV), bias.to(DEV), config=cfg, impl="tma")
+    torch.testing.assert_close(w.cpu().double(), weight_only_linear_ref(x, b, sb, bias).double(), atol=1e-4, rtol=1e-5)
+
+
+def test_tma_requires_aligned_operands():
+    a, b = _randint8(4, 200), _randint8(8, 200)  # 200 bytes per row: not 16-byte aligned rows
+    with pytest.raises(ValueError, match="impl='tma' needs"):
+        Q.int8_mm(a.to(DEV), b.to(DEV), out_dtype=torch.int32, impl="tma")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Q.int8_mm(a.to(DEV), b.to(DEV), impl="cutlass")
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_split_k_small_m_exact_and_deterministic(m):
+    """Split-K partial sums go through a workspace and a fixed-order reduction: int32 stays exact,
+    float (weight-only) results are bitwise repeatable, for every split of the small-M table."""
+    n, k = 70, 1000  # K ragged against the tiles: the last split is partial, some splits may be empty
+    a, b, x = _randint8(m, k), _randint8(n, k), torch.randn(m, k)
+    sb = torch.rand(n) * 0.01
+    exact = (a.long() @ b.long().t()).int()
+    ref_w = weight_only_linear_ref(x, b, sb).double()
+    for cfg in (c for c in Q.gpu_mm_configs() if c.kwargs["SPLIT_K"] > 1):
         assert torch.equal(Q.int8_mm(a.to(DEV), b.to(DEV), out_dtype=torch.int32, config=cfg).cpu(), exact), cfg
-        torch.testing.assert_close(Q.int8_mm(x.to(DEV), b.to(DEV), config=cfg).cpu().double(), ref_w.double(),
-                                   atol=1e-3, rtol=1e-5)
+        y1 = Q.int8_mm(x.to(DEV), b.to(DEV), None, sb.to(DEV), config=cfg)
+        y2 = Q.int8_mm(x.to(DEV), b.to(DEV), None, sb.to(DEV), config=cfg)
+        assert torch.equal(y1, y2), cfg
+        torch.testing.assert_close(y1.cpu().double(), ref_w, atol=1e-4, rtol=1e-5)
+
+
+def test_plan_and_config_pools():
+    """Which kernel and which tile table a call gets: swap-AB/split-K configs for M <= SMALL_M, the TMA
+    kernel on sm_90 with aligned operands, the narrow unaligned table otherwise; M buckets to powers of two."""
+    from accel.kernels._triton import pow2_bucket
+
+    assert [pow2_bucket(m) for m in (0, 1, 2, 3, 16, 17, 4096, 4097)] == [0, 1, 2, 4, 16, 32, 4096, 8192]
+    assert Q.plan_mm(1, 4096, True, 80).kernel == "ptr"
+    assert Q.plan_mm(1, 4096, True, 90).kernel == "tma"
+    assert Q.plan_mm(4096, 4096, False, 90, impl="ptr").kernel == "ptr"
+    assert Q.plan_mm(4096, 4100, True, 90).kernel == "ptr"  # K not a multiple of 16: no TMA
+    assert not Q.plan_mm(4096, 4100, True, 90).aligned
+    small = Q.mm_configs_for("ptr", 16, True, 90)
+    assert small and all(c.kwargs["SWAP_AB"] == 1 and c.kwargs["BLOCK_M"] <= Q.SMALL_M for c in small)
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in small)
+    large = Q.mm_configs_for("ptr", 4096, True, 80)
+    assert large and all(c.kwargs["SWAP_AB"] == 0 and c.kwargs["SPLIT_K"] == 1 for c in large)
+    assert all(c.kwargs["BLOCK_N"] < 256 for c in large)  # 128x256 spills on sm_80: sm_90 only
+    assert any(c.kwargs["BLOCK_N"] == 256 for c in Q.mm_configs_for("ptr", 4096, True, 90))
+    assert all(c.kwargs["SWAP_AB"] == 1 for c in Q.mm_configs_for("ptr", 4096, False, 80))
+    assert Q.mm_configs_for("tma", 4096, True, 80) == []
+    assert {Q._row_of(c) for c in Q.mm_configs_for("ptr", 4096, True, 90, aligned=False)} <= \
+        {tuple(r[:8]) for r in Q.MM_UNALIGNED_TABLE}
+
+
+def test_m_bucket_keys_the_autotuner():
+    """Calls whose M falls in the same power-of-two bucket reuse one autotune entry (no retuning per
+    token count); the key holds M_BUCKET, never M."""
+    assert "M" not in Q._int8_mm_kernel.keys and "M_BUCKET" in Q._int8_mm_kernel.keys
+    assert "M" not in Q._int8_mm_tma_kernel.keys and "M_BUCKET" in Q._int8_mm_tma_kernel.keys
 
 
 def test_sqnr_of_dynamic_int8_linear_on_gaussian_data():
@@ -229,12 +333,49 @@ def test_conv_epilogue_and_per_image_scale():
     torch.testing.assert_close(y[[0, 2]], ref[[0, 2]], atol=1e-5, rtol=1e-5)
 
 
-def test_conv_every_config():
-    x, wt = _randint8(2, 20, 9, 9), _randint8(70, 20, 3, 3)
-    ref = F.conv2d(x.double(), wt.double(), padding=1)
-    for cfg in C.gpu_conv_configs():
-        y = C.int8_conv2d(x.to(DEV), wt.to(DEV), padding=1, out_dtype=torch.int32, config=cfg).cpu()
+@pytest.mark.parametrize("cfg", C.gpu_conv_configs(), ids=lambda c: "M{BLOCK_M}-N{BLOCK_N}-K{BLOCK_K}".format(**c.kwargs))
+def test_conv_every_config(cfg):
+    """Each implicit-GEMM config, forced: channels ragged against BLOCK_K (40 = 32 + 8), padding taps,
+    OHWI (channels_last) and OIHW weights."""
+    x, wt = _randint8(2, 40, 9, 9), _randint8(70, 40, 3, 3)
+    ref = F.conv2d(x.double(), wt.double(), padding=1, stride=(1, 2))
+    for w_in in (wt, wt.contiguous(memory_format=torch.channels_last)):
+        y = C.int8_conv2d(x.to(DEV).contiguous(memory_format=torch.channels_last), w_in.to(DEV), padding=1,
+                          stride=(1, 2), out_dtype=torch.int32, config=cfg).cpu()
         assert torch.equal(y.double(), ref), cfg
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_1x1_runs_as_a_gemm(batch):
+    """A stride-1 unpadded 1x1 conv goes through int8_mm (per-image scales via A_SCALE_ROWS) and gives
+    what the implicit-GEMM kernel gives; 1x1 with stride 2 stays on the conv kernel."""
+    x, wt = _randint8(batch, 48, 5, 6), _randint8(20, 48, 1, 1)
+    sa, sw, bias = torch.rand(batch) * 0.01, torch.rand(20) * 0.01, torch.randn(20)
+    assert C.is_gemm_1x1(wt.shape, (1, 1), (0, 0)) and not C.is_gemm_1x1(wt.shape, (2, 2), (0, 0))
+    args = [t.to(DEV) for t in (x, wt, sa, sw, bias)]
+    y_gemm = C.int8_conv2d(*args, activation="relu", out_dtype=torch.float32).cpu()
+    y_conv = C.int8_conv2d(*args, activation="relu", out_dtype=torch.float32, gemm_1x1=False).cpu()
+    ref = int8_conv2d_ref(x, sa, wt, sw, bias, activation="relu")
+    torch.testing.assert_close(y_gemm, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_gemm, y_conv, atol=1e-6, rtol=1e-6)
+    exact = C.int8_conv2d(x.to(DEV), wt.to(DEV), out_dtype=torch.int32).cpu()
+    assert torch.equal(exact.double(), F.conv2d(x.double(), wt.double()))
+    y2 = C.int8_conv2d(x.to(DEV), wt.to(DEV), stride=2, out_dtype=torch.int32).cpu()
+    assert torch.equal(y2.double(), F.conv2d(x.double(), wt.double(), stride=2))
+
+
+def test_conv_weight_layouts_and_autotune_key():
+    """The launcher reads the logical OIHW weight through its strides: channels_last (OHWI) and plain
+    OIHW weights give the same exact result; the autotune key holds batch, stride and padding."""
+    x, wt = _randint8(2, 32, 7, 7), _randint8(16, 32, 3, 3)
+    ref = F.conv2d(x.double(), wt.double(), padding=1)
+    for w_in in (wt, wt.contiguous(memory_format=torch.channels_last), wt.transpose(2, 3).contiguous().transpose(2, 3)):
+        y = C.int8_conv2d(x.to(DEV), w_in.to(DEV), padding=1, out_dtype=torch.int32).cpu()
+        assert torch.equal(y.double(), ref)
+    for key in ("B", "SH", "SW", "PH", "PW"):
+        assert key in C._int8_conv2d_kernel.keys
+    assert {c.kwargs["BLOCK_K"] for c in C.conv_configs_for(3, 90)} == {32}  # C = 3 keeps the narrowest K tile
+    assert all(c.kwargs["BLOCK_N"] < 256 for c in C.conv_configs_for(256, 80))
 
 
 def test_conv_sqnr_on_gaussian_data():

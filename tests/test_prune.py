@@ -26,14 +26,27 @@ def test_layer_scope_prunes_each_layer_alike():
         assert int(m.sum()) == round(0.5 * m.numel())
 
 
-def test_global_scope_prunes_the_total():
+def test_global_scope_prunes_the_total_relative_to_each_layer():
     model = _mlp()
     with torch.no_grad():
-        model[2].weight.mul_(100)  # the middle layer dominates the global ranking
+        model[2].weight.mul_(100)  # raw norms would keep only this layer; relative norms do not
     masks = block_masks(model, 0.5, block=32, scope="global")
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * total)
-    assert masks["2"].all()
+    assert all(m.any() for m in masks.values())
+    assert not masks["2"].all()
+
+
+def test_global_scope_floor_and_warning():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[:, :32].mul_(1000)  # one block column dominates layer 0: the rest would go
+    with pytest.warns(UserWarning, match=r"held \d+ layer\(s\) at the floor min_density=0.5: 0 "):
+        masks = block_masks(model, 0.8, block=32, scope="global", min_density=0.5)
+    for name, m in masks.items():
+        assert m.sum() >= 0.5 * m.numel() - 1e-9, name
+    with pytest.raises(ValueError, match="min_density <= max_density"):
+        block_masks(model, 0.5, min_density=0.6, max_density=0.5)
 
 
 def test_l1_and_l2_rank_differently():
@@ -91,7 +104,7 @@ def test_gradual_pruner_reaches_target_and_keeps_pruned_weights_zero():
     assert seen[-1] == pytest.approx(0.75)
     assert seen == sorted(seen)
     for name, mask in pruner.masks.items():
-        assert int(mask.sum()) == round(0.25 * mask.numel())
+        assert int(mask.sum()) == max(1, round(0.25 * mask.numel()))  # a layer keeps at least one block
     assert sparsity_of(model) == pytest.approx(0.75, abs=0.05)
 
 

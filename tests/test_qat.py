@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -47,14 +49,17 @@ def test_fake_quant_matches_the_integer_rule_and_passes_gradients():
     torch.testing.assert_close(fake_quant(w, 127, (1, 2, 3)), wq.float() * ws.view(-1, 1, 1, 1))
 
 
-def test_prepare_train_convert():
+@pytest.mark.parametrize("act_qmax", [63, 127])
+def test_prepare_train_convert(act_qmax):
+    """Inference computes what QAT simulated, for both activation ranges, on any CPU (qmax 127 without
+    VNNI runs as two exact 7-bit passes)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 10))
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         ref = model(x)
-    swapped = prepare_qat(model, act_qmax=63)
+    swapped = prepare_qat(model, act_qmax=act_qmax)
     assert swapped == ["0", "4"]  # the grouped conv stays float
     assert isinstance(model[0], FakeQuantConv2d) and isinstance(model[4], FakeQuantLinear)
     with torch.no_grad():
@@ -67,8 +72,12 @@ def test_prepare_train_convert():
         fq = model(x)
     convert(model)
     assert isinstance(model[0], QuantConv2d) and isinstance(model[4], QuantLinear)
+    assert model[0].act_qmax == act_qmax and model[4].act_qmax == act_qmax
     with torch.no_grad():
         assert sqnr(fq, model(x)) > 40  # inference computes what QAT simulated
+    restored = copy.deepcopy(model)
+    restored.load_state_dict(model.state_dict())
+    assert restored[4].get_extra_state()["act_qmax"] == act_qmax
 
 
 def test_strip_returns_plain_layers_with_the_trained_weights():

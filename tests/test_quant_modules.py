@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from accel import QuantConv2d, QuantLinear
+from accel import QuantConv2d, QuantLinear, engines
 from accel.cpu.int8 import act_qmax
-from accel.modules.quant_linear import WEIGHT_ONLY_MAX_M
 from accel.quant import int8_linear_ref, quantize_rows_ref, sqnr
 from tests.helpers import interpret_mode
 
@@ -40,13 +39,22 @@ def test_dynamic_equals_int8_reference():
     torch.testing.assert_close(q(x), int8_linear_ref(xq, xs, q.weight_q, q.weight_scale, q.bias), atol=1e-4, rtol=1e-5)
 
 
-def test_auto_mode_resolution():
-    q = QuantLinear.from_float(_lin(), "auto")
-    limit = WEIGHT_ONLY_MAX_M["cpu"]
-    assert q.resolved_mode(torch.randn(limit + 1, 100)) == "dynamic"
-    if limit > 0:
-        assert q.resolved_mode(torch.randn(limit, 100)) == "weight_only"
+@pytest.mark.parametrize("form", ["dynamic", "weight_only", "float"])
+def test_auto_mode_forms(form):
+    """mode "auto" runs the form forced (or measured) for this shape; each matches its own maths."""
+    lin = _lin()
+    q = QuantLinear.from_float(lin, "auto")
+    x = torch.randn(5, 100)
+    with torch.no_grad(), engines.force(quant_linear_form=form):
+        assert q.resolved_mode(x) == form
+        y = q(x)
+        ref = {"dynamic": lambda: QuantLinear.from_float(lin, "dynamic")(x),
+               "weight_only": lambda: QuantLinear.from_float(lin, "weight_only")(x),
+               "float": lambda: F.linear(x, q.dequantized_weight(), q.bias)}[form]()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     assert QuantLinear.from_float(_lin(), act_scale=0.1).mode == "static"
+    with pytest.raises(ValueError, match="act_scale is used only by mode 'static'"):
+        QuantLinear.from_float(_lin(), "dynamic", act_scale=0.1)
 
 
 def test_half_precision_input_and_module():
@@ -166,8 +174,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.accel.int8_linear.default, (x, lin.weight_q, lin.weight_scale, lin.bias, None, "relu"))
     torch.library.opcheck(torch.ops.accel.int8_linear.default,
                           (x, lin.weight_q, lin.weight_scale, None, torch.tensor([0.05]), "none"))
-    torch.library.opcheck(torch.ops.accel.int8_weight_only_linear.default,
-                          (x, lin.weight_q, lin.weight_scale, lin.bias, "gelu"))
+    torch.library.opcheck(torch.ops.accel.int8_linear.default,
+                          (x, lin.weight_q, lin.weight_scale, lin.bias, None, "gelu", "weight_only", 0))
+    torch.library.opcheck(torch.ops.accel.int8_linear.default,
+                          (x, lin.weight_q, lin.weight_scale, lin.bias, None, "none", "auto", 127))
     conv = QuantConv2d.from_float(nn.Conv2d(4, 6, 3, stride=2, padding=1))
     torch.library.opcheck(torch.ops.accel.int8_conv2d.default,
                           (torch.randn(2, 4, 9, 9), conv.weight_q, conv.weight_scale, conv.bias, None, [2, 2], [1, 1],
@@ -188,11 +198,11 @@ def test_torch_compile_fullgraph(backend):
 
 @pytest.mark.interpreter
 @pytest.mark.skipif(not interpret_mode(), reason="routes CPU tensors through the interpreted Triton kernels")
-def test_triton_path_end_to_end(monkeypatch):
+def test_triton_path_end_to_end(accel_env):
     """The modules through the (interpreted) Triton kernels: 8-bit activations, exact integer semantics."""
     lin, conv = _lin(), nn.Conv2d(5, 7, 3, padding=1)
     x, xc = torch.randn(6, 100), torch.randn(2, 5, 8, 8)
-    monkeypatch.setenv("ACCEL_FORCE_TRITON", "1")
+    accel_env(ACCEL_FORCE_TRITON="1")
     q = QuantLinear.from_float(lin, "dynamic", activation="gelu")
     xq, xs = quantize_rows_ref(x, 127)
     torch.testing.assert_close(q(x), int8_linear_ref(xq, xs, q.weight_q, q.weight_scale, q.bias, "gelu"),

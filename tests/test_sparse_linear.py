@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from accel import SparseLinear
+from accel import SparseLinear, engines
 from accel.formats import expand_block_mask
-from accel.modules.sparse_linear import DENSE_ABOVE_DENSITY
 from accel.ops import bsr_linear
 from tests.helpers import interpret_mode
 
@@ -56,15 +55,19 @@ def test_from_elementwise_mask_and_block_mask():
     assert torch.equal(sl2.dense_weight()[32:64, 64:96], lin.weight.detach()[32:64, 64:96])
 
 
-def test_auto_mode_picks_dense_above_threshold():
-    lin = nn.Linear(256, 256)
-    dense = SparseLinear.from_dense(lin, sparsity=0.5, block=32)
-    sparse = SparseLinear.from_dense(lin, sparsity=0.9, block=32)
-    assert 0.5 > DENSE_ABOVE_DENSITY > 0.1
-    assert dense.mode == "dense" and sparse.mode == "sparse"
-    x = torch.randn(3, 256)
-    for sl in (dense, sparse):
+@pytest.mark.parametrize("engine", ["gather_bmm", "gather_bmm_t", "panels", "rows", "dense"])
+def test_auto_mode_runs_every_engine(engine):
+    """mode "auto" keeps the blocks and may run any strategy or the densified weight; all agree."""
+    lin = nn.Linear(256, 200)
+    sl = SparseLinear.from_dense(lin, sparsity=0.5, block=32)
+    assert sl.mode == "auto" and sl.storage == "sparse"
+    x = torch.randn(37, 256)
+    with torch.no_grad(), engines.force(bsr_linear=engine):
         torch.testing.assert_close(sl(x).double(), _masked_reference(sl, x), atol=1e-4, rtol=1e-4)
+    sparse_only = SparseLinear.from_dense(lin, sparsity=0.5, block=32, mode="sparse")
+    if engine == "dense":
+        with torch.no_grad(), engines.force(bsr_linear=engine), pytest.raises(ValueError, match="cannot run this call"):
+            sparse_only(x)
 
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
@@ -145,8 +148,12 @@ def test_state_dict_round_trip_with_other_nnz(mode):
 
 def test_load_rejects_other_shape():
     sd = SparseLinear.from_dense(_linear(), sparsity=0.5, block=16).state_dict()
-    with pytest.raises(ValueError, match=r"state is for \(block, in, out\) = \(16, 100, 70\), this module is \(32, 100, 70\)"):
-        SparseLinear(100, 70, block_size=32).load_state_dict(sd)
+    dst = SparseLinear.from_dense(_linear(), sparsity=0.5, block=32)
+    before = {k: v.clone() for k, v in dst.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=r"state is for \(block, in, out\) = \(16, 100, 70\), this module is \(32, "):
+        dst.load_state_dict(sd)
+    after = dst.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # unchanged
 
 
 def test_deepcopy_and_to():
@@ -182,7 +189,7 @@ def test_errors_name_the_values():
         sl(torch.randn(3, 100, dtype=torch.float64))
     with pytest.raises(TypeError, match="expects nn.Linear, got Conv2d"):
         SparseLinear.from_dense(nn.Conv2d(3, 3, 3), sparsity=0.5)
-    with pytest.raises(ValueError, match="block_size must be one of .* got 48"):
+    with pytest.raises(ValueError, match=r"block_size must be an int in .* got 48"):
         SparseLinear(100, 70, block_size=48)
     with pytest.raises(ValueError, match="either sparsity or mask"):
         SparseLinear.from_dense(_linear(), sparsity=0.5, mask=torch.ones(70, 100))
@@ -231,7 +238,7 @@ def test_torch_compile_fullgraph(backend, dynamic):
 
 @pytest.mark.interpreter
 @pytest.mark.skipif(not interpret_mode(), reason="routes CPU tensors through the interpreted Triton kernels")
-def test_triton_path_end_to_end(monkeypatch):
+def test_triton_path_end_to_end(accel_env):
     """Forward and backward of SparseLinear through the (interpreted) Triton kernels equal the CPU path."""
     sl = SparseLinear.from_dense(_linear(), sparsity=0.5, block=16, mode="sparse")
     x = torch.randn(9, 100)
@@ -244,7 +251,7 @@ def test_triton_path_end_to_end(monkeypatch):
         return sl(x).detach(), xx.grad, sl.values.grad.clone(), sl.bias.grad.clone()
 
     cpu = run()
-    monkeypatch.setenv("ACCEL_FORCE_TRITON", "1")
+    accel_env(ACCEL_FORCE_TRITON="1")
     tri = run()
     for a, b in zip(cpu, tri):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -11,7 +11,15 @@ strategies, chosen by the number of rows ``M`` of ``x`` (crossovers measured wit
 * ``panels`` (large M): block rows sorted by block count and grouped into cache-sized chunks of
   similar count; each row's blocks are laid side by side into a ``[B, P*B]`` panel (short rows
   padded with zero blocks against a zero ``x`` block) so one ``bmm`` per chunk does the work with
-  long inner products. No scatter of partial products.
+  long inner products. No scatter of partial products, but ``x`` and ``y`` are transposed whole.
+* ``rows`` (large M, density-proportional): block rows grouped by equal block count; for each
+  group the ``x`` block columns its blocks need are gathered in place order (``[M, n*P*B]``, no
+  transpose of ``x``), one ``bmm`` of the ``[n, M, P*B]`` view with the ``[n, P*B, B]`` panels,
+  and the results copied into their ``y`` columns. Every copy is proportional to the stored
+  blocks (plus the output), so a layer keeping 1 block of 576 costs about 1/576 of the work.
+
+Which strategy (or the dense weight) serves a shape on this machine is measured by
+``accel.engines`` (see ``accel.ops.bsr_linear``); :func:`pick_strategy` is the unmeasured default.
 
 Half-precision partial sums are accumulated in fp32.
 """
@@ -28,7 +36,7 @@ from .workspace import scratch
 
 # (largest M, strategy): see the module docstring
 STRATEGY_BY_M = ((8, "gather_bmm"), (48, "gather_bmm_t"), (math.inf, "panels"))
-STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels")
+STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows")
 #: bytes of gathered x per panel chunk (about an L2/L3 slice)
 PANEL_CHUNK_BYTES = 8 << 20
 #: rows whose block count is at least this fraction of the chunk's longest row share its chunk
@@ -97,6 +105,8 @@ def bsr_dense_mm_cpu(
         y = x.new_zeros(m, out_features)
     elif strategy == "panels":
         y = _panels(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
+    elif strategy == "rows":
+        y = _rows(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
     else:
         if block_index is not None:
             blocks = blocks.index_select(0, block_index)
@@ -173,6 +183,50 @@ def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
     if s < nbr:  # block rows without stored blocks
         yt.index_fill_(0, order[s:], 0)
     return yt.view(nbr * bs, m)[:out_features].t()
+
+
+#: most bytes of gathered x per bmm of the rows strategy (bounds the scratch; ~an L2/L3 slice)
+ROWS_CHUNK_BYTES = 16 << 20
+
+
+def _rows(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
+    m, k = x.shape
+    counts = (crow[1:] - crow[:-1]).tolist()
+    xp = _pad_cols(x, nbc * bs)
+    x3 = xp.as_strided((m, nbc, bs), (xp.stride(0), bs, 1)) if xp.stride(1) == 1 else xp.reshape(m, nbc, bs)
+    exact = out_features == nbr * bs
+    y = x.new_empty(m, nbr * bs) if not exact else x.new_empty(m, out_features)
+    y3 = y.view(m, nbr, bs)
+    groups: dict[int, list[int]] = {}
+    for r, c in enumerate(counts):
+        groups.setdefault(c, []).append(r)
+    empty = groups.pop(0, None)
+    if empty:
+        if len(empty) == nbr:
+            y.zero_()
+        else:
+            y3.index_fill_(1, torch.tensor(empty), 0)
+    crow_l = crow.tolist()
+    row_bytes = m * bs * x.element_size()
+    for p, rows in groups.items():
+        cap = max(1, ROWS_CHUNK_BYTES // (p * row_bytes))
+        for s0 in range(0, len(rows), cap):
+            rs = rows[s0:s0 + cap]
+            n = len(rs)
+            pos = torch.tensor([i for r in rs for i in range(crow_l[r], crow_l[r] + p)], dtype=torch.int64)
+            cols = col.index_select(0, pos)
+            idx = block_index.index_select(0, pos) if block_index is not None else pos
+            xg = scratch("rows.xg", m * n * p * bs, x.dtype).view(m, n * p, bs)
+            torch.index_select(x3, 1, cols, out=xg)  # [M, n*P, in]: the needed x blocks, in place order
+            a = xg.view(m, n, p * bs).transpose(0, 1)  # [n, M, P*in], rows strided by n*P*in
+            w = blocks.index_select(0, idx).view(n, p, bs, bs).permute(0, 1, 3, 2).reshape(n, p * bs, bs)
+            res = scratch("rows.out", n * m * bs, x.dtype).view(n, m, bs)
+            torch.bmm(a, w, out=res)  # [n, M, out]
+            if n == 1:
+                y3[:, rs[0]].copy_(res[0])
+            else:
+                y3.index_copy_(1, torch.tensor(rs), res.transpose(0, 1))
+    return y if exact else y[:, :out_features]
 
 
 def bsr_sddmm_cpu(

@@ -1,121 +1,91 @@
-"""int8 Linear and Conv2d on the CPU (the CPU side of ``accel.ops.int8``).
+"""int8 Linear and Conv2d on the CPU: the engines (the CPU side of ``accel.ops.int8``).
 
 Integer engines shipped inside PyTorch do the multiply-accumulate; this module quantizes the
 activations with accel's rule (``accel.quant``) and applies the per-token / per-image scale,
-bias and activation around them:
+bias and activation around them. Which engine runs a call is decided in ``accel.ops.int8``
+through ``accel.engines`` (measured on the running machine); every engine here computes the same
+integers, so they differ only in speed.
 
-* Linear: FBGEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) on rows that were
-  already divided by their per-token scale, so FBGEMM's per-tensor quantization with scale 1
-  reproduces accel's integers exactly. FBGEMM needs a ``torch.qint8`` weight, and PyTorch 2.13
-  deprecates quantized dtypes, so oneDNN (``onednn::qlinear_pointwise``, plain int8 tensors, the
-  op Inductor's x86 int8 lowering uses) is the second engine: chosen when FBGEMM is missing, or
-  with ``ACCEL_CPU_LINEAR_ENGINE=onednn``. Measured here (4096x4096), FBGEMM is 2.5-3x faster
-  than oneDNN at M <= 16 and equal at M = 256.
-* Conv2d: oneDNN (``onednn::qconv2d_pointwise``) on uint8 NHWC activations quantized per image.
+**Activation engines** (x quantized per token, or with a static scale):
+
+* ``fbgemm``: ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` on rows already
+  multiplied by their inverse scale and rounded, so FBGEMM's per-tensor quantization with scale 1
+  reproduces accel's integers exactly. Needs a ``torch.qint8`` weight (deprecated dtypes in torch
+  2.13; the other engines use plain int8 tensors).
+* ``onednn``: ``onednn::qlinear_pointwise`` (the op Inductor's x86 int8 lowering uses; AMX where
+  present) on uint8 activations, fp32 or bf16 output.
+* ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32; oneDNN/AMX on VNNI CPUs, a slow reference
+  loop on older ones, which measuring drops) and the dequantizing epilogue in PyTorch ops.
+* ``*_split`` (``fbgemm_split``, ``onednn_split``): 8-bit activations on CPUs without VNNI, as two
+  exact 7-bit passes (see *Activation bits*).
+
+Conv2d: ``onednn`` (``onednn::qconv2d_pointwise``) on uint8 activations, and ``im2col``: the
+patches of the uint8 activation gathered into a ``[B*OH*OW, KH*KW*C]`` matrix (1x1 convs are a
+strided view, no copy) and multiplied by ``onednn::qlinear_pointwise``: exact for every geometry.
+oneDNN's direct int8 conv returns wrong numbers for some geometries (:func:`onednn_conv_ok`);
+those never reach it.
+
+**Weight-only** (``x`` stays float): ``panels`` converts the int8 weight panel by panel into a
+reused buffer of ``x``'s dtype and calls ``torch.mm`` (bf16: AMX); ``int8pack`` is
+``aten._weight_int8pack_mm`` with bf16 activations (fp32 inputs are rounded to bf16 there, so the
+engine layer checks its accuracy before choosing it).
+
+**float** (the floor): the dequantized weight, cached in ``x``'s dtype, through ``F.linear`` /
+``F.conv2d``. Only the ``auto`` modes may run it.
 
 **Activation bits.** Without VNNI (AVX2 only) x86 int8 instructions (``vpmaddubsw``) add two
-u8 x s8 products into a saturating int16, so full 8-bit activations give wrong sums: measured
-here, oneDNN's int8 linear was off by 37001 on random +-127 data and exact once activations fit
-in 7 bits. On such CPUs activations are therefore quantized to ``qmax = 63`` (what torch's own
-dynamic quantization does with ``reduce_range``); with VNNI or AMX they use the full ``qmax = 127``.
-Weights are always 8-bit. :func:`act_qmax` tells which; ``ACCEL_CPU_ACT_QMAX`` overrides it.
+u8 x s8 products into a saturating int16, so full 8-bit activations give wrong sums (measured:
+oneDNN's int8 linear off by 37001 on random +-127 data, exact once activations fit in 7 bits).
+:func:`accel.engines.native_act_qmax` is therefore 63 there and 127 with VNNI/AMX. A layer can
+fix its qmax (QAT records the one it simulated): an engine that cannot compute a qmax exactly on
+this machine is not a candidate for it (:func:`exact_engines`), and ``*_split`` engines compute
+8-bit activations on such CPUs as ``q = q_hi + q_lo`` with both halves in [-64, 64].
 
-**Weight-only int8** (``x`` stays float): the int8 weight is converted panel by panel into a
-reused cache-sized buffer and multiplied with ``torch.mm``, so the full float weight never exists.
-
-Packed weights are cached per weight tensor (identity and version counter): in-place updates of
-the int8 weight or its scale re-pack on the next call. Writing through ``.data`` bypasses the
-version counter; call :func:`clear_cache` after doing so.
+Packed weights are cached per weight tensor (identity, version counter and data pointer): in-place
+updates and loads re-pack on the next call, in every grad mode. Tensors created under
+``torch.inference_mode`` carry no version counter; the modules keep their buffers as normal
+tensors, and :func:`clear_cache` is there for weights edited through ``.data``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import math
 import warnings
-import weakref
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..quant import activate, ieee_div
+from .. import engines
+from ..quant import activate, dequantize_weight
+from .packcache import cached as _cached
+from .packcache import clear_cache  # noqa: F401  (re-exported)
 from .workspace import scratch
 
 #: bytes of converted weight per panel of the weight-only path (measured best of 16..1024 rows at K=4096)
 WEIGHT_ONLY_PANEL_BYTES = 4 << 20
 
+LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split")
+WEIGHT_ONLY_ENGINES = ("panels", "int8pack")
+CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split")
+
+
+def cached_tensor(kind: str, t: torch.Tensor, build):
+    """``build()`` cached against ``t`` (re-built when ``t`` is replaced or changed in place)."""
+    return _cached(kind, (t,), (), build)
+
 
 def act_qmax() -> int:
-    """Activation qmax of the CPU int8 paths: 127 with VNNI/AMX, 63 otherwise (see the module docstring)."""
-    env = os.environ.get("ACCEL_CPU_ACT_QMAX")
-    if env is not None:
-        q = int(env)
-        if q not in (63, 127):
-            raise ValueError(f"ACCEL_CPU_ACT_QMAX must be 63 or 127, got {env}")
-        return q
-    return 127 if (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()) else 63
+    """Activation qmax of the CPU int8 paths on this machine (see the module docstring)."""
+    return engines.native_act_qmax()
 
 
 # ---------------------------------------------------------------------------------------------
-# packed-weight cache
-# ---------------------------------------------------------------------------------------------
-_CACHE: dict = {}
-
-
-def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version
-
-
-def _cached(kind: str, tensors: tuple[torch.Tensor, ...], extra: tuple, build):
-    key = (kind, tuple(id(t) for t in tensors), extra)
-    versions = tuple(_version(t) for t in tensors)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        refs, vers, packed = hit
-        if vers == versions and all(r() is t for r, t in zip(refs, tensors)):
-            return packed
-    packed = build()
-    refs = tuple(weakref.ref(t, lambda _, key=key: _CACHE.pop(key, None)) for t in tensors)
-    _CACHE[key] = (refs, versions, packed)
-    return packed
-
-
-def clear_cache() -> None:
-    """Forget every packed weight (needed only after writing a weight through ``.data``)."""
-    _CACHE.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# activation quantization: accel's rule, fused as far as PyTorch allows
-# ---------------------------------------------------------------------------------------------
-def _inv_scale(x: torch.Tensor, qmax: int, static_scale: torch.Tensor | None):
-    """Per-group ``(scale, inv)`` of ``x``, one group per index of dim 0 (a token of a Linear input,
-    an image of a Conv2d input); NaN/inf groups -> (NaN, 0).
-
-    Few, whole-tensor ops: at M=1 each PyTorch op costs ~5-10 us next to a ~0.5 ms GEMM.
-    """
-    dims = tuple(range(1, x.dim()))
-    if x.numel() == 0:  # no rows, or empty rows (amax of nothing raises)
-        absmax = x.new_zeros(x.shape[0], dtype=torch.float32)
-    elif x.numel() <= 1 << 16:  # NaN propagates through amax, inf stays inf
-        absmax = x.abs().amax(dim=dims).float()
-    else:  # two reductions without the |x| copy: 5x faster on a 25 MB conv input
-        absmax = torch.maximum(x.amax(dim=dims), x.amin(dim=dims).neg()).float()
-    poison = absmax * 0.0  # 0 for finite rows, NaN for rows holding NaN/inf
-    if static_scale is None:
-        scale = (absmax / qmax).add_(poison)
-        inv = torch.nan_to_num_(ieee_div(qmax, absmax).add_(poison), nan=0.0, posinf=0.0)  # zero rows: inf -> 0
-    else:
-        s = static_scale.float().reshape(())
-        scale = poison + s
-        inv = torch.nan_to_num_(poison + ieee_div(1.0, s), nan=0.0, posinf=0.0)
-    return scale, inv
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear
+# which engines are available and exact here
 # ---------------------------------------------------------------------------------------------
 @functools.cache
-def _fbgemm_available() -> bool:
+def fbgemm_available() -> bool:
     try:
         _fbgemm_pack(torch.zeros(1, 1, dtype=torch.int8), torch.ones(1))
         return True
@@ -123,39 +93,216 @@ def _fbgemm_available() -> bool:
         return False
 
 
-def linear_engine() -> str:
-    """"fbgemm" or "onednn" (see the module docstring); ``ACCEL_CPU_LINEAR_ENGINE`` overrides."""
-    env = os.environ.get("ACCEL_CPU_LINEAR_ENGINE")
-    if env is not None:
-        if env not in ("fbgemm", "onednn"):
-            raise ValueError(f"ACCEL_CPU_LINEAR_ENGINE must be fbgemm or onednn, got {env}")
-        return env
-    return "fbgemm" if _fbgemm_available() else "onednn"
+@functools.cache
+def _int8pack_available() -> bool:
+    try:
+        torch.ops.aten._weight_int8pack_mm(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.int8),
+                                           torch.ones(8, dtype=torch.bfloat16))
+        return True
+    except (RuntimeError, AttributeError):
+        return False
 
 
+#: ``torch._int_mm`` on the CPU returns wrong sums when K == 1 (torch 2.13, probed by tests/test_fuzz.py)
+INT_MM_MIN_K = 2
+
+
+def exact_engines(qmax: int, k: int | None = None) -> tuple[str, ...]:
+    """The activation engines that compute ``qmax``-bit activations exactly on this machine (for
+    ``K = k`` input features, when given)."""
+    return _exact_engines(qmax, k is None or k >= INT_MM_MIN_K, engines.generation())
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_engines(qmax: int, int_mm_ok: bool, _gen: int) -> tuple[str, ...]:
+    out = []
+    fb = fbgemm_available()
+    if qmax <= 63 or engines.has_vnni():
+        out += ["fbgemm"] if fb else []
+    if qmax <= 63 or engines.has_vnni(engines.onednn_isa()):
+        out.append("onednn")
+    if engines.has_vnni(engines.onednn_isa()) and int_mm_ok:
+        out.append("int_mm")  # a slow reference loop without VNNI
+    if qmax > 63:
+        out += (["fbgemm_split"] if fb and not engines.has_vnni() else [])
+        out += (["onednn_split"] if not engines.has_vnni(engines.onednn_isa()) else [])
+    return tuple(out)
+
+
+def default_linear_engine(qmax: int, m: int, k: int | None = None) -> str:
+    """The engine used when nothing is measured (``ACCEL_ENGINE_MEASURE=0``, or while tracing)."""
+    exact = exact_engines(qmax, k)
+    if engines.onednn_isa() == "amx" and "onednn" in exact and m > 16:
+        return "onednn"
+    for name in ("fbgemm", "onednn", "fbgemm_split", "onednn_split", "int_mm"):
+        if name in exact:
+            return name
+    raise AssertionError(f"no exact CPU int8 engine for qmax {qmax}: {exact}")
+
+
+#: ``aten._weight_int8pack_mm`` on the CPU crashes the process (SIGSEGV, torch 2.13) unless K is a
+#: multiple of this; such layers never reach it
+INT8PACK_K_MULTIPLE = 16
+
+
+def weight_only_engines(dtype: torch.dtype, k: int) -> tuple[str, ...]:
+    if _int8pack_available() and dtype in (torch.float32, torch.bfloat16) and k % INT8PACK_K_MULTIPLE == 0:
+        return WEIGHT_ONLY_ENGINES
+    return ("panels",)
+
+
+def conv_engines(qmax: int) -> tuple[str, ...]:
+    """Conv engines exact for ``qmax`` here (all use oneDNN's int8 dot products; ``*_split`` run 8-bit
+    activations as two 7-bit passes where oneDNN has no VNNI)."""
+    return _conv_engines(qmax, engines.generation())
+
+
+@functools.lru_cache(maxsize=16)
+def _conv_engines(qmax: int, _gen: int) -> tuple[str, ...]:
+    if qmax <= 63 or engines.has_vnni(engines.onednn_isa()):
+        return ("onednn", "im2col")
+    return ("onednn_split", "im2col_split")
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantization: accel's rule in few whole-tensor PyTorch ops
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _scalar(v: float) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(v, dtype=torch.float32)
+
+
+def act_scale_inv(x: torch.Tensor, qmax: int, static_scale: torch.Tensor | None):
+    """Per-group ``(scale, inv)`` of ``x``, one group per index of dim 0 (a token of a Linear input,
+    an image of a Conv2d input); NaN/inf groups -> (NaN, 0); all-zero groups -> (0, 0).
+
+    Few whole-tensor ops (each costs microseconds at M=1): ``qmax / absmax`` divides by a 0-d tensor,
+    which is a correctly rounded division (``qmax / tensor`` would multiply by a reciprocal).
+    """
+    b = x.shape[0]
+    if x.numel() == 0:  # no rows, or empty rows (amax of nothing raises)
+        absmax = torch.zeros(b, dtype=torch.float32)
+    else:
+        flat = x.reshape(b, -1) if x.is_contiguous() else x
+        dims = 1 if flat.dim() == 2 else tuple(range(1, x.dim()))
+        if flat.numel() <= 1 << 16:  # abs + amax: NaN propagates, inf stays inf
+            absmax = flat.abs().amax(dim=dims)
+        else:  # two reductions without the |x| copy: 5x faster on a 25 MB conv input
+            absmax = torch.maximum(flat.amax(dim=dims), flat.amin(dim=dims).neg_())
+        if absmax.dtype != torch.float32:
+            absmax = absmax.float()
+    poison = absmax - absmax  # 0 for finite groups, NaN for groups holding NaN/inf
+    if static_scale is None:
+        inv = torch.div(_scalar(float(qmax)), absmax).nan_to_num_(nan=0.0, posinf=0.0)  # zero groups: inf -> 0
+        scale = torch.div(absmax, _scalar(float(qmax))).add_(poison)
+    else:
+        s = static_scale.reshape(())
+        scale = poison + s
+        inv = (poison + torch.div(_scalar(1.0), s)).nan_to_num_(nan=0.0, posinf=0.0)
+    return scale, inv
+
+
+def _scaled_rounded(x: torch.Tensor, inv: torch.Tensor, qmax: int, saturate: bool, slot: str) -> torch.Tensor:
+    """``round_half_even(clamp(x * inv))`` as float32 integers in a reused buffer (``inv`` broadcasts)."""
+    out = scratch(slot, x.numel(), torch.float32).view(x.shape)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+    torch.mul(x, inv, out=out)
+    if saturate:
+        out.clamp_(-qmax, qmax)
+    return out.round_()
+
+
+def _to_uint8(v: torch.Tensor, zp: int) -> torch.Tensor:
+    """float integers in [-zp, 255 - zp] -> uint8 ``v + zp`` (exact), in ``v``'s memory format."""
+    fmt = torch.channels_last if v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) else \
+        torch.contiguous_format
+    out = torch.empty_like(v, dtype=torch.uint8, memory_format=fmt)
+    return out.copy_(v.add_(zp))
+
+
+def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v = hi + lo`` with both halves in [-64, 64] for integer ``v`` in [-127, 127] (hi = trunc(v / 2))."""
+    hi = torch.div(v, 2, rounding_mode="trunc")
+    return hi, v - hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear: the GEMM engines. Each returns fp32 ``(q @ w_q^T) * w_scale`` for the rounded float ``v``.
+# ---------------------------------------------------------------------------------------------
 def _fbgemm_pack(w_q, w_scale):
     zero = torch.zeros(w_q.shape[0], dtype=torch.int64)
-    with warnings.catch_warnings():  # quantized dtypes are deprecated in torch 2.13; oneDNN is the fallback
+    with warnings.catch_warnings():  # quantized dtypes are deprecated in torch 2.13; the other engines use int8
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         qw = torch._make_per_channel_quantized_tensor(w_q.contiguous(), w_scale.double(), zero, 0)
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def _quantize_u8(x: torch.Tensor, inv: torch.Tensor, qmax: int, saturate: bool) -> torch.Tensor:
-    """accel's integers ``round_half_even(x * inv)`` plus the zero point ``qmax + 1``, as uint8 in
-    ``x``'s memory format (``inv`` broadcasts over ``x``).
+def _onednn_pack(w_q):
+    return torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
 
-    The zero point is added after rounding, in uint8 on the int8 bits (wrapping mod 256 gives
-    exactly ``q + zp``): adding it to the float first would round away low bits and move near-ties
-    (67.4999999 -> 67.5 -> 68). Groups with inv = 0 and NaN/inf give NaN, whose integer is
-    arbitrary; their scale is NaN, so their outputs are NaN whatever the integers.
-    """
-    v = torch.mul(x, inv)
-    if saturate:
-        v.clamp_(-qmax, qmax)
-    q = torch.empty_like(v, dtype=torch.int8)
-    q.copy_(v.round_())
-    return q.view(torch.uint8).add_(qmax + 1)
+
+@functools.lru_cache(maxsize=64)
+def _zeros_n(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)
+
+
+def _gemm_fbgemm(v, w_q, w_scale, zp: int):
+    packed = _cached("fbgemm_linear", (w_q, w_scale), (), lambda: _fbgemm_pack(w_q, w_scale))
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, zp, packed)
+
+
+def _gemm_onednn(u8, w_q, w_scale, zp: int, out_dtype=torch.float32):
+    packed = _cached("onednn_linear", (w_q,), (), lambda: _onednn_pack(w_q))
+    return torch.ops.onednn.qlinear_pointwise(u8, 1.0, zp, packed, w_scale, _zeros_n(w_q.shape[0]), None, 1.0, 0,
+                                              out_dtype, "none", [], "")
+
+
+def _gemm_int_mm(v, w_q, w_scale):
+    q = torch.empty(v.shape, dtype=torch.int8)
+    q.copy_(v)
+    wt = _cached("int_mm_wt", (w_q,), (), lambda: w_q.contiguous().t())  # [K, N] column-major view
+    acc = torch._int_mm(q, wt)
+    y = torch.empty(acc.shape, dtype=torch.float32)
+    return torch.mul(acc, w_scale, out=y)
+
+
+def _linear_gemm(engine: str, v: torch.Tensor, w_q, w_scale, qmax: int) -> torch.Tensor:
+    if engine == "fbgemm":
+        return _gemm_fbgemm(v, w_q, w_scale, qmax + 1)
+    if engine == "onednn":
+        return _gemm_onednn(_to_uint8(v, qmax + 1), w_q, w_scale, qmax + 1)
+    if engine == "int_mm":
+        return _gemm_int_mm(v, w_q, w_scale)
+    if engine in ("fbgemm_split", "onednn_split"):
+        hi, lo = _split(v)
+        if engine == "fbgemm_split":
+            y = _gemm_fbgemm(hi, w_q, w_scale, 64)
+            return y.add_(_gemm_fbgemm(lo, w_q, w_scale, 64))
+        y = _gemm_onednn(_to_uint8(hi, 64), w_q, w_scale, 64)
+        return y.add_(_gemm_onednn(_to_uint8(lo, 64), w_q, w_scale, 64))
+    raise ValueError(f"unknown CPU int8 linear engine {engine!r}, expected one of {LINEAR_ENGINES}")
+
+
+def _epilogue(y: torch.Tensor, scale: torch.Tensor, bias, activation: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """``act(y * scale[:, None] + bias)`` in fp32, in place, then ``out_dtype``."""
+    if bias is not None:
+        torch.addcmul(bias.float(), y, scale, out=y)
+    else:
+        y.mul_(scale)
+    y = activate(y, activation, inplace=True)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def linear_int8_reference(x, w_q, w_scale, bias=None, activation="none", static_scale=None, qmax: int = 127):
+    """The same integers through an fp32 GEMM (exact products, ~1e-7 relative sums): the yardstick an
+    engine must match before ``accel.engines`` may choose it."""
+    xf = x.float()
+    scale, inv = act_scale_inv(xf, qmax, static_scale)
+    v = torch.round((xf * inv[:, None]).clamp(-qmax, qmax))
+    y = (v @ w_q.float().t()) * w_scale
+    return _epilogue(y, scale[:, None], bias, activation, torch.float32)
 
 
 def linear_int8_cpu(
@@ -168,81 +315,233 @@ def linear_int8_cpu(
     qmax: int | None = None,
     engine: str | None = None,
 ) -> torch.Tensor:
-    """``act(quant(x) @ w_q^T * x_scale * w_scale + bias)`` for float ``x [M, K]``; float32 out.
+    """``act(quant(x) @ w_q^T * x_scale * w_scale + bias)`` for float ``x [M, K]``, in ``x``'s dtype.
 
     ``x`` is quantized per row (or with ``static_scale``) to ``qmax`` (default :func:`act_qmax`);
-    ``engine`` defaults to :func:`linear_engine`.
+    ``engine`` defaults to :func:`default_linear_engine`. An engine that is not exact for ``qmax``
+    on this machine raises.
     """
     qmax = act_qmax() if qmax is None else qmax
-    engine = linear_engine() if engine is None else engine
     m, k = x.shape
     n = w_q.shape[0]
+    engine = default_linear_engine(qmax, m, k) if engine is None else engine
+    if engine not in exact_engines(qmax, k):
+        raise ValueError(f"CPU int8 linear engine {engine!r} is not exact for activation qmax {qmax}, K={k} on this CPU "
+                         f"(isa {engines.cpu_isa()}, oneDNN {engines.onednn_isa()}); exact here: "
+                         f"{exact_engines(qmax, k)}")
     if m == 0:
-        return x.new_zeros(0, n, dtype=torch.float32)
-    scale, inv = _inv_scale(x, qmax, static_scale)
-    if engine == "fbgemm":
-        # round(x / scale): FBGEMM's per-tensor quantization with scale 1 and zero point qmax+1 keeps
-        # accel's integers. A dynamic scale keeps |x / scale| <= qmax by construction; a static one
-        # saturates, so clamp.
-        xn = torch.mul(x.float(), inv[:, None], out=scratch("int8.xn", m * k, torch.float32).view(m, k))
-        if static_scale is not None:
-            xn.clamp_(-qmax, qmax)
-        xn.round_()  # integers already, so FBGEMM's float "+ zero point" before its rounding is exact
-        packed = _cached("fbgemm_linear", (w_q, w_scale), (), lambda: _fbgemm_pack(w_q, w_scale))
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(xn, 1.0, qmax + 1, packed)
-    elif engine == "onednn":
-        xq = _quantize_u8(x.float(), inv[:, None], qmax, static_scale is not None)
-        packed = _cached("onednn_linear", (w_q,), (), lambda: torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None))
-        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, qmax + 1, packed, w_scale.float(), torch.zeros(n, dtype=torch.int64),
-                                               None, 1.0, 0, torch.float32, "none", [], "")
-    else:
-        raise ValueError(f"unknown CPU int8 linear engine {engine!r}, expected fbgemm or onednn")
+        return x.new_zeros(0, n)
+    xf = x if x.dtype == torch.float32 else x.float()
+    if m == 1 or static_scale is not None:  # one scale for the whole call: fewer, fused ops
+        uniform = _uniform_scale(xf, qmax, static_scale)
+        if uniform is not None:
+            return _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, static_scale is not None,
+                                   x.dtype)
+    scale, inv = act_scale_inv(xf, qmax, static_scale)
+    v = _scaled_rounded(xf, inv[:, None], qmax, static_scale is not None, "int8.v")
+    y = _linear_gemm(engine, v, w_q, w_scale, qmax)
+    return _epilogue(y, scale[:, None], bias, activation, x.dtype)
+
+
+def _uniform_scale(xf: torch.Tensor, qmax: int, static_scale: torch.Tensor | None) -> tuple[float, float] | None:
+    """``(scale, inv)`` as Python floats (exact fp32 values, fp32 IEEE division) when every row of the call
+    shares them (one row, or a static scale) and every value is finite; None otherwise (the per-row
+    path then gives NaN rows their NaN outputs)."""
+    if static_scale is None:
+        a = np.float32(xf.abs().max().item())
+        if not np.isfinite(a):
+            return None
+        if a == 0:
+            return 0.0, 0.0
+        return float(a / np.float32(qmax)), float(np.float32(qmax) / a)
+    if not math.isfinite(xf.sum().item()):  # NaN or inf somewhere (or an overflowing sum): per-row path
+        return None
+    sc = np.float32(static_scale.item())
+    return float(sc), float(np.float32(1.0) / sc)
+
+
+def _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, saturate, out_dtype):
+    scale, inv = uniform
+    m, k = xf.shape
+    v = scratch("int8.v", m * k, torch.float32).view(m, k)
+    torch.mul(xf, inv, out=v)
+    if saturate:
+        v.clamp_(-qmax, qmax)
+    v.round_()
+    if engine == "onednn":  # x scale, bias and the activation fused into oneDNN's epilogue
+        packed = _cached("onednn_linear", (w_q,), (), lambda: _onednn_pack(w_q))
+        post = activation if activation in ("relu", "gelu") else "none"
+        y = torch.ops.onednn.qlinear_pointwise(_to_uint8(v, qmax + 1), scale, qmax + 1, packed, w_scale,
+                                               _zeros_n(w_q.shape[0]), None if bias is None else _f32(bias), 1.0, 0,
+                                               out_dtype if out_dtype in (torch.float32, torch.bfloat16) else
+                                               torch.float32, post, [], "none" if post == "gelu" else "")
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+    y = _linear_gemm(engine, v, w_q, w_scale, qmax)
     if bias is not None:
-        torch.addcmul(bias.float(), y, scale[:, None], out=y)
+        y = torch.add(_f32(bias), y, alpha=scale)
     else:
-        y.mul_(scale[:, None])
-    return activate(y, activation, inplace=True)
+        y.mul_(scale)
+    y = activate(y, activation, inplace=True)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# weight-only and float
+# ---------------------------------------------------------------------------------------------
 def linear_weight_only_cpu(
     x: torch.Tensor,
     w_q: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str = "none",
+    engine: str = "panels",
 ) -> torch.Tensor:
-    """``act((x @ w_q^T) * w_scale + bias)`` in ``x``'s dtype.
-
-    The int8 weight is converted panel by panel into a reused cache-sized buffer (the per-channel
-    scale factors out of the K sum, so it is applied once to the output). Measured on the 2-core
-    AVX2 dev machine, int8 -> fp32 conversion runs at about the speed of reading fp32, so this path
-    is about 1.3x fp32 at M=1 and buys accuracy, not speed, there.
-    """
+    """``act((x @ w_q^T) * w_scale + bias)`` in ``x``'s dtype (see the module docstring)."""
     m, k = x.shape
     n = w_q.shape[0]
+    if engine == "int8pack":
+        if "int8pack" not in weight_only_engines(x.dtype, k):
+            raise ValueError(f"weight-only engine 'int8pack' needs fp32/bf16 x and K a multiple of {INT8PACK_K_MULTIPLE} "
+                             f"(aten._weight_int8pack_mm crashes otherwise), got {x.dtype}, K={k}")
+        xb = x if x.dtype == torch.bfloat16 else x.bfloat16()
+        sb = _cached("int8pack_scale", (w_scale,), (), lambda: w_scale.bfloat16())
+        wc = _cached("int8pack_w", (w_q,), (), lambda: w_q.contiguous())
+        out = torch.ops.aten._weight_int8pack_mm(xb.contiguous(), wc, sb)
+        if bias is not None:
+            out = out.float().add_(bias.float()) if x.dtype == torch.float32 else out.add_(bias.to(out.dtype))
+        out = activate(out, activation, inplace=True)
+        return out.to(x.dtype)
+    if engine != "panels":
+        raise ValueError(f"unknown CPU weight-only engine {engine!r}, expected one of {WEIGHT_ONLY_ENGINES}")
     out = x.new_empty(m, n)
     rows = max(1, WEIGHT_ONLY_PANEL_BYTES // max(1, k * x.element_size()))
+    exact = x.dtype in (torch.float32, torch.float64)  # integer panels: sums of int x float stay in range
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         panel = scratch("int8.w_panel", (n1 - n0) * k, x.dtype).view(n1 - n0, k)
-        panel.copy_(w_q[n0:n1])
+        if exact:
+            panel.copy_(w_q[n0:n1])
+        else:  # fp16/bf16: dequantize the panel in fp32 (int sums would overflow fp16, fp16 scales underflow)
+            panel.copy_(w_q[n0:n1].float().mul_(w_scale[n0:n1, None]))
         torch.mm(x, panel.t(), out=out[:, n0:n1])
-    if bias is not None:
-        torch.addcmul(bias.to(out.dtype), out, w_scale.to(out.dtype), out=out)
-    else:
-        out.mul_(w_scale.to(out.dtype))
+    if exact:
+        ws = w_scale.to(out.dtype)
+        if bias is not None:
+            torch.addcmul(bias.to(out.dtype), out, ws, out=out)
+        else:
+            out.mul_(ws)
+    elif bias is not None:
+        out.add_(bias.to(out.dtype))
     return activate(out, activation, inplace=True)
+
+
+def dequantized(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, memory_format=None) -> torch.Tensor:
+    """The dequantized weight in ``dtype`` (cached with the packed weights): the ``float`` form's weight."""
+    def build():
+        w = dequantize_weight(w_q, w_scale).to(dtype)
+        return w if memory_format is None else w.contiguous(memory_format=memory_format)
+
+    return _cached("dequantized", (w_q, w_scale), (dtype, memory_format), build)
+
+
+def linear_float_cpu(x, w_q, w_scale, bias=None, activation: str = "none") -> torch.Tensor:
+    """The float form: ``act(F.linear(x, dequant(W), bias))`` in ``x``'s dtype."""
+    w = dequantized(w_q, w_scale, x.dtype)
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return activate(y, activation, inplace=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Conv2d
 # ---------------------------------------------------------------------------------------------
+def conv_output_hw(h, w, kh, kw, stride, padding, dilation) -> tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _pad_only(n: int, k: int, s: int, p: int, d: int) -> bool:
+    """Some output index along a dim reads only zero padding (its taps all fall outside the input)."""
+    o = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return any(not any(0 <= i * s - p + j * d < n for j in range(k)) for i in range(o))
+
+
+@functools.lru_cache(maxsize=4096)
+def onednn_conv_ok(c: int, h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> bool:
+    """Whether ``onednn::qconv2d_pointwise`` (torch 2.13, oneDNN 3.12) computes this geometry correctly.
+
+    Probed over ~210,000 geometries (no failure outside these rules, all ISAs; several crash the
+    process, so they must be routed before the call), it is wrong or crashes when:
+
+    * S: the output is one column wide with stride_w > 1 (and, conservatively here, any 1-wide or
+      1-high output);
+    * P: some output row or column reads only zero padding (uninitialised accumulators, SIGSEGV);
+    * K: a 1-wide kernel without W padding, with H padding, and an output width divisible by 16 (AMX);
+      routed in both orientations;
+    * X: dilation > 1 and padding > 0 in the same dim (AMX: wrong values, heap corruption);
+    * also (conservatively) a single input channel and inputs at most 2 pixels high or wide.
+
+    Such calls go to the ``im2col`` engine, which is exact for every geometry. Common layers (3x3
+    padding 1, 1x1, 7x7 stride 2) match none of the rules.
+    """
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    oh, ow = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
+    if c <= 1 or oh <= 1 or ow <= 1 or min(h, w) <= 2:
+        return False
+    if _pad_only(h, kh, stride[0], padding[0], dilation[0]) or _pad_only(w, kw, stride[1], padding[1], dilation[1]):
+        return False  # P
+    if (kw == 1 and padding[1] == 0 and padding[0] > 0 and ow % 16 == 0) or \
+            (kh == 1 and padding[0] == 0 and padding[1] > 0 and oh % 16 == 0):
+        return False  # K
+    if (dilation[0] > 1 and padding[0] > 0) or (dilation[1] > 1 and padding[1] > 0):
+        return False  # X
+    return True
+
+
 def _onednn_conv_weight(w_q, w_scale, zero_point, stride, padding, dilation):
     def build():
-        return torch.ops.onednn.qconv_prepack(w_q.contiguous(), w_scale.float(), 1.0, zero_point, list(stride),
+        return torch.ops.onednn.qconv_prepack(w_q.contiguous(), w_scale, 1.0, zero_point, list(stride),
                                               list(padding), list(dilation), 1, None)
 
     return _cached("onednn_conv", (w_q, w_scale), (zero_point, tuple(stride), tuple(padding), tuple(dilation)), build)
+
+
+def _im2col_u8(u8: torch.Tensor, kh, kw, stride, padding, dilation, zp: int) -> torch.Tensor:
+    """``[B*OH*OW, KH*KW*C]`` uint8 patches of the NHWC uint8 ``u8 [B, H, W, C]`` (padding holds ``zp``,
+    the quantized zero). A 1x1 conv without padding is a strided view (copied only if strided)."""
+    b, h, w, c = u8.shape
+    oh, ow = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
+    if padding[0] or padding[1]:
+        p = torch.full((b, h + 2 * padding[0], w + 2 * padding[1], c), zp, dtype=torch.uint8)
+        p[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = u8
+        u8 = p
+    sb, sh, sw, sc = u8.stride()
+    patches = u8.as_strided((b, oh, ow, kh, kw, c),
+                            (sb, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc))
+    return patches.reshape(b * oh * ow, kh * kw * c)
+
+
+def _conv_gemm(engine: str, v, w_q, w_scale, zp: int, stride, padding, dilation) -> torch.Tensor:
+    """fp32 ``conv(q, w_q) * w_scale`` for the rounded float integers ``v [B, C, H, W]`` (zero point ``zp``)."""
+    b, c, h, w = v.shape
+    o, _, kh, kw = w_q.shape
+    if engine == "onednn":
+        # the uint8 input stays in x's memory format: oneDNN reorders uint8 faster than we convert fp32 layouts
+        return torch.ops.onednn.qconv2d_pointwise(
+            _to_uint8(v, zp), 1.0, zp, _onednn_conv_weight(w_q, w_scale, zp, stride, padding, dilation), w_scale,
+            _zeros_n(o), None, list(stride), list(padding), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "")
+    if engine == "im2col":
+        u8 = _to_uint8(v.permute(0, 2, 3, 1), zp)  # NHWC
+        oh, ow = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
+        cols = _im2col_u8(u8, kh, kw, stride, padding, dilation, zp)
+        w2 = _cached("im2col_w", (w_q,), (), lambda: w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c).contiguous())
+        y2 = _gemm_onednn(cols, w2, w_scale, zp)  # [B*OH*OW, O]
+        return y2.view(b, oh, ow, o).permute(0, 3, 1, 2)
+    raise ValueError(f"unknown CPU int8 conv engine {engine!r}, expected one of {CONV_ENGINES}")
 
 
 def conv2d_int8_cpu(
@@ -256,20 +555,38 @@ def conv2d_int8_cpu(
     activation: str = "none",
     static_scale: torch.Tensor | None = None,
     qmax: int | None = None,
+    engine: str = "im2col",
 ) -> torch.Tensor:
     """Int8 conv of float ``x [B, C, H, W]`` (any memory format) quantized per image (or with
-    ``static_scale``); returns float32 ``[B, O, OH, OW]`` in channels_last memory format."""
+    ``static_scale``); returns ``x``'s dtype, ``[B, O, OH, OW]`` in channels_last memory format."""
     qmax = act_qmax() if qmax is None else qmax
-    scale, inv = _inv_scale(x, qmax, static_scale)
-    # the uint8 input stays in x's memory format: oneDNN reorders uint8 faster than we convert fp32 layouts
-    xq = _quantize_u8(x.float(), inv[:, None, None, None], qmax, static_scale is not None)
-    zero = torch.zeros(w_q.shape[0], dtype=torch.int64)
-    y = torch.ops.onednn.qconv2d_pointwise(
-        xq, 1.0, qmax + 1, _onednn_conv_weight(w_q, w_scale, qmax + 1, stride, padding, dilation), w_scale.float(),
-        zero, None, list(stride), list(padding), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "",
-    )
-    if bias is not None:
-        torch.addcmul(bias.float()[None, :, None, None], y, scale[:, None, None, None], out=y)
+    if engine not in conv_engines(qmax):
+        raise ValueError(f"CPU int8 conv engine {engine!r} is not available/exact for activation qmax {qmax} on this "
+                         f"CPU (oneDNN {engines.onednn_isa()}); exact here: {conv_engines(qmax)}")
+    b, c, h, w = x.shape
+    o, _, kh, kw = w_q.shape
+    base, split = engine.removesuffix("_split"), engine.endswith("_split")
+    if base == "onednn" and not onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
+        raise ValueError(f"oneDNN's int8 conv is wrong for C={c}, input {h}x{w}, kernel {kh}x{kw}, stride {list(stride)}, "
+                         f"padding {list(padding)}, dilation {list(dilation)}; use the 'im2col' engine")
+    xf = x if x.dtype == torch.float32 else x.float()
+    scale, inv = act_scale_inv(xf, qmax, static_scale)
+    v = _scaled_rounded(xf, inv[:, None, None, None], qmax, static_scale is not None, "int8.conv_v")
+    if split:
+        hi, lo = _split(v)
+        y = _conv_gemm(base, hi, w_q, w_scale, 64, stride, padding, dilation)
+        y = y.add_(_conv_gemm(base, lo, w_q, w_scale, 64, stride, padding, dilation))
     else:
-        y.mul_(scale[:, None, None, None])
-    return activate(y, activation, inplace=True)
+        y = _conv_gemm(base, v, w_q, w_scale, qmax + 1, stride, padding, dilation)
+    y = _epilogue(y, scale[:, None, None, None], None if bias is None else bias.float()[None, :, None, None],
+                  activation, torch.float32)
+    return y.to(x.dtype, memory_format=torch.channels_last)
+
+
+def conv2d_float_cpu(x, w_q, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                     activation: str = "none") -> torch.Tensor:
+    """The float form: the dequantized conv in ``x``'s dtype, channels_last (oneDNN's fast layout)."""
+    w = dequantized(w_q, w_scale, x.dtype, torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(xc, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+    return activate(y, activation, inplace=True).contiguous(memory_format=torch.channels_last)

@@ -27,7 +27,8 @@ def scratch(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         bufs = _local.bufs = {}
     buf = bufs.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=dtype)
         bufs[(slot, dtype)] = buf
     return buf[:numel]
 

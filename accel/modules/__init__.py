@@ -1,4 +1,4 @@
-from .quant_linear import QuantConv2d, QuantLinear
+from .quant_linear import QuantConv2d, QuantEmbedding, QuantLinear
 from .sparse_linear import SparseLinear
 
-__all__ = ["QuantConv2d", "QuantLinear", "SparseLinear"]
+__all__ = ["QuantConv2d", "QuantEmbedding", "QuantLinear", "SparseLinear"]

@@ -6,51 +6,66 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..formats import BLOCK_SIZES, BSRMatrix, as_block_mask, block_grid, block_norms, expand_block_mask, topk_block_mask
-from ..ops.bsr_linear import bsr_linear
-
-#: Above this block density the sparse kernels stop paying and ``mode="auto"`` keeps the layer
-#: dense (masked). Measured on the CPU path with ``python -m bench.bsr_microbench --densities 0.7 0.6
-#: 0.5 0.4`` (4096x4096, block 32, 2-core AMD EPYC, cold caches): the sparse path is at least as
-#: fast as dense fp32 at M in {1, 16, 256} up to density 0.4 (M=256: 1.06x) and loses at M=256
-#: from 0.5 (0.87x). GPU break-even is not yet measured.
-DENSE_ABOVE_DENSITY = 0.4
+from ..formats import (
+    BSRMatrix,
+    as_block_mask,
+    block_grid,
+    block_norms,
+    check_block_size,
+    check_bsr,
+    expand_block_mask,
+    topk_block_mask,
+)
+from ..ops.bsr_linear import module_bsr_linear
 
 MODES = ("auto", "sparse", "dense")
+
+
+def _check_size(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"SparseLinear: {name} must be an int >= 0, got {v!r}")
+    return v
 
 
 class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` stored as block-sparse rows (``accel.formats``).
 
-    Two storage modes:
+    Modes:
 
-    * ``"sparse"``: parameter ``values [nnz, B, B]`` and buffers ``crow_indices``/``col_indices``;
-      runs the Triton kernel on CUDA and the PyTorch BSR path on CPU; gradients reach only the
-      stored blocks.
+    * ``"auto"`` (default) and ``"sparse"`` store parameter ``values [nnz, B, B]`` and buffers
+      ``crow_indices`` / ``col_indices``, and train through the block-sparse kernels (gradients reach
+      only the stored blocks). In inference on the CPU, ``"sparse"`` runs the block-sparse strategy
+      ``accel.engines`` measured fastest for this shape and batch bucket; ``"auto"`` may also run the
+      densified weight (cached) where the sparse kernels do not pay on this machine, so an ``auto``
+      layer is never slower than dense at a batch size it has run. On CUDA: the Triton kernels.
     * ``"dense"``: parameter ``weight [N, K]`` (pruned blocks zero) and buffer ``block_mask``; runs
       ``F.linear``. When the weight needs a gradient the mask is applied in the forward, so pruned
       blocks stay zero under training.
 
-    ``mode="auto"`` picks ``"dense"`` when the block density exceeds :data:`DENSE_ABOVE_DENSITY`.
-    The state dict carries the mode, so loading restores the same layout and resizes ``values`` to
-    the stored number of blocks.
+    The state dict carries the mode; loading validates the incoming block structure (and leaves
+    the module unchanged when it is invalid), restores the layout and resizes ``values`` to the
+    stored number of blocks.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 32, *,
-                 device=None, dtype=None) -> None:
+                 mode: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.block_size = block_size
-        self.mode = "sparse"
+        self.in_features = _check_size("in_features", in_features)
+        self.out_features = _check_size("out_features", out_features)
+        self.block_size = check_block_size(block_size, "SparseLinear: block_size")
+        if mode not in MODES:
+            raise ValueError(f"SparseLinear: mode must be one of {MODES}, got {mode!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"SparseLinear: dtype must be a floating dtype, got {dtype}")
+        self.mode = "sparse" if mode == "dense" else mode  # an empty weight starts sparse; _set_structure sets dense
         nbr, _ = block_grid((out_features, in_features), block_size)
         # an all-pruned weight until from_dense / load_state_dict fills it in
         self.values = nn.Parameter(torch.empty(0, block_size, block_size, device=device, dtype=dtype))
         self.register_buffer("crow_indices", torch.zeros(nbr + 1, dtype=torch.int64, device=device))
         self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        if mode == "dense":
+            self._set_structure(self.bsr(), "dense")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -67,8 +82,8 @@ class SparseLinear(nn.Module):
         """Convert ``linear``. Blocks to keep come from exactly one of:
 
         * ``sparsity``: drop that fraction of blocks with the smallest L``norm`` block norm;
-        * ``mask``: an elementwise ``[N, K]`` mask (zeroed elements stay zero; a block is kept if any
-          element is) or a ``[ceil(N/B), ceil(K/B)]`` block mask;
+        * ``mask``: a binary (bool, or only 0/1) elementwise ``[N, K]`` mask (zeroed elements stay
+          zero; a block is kept if any element is) or a ``[ceil(N/B), ceil(K/B)]`` block mask;
         * neither: the blocks of ``linear.weight`` that hold any nonzero.
         """
         if not isinstance(linear, nn.Linear):
@@ -77,13 +92,18 @@ class SparseLinear(nn.Module):
             raise ValueError("pass either sparsity or mask, not both")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_block_size(block, "SparseLinear.from_dense: block")
+        if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0):
+            raise ValueError(f"SparseLinear.from_dense: sparsity must be in [0, 1], got {sparsity!r}")
         w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError(f"SparseLinear.from_dense: the weight {tuple(w.shape)} holds NaN/inf")
         shape = (linear.out_features, linear.in_features)
         if mask is not None:
             mask = mask.to(w.device)
             block_mask = as_block_mask(mask, shape, block)
             if tuple(mask.shape) == shape:
-                w = w * mask.to(w.dtype)
+                w = torch.where(mask.bool(), w, torch.zeros((), dtype=w.dtype, device=w.device))
         elif sparsity is not None:
             block_mask = topk_block_mask(block_norms(w, block, p=norm), sparsity)
         else:
@@ -93,8 +113,6 @@ class SparseLinear(nn.Module):
                 device=w.device, dtype=w.dtype)
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
-        if mode == "auto":
-            mode = "dense" if bsr.density > DENSE_ABOVE_DENSITY else "sparse"
         m._set_structure(bsr, mode)
         return m
 
@@ -106,7 +124,7 @@ class SparseLinear(nn.Module):
             if name in self._buffers:
                 del self._buffers[name]
         self.mode = mode
-        if mode == "sparse":
+        if mode != "dense":
             self.values = nn.Parameter(bsr.values.contiguous())
             self.register_buffer("crow_indices", bsr.crow_indices)
             self.register_buffer("col_indices", bsr.col_indices)
@@ -114,10 +132,15 @@ class SparseLinear(nn.Module):
             self.weight = nn.Parameter(bsr.to_dense().contiguous())
             self.register_buffer("block_mask", bsr.block_mask())
 
+    @property
+    def storage(self) -> str:
+        """"sparse" (values + indices) or "dense" (masked weight)."""
+        return "dense" if self.mode == "dense" else "sparse"
+
     # ------------------------------------------------------------------ views of the weight
     def bsr(self) -> BSRMatrix:
         shape = (self.out_features, self.in_features)
-        if self.mode == "sparse":
+        if self.storage == "sparse":
             return BSRMatrix(self.values.detach(), self.crow_indices, self.col_indices, shape, self.block_size)
         return BSRMatrix.from_dense(self.weight.detach(), self.block_size, self.block_mask)
 
@@ -127,7 +150,7 @@ class SparseLinear(nn.Module):
     @property
     def density(self) -> float:
         nbr, nbc = block_grid((self.out_features, self.in_features), self.block_size)
-        kept = self.values.shape[0] if self.mode == "sparse" else int(self.block_mask.sum())
+        kept = self.values.shape[0] if self.storage == "sparse" else int(self.block_mask.sum())
         return kept / (nbr * nbc) if nbr * nbc else 1.0
 
     def to_linear(self) -> nn.Linear:
@@ -141,9 +164,10 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "sparse":
-            return bsr_linear(x, self.values, self.crow_indices, self.col_indices,
-                              (self.out_features, self.in_features), self.bias)
+        if self.storage == "sparse":
+            p, b = self._parameters, self._buffers
+            return module_bsr_linear(x, p["values"], b["crow_indices"], b["col_indices"],
+                                     (self.out_features, self.in_features), p.get("bias"), self.mode == "auto")
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             w = w * expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)).to(w.dtype)
@@ -159,29 +183,82 @@ class SparseLinear(nn.Module):
         theirs = (state["block_size"], state["in_features"], state["out_features"])
         if mine != theirs:
             raise ValueError(f"SparseLinear state is for (block, in, out) = {theirs}, this module is {mine}")
+        self.mode = state["mode"]
+
+    def _incoming_error(self, state_dict, prefix) -> str | None:
+        """Why the incoming state cannot be loaded (None if it can): checked before anything changes."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is None:
+            return "missing _extra_state (mode, block size, shape)"
+        if not isinstance(extra, dict) or extra.get("mode") not in MODES:
+            return f"bad _extra_state {extra!r}"
+        mine = (self.block_size, self.in_features, self.out_features)
+        theirs = (extra.get("block_size"), extra.get("in_features"), extra.get("out_features"))
+        if mine != theirs:
+            return f"state is for (block, in, out) = {theirs}, this module is {mine}"
+        has_bias = (prefix + "bias") in state_dict
+        if has_bias != (self.bias is not None):
+            return f"bias {'present' if has_bias else 'missing'} in the state, but this module has " \
+                   f"{'a' if self.bias is not None else 'no'} bias"
+        bs = self.block_size
+        shape = (self.out_features, self.in_features)
+        nbr, nbc = block_grid(shape, bs)
+        if extra["mode"] == "dense":
+            w, bm = state_dict.get(prefix + "weight"), state_dict.get(prefix + "block_mask")
+            if w is None or bm is None:
+                return "dense state needs 'weight' and 'block_mask'"
+            if tuple(w.shape) != shape or not w.is_floating_point():
+                return f"weight must be a float {shape}, got {w.dtype} {tuple(w.shape)}"
+            if tuple(bm.shape) != (nbr, nbc) or bm.dtype != torch.bool:
+                return f"block_mask must be bool {(nbr, nbc)}, got {bm.dtype} {tuple(bm.shape)}"
+            return None
+        values = state_dict.get(prefix + "values")
+        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+        if values is None or crow is None or col is None:
+            missing = [n for n, t in (("values", values), ("crow_indices", crow), ("col_indices", col)) if t is None]
+            return f"sparse state is missing {missing}"
+        if values.dim() != 3 or tuple(values.shape[1:]) != (bs, bs) or not values.is_floating_point():
+            return f"values must be float [nnz, {bs}, {bs}], got {values.dtype} {tuple(values.shape)}"
+        try:
+            check_bsr(crow, col, values.shape[0], shape, bs, "SparseLinear state")
+        except ValueError as e:
+            return str(e)
+        return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # Validate the whole incoming state first: a failed load leaves this module exactly as it was.
+        why = self._incoming_error(state_dict, prefix)
+        if why is not None:
+            error_msgs.append(f"SparseLinear {prefix.rstrip('.') or '(root)'}: {why}")
+            return
         # The number of stored blocks and the mode are data: shape this module like the incoming state
-        # (with zero placeholders) so the parent loader can copy into it.
-        extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None and extra.get("mode") in ("sparse", "dense"):
-            values = state_dict.get(prefix + "values")
-            nnz = values.shape[0] if extra["mode"] == "sparse" and values is not None else 0
-            ref = self.values if self.mode == "sparse" else self.weight
-            bs = self.block_size
-            nbr, _ = block_grid((self.out_features, self.in_features), bs)
-            placeholder = BSRMatrix(
-                torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
-                torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
-                torch.zeros(nnz, dtype=torch.int64, device=ref.device),
-                (self.out_features, self.in_features), bs,
-            )
-            self._set_structure(placeholder, extra["mode"])
+        # (with placeholders in this module's dtype/device) so the parent loader can copy into it.
+        extra = state_dict[prefix + "_extra_state"]
+        ref = self.values if self.storage == "sparse" else self.weight
+        bs = self.block_size
+        nbr, _ = block_grid((self.out_features, self.in_features), bs)
+        nnz = state_dict[prefix + "values"].shape[0] if extra["mode"] != "dense" else 0
+        placeholder = BSRMatrix(
+            torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
+            torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
+            torch.zeros(nnz, dtype=torch.int64, device=ref.device),
+            (self.out_features, self.in_features), bs,
+        )
+        saved = (dict(self._parameters), dict(self._buffers), self.mode)
+        self._set_structure(placeholder, extra["mode"])
+        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) > n_errors:  # restore the old structure
+            self._parameters.clear()
+            self._parameters.update(saved[0])
+            self._buffers.clear()
+            self._buffers.update(saved[1])
+            self.mode = saved[2]
+        elif self.storage == "sparse" and self.crow_indices.dtype != torch.int64:
+            self.crow_indices = self.crow_indices.long()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"block_size={self.block_size}, density={self.density:.3f}, mode={self.mode}")
-

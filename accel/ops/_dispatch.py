@@ -7,9 +7,9 @@ the GPU code path end to end.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..engines import env
 
 try:
     from .. import kernels
@@ -22,7 +22,7 @@ def use_triton(x: torch.Tensor, what: str) -> bool:
         if kernels is None:
             raise RuntimeError(f"{what}: CUDA input but triton is not installed")
         return True
-    if os.environ.get("ACCEL_FORCE_TRITON", "0") == "1":
+    if env("ACCEL_FORCE_TRITON") == "1":
         if kernels is None or not kernels.INTERPRET:
             raise RuntimeError("ACCEL_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
         return True

@@ -9,7 +9,13 @@ sees opaque calls with correct shapes:
 
 Each op body calls :func:`_dispatch`, the one place that chooses the implementation: the Triton
 kernel for CUDA tensors, the PyTorch path of ``accel.cpu.bsr`` for CPU tensors (see
-``accel.ops._dispatch``).
+``accel.ops._dispatch``). On the CPU the forward's strategy (gather / panels / rows, or with
+``allow_dense`` the densified weight) is the one ``accel.engines`` measured fastest for this
+shape, density, bucket of rows and dtype on the running machine.
+
+The block structure is checked (``accel.formats.check_bsr``) before any kernel runs: a corrupt
+``crow_indices`` / ``col_indices`` raises a ValueError instead of reading out of bounds. The check
+is cached per index tensor (identity, version), so it costs microseconds after the first call.
 """
 
 from __future__ import annotations
@@ -18,18 +24,88 @@ import math
 
 import torch
 
+from .. import engines
 from ..cpu import bsr as cpu_bsr
-from ..formats import bsr_row_indices, bsr_transpose_structure
+from ..cpu.packcache import cached, drop
+from ..formats import (
+    block_grid,
+    bsr_row_indices,
+    bsr_to_dense,
+    bsr_transpose_structure,
+    check_block_size,
+    check_bsr_cached,
+)
 from ._dispatch import needs_op, use_triton
 
+#: SQNR (dB) a CPU strategy must reach against the fp32 dense product before it can be chosen
+#: (the strategies differ only in summation order: fp32 > 100 dB, bf16/fp16 ~45-50 dB)
+MIN_SQNR = {torch.float32: 80.0, torch.float64: 150.0, torch.float16: 30.0, torch.bfloat16: 30.0}
 
-def _dispatch(name: str, *args, **kwargs) -> torch.Tensor:
+
+def transposed_structure(crow: torch.Tensor, col: torch.Tensor, n_block_cols: int):
+    """``bsr_transpose_structure`` cached with the block structure (an argsort, and a host sync on CUDA,
+    that would otherwise run on every backward); re-built when the indices change."""
+    return cached("bsr_transposed", (crow, col), (n_block_cols,),
+                  lambda: bsr_transpose_structure(crow, col, n_block_cols))
+
+
+def _dense_weight(values, crow, col, out_features, in_features, dtype):
+    return cached("bsr_dense", (values, crow, col), (out_features, in_features, dtype),
+                  lambda: bsr_to_dense(values.detach(), crow, col, (out_features, in_features)).to(dtype).contiguous())
+
+
+def _cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: bool) -> str:
+    m, k = x.shape
+    bs, nnz = values.shape[1], values.shape[0]
+    parts = (out_features, k, bs, nnz, engines.m_bucket(m), x.dtype, allow_dense)
+    return engines.memo("bsr_linear", parts, lambda: _choose_cpu_strategy(x, values, crow, col, out_features, bias,
+                                                                  allow_dense))
+
+
+def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: bool) -> str:
+    m, k = x.shape
+    bs, nnz = values.shape[1], values.shape[0]
+    nbr, nbc = block_grid((out_features, k), bs)
+    density = nnz / (nbr * nbc) if nbr * nbc else 1.0
+    key = (f"bsr_linear|n={out_features}|k={k}|b={bs}|d={round(density * 40) / 40:.3f}|m={engines.m_bucket(m)}"
+           f"|dt={str(x.dtype)[6:]}|dense={int(allow_dense)}")
+    allowed = cpu_bsr.STRATEGIES + (("dense",) if allow_dense else ())
+
+    def run(e):
+        if e == "dense":
+            w = _dense_weight(values, crow, col, out_features, k, x.dtype)
+            return torch.nn.functional.linear(x, w, bias)
+        return cpu_bsr.bsr_dense_mm_cpu(x, values, crow, col, out_features, bias, strategy=e)
+
+    def candidates():
+        return {e: (lambda e=e: run(e)) for e in allowed}
+
+    def reference():
+        w = bsr_to_dense(values.detach().float(), crow, col, (out_features, k))
+        return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+
+    choice = engines.choose("bsr_linear", key, candidates, default=cpu_bsr.pick_strategy(m), reference=reference,
+                            min_sqnr=MIN_SQNR.get(x.dtype), allowed=allowed)
+    if allow_dense and choice != "dense":
+        drop("bsr_dense", (values, crow, col), (out_features, k, x.dtype))  # measured, not kept: free it
+    return choice
+
+
+def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Tensor:
     """Run op ``name`` ("bsr_dense_mm" or "bsr_sddmm") on Triton or the CPU path."""
     if use_triton(args[0], "bsr_linear"):
         from ..kernels import bsr_matmul
 
         return getattr(bsr_matmul, name)(*args, **kwargs)
     kwargs.pop("allow_tf32", None)
+    if name == "bsr_dense_mm" and "strategy" not in kwargs and "block_index" not in kwargs:
+        x, values, crow, col, out_features, bias = args[:6]
+        if x.shape[0] and values.shape[0] and x.shape[1]:
+            strategy = _cpu_strategy(x, values, crow, col, out_features, bias, allow_dense)
+            if strategy == "dense":
+                w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
+                return torch.nn.functional.linear(x, w, bias)
+            kwargs["strategy"] = strategy
     return getattr(cpu_bsr, name + "_cpu")(*args, **kwargs)
 
 
@@ -49,12 +125,14 @@ def _bsr_linear_op(
     out_features: int,
     bias: torch.Tensor | None,
     allow_tf32: bool,
+    allow_dense: bool = False,
 ) -> torch.Tensor:
-    return _dispatch("bsr_dense_mm", x, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32)
+    return _dispatch("bsr_dense_mm", x, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
+                     allow_dense=allow_dense)
 
 
 @_bsr_linear_op.register_fake
-def _(x, values, crow_indices, col_indices, out_features, bias, allow_tf32):
+def _(x, values, crow_indices, col_indices, out_features, bias, allow_tf32, allow_dense=False):
     _check_fake(x, values, crow_indices, col_indices, out_features)
     return x.new_empty(x.shape[0], out_features)
 
@@ -69,7 +147,7 @@ def _bsr_linear_dx_op(
     allow_tf32: bool,
 ) -> torch.Tensor:
     bs = values.shape[1]
-    crow_t, col_t, block_index = bsr_transpose_structure(crow_indices, col_indices, math.ceil(in_features / bs))
+    crow_t, col_t, block_index = transposed_structure(crow_indices, col_indices, math.ceil(in_features / bs))
     return _dispatch(
         "bsr_dense_mm", dy, values, crow_t, col_t, in_features, None,
         blocks_transposed=True, block_index=block_index, allow_tf32=allow_tf32,
@@ -86,7 +164,16 @@ def _bsr_sddmm_op(
     dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, block_size: int,
     allow_tf32: bool,
 ) -> torch.Tensor:
-    rows = bsr_row_indices(crow_indices, col_indices)
+    rows = cached("bsr_rows", (crow_indices, col_indices), (), lambda: bsr_row_indices(crow_indices, col_indices))
+    if use_triton(dy, "bsr_linear"):
+        from ..kernels import bsr_matmul
+
+        nbr = crow_indices.numel() - 1
+        group = bsr_matmul.sddmm_group(block_size, block_size)
+        groups = cached("bsr_sddmm_groups", (crow_indices, col_indices), (group,),
+                        lambda: bsr_matmul.sddmm_groups(rows, nbr, group, sorted_rows=True))
+        return bsr_matmul.bsr_sddmm(dy, x, rows, col_indices, block_size, allow_tf32=allow_tf32, group=group,
+                                    groups=groups)
     return _dispatch("bsr_sddmm", dy, x, rows, col_indices, block_size, allow_tf32=allow_tf32)
 
 
@@ -96,7 +183,7 @@ def _(dy, x, crow_indices, col_indices, block_size, allow_tf32):
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, crow, col, out_features, bias, allow_tf32 = inputs
+    x, values, crow, col, out_features, bias, allow_tf32 = inputs[:7]
     ctx.save_for_backward(x, values, crow, col)
     ctx.has_bias = bias is not None
     ctx.allow_tf32 = allow_tf32
@@ -112,7 +199,7 @@ def _backward(ctx, dy):
         dvalues = _bsr_sddmm_op(dy, x, crow, col, values.shape[1], ctx.allow_tf32)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         dbias = dy.sum(0)
-    return dx, dvalues, None, None, None, dbias, None
+    return dx, dvalues, None, None, None, dbias, None, None
 
 
 _bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -125,15 +212,18 @@ def bsr_linear(
     col_indices: torch.Tensor,
     shape: tuple[int, int],
     bias: torch.Tensor | None = None,
+    *,
+    allow_dense: bool = False,
 ) -> torch.Tensor:
     """``x[..., K] @ W^T + bias`` with ``W`` of ``shape = (N, K)`` in BSR form (see ``accel.formats``).
 
-    Raises ``TypeError``/``ValueError`` naming the offending dtype, device or shape.
+    ``allow_dense``: on the CPU, run the densified weight where that measures faster (``auto``).
+    Raises ``TypeError``/``ValueError`` naming the offending dtype, device, shape or broken index.
     """
     out_features, in_features = shape
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"bsr_linear: values must be [nnz, B, B], got shape {tuple(values.shape)}")
-    bs = values.shape[1]
+    bs = check_block_size(int(values.shape[1]), "bsr_linear: block size (values.shape[1])")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"bsr_linear: x must have shape [..., {in_features}], got {tuple(x.shape)}")
     if x.dtype != values.dtype:
@@ -149,11 +239,30 @@ def bsr_linear(
         )
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bsr_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if not torch.compiler.is_compiling():
+        check_bsr_cached(crow_indices, col_indices, values.shape[0], (out_features, in_features), bs, "bsr_linear")
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(math.prod(lead), in_features)
     if needs_op(x2, values, bias):
-        y = _bsr_linear_op(x2, values, crow_indices, col_indices, out_features, bias, allow_tf32)
+        y = _bsr_linear_op(x2, values, crow_indices, col_indices, out_features, bias, allow_tf32, allow_dense)
     else:
-        y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32)
+        y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
+                      allow_dense=allow_dense)
     return y.view(*lead, out_features)
+
+
+def module_bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      shape: tuple[int, int], bias: torch.Tensor | None, allow_dense: bool) -> torch.Tensor:
+    """:func:`bsr_linear` for a ``SparseLinear``'s own parameters: ``x`` and the (cached) structure check
+    only, so a call costs a few microseconds more than its strategy."""
+    out_features, in_features = shape
+    if needs_op(x, values, bias) or x.dtype != values.dtype or x.device != values.device or x.dim() == 0 or \
+            x.shape[-1] != in_features:
+        return bsr_linear(x, values, crow_indices, col_indices, shape, bias, allow_dense=allow_dense)
+    check_bsr_cached(crow_indices, col_indices, values.shape[0], shape, values.shape[1], "bsr_linear")
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), in_features)
+    y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
+                  allow_dense=allow_dense)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)

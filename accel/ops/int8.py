@@ -1,74 +1,247 @@
-"""int8 Linear and Conv2d ops: dynamic or static activation quantization, or weight-only.
+"""int8 Linear and Conv2d ops: dynamic or static activation quantization, weight-only, or ``auto``.
 
-Three custom ops (``torch.library.custom_op`` + ``register_fake``), each with one dispatch point:
+Two custom ops (``torch.library.custom_op`` + ``register_fake``), each with one dispatch point:
 
-* ``accel::int8_linear``: quantize ``x`` per token (or with a static scale), int8 GEMM, fused
-  dequant + bias + activation. CUDA: ``quantize_rows`` + ``int8_mm`` (qmax 127). CPU:
-  ``accel.cpu.int8.linear_int8_cpu`` (FBGEMM; qmax from ``act_qmax()``).
-* ``accel::int8_weight_only_linear``: float ``x`` times the int8 weight. CUDA: ``int8_mm`` with
-  float ``a``. CPU: ``linear_weight_only_cpu``.
-* ``accel::int8_conv2d``: quantize ``x`` per image (or static), implicit-GEMM int8 conv. CUDA:
-  ``int8_conv2d``. CPU: ``conv2d_int8_cpu`` (oneDNN).
+* ``accel::int8_linear(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)``, ``mode``:
 
-Outputs have ``x``'s dtype. The int8 weights are frozen buffers; gradients reach ``x`` straight
-through the quantization (``dx = dy @ dequant(W)``, the transposed conv for Conv2d), so an int8
-layer can sit inside a model that still trains elsewhere. A fused GELU has no backward here (it
-would need the pre-activation): such a layer raises when a gradient is needed. To train the int8
-layers themselves, use fake quantization (``accel.qat``) and convert.
+  - ``"dynamic"`` / ``"static"``: quantize ``x`` per token (or with the static ``act_scale``), int8
+    GEMM, fused dequant + bias + activation. CUDA: ``quantize_rows`` + ``int8_mm``. CPU: the engine
+    ``accel.engines`` picks for this shape on this machine (``accel.cpu.int8``: FBGEMM, oneDNN,
+    ``torch._int_mm``, ...);
+  - ``"weight_only"``: float ``x`` times the int8 weight (CUDA ``int8_mm`` with float ``a``; CPU
+    converted panels or ``_weight_int8pack_mm``);
+  - ``"auto"``: the fastest of dynamic, weight-only and float (the dequantized weight) for this
+    shape and number of tokens, measured on this machine (a layer of a model keeps one decision
+    per batch-size bucket).
+
+* ``accel::int8_conv2d(..., mode, act_qmax)``: quantize ``x`` per image (or static), int8 conv;
+  ``mode="auto"`` may run the dequantized float conv where that is faster here.
+
+``act_qmax`` is the activation range (127 or 63; 0: this machine's native range, see
+``accel.engines.native_act_qmax``). Outputs have ``x``'s dtype. The int8 weights are frozen
+buffers; gradients reach ``x`` straight through the quantization (``dx = dy @ dequant(W)``, the
+transposed conv for Conv2d). A fused GELU has no backward here (it would need the pre-activation):
+such a layer raises when a gradient is needed. To train int8 layers, use ``accel.qat``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .. import engines
 from ..cpu import int8 as cpu_int8
 from ..quant import ACTIVATIONS, QMAX, dequantize_weight
 from ._dispatch import needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LINEAR_MODES = ("dynamic", "static", "weight_only", "auto")
+CONV_MODES = ("int8", "auto")
+#: CUDA ``auto`` without a measurement: weight-only int8 up to this many tokens, dynamic above
+CUDA_WEIGHT_ONLY_MAX_M = 16
+#: SQNR (dB) an engine's output must reach against the exact reference before it can be chosen:
+#: exact integer engines give > 100 dB; weight-only with bf16 activations ~50 dB
+EXACT_SQNR = 60.0
+WEIGHT_ONLY_SQNR = 45.0
 
 
 def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
 
+def _qmax(act_qmax: int) -> int:
+    return act_qmax if act_qmax else engines.native_act_qmax()
+
+
+# ---------------------------------------------------------------------------------------------
+# engine choice (CPU): one key per (op, shape, bucket of rows, dtype, qmax); see accel.engines
+# ---------------------------------------------------------------------------------------------
+def _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax) -> str:
+    n, k = w_q.shape
+    m = x.shape[0]
+    return engines.memo("int8_linear", (n, k, engines.m_bucket(m), x.dtype, qmax),
+                 lambda: _choose_linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax))
+
+
+def _choose_linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax) -> str:
+    n, k = w_q.shape
+    m = x.shape[0]
+    key = f"int8_linear|n={n}|k={k}|m={engines.m_bucket(m)}|dt={str(x.dtype)[6:]}|q={qmax}"
+    exact = cpu_int8.exact_engines(qmax, k)
+
+    def candidates():
+        return {e: (lambda e=e: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, e))
+                for e in exact}
+
+    def reference():
+        return cpu_int8.linear_int8_reference(x, w_q, w_scale, bias, activation, act_scale, qmax)
+
+    return engines.choose("int8_linear", key, candidates, default=cpu_int8.default_linear_engine(qmax, m, k),
+                          reference=reference, min_sqnr=EXACT_SQNR, allowed=exact)
+
+
+def _weight_only_engine(x, w_q, w_scale, bias, activation) -> str:
+    n, k = w_q.shape
+    return engines.memo("int8_weight_only_linear", (n, k, engines.m_bucket(x.shape[0]), x.dtype),
+                 lambda: _choose_weight_only_engine(x, w_q, w_scale, bias, activation))
+
+
+def _choose_weight_only_engine(x, w_q, w_scale, bias, activation) -> str:
+    n, k = w_q.shape
+    key = f"int8_weight_only_linear|n={n}|k={k}|m={engines.m_bucket(x.shape[0])}|dt={str(x.dtype)[6:]}"
+    allowed = cpu_int8.weight_only_engines(x.dtype, k)
+
+    def candidates():
+        return {e: (lambda e=e: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, e)) for e in allowed}
+
+    def reference():
+        return cpu_int8.linear_weight_only_cpu(x.float(), w_q, w_scale, bias, activation, "panels")
+
+    return engines.choose("int8_weight_only_linear", key, candidates, default="panels", reference=reference,
+                          min_sqnr=WEIGHT_ONLY_SQNR, allowed=allowed)
+
+
+def _auto_form(x, w_q, w_scale, bias, activation, qmax, device: str) -> str:
+    """"dynamic", "weight_only" or "float" for an ``auto`` layer at this shape and bucket of tokens."""
+    n, k = w_q.shape
+    return engines.memo("quant_linear_form", (n, k, engines.m_bucket(x.shape[0]), x.dtype, qmax, device),
+                 lambda: _choose_auto_form(x, w_q, w_scale, bias, activation, qmax, device))
+
+
+def _choose_auto_form(x, w_q, w_scale, bias, activation, qmax, device: str) -> str:
+    n, k = w_q.shape
+    m = x.shape[0]
+    key = f"quant_linear_form|n={n}|k={k}|m={engines.m_bucket(m)}|dt={str(x.dtype)[6:]}|q={qmax}|{device}"
+    default = "weight_only" if device == "cuda" and m <= CUDA_WEIGHT_ONLY_MAX_M else "dynamic"
+
+    def candidates():
+        return {f: (lambda f=f: _linear_body(x, w_q, w_scale, bias, None, activation, f, qmax))
+                for f in ("dynamic", "weight_only", "float")}
+
+    return engines.choose("quant_linear_form", key, candidates, default=default, device=device,
+                          allowed=("dynamic", "weight_only", "float"))
+
+
+def _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode) -> str:
+    b, c, h, w = x.shape
+    o, _, kh, kw = w_q.shape
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    parts = (mode, o, c, kh, kw, h, w, tuple(stride), tuple(padding), tuple(dilation), engines.m_bucket(b), x.dtype, qmax,
+             cl)
+    return engines.memo("int8_conv2d", parts, lambda: _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding,
+                                                                  dilation, activation, qmax, mode))
+
+
+def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode) -> str:
+    b, c, h, w = x.shape
+    o, _, kh, kw = w_q.shape
+    allowed = list(cpu_int8.conv_engines(qmax))
+    if not cpu_int8.onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
+        allowed = [e for e in allowed if not e.startswith("onednn")]  # wrong numbers there (accel.cpu.int8.onednn_conv_ok)
+    if mode == "auto":
+        allowed.append("float")
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    key = (f"int8_conv2d|{mode}|o={o}|c={c}|k={kh}x{kw}|hw={h}x{w}|s={stride[0]}x{stride[1]}|p={padding[0]}x{padding[1]}"
+           f"|d={dilation[0]}x{dilation[1]}|b={engines.m_bucket(b)}|dt={str(x.dtype)[6:]}|q={qmax}|cl={int(cl)}")
+
+    def run(e):
+        if e == "float":
+            return cpu_int8.conv2d_float_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation)
+        return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax, e)
+
+    def candidates():
+        return {e: (lambda e=e: run(e)) for e in allowed}
+
+    reference = None
+    if "float" not in allowed:
+        def reference():  # the same integers through an fp32 conv: exact products
+            xf = x.float()
+            scale, inv = cpu_int8.act_scale_inv(xf, qmax, act_scale)
+            v = torch.round((xf * inv[:, None, None, None]).clamp(-qmax, qmax))
+            y = torch.nn.functional.conv2d(v, w_q.float(), None, stride, padding, dilation)
+            y = y * w_scale[None, :, None, None] * scale[:, None, None, None]
+            y = y if bias is None else y + bias.float()[None, :, None, None]
+            from ..quant import activate
+
+            return activate(y, activation)
+
+    default = allowed[0]  # oneDNN's direct conv where it is correct, else im2col
+    return engines.choose("int8_conv2d", key, candidates, default=default, reference=reference,
+                          min_sqnr=EXACT_SQNR if reference is not None else None, allowed=tuple(allowed))
+
+
 # ---------------------------------------------------------------------------------------------
 # implementations (the op bodies)
 # ---------------------------------------------------------------------------------------------
-def _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation):
-    if use_triton(x, "int8_linear"):
-        from ..kernels.int8_matmul import int8_mm, quantize_rows
+def _linear_body(x, w_q, w_scale, bias, act_scale, activation, mode, qmax):
+    """One resolved mode on the CPU."""
+    if mode == "float":
+        return cpu_int8.linear_float_cpu(x, w_q, w_scale, bias, activation)
+    if mode == "weight_only":
+        return cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation,
+                                               _weight_only_engine(x, w_q, w_scale, bias, activation))
+    engine = _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax)
+    return cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)
 
-        q, s = quantize_rows(x, QMAX, act_scale)
-        return int8_mm(q, w_q, s, w_scale, bias, activation=activation, out_dtype=x.dtype)
-    return cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale).to(x.dtype)
 
+def _triton_linear(x, w_q, w_scale, bias, act_scale, activation, mode, qmax):
+    from ..kernels.int8_matmul import int8_mm, quantize_rows
 
-def _weight_only_impl(x, w_q, w_scale, bias, activation):
-    if use_triton(x, "int8_weight_only_linear"):
-        from ..kernels.int8_matmul import int8_mm
+    if mode == "float":
+        w = cpu_int8.dequantized(w_q, w_scale, x.dtype)
+        out = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+        from ..quant import activate
 
+        return activate(out, activation)
+    if mode == "weight_only":
         return int8_mm(x, w_q, None, w_scale, bias, activation=activation, out_dtype=x.dtype,
                        allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
-    return cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation)
+    q, s = quantize_rows(x, qmax, act_scale)
+    return int8_mm(q, w_q, s, w_scale, bias, activation=activation, out_dtype=x.dtype)
 
 
-def _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation):
+def _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
+    triton = use_triton(x, "int8_linear")
+    qmax = act_qmax if act_qmax else (QMAX if triton else engines.native_act_qmax())
+    m, k, n = x.shape[0], x.shape[1], w_q.shape[0]
+    if m == 0 or n == 0 or k == 0:  # nothing to multiply: the output is the bias (through the activation)
+        y = x.new_zeros(m, n)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        from ..quant import activate
+
+        return activate(y, activation)
+    if mode == "auto":
+        if triton and not x.is_cuda:  # the interpreter: no timing
+            mode = "weight_only" if x.shape[0] <= CUDA_WEIGHT_ONLY_MAX_M else "dynamic"
+        else:
+            mode = _auto_form(x, w_q, w_scale, bias, activation, qmax, "cuda" if x.is_cuda else "cpu")
+    if triton:
+        return _triton_linear(x, w_q, w_scale, bias, act_scale, activation, mode, qmax)
+    return _linear_body(x, w_q, w_scale, bias, act_scale, activation, mode, qmax)
+
+
+def _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax):
     if use_triton(x, "int8_conv2d"):
         from ..kernels.int8_conv import int8_conv2d
         from ..kernels.int8_matmul import quantize_rows
 
+        qmax = act_qmax or QMAX
         b = x.shape[0]
-        nhwc = x.permute(0, 2, 3, 1)
-        if nhwc.is_contiguous():  # channels_last: quantize each image as one contiguous row
-            q, s = quantize_rows(nhwc.reshape(b, -1), QMAX, act_scale)
-            xq = q.view(nhwc.shape).permute(0, 3, 1, 2)
-        else:
-            q, s = quantize_rows(x.contiguous().reshape(b, -1), QMAX, act_scale)
-            xq = q.view(x.shape)
-        return int8_conv2d(xq, w_q, s, w_scale, bias, stride, padding, dilation, activation=activation,
+        # NHWC is the kernel's layout: quantize each image as one contiguous row of the channels_last input
+        nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        q, s = quantize_rows(nhwc.reshape(b, -1), qmax, act_scale)
+        xq = q.view(nhwc.shape).permute(0, 3, 1, 2)
+        # the kernel reads the weight through its strides; channels_last (OHWI) gives 16-byte loads
+        w_cl = cpu_int8.cached_tensor("conv_w_ohwi", w_q, lambda: w_q.contiguous(memory_format=torch.channels_last))
+        return int8_conv2d(xq, w_cl, s, w_scale, bias, stride, padding, dilation, activation=activation,
                            out_dtype=x.dtype)
-    return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale).to(x.dtype)
+    qmax = _qmax(act_qmax)
+    engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
+    if engine == "float":
+        return cpu_int8.conv2d_float_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation)
+    return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax, engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,37 +249,26 @@ def _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilatio
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("accel::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                    act_scale: torch.Tensor | None, activation: str) -> torch.Tensor:
-    return _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation)
+                    act_scale: torch.Tensor | None, activation: str, mode: str = "dynamic",
+                    act_qmax: int = 0) -> torch.Tensor:
+    return _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
 
 
 @_int8_linear_op.register_fake
-def _(x, w_q, w_scale, bias, act_scale, activation):
+def _(x, w_q, w_scale, bias, act_scale, activation, mode="dynamic", act_qmax=0):
     torch._check(x.shape[1] == w_q.shape[1], lambda: f"int8_linear: x {tuple(x.shape)} vs weight {tuple(w_q.shape)}")
-    return x.new_empty(x.shape[0], w_q.shape[0])
-
-
-@torch.library.custom_op("accel::int8_weight_only_linear", mutates_args=())
-def _weight_only_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                    activation: str) -> torch.Tensor:
-    return _weight_only_impl(x, w_q, w_scale, bias, activation)
-
-
-@_weight_only_op.register_fake
-def _(x, w_q, w_scale, bias, activation):
-    torch._check(x.shape[1] == w_q.shape[1], lambda: f"int8_weight_only_linear: x {tuple(x.shape)} vs {tuple(w_q.shape)}")
     return x.new_empty(x.shape[0], w_q.shape[0])
 
 
 @torch.library.custom_op("accel::int8_conv2d", mutates_args=())
 def _int8_conv2d_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     act_scale: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-                    activation: str) -> torch.Tensor:
-    return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation)
+                    activation: str, mode: str = "int8", act_qmax: int = 0) -> torch.Tensor:
+    return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
 
 
 @_int8_conv2d_op.register_fake
-def _(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation):
+def _(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode="int8", act_qmax=0):
     return torch.empty(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
                        device=x.device, memory_format=torch.channels_last)
 
@@ -114,8 +276,7 @@ def _(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation):
 def conv2d_output_shape(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
     b, _, h, w = x_shape
     o, _, kh, kw = w_shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = cpu_int8.conv_output_hw(h, w, kh, kw, stride, padding, dilation)
     return b, o, oh, ow
 
 
@@ -129,8 +290,8 @@ def _grad_through_activation(ctx, dy):
     return dy
 
 
-def _setup_linear(ctx, inputs, output):  # (x, w_q, w_scale, bias, [act_scale,] activation)
-    ctx.activation, ctx.n_inputs = inputs[-1], len(inputs)
+def _setup_linear(ctx, inputs, output):  # (x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
+    ctx.activation, ctx.n_inputs = inputs[5], len(inputs)
     ctx.save_for_backward(inputs[1], inputs[2], output)
 
 
@@ -142,8 +303,8 @@ def _backward_linear(ctx, dy):
 
 
 def _setup_conv(ctx, inputs, output):
-    x, w_q, w_scale, _bias, _act_scale, stride, padding, dilation, activation = inputs
-    ctx.activation, ctx.geometry, ctx.x_shape = activation, (stride, padding, dilation), x.shape
+    x, w_q, w_scale, _bias, _act_scale, stride, padding, dilation, activation = inputs[:9]
+    ctx.activation, ctx.geometry, ctx.x_shape, ctx.n_inputs = activation, (stride, padding, dilation), x.shape, len(inputs)
     ctx.save_for_backward(w_q, w_scale, output)
 
 
@@ -153,18 +314,17 @@ def _backward_conv(ctx, dy):
     stride, padding, dilation = ctx.geometry
     w = dequantize_weight(w_q, w_scale).to(dy.dtype)
     dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation)
-    return (dx,) + (None,) * 8
+    return (dx,) + (None,) * (ctx.n_inputs - 1)
 
 
 _int8_linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
-_weight_only_op.register_autograd(_backward_linear, setup_context=_setup_linear)
 _int8_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
 
 
 # ---------------------------------------------------------------------------------------------
 # public functions: validate, then call the op (compile / autograd) or its body (eager)
 # ---------------------------------------------------------------------------------------------
-def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dims):
+def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dims, act_qmax):
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: x dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
     if w_q.dtype != torch.int8 or w_q.dim() != weight_dims:
@@ -178,11 +338,13 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
                          f"{act_scale.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    tensors = [t for t in (x, w_q, w_scale, bias, act_scale) if t is not None]
-    devices = {t.device for t in tensors}
+    if act_qmax not in (0, 63, 127):
+        raise ValueError(f"{what}: act_qmax must be 63, 127 or 0 (this machine's native range), got {act_qmax!r}")
+    devices = {x.device, w_q.device, w_scale.device}
+    devices |= {t.device for t in (bias, act_scale) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"{what}: tensors on different devices {sorted(map(str, devices))}")
-    if torch.is_grad_enabled() and x.requires_grad and activation == "gelu":
+    if activation == "gelu" and x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"{what}: no backward through a fused GELU (it needs the pre-activation); fuse "
                            "'none' or 'relu', call under torch.no_grad(), or train with accel.qat")
 
@@ -196,27 +358,61 @@ def int8_linear(
     activation: str = "none",
     act_scale: torch.Tensor | None = None,
     weight_only: bool = False,
+    mode: str | None = None,
+    act_qmax: int = 0,
 ) -> torch.Tensor:
     """``act(x @ dequant(w_q)^T + bias)`` with int8 weights ``w_q [N, K]`` (per-channel ``w_scale``).
 
-    ``x [..., K]`` is quantized per token (``act_scale=None``), or with the static per-tensor
-    ``act_scale``, unless ``weight_only`` keeps it in floating point.
+    ``mode`` (see the module docstring) defaults to ``"weight_only"`` with ``weight_only=True``,
+    ``"static"`` with an ``act_scale`` and ``"dynamic"`` otherwise. ``x [..., K]``.
     """
-    what = "int8_weight_only_linear" if weight_only else "int8_linear"
-    _check_common(what, x, w_q, w_scale, bias, act_scale, activation, 2)
-    if weight_only and act_scale is not None:
-        raise ValueError(f"{what}: act_scale has no meaning with weight_only=True")
+    if mode is None:
+        mode = "weight_only" if weight_only else ("static" if act_scale is not None else "dynamic")
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"int8_linear: mode must be one of {LINEAR_MODES}, got {mode!r}")
+    what = f"int8_linear ({mode})"
+    _check_common(what, x, w_q, w_scale, bias, act_scale, activation, 2, act_qmax)
+    if (mode == "static") != (act_scale is not None):
+        raise ValueError(f"{what}: act_scale is needed by mode 'static' and only by it, got "
+                         f"{'none' if act_scale is None else 'one'}")
     if x.dim() == 0 or x.shape[-1] != w_q.shape[1]:
         raise ValueError(f"{what}: x must have shape [..., {w_q.shape[1]}], got {tuple(x.shape)}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if weight_only:
-        args = (x2, w_q, w_scale, bias, activation)
-        y = _weight_only_op(*args) if needs_op(x2) else _weight_only_impl(*args)
-    else:
-        args = (x2, w_q, w_scale, bias, act_scale, activation)
-        y = _int8_linear_op(*args) if needs_op(x2) else _int8_linear_impl(*args)
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    args = (x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
+    y = _int8_linear_op(*args) if needs_op(x2) else _int8_linear_impl(*args)
     return y.view(*lead, w_q.shape[0])
+
+
+def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  act_scale: torch.Tensor | None, activation: str, mode: str, act_qmax: int) -> torch.Tensor:
+    """:func:`int8_linear` for a ``QuantLinear``'s own buffers (validated when they were set or loaded):
+    only ``x`` is checked, so a call costs a few microseconds more than its engine."""
+    if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() == 0 or \
+            x.shape[-1] != w_q.shape[1]:
+        return int8_linear(x, w_q, w_scale, bias, activation=activation, act_scale=act_scale, mode=mode,
+                           act_qmax=act_qmax)  # the full checks raise the clear error / record autograd
+    if x.dim() == 2:
+        return _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
+    lead = x.shape[:-1]
+    y = _int8_linear_impl(x.reshape(math.prod(lead), x.shape[-1]), w_q, w_scale, bias, act_scale, activation, mode,
+                          act_qmax)
+    return y.view(*lead, w_q.shape[0])
+
+
+def check_conv_geometry(what: str, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
+    """``(stride, padding, dilation)`` as pairs of ints, or a ValueError naming the bad values."""
+    try:
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: stride, padding and dilation must be ints or pairs of ints, got "
+                         f"{stride!r}, {padding!r}, {dilation!r}") from None
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError(f"{what}: stride, padding and dilation must be pairs, got {stride}, {padding}, {dilation}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{what}: need stride >= 1, dilation >= 1 and padding >= 0, got stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
+    return stride, padding, dilation
 
 
 def int8_conv2d(
@@ -230,20 +426,40 @@ def int8_conv2d(
     *,
     activation: str = "none",
     act_scale: torch.Tensor | None = None,
+    mode: str = "int8",
+    act_qmax: int = 0,
 ) -> torch.Tensor:
     """``act(conv2d(x, dequant(w_q)) + bias)`` with ``x [B, C, H, W]`` quantized per image (or with the
     static ``act_scale``); zero padding, groups = 1. Returns channels_last memory format."""
     what = "int8_conv2d"
-    _check_common(what, x, w_q, w_scale, bias, act_scale, activation, 4)
+    if mode not in CONV_MODES:
+        raise ValueError(f"{what}: mode must be one of {CONV_MODES}, got {mode!r}")
+    _check_common(what, x, w_q, w_scale, bias, act_scale, activation, 4, act_qmax)
     if x.dim() != 4 or x.shape[1] != w_q.shape[1]:
         raise ValueError(f"{what}: x must be [B, {w_q.shape[1]}, H, W] for weight {tuple(w_q.shape)}, got {tuple(x.shape)}")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = check_conv_geometry(what, stride, padding, dilation)
     kh, kw = w_q.shape[2:]
     if x.shape[2] + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or x.shape[3] + 2 * padding[1] < dilation[1] * (kw - 1) + 1:
         raise ValueError(f"{what}: input {tuple(x.shape[2:])} with padding {padding} is smaller than the "
                          f"dilated kernel {(kh, kw)} (dilation {dilation})")
-    if x.shape[0] == 0:
-        return torch.empty(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
-                           device=x.device, memory_format=torch.channels_last)
-    args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation)
+    if x.shape[0] == 0 or w_q.shape[0] == 0:
+        return torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
+                           device=x.device).contiguous(memory_format=torch.channels_last)
+    args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
     return _int8_conv2d_op(*args) if needs_op(x) else _int8_conv2d_impl(*args)
+
+
+def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, stride,
+                  padding, dilation, act_scale: torch.Tensor | None, activation: str, mode: str,
+                  act_qmax: int) -> torch.Tensor:
+    """:func:`int8_conv2d` for a ``QuantConv2d``'s own buffers and geometry (validated at construction and
+    load): only ``x`` is checked."""
+    if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() != 4 or \
+            x.shape[1] != w_q.shape[1] or x.shape[0] == 0:
+        return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
+                           mode=mode, act_qmax=act_qmax)
+    kh, kw = w_q.shape[2:]
+    if x.shape[2] + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or x.shape[3] + 2 * padding[1] < dilation[1] * (kw - 1) + 1:
+        return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
+                           mode=mode, act_qmax=act_qmax)  # raises the clear error
+    return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)

@@ -1,0 +1,665 @@
+"""Engines: every machine-dependent choice of accel, made on the machine that runs it.
+
+An *op* (int8 linear, weight-only int8 linear, int8 conv2d, block-sparse linear, and the
+per-layer "form" of the ``auto`` modules) has candidate implementations, *engines* (FBGEMM,
+oneDNN, ``torch._int_mm``, dense float, ...). Which one is fastest depends on the CPU (AVX2 /
+AVX-512 / VNNI / AMX), the thread count, the torch version and the shape, so nothing here is a
+constant measured on one box: the first call of an op at a new *key* (op, shape, M bucket, dtype,
+...) times every candidate on the real input, side by side and interleaved, and the winner is
+cached in memory and on disk for this machine.
+
+Measurement (:func:`measure`) is built to give the same answer on a noisy shared machine:
+
+* every round runs each candidate once, in a shuffled order; a candidate's figure is the
+  **minimum** over rounds (contention only ever adds time);
+* a candidate whose first call is more than :data:`TOO_SLOW` times the fastest first call is
+  dropped without timing (``torch._int_mm`` on CPUs without VNNI is a reference loop);
+* a candidate must beat the incumbent (the op's documented default) by :data:`MARGIN`, so a
+  close call keeps the same answer on every run; close calls get extra rounds between the two;
+* candidates are checked against a reference output first: one that is wrong (below
+  ``min_sqnr`` dB against the reference, or raises) is never chosen, and the reason is recorded;
+* a key measured while the machine was busy (load average above the threads accel uses) is
+  flagged ``contended``: it is used by this process but measured again by the next one.
+
+Cache: ``$ACCEL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/accel`` or ``~/.cache/accel``), one JSON
+file per machine fingerprint (CPU model and ISA flags, torch version, threads, oneDNN / ATen ISA
+caps, accel's engine version). Writes take an ``flock`` and merge, then replace the file
+atomically, so concurrent processes are safe. ``ACCEL_ENGINE_CACHE=0`` keeps decisions in memory
+only; ``ACCEL_ENGINE_MEASURE=0`` never measures (the defaults are used and reported as such).
+
+Forcing: ``ACCEL_ENGINE="int8_linear=onednn,bsr_linear=dense"`` (or :func:`force` in code) pins
+an op's engine; an engine that cannot run the call raises a clear error rather than silently
+running something else. ``accel engines`` prints this machine's description and every decision
+with its measured times.
+
+ISA: :func:`cpu_isa` is accel's view of the CPU (``avx2``, ``avx512``, ``avx512_vnni``, ``amx``);
+``ACCEL_CPU_ISA`` caps it, and ``ONEDNN_MAX_CPU_ISA`` caps what oneDNN uses, so every
+ISA-dependent branch runs on any machine that has at least that ISA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+#: bump when candidates or keys change meaning, so old cache files are not reused
+ENGINE_VERSION = 3
+#: a challenger must be this much faster than the incumbent (default) engine to replace it
+MARGIN = 0.05
+#: two best candidates closer than this get extra rounds between them
+CLOSE = 0.10
+#: candidates slower than this times the fastest first call are dropped unmeasured
+TOO_SLOW = 8.0
+#: ... and slower than this in absolute terms (a loaded machine can slow one first call down 10x)
+TOO_SLOW_ABS_S = 0.05
+#: default time budget of one measurement, seconds (at least MIN_ROUNDS rounds are run anyway)
+BUDGET_S = 0.25
+MIN_ROUNDS = 5
+MAX_ROUNDS = 40
+
+ISA_LEVELS = ("default", "avx2", "avx512", "avx512_vnni", "amx")
+
+# ------------------------------------------------------------------------------------------------ environment
+#: environment variables accel reads; they are read once (as oneDNN and ATen read theirs) and again
+#: on :func:`reload_env`, so the per-call cost of a decision is a dictionary lookup
+ENV_VARS = ("ACCEL_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ACCEL_CPU_ACT_QMAX",
+            "ACCEL_ENGINE", "ACCEL_CACHE_DIR", "XDG_CACHE_HOME", "ACCEL_ENGINE_CACHE", "ACCEL_ENGINE_MEASURE",
+            "ACCEL_FORCE_TRITON")
+_env_snapshot: dict[str, str | None] | None = None
+_generation = 0
+_stamp = 0  # bumped whenever any decision may change: callers may memoize choose() results against it
+
+
+def stamp() -> int:
+    """A counter that changes whenever a :func:`choose` result may change (new decision, cache cleared,
+    environment reloaded, forcing entered or left): memoize per-call choices against it."""
+    return _stamp
+
+
+def _bump() -> None:
+    global _stamp
+    _stamp += 1
+
+
+def reload_env() -> None:
+    """Read accel's environment variables again (after changing them in this process)."""
+    global _env_snapshot, _generation
+    _env_snapshot = {k: os.environ.get(k) for k in ENV_VARS}
+    _generation += 1
+    _bump()
+    if "_CACHE" in globals():  # decisions belong to the machine the old variables described
+        _CACHE.clear()
+
+
+def env(name: str) -> str | None:
+    """The value of one of :data:`ENV_VARS` as last read (see :func:`reload_env`)."""
+    return _env(name)
+
+
+def _env(name: str) -> str | None:
+    if _env_snapshot is None:
+        reload_env()
+    return _env_snapshot[name]
+
+
+def generation() -> int:
+    """Changes whenever :func:`reload_env` runs: derived values cached on it are recomputed."""
+    if _env_snapshot is None:
+        reload_env()
+    return _generation
+
+
+# ------------------------------------------------------------------------------------------------ the machine
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def _hardware_isa() -> str:
+    """The highest ISA level of :data:`ISA_LEVELS` this CPU has (what torch reports, not capped)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_vnni_supported", lambda: False)():
+        return "avx512_vnni"
+    if getattr(cpu, "_is_avx512_supported", lambda: False)():
+        return "avx512"
+    if getattr(cpu, "_is_avx2_supported", lambda: False)():
+        return "avx2"
+    return "default"
+
+
+def _cap(level: str, cap: str | None) -> str:
+    if cap is None:
+        return level
+    return ISA_LEVELS[min(ISA_LEVELS.index(level), ISA_LEVELS.index(cap))]
+
+
+def _env_isa_cap() -> str | None:
+    env = _env("ACCEL_CPU_ISA")
+    if env is None or env == "":
+        return None
+    env = env.lower()
+    if env not in ISA_LEVELS:
+        raise ValueError(f"ACCEL_CPU_ISA must be one of {ISA_LEVELS}, got {env!r}")
+    return env
+
+
+def _onednn_cap() -> str | None:
+    """The ISA cap ``ONEDNN_MAX_CPU_ISA`` puts on oneDNN, in accel's levels (None: no cap)."""
+    env = _env("ONEDNN_MAX_CPU_ISA") or _env("DNNL_MAX_CPU_ISA")
+    if not env:
+        return None
+    env = env.upper()
+    if "AMX" in env or env == "ALL":
+        return None if env == "ALL" else "amx"
+    if "VNNI" in env and "AVX512" in env:
+        return "avx512_vnni"
+    if "AVX512" in env:
+        return "avx512"
+    if "AVX2" in env:  # AVX2_VNNI has VNNI-class int8 dot products but 256-bit: no saturation either
+        return "avx512_vnni" if "VNNI" in env else "avx2"
+    return "default"
+
+
+def cpu_isa() -> str:
+    """accel's view of the CPU: the hardware level capped by ``ACCEL_CPU_ISA``."""
+    return _cpu_isa(generation())
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_isa(_gen: int) -> str:
+    return _cap(_hardware_isa(), _env_isa_cap())
+
+
+def onednn_isa() -> str:
+    """What oneDNN runs with: :func:`cpu_isa` further capped by ``ONEDNN_MAX_CPU_ISA``."""
+    return _onednn_isa(generation())
+
+
+@functools.lru_cache(maxsize=8)
+def _onednn_isa(_gen: int) -> str:
+    return _cap(cpu_isa(), _onednn_cap())
+
+
+def has_vnni(level: str | None = None) -> bool:
+    """Whether int8 dot products accumulate without int16 saturation at ``level`` (VNNI or AMX)."""
+    level = cpu_isa() if level is None else level
+    return ISA_LEVELS.index(level) >= ISA_LEVELS.index("avx512_vnni")
+
+
+def native_act_qmax() -> int:
+    """The activation qmax the CPU int8 engines run natively: 127 with VNNI/AMX, 63 without (the
+    int16 saturation of ``vpmaddubsw``; see ``accel.cpu.int8``). ``ACCEL_CPU_ACT_QMAX`` overrides."""
+    return _native_act_qmax(generation())
+
+
+@functools.lru_cache(maxsize=8)
+def _native_act_qmax(_gen: int) -> int:
+    env = _env("ACCEL_CPU_ACT_QMAX")
+    if env:
+        if env not in ("63", "127"):
+            raise ValueError(f"ACCEL_CPU_ACT_QMAX must be 63 or 127, got {env!r}")
+        return int(env)
+    return 127 if has_vnni() else 63
+
+
+def machine() -> dict:
+    """What the decisions depend on; stored in every cache file and result JSON."""
+    flags = _cpu_flags()
+    keep = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")) or f in ("sse4_2",))
+    return {
+        "cpu": _cpu_model(),
+        "cpu_flags": keep,
+        "hardware_isa": _hardware_isa(),
+        "accel_isa": cpu_isa(),
+        "onednn_isa": onednn_isa(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "engine_version": ENGINE_VERSION,
+    }
+
+
+def _fingerprint_inputs() -> tuple:
+    return (generation(), torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(_inputs: tuple) -> str:
+    return hashlib.sha1(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint() -> str:
+    """A short hash of :func:`machine` (memoized on the environment variables and threads it reads)."""
+    return _fingerprint(_fingerprint_inputs())
+
+
+# ------------------------------------------------------------------------------------------------ forcing
+_forced_local = threading.local()
+
+
+def _env_forced() -> dict[str, str]:
+    return _parse_forced(_env("ACCEL_ENGINE") or "")
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_forced(env: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in env.split(","))):
+        op, sep, name = part.partition("=")
+        if not sep or not op or not name:
+            raise ValueError(f"ACCEL_ENGINE entries must be op=engine, got {part!r} in {env!r}")
+        out[op.strip()] = name.strip()
+    return out
+
+
+def forced(op: str) -> str | None:
+    """The engine forced for ``op`` (by :func:`force` or ``ACCEL_ENGINE``), or None."""
+    stack = getattr(_forced_local, "stack", None)
+    if stack:
+        for mapping in reversed(stack):
+            if op in mapping:
+                return mapping[op]
+    return _env_forced().get(op)
+
+
+@contextlib.contextmanager
+def force(**engines: str):
+    """``with accel.engines.force(int8_linear="onednn"): ...`` pins engines in this thread."""
+    stack = getattr(_forced_local, "stack", None)
+    if stack is None:
+        stack = _forced_local.stack = []
+    stack.append(dict(engines))
+    _bump()
+    try:
+        yield
+    finally:
+        stack.pop()
+        _bump()
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def cache_dir() -> str:
+    d = _env("ACCEL_CACHE_DIR")
+    if d:
+        return d
+    base = _env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "accel")
+
+
+def _disk_enabled() -> bool:
+    return (_env("ACCEL_ENGINE_CACHE") or "1") not in ("0", "off", "false", "no")
+
+
+def measuring_enabled() -> bool:
+    return (_env("ACCEL_ENGINE_MEASURE") or "1") not in ("0", "off", "false", "no")
+
+
+@dataclass
+class Decision:
+    engine: str
+    measured: bool
+    times_ms: dict[str, float] = field(default_factory=dict)  # min over rounds, per candidate
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it cannot be chosen
+    rounds: int = 0
+    contended: bool = False
+    when: str = ""
+    note: str = ""
+
+    def ratio(self, other: str) -> float | None:
+        """How many times faster the chosen engine measured than ``other``."""
+        t, o = self.times_ms.get(self.engine), self.times_ms.get(other)
+        return None if not t or not o else o / t
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.memory: dict[str, Decision] = {}
+        self.loaded_from: str | None = None
+
+    def path(self) -> str:
+        key = (generation(), torch.get_num_threads())
+        if getattr(self, "_path_key", None) != key:
+            self._path_key, self._path = key, os.path.join(cache_dir(), f"engines-{fingerprint()}.json")
+        return self._path
+
+    def _read_file(self, path: str) -> dict:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("machine", {}).get("engine_version") != ENGINE_VERSION:
+            return {}
+        return data.get("decisions", {})
+
+    def _load(self) -> None:
+        path = self.path()
+        if self.loaded_from == path:
+            return
+        self.loaded_from = path
+        _bump()
+        if not _disk_enabled():
+            return
+        for key, d in self._read_file(path).items():
+            try:
+                dec = Decision(**d)
+            except TypeError:
+                continue
+            if not dec.contended:  # measured on a busy machine: measure again in this process
+                self.memory.setdefault(key, dec)
+
+    def get(self, key: str) -> Decision | None:
+        with self.lock:
+            self._load()
+            return self.memory.get(key)
+
+    def put(self, key: str, dec: Decision) -> None:
+        with self.lock:
+            self.memory[key] = dec
+            _bump()
+            if _disk_enabled():
+                try:
+                    self._write(key, dec)
+                except OSError:  # a read-only home is not an error: the decision lives in memory
+                    pass
+
+    def _write(self, key: str, dec: Decision) -> None:
+        path = self.path()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "w") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            decisions = self._read_file(path)
+            decisions[key] = asdict(dec)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engines-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"machine": machine(), "decisions": decisions}, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+
+    def clear(self, disk: bool = False) -> None:
+        with self.lock:
+            _bump()
+            self.memory.clear()
+            self.loaded_from = None
+            self._path_key = None
+            if disk:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path())
+
+    def all(self) -> dict[str, Decision]:
+        with self.lock:
+            self._load()
+            return dict(self.memory)
+
+
+_CACHE = _Cache()
+
+
+def clear(disk: bool = False) -> None:
+    """Forget this process's decisions (and the machine's cache file with ``disk=True``)."""
+    _CACHE.clear(disk)
+
+
+def decisions() -> dict[str, Decision]:
+    return _CACHE.all()
+
+
+# ------------------------------------------------------------------------------------------------ keys
+def m_bucket(m: int) -> int:
+    """Calls are grouped by rows (tokens, images): 0, 1, 2, 4, 8, ... (next power of two), 8192 and up one."""
+    if m <= 1:
+        return max(m, 0)
+    return min(1 << (m - 1).bit_length(), 8192)
+
+
+def make_key(op: str, **parts) -> str:
+    return op + "|" + "|".join(f"{k}={parts[k]}" for k in sorted(parts))
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _contended() -> bool:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    return load > torch.get_num_threads() + 0.75 or load > (os.cpu_count() or 1) + 0.25
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach().double(), out.detach().double()
+    if ref.shape != out.shape:
+        return -math.inf
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(out)):
+        return -math.inf
+    ref, out = ref[finite], out[finite]
+    noise = (ref - out).norm()
+    if noise == 0:
+        return math.inf
+    return float(20 * torch.log10(ref.norm().clamp_min(1e-30) / noise))
+
+
+def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, device: str = "cpu",
+            reference: Callable[[], torch.Tensor] | None = None, min_sqnr: float | None = None,
+            budget_s: float | None = None, seed: int = 0) -> Decision:
+    """Time ``candidates`` side by side (see the module docstring) and pick one.
+
+    ``incumbent`` wins unless another candidate is at least :data:`MARGIN` faster. With
+    ``reference``, each candidate's first output is compared to it and candidates below
+    ``min_sqnr`` dB are rejected (``min_sqnr=None``: only raising candidates are rejected).
+    """
+    budget_s = BUDGET_S if budget_s is None else budget_s
+    rejected: dict[str, str] = {}
+    first: dict[str, float] = {}
+    ref = None
+    with torch.no_grad():
+        if reference is not None:
+            ref = reference()
+        for name, fn in candidates.items():
+            try:
+                fn()  # warm-up: packs weights, faults in buffers
+                _sync(device)
+                t0 = time.perf_counter()
+                out = fn()
+                _sync(device)
+                first[name] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run this call is not chosen
+                rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                continue
+            if ref is not None and min_sqnr is not None and isinstance(out, torch.Tensor):
+                s = _sqnr(ref, out)
+                if s < min_sqnr:
+                    rejected[name] = f"inaccurate: {s:.1f} dB against the reference (< {min_sqnr:.0f})"
+                    del first[name]
+    if not first:
+        raise RuntimeError(f"no engine could run this call: {rejected}")
+    fastest = min(first.values())
+    for name, t in list(first.items()):
+        if t > TOO_SLOW * fastest and t > TOO_SLOW_ABS_S:
+            rejected[name] = f"too slow: first call {t * 1e3:.2f} ms, {t / fastest:.0f}x the fastest"
+            del first[name]
+    names = list(first)
+    best: dict[str, float] = {n: math.inf for n in names}
+    rng = random.Random(seed)
+    contended = _contended()
+
+    def rounds(pool: list[str], n_min: int, n_max: int, budget: float) -> int:
+        start, done = time.perf_counter(), 0
+        with torch.no_grad():
+            while done < n_max and (done < n_min or time.perf_counter() - start < budget):
+                order = pool[:]
+                rng.shuffle(order)
+                for name in order:
+                    fn = candidates[name]
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+                done += 1
+        return done
+
+    n = rounds(names, MIN_ROUNDS, MAX_ROUNDS, budget_s) if len(names) > 1 else 0
+    if len(names) > 1:
+        ranked = sorted(names, key=best.__getitem__)
+        a, b = ranked[0], ranked[1]
+        if best[b] < best[a] * (1 + CLOSE):  # close call: more rounds between the two
+            n += rounds([a, b], MIN_ROUNDS, MAX_ROUNDS, budget_s)
+        contended = contended or _contended()
+    else:
+        best = {names[0]: first[names[0]]}
+    winner = min(names, key=best.__getitem__)
+    if incumbent in best and winner != incumbent and best[incumbent] < best[winner] * (1 + MARGIN):
+        winner = incumbent
+    return Decision(engine=winner, measured=True, times_ms={k: v * 1e3 for k, v in best.items()}, rejected=rejected,
+                    rounds=n, contended=contended,
+                    when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+_measure_lock = threading.RLock()  # re-entrant: measuring a form measures its engines
+_last = threading.local()
+
+
+def last_key(op: str) -> str | None:
+    """The key of this thread's last :func:`choose` for ``op`` (for reports)."""
+    return getattr(_last, "keys", {}).get(op)
+
+
+def note_key(op: str, key: str | None) -> None:
+    """Record ``key`` as ``op``'s last key (a caller that memoized a :func:`choose` result)."""
+    if key is not None:
+        keys = getattr(_last, "keys", None)
+        if keys is None:
+            keys = _last.keys = {}
+        keys[op] = key
+
+
+def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]] | dict, *, default: str,
+           device: str = "cpu", reference: Callable[[], torch.Tensor] | None = None, min_sqnr: float | None = None,
+           budget_s: float | None = None, allowed: tuple[str, ...] | None = None) -> str:
+    """The engine for ``key`` (made with :func:`make_key`): forced, cached, or measured now.
+
+    ``candidates`` (or a function returning them, built only when a measurement is needed) maps
+    engine names to zero-argument callables running the real call. ``default`` is used when
+    measuring is off or impossible (inside ``torch.compile`` tracing) and is the incumbent of a
+    measurement. ``allowed`` lists every engine name that could be valid for this call, to
+    validate a forced engine.
+    """
+    keys = getattr(_last, "keys", None)
+    if keys is None:
+        keys = _last.keys = {}
+    keys[op] = key
+    pinned = forced(op)
+    if pinned is not None:
+        if allowed is not None and pinned not in allowed:
+            raise ValueError(f"engine {pinned!r} forced for {op} cannot run this call ({key}); "
+                             f"engines for it: {sorted(allowed)}")
+        return pinned
+    dec = _CACHE.get(key)
+    if dec is not None and (allowed is None or dec.engine in allowed):
+        return dec.engine
+    if not measuring_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return default
+    with _measure_lock:
+        dec = _CACHE.get(key)
+        if dec is not None and (allowed is None or dec.engine in allowed):
+            return dec.engine
+        cands = candidates() if callable(candidates) else candidates
+        if len(cands) == 1:
+            dec = Decision(engine=next(iter(cands)), measured=False, note="only candidate",
+                           when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        else:
+            dec = measure(cands, incumbent=default if default in cands else next(iter(cands)), device=device,
+                          reference=reference, min_sqnr=min_sqnr, budget_s=budget_s)
+        _CACHE.put(key, dec)
+        return dec.engine
+
+
+_MEMO: dict = {}
+
+
+def memo(op: str, parts: tuple, decide: Callable[[], str]) -> str:
+    """``decide()`` (a :func:`choose` for ``op``) memoized per ``(op, parts)`` until :func:`stamp`
+    changes: the per-call cost of a settled decision is one dictionary lookup, not a key string."""
+    key = (op,) + parts
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] == _stamp:
+        note_key(op, hit[2])
+        return hit[1]
+    value = decide()
+    if len(_MEMO) > 4096:
+        _MEMO.clear()
+    _MEMO[key] = (_stamp, value, last_key(op))
+    return value
+
+
+def decision(key: str) -> Decision | None:
+    """The cached decision for ``key`` (None if none was made yet)."""
+    return _CACHE.get(key)
+
+
+def report() -> str:
+    """This machine and every decision made so far (what ``accel engines`` prints)."""
+    m = machine()
+    lines = [f"machine     {m['cpu']}  (isa {m['accel_isa']}, oneDNN {m['onednn_isa']}, ATen "
+             f"{m['aten_cpu_capability']}, {m['threads']} threads, torch {m['torch']})",
+             f"flags       {' '.join(m['cpu_flags'])}",
+             f"cache       {_CACHE.path() if _disk_enabled() else '(disk cache off)'}",
+             f"act qmax    {native_act_qmax()} (CPU int8 activations)"]
+    decs = _CACHE.all()
+    if not decs:
+        lines.append("no decisions yet: they are measured on first use (or run `accel engines --measure`)")
+        return "\n".join(lines)
+    width = max(len(k) for k in decs)
+    lines.append("")
+    lines.append(f"{'op / key':<{width}}  {'engine':<14} times (ms, min over rounds) and rejections")
+    for key in sorted(decs):
+        d = decs[key]
+        times = "  ".join(f"{n} {t:.3f}" + (f" ({t / d.times_ms[d.engine]:.2f}x)" if d.engine in d.times_ms and
+                                            n != d.engine else "")
+                          for n, t in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
+        rej = "; ".join(f"{n}: {why}" for n, why in d.rejected.items())
+        flag = " [contended]" if d.contended else ""
+        lines.append(f"{key:<{width}}  {d.engine:<14} {times}{flag}" + (f"  | {rej}" if rej else ""))
+    return "\n".join(lines)

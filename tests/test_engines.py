@@ -1,0 +1,204 @@
+"""accel.engines: measured, cached, forced engine decisions, and every ISA-dependent branch run on this
+machine through the ISA caps (``ACCEL_CPU_ISA``, ``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from accel import engines
+from accel.cpu import int8 as C
+from accel.quant import int8_linear_ref, quantize_rows_ref, quantize_weight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sleeper(seconds, value=1.0):
+    def fn():
+        time.sleep(seconds)
+        return torch.full((4,), value)
+    return fn
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch, accel_env):
+    accel_env(ACCEL_CACHE_DIR=str(tmp_path), ACCEL_ENGINE_MEASURE="1")
+    monkeypatch.setattr(engines, "BUDGET_S", 0.05)
+    monkeypatch.setattr(engines, "_contended", lambda: False)  # the suite may share the machine
+    engines.clear()
+    yield tmp_path
+    engines.clear()
+
+
+def test_measure_picks_the_fastest_and_keeps_the_incumbent_on_close_calls():
+    d = engines.measure({"slow": _sleeper(0.004), "fast": _sleeper(0.001)}, incumbent="slow", budget_s=0.05)
+    assert d.engine == "fast" and d.times_ms["slow"] > 2 * d.times_ms["fast"] and d.rounds >= engines.MIN_ROUNDS
+    assert d.ratio("slow") > 2
+    # within the margin the incumbent stays: the same answer whichever wins a noisy round
+    d = engines.measure({"a": _sleeper(0.002), "b": _sleeper(0.002)}, incumbent="b", budget_s=0.05)
+    assert d.engine == "b"
+
+
+def test_measure_rejects_wrong_raising_and_far_too_slow_candidates(monkeypatch):
+    monkeypatch.setattr(engines, "TOO_SLOW_ABS_S", 0.01)
+
+    def boom():
+        raise RuntimeError("no kernel for this shape")
+
+    d = engines.measure({"ref": _sleeper(0.001), "wrong": _sleeper(0.0, value=2.0), "boom": boom,
+                         "crawl": _sleeper(0.05)}, incumbent="ref", reference=lambda: torch.ones(4), min_sqnr=60,
+                        budget_s=0.02)
+    assert d.engine == "ref"
+    assert d.rejected["wrong"].startswith("inaccurate") and "no kernel for this shape" in d.rejected["boom"]
+    assert d.rejected["crawl"].startswith("too slow")
+    with pytest.raises(RuntimeError, match="no engine could run this call"):
+        engines.measure({"boom": boom}, incumbent="boom")
+
+
+def test_choose_caches_on_disk_for_the_next_process(cache):
+    calls = []
+
+    def cands():
+        calls.append(1)
+        return {"a": _sleeper(0.003), "b": _sleeper(0.0005)}
+
+    key = engines.make_key("toy", n=1)
+    assert engines.choose("toy", key, cands, default="a") == "b"
+    assert engines.choose("toy", key, cands, default="a") == "b" and len(calls) == 1  # memory
+    files = list(cache.glob("engines-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["decisions"][key]["engine"] == "b" and data["machine"]["cpu"]
+    code = ("from accel import engines\n"
+            f"print(engines.choose('toy', {key!r}, lambda: 1/0, default='a'))")  # measuring would raise
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "ACCEL_CACHE_DIR": str(cache), "ACCEL_ENGINE_MEASURE": "1"})
+    assert out.stdout.strip() == "b", out.stderr
+
+
+def test_contended_decisions_are_measured_again_by_the_next_process(cache, monkeypatch):
+    monkeypatch.setattr(engines, "_contended", lambda: True)
+    key = engines.make_key("toy", n=2)
+    assert engines.choose("toy", key, {"a": _sleeper(0.003), "b": _sleeper(0.0005)}, default="a") == "b"
+    assert engines.decision(key).contended
+    engines.clear()  # a new process: the contended entry is not trusted
+    calls = []
+    engines.choose("toy", key, lambda: calls.append(1) or {"a": _sleeper(0.0), "b": _sleeper(0.002)}, default="a")
+    assert calls == [1]
+
+
+def test_cache_off_and_measuring_off(cache, accel_env):
+    accel_env(ACCEL_ENGINE_CACHE="0")
+    engines.choose("toy", engines.make_key("toy", n=3), {"a": _sleeper(0.002), "b": _sleeper(0.0)}, default="a")
+    assert not list(cache.glob("engines-*.json"))
+    accel_env(ACCEL_ENGINE_MEASURE="0")
+    assert engines.choose("toy", engines.make_key("toy", n=4), lambda: 1 / 0, default="a") == "a"
+
+
+def test_concurrent_processes_merge_their_decisions(cache):
+    code = ("import sys, torch\nfrom accel import engines\n"
+            "i = int(sys.argv[1])\n"
+            "for j in range(5):\n"
+            "    engines.choose('toy', engines.make_key('toy', p=i, j=j), {'a': lambda: torch.ones(1), "
+            "'b': lambda: torch.ones(1)}, default='a')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT,
+                              env={**os.environ, "ACCEL_CACHE_DIR": str(cache), "ACCEL_ENGINE_MEASURE": "1"})
+             for i in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    (f,) = list(cache.glob("engines-*.json"))
+    decisions = json.loads(f.read_text())["decisions"]
+    assert {k for k in decisions if k.startswith("toy")} == {engines.make_key("toy", p=i, j=j) for i in range(4)
+                                                             for j in range(5)}
+
+
+def test_force_by_context_and_env(accel_env):
+    key = engines.make_key("toy", n=5)
+    with engines.force(toy="b"):
+        assert engines.choose("toy", key, lambda: 1 / 0, default="a", allowed=("a", "b")) == "b"
+        with pytest.raises(ValueError, match="engine 'c' forced for toy cannot run this call"), engines.force(toy="c"):
+            engines.choose("toy", key, lambda: 1 / 0, default="a", allowed=("a", "b"))
+    accel_env(ACCEL_ENGINE="toy=a,other=x")
+    assert engines.forced("toy") == "a" and engines.forced("other") == "x"
+    accel_env(ACCEL_ENGINE="toy")
+    with pytest.raises(ValueError, match="entries must be op=engine"):
+        engines.forced("toy")
+
+
+def test_m_buckets_and_fingerprint(accel_env):
+    assert [engines.m_bucket(m) for m in (0, 1, 2, 3, 5, 16, 17, 256, 257, 10 ** 6)] == \
+        [0, 1, 2, 4, 8, 16, 32, 256, 512, 8192]
+    base = engines.fingerprint()
+    accel_env(ACCEL_CPU_ISA="avx2")
+    assert engines.fingerprint() != base and engines.machine()["accel_isa"] == "avx2"
+
+
+def test_int8_engines_agree_exactly_where_chosen(cache):
+    """A measured int8 linear picks one of the exact engines, and its output is the reference's."""
+    x, w = torch.randn(33, 256), torch.randn(96, 256)
+    wq, ws = quantize_weight(w)
+    from accel.ops.int8 import int8_linear
+
+    y = int8_linear(x, wq, ws, mode="dynamic")
+    dec = engines.decision(engines.last_key("int8_linear"))
+    assert dec.measured and dec.engine in C.exact_engines(C.act_qmax())
+    xq, xs = quantize_rows_ref(x, C.act_qmax())
+    torch.testing.assert_close(y, int8_linear_ref(xq, xs, wq, ws), atol=1e-4, rtol=1e-5)
+
+
+def test_accel_engines_cli(cache):
+    from accel.cli import main
+
+    engines.choose("toy", engines.make_key("toy", n=6), {"a": _sleeper(0.002), "b": _sleeper(0.0)}, default="a")
+    out = subprocess.run([sys.executable, "-m", "accel.cli", "engines"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "ACCEL_CACHE_DIR": str(cache)})
+    assert out.returncode == 0 and "machine" in out.stdout and "toy|n=6" in out.stdout, out.stderr
+    assert main is not None
+
+
+ISA_RUNS = [
+    {"ACCEL_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    {"ACCEL_CPU_ISA": "avx512_vnni", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+]
+
+
+@pytest.mark.parametrize("caps", ISA_RUNS, ids=lambda c: c["ACCEL_CPU_ISA"])
+def test_int8_suites_under_isa_caps(caps):
+    """The CPU int8 tests on this machine as an AVX2-only (no VNNI: 7-bit activations natively, 8-bit
+    through the split engines) and an AVX-512 VNNI CPU; the AMX run is the normal suite."""
+    have = engines.ISA_LEVELS.index(engines._hardware_isa())
+    if have < engines.ISA_LEVELS.index(caps["ACCEL_CPU_ISA"]):
+        pytest.skip(f"this CPU lacks {caps['ACCEL_CPU_ISA']}")
+    env = {**os.environ, **caps}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_int8_cpu.py", "tests/test_quant_modules.py", "tests/test_qat.py",
+                          "-k", "not compile and not triton"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not engines.has_vnni(engines._hardware_isa()), reason="needs a VNNI CPU to cap down from")
+def test_onednn_isa_cap_really_saturates_without_vnni():
+    """Why the split engines exist: oneDNN capped to AVX2 gets full 8-bit activations wrong (int16
+    saturation), accel's split engine gets them right, in the same process."""
+    code = """
+import torch
+from accel.cpu import int8 as C
+from accel.quant import quantize_weight, quantize_rows_ref, int8_linear_ref
+torch.manual_seed(0)
+x, w = torch.randn(8, 512) , torch.randn(64, 512)
+wq, ws = quantize_weight(w)
+xq, xs = quantize_rows_ref(x, 127)
+ref = int8_linear_ref(xq, xs, wq, ws)
+v = (xq.float())
+raw = C._gemm_onednn(C._to_uint8(v.clone(), 128), wq, ws, 128) * xs[:, None]
+split = C.linear_int8_cpu(x, wq, ws, qmax=127, engine="onednn_split")
+print(float((raw - ref).abs().max()), float((split - ref).abs().max()))
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ACCEL_CPU_ISA": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    raw_err, split_err = map(float, out.stdout.split())
+    assert raw_err > 1e-2 and split_err < 1e-4, (raw_err, split_err)

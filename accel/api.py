@@ -72,7 +72,9 @@ class QuantConfig:
     """int8 for ``quantize_``: ``linear_mode`` (QuantLinear: auto/dynamic/static/weight_only),
     ``conv_mode`` (QuantConv2d: auto/dynamic/static), ``embeddings`` (weight-only int8
     ``nn.Embedding``); static modes take ``act_scales`` from ``accel.calibrate``; ``act_qmax``
-    fixes the activation range (None: the running machine's)."""
+    fixes the activation range (None: the running machine's). ``keep_float``: with ``example_inputs``,
+    a layer whose int8 form measures slower than the float layer at every batch size measured stays
+    the original float layer."""
 
     linear_mode: str = "auto"
     conv_mode: str = "auto"
@@ -82,6 +84,7 @@ class QuantConfig:
     measure: bool = True
     budget_s: float = 0.5
     batch_sizes: tuple[int, ...] | None = None
+    keep_float: bool = True
 
     def __post_init__(self) -> None:
         if self.linear_mode not in QuantLinear.MODES:
@@ -184,7 +187,8 @@ def _decision_of(new: nn.Module, x: torch.Tensor) -> str:
     if isinstance(new, QuantConv2d):
         key = _last_key("int8_conv2d")
         form = engines.decision(key).engine if key and engines.decision(key) else None
-        return f"int8 {new.mode}" + (f": {'float' if form == 'float' else 'int8'}" if new.mode == "auto" and form else "")
+        shown = form if form is None or form.startswith("float") else f"int8 ({form})"
+        return f"int8 {new.mode}" + (f": {shown}" if new.mode == "auto" and form else "")
     return type(new).__name__
 
 
@@ -243,7 +247,10 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
 def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:
     """Turn the layers ``sparsify_`` stored dense back into plain ``nn.Linear`` (masked weights, so their
     zeros stay zero), in place, so ``quantize_`` can still try int8 on them. Returns their names."""
-    names = sorted({r["layer"] for r in sparsify_rows if r["decision"] == "dense"})
+    by_layer: dict[str, set] = {}
+    for r in sparsify_rows:
+        by_layer.setdefault(r["layer"], set()).add(r["decision"])
+    names = sorted(n for n, ds in by_layer.items() if all(d == "dense" or d.endswith(": dense") for d in ds))
     for name in names:
         replace_module(model, name, model.get_submodule(name).to_linear())
     return names
@@ -288,7 +295,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes) if config.measure else []
     for name, new in news.items():
         m = candidates[name]
-        measured = False
+        measured, layer_rows = False, []
         for batch, inputs in per_batch:
             x = inputs.get(name)
             if x is None or isinstance(new, QuantEmbedding):
@@ -297,11 +304,17 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             with torch.no_grad():
                 new(x)  # makes (and caches) this machine's decision for this shape and bucket
             timing = _measure(m, new, x, config.budget_s)
-            rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
+            layer_rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
         if not measured:
             note = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
-            rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", note))
-        replace_module(model, name, new)
+            layer_rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", note))
+        keep = config.keep_float and measured and all(r.get("speedup", 1.0) < 1.0 for r in layer_rows)
+        if keep:  # slower than the float layer at every batch size measured: the original stays (and is exact)
+            for r in layer_rows:
+                r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"
+        else:
+            replace_module(model, name, new)
+        rows += layer_rows
     return rows
 
 

@@ -172,6 +172,7 @@ def conv_rows(batches, device, budget, inner, slow_cutoff):
         conv_bf16.load_state_dict(conv.state_dict())
         q = QuantConv2d.from_float(conv)  # dynamic int8
         q_auto = QuantConv2d.from_float(conv, "auto")
+        q_auto_bf16 = QuantConv2d.from_float(conv_bf16, "auto")  # a bf16 model's layer: bf16 in, bf16 out
         for b in batches:
             x = torch.randn(b, c_in, hw, hw, device=device)
             xb, xcl = x.to(half), x.to(half).contiguous(memory_format=torch.channels_last)
@@ -179,7 +180,7 @@ def conv_rows(batches, device, budget, inner, slow_cutoff):
             xq_cl = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 ref = conv(x)
-                _decide([(q, x), (q, xq_cl), (q_auto, x), (q_auto, xq_cl)])
+                _decide([(q, x), (q, xq_cl), (q_auto, x), (q_auto, xq_cl), (q_auto_bf16, x16)])
                 providers = {
                     base: lambda: conv_base(xb),
                     f"{base}_channels_last": lambda: conv_cl(xcl),
@@ -188,16 +189,25 @@ def conv_rows(batches, device, budget, inner, slow_cutoff):
                     "accel_int8_channels_last": lambda: q(xq_cl),
                     "accel_auto": lambda: q_auto(x),
                     "accel_auto_channels_last": lambda: q_auto(xq_cl),
+                    "accel_auto_bf16_in": lambda: q_auto_bf16(x16),
                 }
                 row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref,
                                {"accel_int8": q(x), "accel_auto": q_auto(x), "bf16_channels_last": conv_bf16(x16)})
             baselines = (base, f"{base}_channels_last", "bf16_channels_last")
             best = min(baselines, key=lambda p: row[f"ms_{p}"])
+            best_fp32 = min(baselines[:2], key=lambda p: row[f"ms_{p}"])
             mine = min(("accel_auto", "accel_auto_channels_last"), key=lambda p: row[f"ms_{p}"])
+            with torch.no_grad():
+                q_auto(x)
+                form = _conv_form()
+                q_auto_bf16(x16)
+                form_bf16 = _conv_form()
             row.update(layer="conv", shape=f"{c_in}->{c_out} {hw}x{hw} k{k} s{s}", m=b, best_baseline=best,
                        x_auto_vs_best=row[f"ms_{best}"] / row[f"ms_{mine}"],
+                       x_auto_vs_best_fp32=row[f"ms_{best_fp32}"] / row[f"ms_{mine}"],
+                       x_auto_bf16_in_vs_bf16=row["ms_bf16_channels_last"] / row["ms_accel_auto_bf16_in"],
                        x_int8_vs_best=row[f"ms_{best}"] / min(row["ms_accel_int8"], row["ms_accel_int8_channels_last"]),
-                       auto_form=_conv_form())
+                       auto_form=form, auto_form_bf16=form_bf16)
             rows.append(row)
             print(f"conv {row['shape']} B={b} auto ({row['auto_form']}) {row['x_auto_vs_best']:.2f}x best ({best}); "
                   + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items() if key.startswith("x_")), flush=True)
@@ -209,7 +219,7 @@ def _conv_form() -> str:
 
     key = engines.last_key("int8_conv2d")
     d = engines.decision(key) if key else None
-    return "-" if d is None else ("float" if d.engine == "float" else f"int8 ({d.engine})")
+    return "-" if d is None else (d.engine if d.engine.startswith("float") else f"int8 ({d.engine})")
 
 
 def main(argv=None) -> None:
@@ -246,8 +256,10 @@ def main(argv=None) -> None:
     conv = [r for r in rows if r["layer"] == "conv"]
     if conv:
         cols = [("shape", "conv", "s"), ("m", "B", "d"), (f"ms_{base}", f"{base} ms", ".3f"),
-                ("auto_form", "auto runs", "s"), ("best_baseline", "best baseline", "s"),
-                ("x_auto_vs_best", "x auto vs best", ".2f"), ("x_int8_vs_best", "x int8 vs best", ".2f"),
+                ("auto_form", "auto runs (fp32 in)", "s"), ("x_auto_vs_best_fp32", "x auto vs best fp32", ".2f"),
+                ("best_baseline", "best baseline", "s"), ("x_auto_vs_best", "x auto vs best", ".2f"),
+                ("auto_form_bf16", "auto runs (bf16 in)", "s"), ("x_auto_bf16_in_vs_bf16", "bf16 in: x bf16 NHWC", ".2f"),
+                ("x_int8_vs_best", "x int8 vs best", ".2f"),
                 ("x_accel_int8", "x int8", ".2f"), ("x_accel_int8_channels_last", "x int8 (NHWC in)", ".2f"),
                 (f"x_{base}_channels_last", f"x {base} NHWC", ".2f"), ("x_bf16_channels_last", "x bf16 NHWC", ".2f"),
                 ("sqnr_accel_int8", "SQNR int8", ".1f")]

@@ -75,7 +75,7 @@ def test_quantize_skips_unsupported_and_reports():
 
 def test_quantize_auto_decides_per_bucket_on_this_machine(measuring):
     model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16))  # tiny: int8's fixed costs dominate
-    rows = accel.quantize_(model, accel.QuantConfig(budget_s=0.02, batch_sizes=(1, 64)),
+    rows = accel.quantize_(model, accel.QuantConfig(budget_s=0.02, batch_sizes=(1, 64), keep_float=False),
                            example_inputs=(torch.randn(2, 16),))
     assert isinstance(model[0], QuantLinear) and model[0].mode == "auto"
     for r in rows:
@@ -85,6 +85,19 @@ def test_quantize_auto_decides_per_bucket_on_this_machine(measuring):
     # one decision per (shape, bucket): another layer of the same shape reuses it, measured once
     twin = QuantLinear.from_float(nn.Linear(16, 4), "auto")
     assert twin.resolved_mode(torch.randn(1, 16)) == model[0].resolved_mode(torch.randn(1, 16))
+
+
+def test_quantize_keeps_float_where_int8_is_slower(measuring, monkeypatch):
+    import accel.api as api
+
+    model = nn.Sequential(nn.Linear(16, 4))
+    monkeypatch.setattr(api, "_measure", lambda old, new, x, budget: (1.0, 2.0, 0.5))  # int8 twice as slow
+    rows = accel.quantize_(model, accel.QuantConfig(batch_sizes=(1, 8)), example_inputs=(torch.randn(2, 16),))
+    assert type(model[0]) is nn.Linear and all(r["decision"] == "float" and "kept float" in r["reason"] for r in rows)
+    calls = iter([(1.0, 2.0, 0.5), (2.0, 1.0, 2.0)])  # slower at batch 1, faster at 8: int8 it is
+    monkeypatch.setattr(api, "_measure", lambda old, new, x, budget: next(calls))
+    accel.quantize_(model, accel.QuantConfig(batch_sizes=(1, 8)), example_inputs=(torch.randn(2, 16),))
+    assert isinstance(model[0], QuantLinear)
 
 
 def test_quantize_embeddings_weight_only():

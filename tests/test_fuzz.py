@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accel import QuantConv2d, QuantLinear, engines
+from accel.cpu import bsr as cpu_bsr
 from accel.cpu import int8 as C
 from accel.formats import BSRMatrix, topk_block_mask
 from accel.ops.bsr_linear import bsr_linear
@@ -198,7 +199,7 @@ def bsr_cases(draw):
     return block, n, k, m, sparsity, dtype, layout, bias, seed
 
 
-@pytest.mark.parametrize("engine", [None, "gather_bmm", "gather_bmm_t", "panels", "rows", "dense"])
+@pytest.mark.parametrize("engine", [None, "gather_bmm", "gather_bmm_t", "panels", "rows", "mkl", "dense"])
 @FUZZ
 @given(case=bsr_cases())
 def test_fuzz_bsr_linear(engine, case):
@@ -218,6 +219,10 @@ def test_fuzz_bsr_linear(engine, case):
         ref = ref + bias.double()
     ctx = engines.force(bsr_linear=engine) if engine else engines.force()
     with torch.no_grad(), ctx:
+        if engine == "mkl" and dtype not in cpu_bsr.MKL_DTYPES and m and bsr.nnz_blocks and k:
+            with pytest.raises(ValueError, match="cannot run this call"):
+                bsr_linear(x, values, bsr.crow_indices, bsr.col_indices, (n, k), bias, allow_dense=True)
+            return
         y = bsr_linear(x, values, bsr.crow_indices, bsr.col_indices, (n, k), bias, allow_dense=True)
     assert y.shape == ref.shape and y.dtype == dtype
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]

@@ -39,7 +39,7 @@ def test_dynamic_equals_int8_reference():
     torch.testing.assert_close(q(x), int8_linear_ref(xq, xs, q.weight_q, q.weight_scale, q.bias), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["dynamic", "weight_only", "float"])
+@pytest.mark.parametrize("form", ["dynamic", "weight_only", "float", "float_bf16"])
 def test_auto_mode_forms(form):
     """mode "auto" runs the form forced (or measured) for this shape; each matches its own maths."""
     lin = _lin()
@@ -50,8 +50,11 @@ def test_auto_mode_forms(form):
         y = q(x)
         ref = {"dynamic": lambda: QuantLinear.from_float(lin, "dynamic")(x),
                "weight_only": lambda: QuantLinear.from_float(lin, "weight_only")(x),
-               "float": lambda: F.linear(x, q.dequantized_weight(), q.bias)}[form]()
+               "float": lambda: F.linear(x, q.dequantized_weight(), q.bias),
+               "float_bf16": lambda: F.linear(x.bfloat16(), q.dequantized_weight().bfloat16(), q.bias.bfloat16()).float(),
+               }[form]()
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert y.dtype == x.dtype
     assert QuantLinear.from_float(_lin(), act_scale=0.1).mode == "static"
     with pytest.raises(ValueError, match="act_scale is used only by mode 'static'"):
         QuantLinear.from_float(_lin(), "dynamic", act_scale=0.1)
@@ -214,3 +217,24 @@ def test_triton_path_end_to_end(accel_env):
         qc = QuantConv2d.from_float(conv)
         assert sqnr(conv(xc), qc(xc)) >= 35
         assert sqnr(conv(xc), qc(xc.contiguous(memory_format=torch.channels_last))) >= 35
+
+
+@pytest.mark.parametrize("engine", ["onednn", "im2col", "float", "float_nchw", "float_bf16"])
+def test_conv_auto_forms(engine):
+    """QuantConv2d "auto" may run int8 or the dequantized float conv (in bf16 for fp32 inputs); each
+    matches its own maths and returns the input's dtype in channels_last."""
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    q = QuantConv2d.from_float(conv, "auto")
+    x = torch.randn(2, 6, 10, 10)
+    with torch.no_grad(), engines.force(int8_conv2d=engine):
+        y = q(x)
+        w = q.dequantized_weight()
+        ref = {"float": lambda: F.conv2d(x, w, q.bias, 1, 1), "float_nchw": lambda: F.conv2d(x, w, q.bias, 1, 1),
+               "float_bf16": lambda: F.conv2d(x.bfloat16(), w.bfloat16(), q.bias.bfloat16(), 1, 1).float()}.get(engine)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    if ref is not None:
+        torch.testing.assert_close(y, ref(), atol=1e-2 if engine == "float_bf16" else 1e-5, rtol=1e-2)
+    else:
+        assert sqnr(conv(x), y) > 30
+    with pytest.raises(ValueError, match="cannot run this call"), engines.force(int8_conv2d="float"):
+        QuantConv2d.from_float(conv)(x)  # mode "dynamic" runs int8 engines only

@@ -27,16 +27,24 @@ Half-precision partial sums are accumulated in fp32.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..formats import bsr_row_indices
+from .packcache import cached
 from .workspace import scratch
 
 # (largest M, strategy): see the module docstring
 STRATEGY_BY_M = ((8, "gather_bmm"), (48, "gather_bmm_t"), (math.inf, "panels"))
-STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows")
+STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows", "mkl")
+#: dtypes torch's CPU BSR matmul (MKL sparse BLAS, strategy "mkl") supports
+MKL_DTYPES = (torch.float32, torch.float64)
+
+
+def strategies_for(dtype: torch.dtype) -> tuple[str, ...]:
+    return STRATEGIES if dtype in MKL_DTYPES else tuple(s for s in STRATEGIES if s != "mkl")
 #: bytes of gathered x per panel chunk (about an L2/L3 slice)
 PANEL_CHUNK_BYTES = 8 << 20
 #: rows whose block count is at least this fraction of the chunk's longest row share its chunk
@@ -107,6 +115,8 @@ def bsr_dense_mm_cpu(
         y = _panels(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
     elif strategy == "rows":
         y = _rows(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
+    elif strategy == "mkl":
+        y = _mkl(x, values, crow_indices, col_indices, block_index, blocks_transposed, nbr, nbc, bs, out_features)
     else:
         if block_index is not None:
             blocks = blocks.index_select(0, block_index)
@@ -185,47 +195,87 @@ def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
     return yt.view(nbr * bs, m)[:out_features].t()
 
 
+def _mkl(x, values, crow, col, block_index, blocks_transposed, nbr, nbc, bs, out_features):
+    """torch's own CPU BSR matmul (MKL sparse BLAS): ``W @ x^T``, transposed back; fp32/fp64 only."""
+    if x.dtype not in MKL_DTYPES:
+        raise ValueError(f"strategy 'mkl' (torch's CPU BSR matmul) supports {MKL_DTYPES}, got {x.dtype}")
+    if block_index is not None or blocks_transposed:
+        raise ValueError("strategy 'mkl' serves the forward structure only")
+    m, k = x.shape
+    def build():
+        with warnings.catch_warnings():  # "beta state"; the structure was checked by accel.formats.check_bsr
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_bsr_tensor(crow, col, values.detach(), size=(nbr * bs, nbc * bs), check_invariants=False)
+
+    w = cached("bsr_mkl", (values, crow, col), (nbr, nbc), build)
+    xt = _pad_cols(x, nbc * bs).t().contiguous()
+    return (w @ xt)[:out_features].t()
+
+
 #: most bytes of gathered x per bmm of the rows strategy (bounds the scratch; ~an L2/L3 slice)
 ROWS_CHUNK_BYTES = 16 << 20
 
 
+def _rows_plan(crow, col, block_index, nbr, cap_blocks):
+    """The rows strategy's work list for a block structure (cached with it): block rows grouped by equal
+    block count, in chunks of at most ``cap_blocks`` blocks: ``(rows, cols, blocks, p)`` per chunk, plus
+    the empty rows."""
+    counts = (crow[1:] - crow[:-1]).tolist()
+    groups: dict[int, list[int]] = {}
+    for r, c in enumerate(counts):
+        groups.setdefault(c, []).append(r)
+    empty = groups.pop(0, [])
+    crow_l = crow.tolist()
+    chunks = []
+    for p, rows in groups.items():
+        cap = max(1, cap_blocks // p)
+        for s0 in range(0, len(rows), cap):
+            rs = rows[s0:s0 + cap]
+            pos = torch.tensor([i for r in rs for i in range(crow_l[r], crow_l[r] + p)], dtype=torch.int64)
+            idx = block_index.index_select(0, pos) if block_index is not None else pos
+            chunks.append((torch.tensor(rs), col.index_select(0, pos), idx, p))
+    return chunks, (torch.tensor(empty) if empty else None)
+
+
+def _rows_panel(blocks, idx, n, p, bs):
+    """``[n, P*in, out]``: the chunk's blocks transposed and laid side by side, one panel per block row."""
+    return blocks.index_select(0, idx).view(n, p, bs, bs).permute(0, 1, 3, 2).reshape(n, p * bs, bs)
+
+
 def _rows(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
     m, k = x.shape
-    counts = (crow[1:] - crow[:-1]).tolist()
+    row_bytes = max(1, m) * bs * x.element_size()
+    cap_blocks = max(1, ROWS_CHUNK_BYTES // row_bytes)
+    cap_blocks = 1 << (cap_blocks.bit_length() - 1)  # a power of two: few distinct plans per structure
+    keys = (crow, col) if block_index is None else (crow, col, block_index)
+    chunks, empty = cached("bsr_rows_plan", keys, (nbr, cap_blocks), lambda: _rows_plan(crow, col, block_index, nbr,
+                                                                                        cap_blocks))
+    # inference: the panels are laid out once per weight (a second copy of the blocks); training re-lays them
+    reuse = not (torch.is_grad_enabled() and blocks.requires_grad)
+    panels = cached("bsr_rows_panels", (blocks,) + keys, (nbr, cap_blocks, blocks.stride()),
+                    lambda: [_rows_panel(blocks, idx, rs.numel(), p, bs) for rs, _, idx, p in chunks]) if reuse else None
     xp = _pad_cols(x, nbc * bs)
     x3 = xp.as_strided((m, nbc, bs), (xp.stride(0), bs, 1)) if xp.stride(1) == 1 else xp.reshape(m, nbc, bs)
     exact = out_features == nbr * bs
     y = x.new_empty(m, nbr * bs) if not exact else x.new_empty(m, out_features)
     y3 = y.view(m, nbr, bs)
-    groups: dict[int, list[int]] = {}
-    for r, c in enumerate(counts):
-        groups.setdefault(c, []).append(r)
-    empty = groups.pop(0, None)
-    if empty:
-        if len(empty) == nbr:
+    if empty is not None:
+        if empty.numel() == nbr:
             y.zero_()
         else:
-            y3.index_fill_(1, torch.tensor(empty), 0)
-    crow_l = crow.tolist()
-    row_bytes = m * bs * x.element_size()
-    for p, rows in groups.items():
-        cap = max(1, ROWS_CHUNK_BYTES // (p * row_bytes))
-        for s0 in range(0, len(rows), cap):
-            rs = rows[s0:s0 + cap]
-            n = len(rs)
-            pos = torch.tensor([i for r in rs for i in range(crow_l[r], crow_l[r] + p)], dtype=torch.int64)
-            cols = col.index_select(0, pos)
-            idx = block_index.index_select(0, pos) if block_index is not None else pos
-            xg = scratch("rows.xg", m * n * p * bs, x.dtype).view(m, n * p, bs)
-            torch.index_select(x3, 1, cols, out=xg)  # [M, n*P, in]: the needed x blocks, in place order
-            a = xg.view(m, n, p * bs).transpose(0, 1)  # [n, M, P*in], rows strided by n*P*in
-            w = blocks.index_select(0, idx).view(n, p, bs, bs).permute(0, 1, 3, 2).reshape(n, p * bs, bs)
-            res = scratch("rows.out", n * m * bs, x.dtype).view(n, m, bs)
-            torch.bmm(a, w, out=res)  # [n, M, out]
-            if n == 1:
-                y3[:, rs[0]].copy_(res[0])
-            else:
-                y3.index_copy_(1, torch.tensor(rs), res.transpose(0, 1))
+            y3.index_fill_(1, empty, 0)
+    for i, (rs, cols, idx, p) in enumerate(chunks):
+        n = rs.numel()
+        xg = scratch("rows.xg", m * n * p * bs, x.dtype).view(m, n * p, bs)
+        torch.index_select(x3, 1, cols, out=xg)  # [M, n*P, in]: the needed x blocks, in place order
+        a = xg.view(m, n, p * bs).transpose(0, 1)  # [n, M, P*in], rows strided by n*P*in
+        w = panels[i] if panels is not None else _rows_panel(blocks, idx, n, p, bs)
+        res = scratch("rows.out", n * m * bs, x.dtype).view(n, m, bs)
+        torch.bmm(a, w, out=res)  # [n, M, out]
+        if n == 1:
+            y3[:, int(rs[0])].copy_(res[0])
+        else:
+            y3.index_copy_(1, rs, res.transpose(0, 1))
     return y if exact else y[:, :out_features]
 
 

@@ -339,6 +339,16 @@ def linear_int8_cpu(
                                    x.dtype)
     scale, inv = act_scale_inv(xf, qmax, static_scale)
     v = _scaled_rounded(xf, inv[:, None], qmax, static_scale is not None, "int8.v")
+    if engine == "onednn" and x.dtype == torch.bfloat16 and bool(torch.isfinite(scale).all()):
+        # bf16 out of oneDNN and a bf16 epilogue: a third of the output traffic of the fp32 epilogue
+        # (one more bf16 rounding, for the layer that returns bf16 anyway); NaN rows take the fp32 path
+        y = _gemm_onednn(_to_uint8(v, qmax + 1), w_q, w_scale, qmax + 1, torch.bfloat16)
+        sb = scale.to(torch.bfloat16)[:, None]
+        if bias is not None:
+            torch.addcmul(bias.to(torch.bfloat16), y, sb, out=y)
+        else:
+            y.mul_(sb)
+        return activate(y, activation, inplace=True)
     y = _linear_gemm(engine, v, w_q, w_scale, qmax)
     return _epilogue(y, scale[:, None], bias, activation, x.dtype)
 
@@ -448,11 +458,13 @@ def dequantized(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, me
     return _cached("dequantized", (w_q, w_scale), (dtype, memory_format), build)
 
 
-def linear_float_cpu(x, w_q, w_scale, bias=None, activation: str = "none") -> torch.Tensor:
-    """The float form: ``act(F.linear(x, dequant(W), bias))`` in ``x``'s dtype."""
-    w = dequantized(w_q, w_scale, x.dtype)
-    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    return activate(y, activation, inplace=True)
+def linear_float_cpu(x, w_q, w_scale, bias=None, activation: str = "none", compute_dtype=None) -> torch.Tensor:
+    """The float form: ``act(F.linear(x, dequant(W), bias))`` in ``compute_dtype`` (default ``x``'s
+    dtype; ``torch.bfloat16`` for an fp32 ``x`` is the "float_bf16" form), returned in ``x``'s dtype."""
+    dt = compute_dtype or x.dtype
+    w = dequantized(w_q, w_scale, dt)
+    y = F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
+    return activate(y, activation, inplace=True).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,9 +596,17 @@ def conv2d_int8_cpu(
 
 
 def conv2d_float_cpu(x, w_q, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                     activation: str = "none") -> torch.Tensor:
-    """The float form: the dequantized conv in ``x``'s dtype, channels_last (oneDNN's fast layout)."""
-    w = dequantized(w_q, w_scale, x.dtype, torch.channels_last)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(xc, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
-    return activate(y, activation, inplace=True).contiguous(memory_format=torch.channels_last)
+                     activation: str = "none", compute_dtype=None, layout=torch.channels_last) -> torch.Tensor:
+    """The float form: the dequantized conv in ``compute_dtype`` (default ``x``'s dtype; bf16 for an fp32
+    ``x`` is the "float_bf16" form), computed in ``layout`` (channels_last, oneDNN's fast layout, or
+    contiguous NCHW: the "float_nchw" form, what ``nn.Conv2d`` runs on an NCHW input), returned in
+    ``x``'s dtype and channels_last."""
+    dt = compute_dtype or x.dtype
+    w = dequantized(w_q, w_scale, dt, layout)
+    xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
+    y = F.conv2d(xc, w, bias if bias is None or bias.dtype == dt else bias.to(dt), stride, padding, dilation)
+    if activation != "none":
+        y = activate(y, activation, inplace=True)
+    if y.dtype != x.dtype or not y.is_contiguous(memory_format=torch.channels_last):
+        y = y.to(dtype=x.dtype, memory_format=torch.channels_last)
+    return y

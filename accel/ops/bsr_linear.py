@@ -69,7 +69,7 @@ def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: 
     density = nnz / (nbr * nbc) if nbr * nbc else 1.0
     key = (f"bsr_linear|n={out_features}|k={k}|b={bs}|d={round(density * 40) / 40:.3f}|m={engines.m_bucket(m)}"
            f"|dt={str(x.dtype)[6:]}|dense={int(allow_dense)}")
-    allowed = cpu_bsr.STRATEGIES + (("dense",) if allow_dense else ())
+    allowed = cpu_bsr.strategies_for(x.dtype) + (("dense",) if allow_dense else ())
 
     def run(e):
         if e == "dense":

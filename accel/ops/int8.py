@@ -40,10 +40,30 @@ LINEAR_MODES = ("dynamic", "static", "weight_only", "auto")
 CONV_MODES = ("int8", "auto")
 #: CUDA ``auto`` without a measurement: weight-only int8 up to this many tokens, dynamic above
 CUDA_WEIGHT_ONLY_MAX_M = 16
-#: SQNR (dB) an engine's output must reach against the exact reference before it can be chosen:
-#: exact integer engines give > 100 dB; weight-only with bf16 activations ~50 dB
-EXACT_SQNR = 60.0
+#: SQNR (dB) an engine's output must reach against the exact reference (rounded to the output dtype)
+#: before it can be chosen: exact integer engines give > 100 dB in fp32 and differ from the rounded
+#: reference by an ulp here and there in bf16/fp16; weight-only with bf16 activations gives ~50 dB
+EXACT_SQNR = {torch.float32: 60.0, torch.bfloat16: 40.0, torch.float16: 50.0}
 WEIGHT_ONLY_SQNR = 45.0
+#: an ``auto`` form must agree this well with the float layer on the int8 weights (a sanity bound: the
+#: int8 forms give ~40 dB on Gaussian data, bf16 ~50 dB; a broken engine gives < 10)
+FORM_SQNR = 20.0
+
+
+FLOAT_CONV_FORMS = ("float", "float_nchw", "float_bf16")
+
+
+def _float_conv(form, x, w_q, w_scale, bias, stride, padding, dilation, activation):
+    return cpu_int8.conv2d_float_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation,
+                                     torch.bfloat16 if form == "float_bf16" else None,
+                                     torch.contiguous_format if form == "float_nchw" else torch.channels_last)
+
+
+def _auto_forms(x: torch.Tensor) -> tuple[str, ...]:
+    """The forms an ``auto`` layer may run for ``x``: an fp32 input may also compute in bf16 ("float_bf16",
+    AMX / AVX512-BF16 tensor cores; at least as accurate as the int8 forms)."""
+    base = ("dynamic", "weight_only", "float")
+    return base + ("float_bf16",) if x.dtype == torch.float32 and not x.is_cuda else base
 
 
 def _pair(v) -> list[int]:
@@ -74,11 +94,11 @@ def _choose_linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax) ->
         return {e: (lambda e=e: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, e))
                 for e in exact}
 
-    def reference():
-        return cpu_int8.linear_int8_reference(x, w_q, w_scale, bias, activation, act_scale, qmax)
+    def reference():  # rounded to the output dtype like the engines' outputs
+        return cpu_int8.linear_int8_reference(x, w_q, w_scale, bias, activation, act_scale, qmax).to(x.dtype)
 
     return engines.choose("int8_linear", key, candidates, default=cpu_int8.default_linear_engine(qmax, m, k),
-                          reference=reference, min_sqnr=EXACT_SQNR, allowed=exact)
+                          reference=reference, min_sqnr=EXACT_SQNR[x.dtype], allowed=exact)
 
 
 def _weight_only_engine(x, w_q, w_scale, bias, activation) -> str:
@@ -113,14 +133,21 @@ def _choose_auto_form(x, w_q, w_scale, bias, activation, qmax, device: str) -> s
     n, k = w_q.shape
     m = x.shape[0]
     key = f"quant_linear_form|n={n}|k={k}|m={engines.m_bucket(m)}|dt={str(x.dtype)[6:]}|q={qmax}|{device}"
-    default = "weight_only" if device == "cuda" and m <= CUDA_WEIGHT_ONLY_MAX_M else "dynamic"
+    if device == "cuda":
+        default = "weight_only" if m <= CUDA_WEIGHT_ONLY_MAX_M else "dynamic"
+    else:  # the incumbent a challenger must beat by the margin: a half-precision input's own dense GEMM
+        default = "float" if x.dtype in (torch.bfloat16, torch.float16) else "dynamic"
+
+    forms = _auto_forms(x)
 
     def candidates():
-        return {f: (lambda f=f: _linear_body(x, w_q, w_scale, bias, None, activation, f, qmax))
-                for f in ("dynamic", "weight_only", "float")}
+        return {f: (lambda f=f: _linear_body(x, w_q, w_scale, bias, None, activation, f, qmax)) for f in forms}
 
-    return engines.choose("quant_linear_form", key, candidates, default=default, device=device,
-                          allowed=("dynamic", "weight_only", "float"))
+    def reference():  # the float layer with the int8 weights: every form must be at least int8-accurate
+        return cpu_int8.linear_float_cpu(x.float(), w_q, w_scale, bias, activation)
+
+    return engines.choose("quant_linear_form", key, candidates, default=default, device=device, allowed=forms,
+                          reference=reference, min_sqnr=FORM_SQNR)
 
 
 def _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode) -> str:
@@ -140,18 +167,23 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
     if not cpu_int8.onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
         allowed = [e for e in allowed if not e.startswith("onednn")]  # wrong numbers there (accel.cpu.int8.onednn_conv_ok)
     if mode == "auto":
-        allowed.append("float")
+        allowed += ["float", "float_nchw"]
+        if x.dtype == torch.float32:
+            allowed.append("float_bf16")
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     key = (f"int8_conv2d|{mode}|o={o}|c={c}|k={kh}x{kw}|hw={h}x{w}|s={stride[0]}x{stride[1]}|p={padding[0]}x{padding[1]}"
            f"|d={dilation[0]}x{dilation[1]}|b={engines.m_bucket(b)}|dt={str(x.dtype)[6:]}|q={qmax}|cl={int(cl)}")
 
     def run(e):
-        if e == "float":
-            return cpu_int8.conv2d_float_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation)
+        if e in FLOAT_CONV_FORMS:
+            return _float_conv(e, x, w_q, w_scale, bias, stride, padding, dilation, activation)
         return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax, e)
 
     def candidates():
         return {e: (lambda e=e: run(e)) for e in allowed}
+
+    def float_reference():
+        return cpu_int8.conv2d_float_cpu(x.float(), w_q, w_scale, bias, stride, padding, dilation, activation)
 
     reference = None
     if "float" not in allowed:
@@ -164,11 +196,11 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
             y = y if bias is None else y + bias.float()[None, :, None, None]
             from ..quant import activate
 
-            return activate(y, activation)
+            return activate(y, activation).to(x.dtype)
 
     default = allowed[0]  # oneDNN's direct conv where it is correct, else im2col
-    return engines.choose("int8_conv2d", key, candidates, default=default, reference=reference,
-                          min_sqnr=EXACT_SQNR if reference is not None else None, allowed=tuple(allowed))
+    return engines.choose("int8_conv2d", key, candidates, default=default, reference=reference or float_reference,
+                          min_sqnr=EXACT_SQNR[x.dtype] if reference is not None else FORM_SQNR, allowed=tuple(allowed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +208,9 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
 # ---------------------------------------------------------------------------------------------
 def _linear_body(x, w_q, w_scale, bias, act_scale, activation, mode, qmax):
     """One resolved mode on the CPU."""
-    if mode == "float":
-        return cpu_int8.linear_float_cpu(x, w_q, w_scale, bias, activation)
+    if mode in ("float", "float_bf16"):
+        return cpu_int8.linear_float_cpu(x, w_q, w_scale, bias, activation,
+                                         torch.bfloat16 if mode == "float_bf16" else None)
     if mode == "weight_only":
         return cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation,
                                                _weight_only_engine(x, w_q, w_scale, bias, activation))
@@ -239,8 +272,8 @@ def _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilatio
                            out_dtype=x.dtype)
     qmax = _qmax(act_qmax)
     engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
-    if engine == "float":
-        return cpu_int8.conv2d_float_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation)
+    if engine in FLOAT_CONV_FORMS:
+        return _float_conv(engine, x, w_q, w_scale, bias, stride, padding, dilation, activation)
     return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax, engine)
 
 

@@ -28,7 +28,6 @@ from .inputs import as_call, at_batch, batch_size_of
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseLinear
 from .prune import block_masks
 from .shrink import layer_shapes, resize_
-from .timing import compare
 
 FilterFn = Callable[[nn.Module, str], bool]
 SCOPES = ("global", "layer", "sensitivity")
@@ -153,10 +152,29 @@ def capture_inputs(model: nn.Module, names: list[str], example_inputs) -> dict[s
 
 @torch.no_grad()
 def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -> tuple[float, float, float]:
-    """(old ms, new ms, speedup of new over old), side by side."""
-    res = compare({"old": lambda: old(x), "new": lambda: new(x)}, "old", device=x.device.type, budget_s=budget_s,
-                  min_rounds=5)
-    return res["old"].median_s * 1e3, res["new"].median_s * 1e3, res["new"].speedup
+    """(old ms, new ms, speedup of new over old) for the replacement of ``old`` by ``new`` at input ``x``.
+
+    Measured like an engine decision and kept with them (``accel.engines.choose``: minimum over
+    interleaved rounds, close calls measured longer, the replacement kept unless the original is
+    faster by the margin, cached per layer type, shape, bucket and dtype): identical layers get one
+    answer, and a busy machine does not flip it. The speedup is 1.0 within the margin."""
+    w = getattr(new, "weight_q", None)
+    shape = tuple(w.shape) if w is not None else (getattr(new, "out_features", None), getattr(new, "in_features", None),
+                                                  getattr(new, "density", None))
+    key = engines.make_key("replace", old=type(old).__name__, new=type(new).__name__, mode=getattr(new, "mode", ""),
+                           w=shape, x=tuple(x.shape[1:]), m=engines.m_bucket(x.shape[0]), dt=str(x.dtype)[6:])
+    engines.choose("replace", key, {"old": lambda: old(x), "new": lambda: new(x)}, default="new",
+                   device=x.device.type, budget_s=budget_s, allowed=("old", "new"))
+    dec = engines.decision(key)
+    times = dec.times_ms if dec is not None and {"old", "new"} <= dec.times_ms.keys() else None
+    if times is None:  # forced or unmeasured: time it once, for the report
+        d = engines.measure({"old": lambda: old(x), "new": lambda: new(x)}, incumbent="new", device=x.device.type,
+                            budget_s=budget_s)
+        times = d.times_ms
+    t_old, t_new = times["old"], times["new"]
+    faster_old = dec is not None and dec.engine == "old"
+    speedup = t_old / t_new if faster_old or t_old > t_new * (1 + engines.MARGIN) else max(1.0, t_old / t_new)
+    return t_old, t_new, speedup
 
 
 def _row(name, module, x, decision, reason="", timing=None, batch=None):

@@ -14,8 +14,9 @@ Measurement (:func:`measure`) is built to give the same answer on a noisy shared
   **minimum** over rounds (contention only ever adds time);
 * a candidate whose first call is more than :data:`TOO_SLOW` times the fastest first call is
   dropped without timing (``torch._int_mm`` on CPUs without VNNI is a reference loop);
-* a candidate must beat the incumbent (the op's documented default) by :data:`MARGIN`, so a
-  close call keeps the same answer on every run; close calls get extra rounds between the two;
+* a candidate must beat the incumbent (the op's documented default) by :data:`MARGIN` (by
+  :data:`CONTENDED_MARGIN` on a busy machine), so a close call keeps the same answer on every run;
+  close calls get extra rounds between the two;
 * candidates are checked against a reference output first: one that is wrong (below
   ``min_sqnr`` dB against the reference, or raises) is never chosen, and the reason is recorded;
 * a key measured while the machine was busy (load average above the threads accel uses) is
@@ -61,6 +62,10 @@ import torch
 ENGINE_VERSION = 3
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
+#: ... and by this much when the machine is busy (load above the threads accel uses): a busy machine
+#: keeps the incumbent unless a challenger is clearly faster, so decisions do not flip with the load;
+#: such decisions are flagged ``contended`` and measured again by the next process
+CONTENDED_MARGIN = 0.30
 #: two best candidates closer than this get extra rounds between them
 CLOSE = 0.10
 #: candidates slower than this times the fastest first call are dropped unmeasured
@@ -550,7 +555,8 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
     else:
         best = {names[0]: first[names[0]]}
     winner = min(names, key=best.__getitem__)
-    if incumbent in best and winner != incumbent and best[incumbent] < best[winner] * (1 + MARGIN):
+    margin = CONTENDED_MARGIN if contended else MARGIN
+    if incumbent in best and winner != incumbent and best[incumbent] < best[winner] * (1 + margin):
         winner = incumbent
     return Decision(engine=winner, measured=True, times_ms={k: v * 1e3 for k, v in best.items()}, rejected=rejected,
                     rounds=n, contended=contended,

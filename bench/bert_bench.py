@@ -143,7 +143,8 @@ def stability(model: nn.Module, batches: list[int], tokens: int, runs: int = 3) 
         loader.join(timeout=10)
     keys = seen[0].keys()
     differ = [k for k in keys if len({s[k] for s in seen}) > 1]
-    return {"runs": runs, "decisions": len(keys), "differ": len(differ), "differing": [list(k) for k in differ[:20]]}
+    return {"runs": runs, "decisions": len(keys), "differ": len(differ),
+            "differing": [[*k, sorted({s[k] for s in seen})] for k in differ[:24]]}
 
 
 def main(argv=None) -> None:
@@ -154,10 +155,17 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per batch size")
     ap.add_argument("--quick", action="store_true", help="small budget, for a smoke run")
     ap.add_argument("--stability", action="store_true")
+    ap.add_argument("--stability-only", action="store_true", help="only the stability run (no latency table)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, kind = build(args.layers)
+    if args.stability_only:
+        st = stability(model, args.batches, args.tokens)
+        print(f"stability: {st}")
+        path = args.json or os.path.join(os.path.dirname(__file__), "results", "bert_stability-cpu.json")
+        print(f"saved {save_results('bert_stability', [st], extra={'layers': args.layers, 'model': kind}, path=path)}")
+        return
     budget = 1.0 if args.quick else args.budget
     t0 = time.time()
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16), "torch_dynamic_int8": torch_dynamic(model)}

@@ -228,3 +228,140 @@ def test_fuzz_bsr_linear(engine, case):
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
     scale = max(1.0, math.sqrt(k) / 4)
     torch.testing.assert_close(y.double(), ref, atol=tol * scale * (8 if dtype == torch.bfloat16 else 1), rtol=tol * 4)
+
+
+# ------------------------------------------------------------------------------------------------ auto forms
+#: relative rounding of the compute dtype each form uses (dequantized weights and inputs in that dtype)
+_EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def _check_form(y, ref, magnitude, quant_bound, form, dtype):
+    """``|y - ref| <= bound`` elementwise, where ``ref`` is the float layer on the int8 weights (fp64),
+    ``magnitude`` the same layer on ``|x|``, ``|W|`` and ``|b|`` (what rounding errors scale with) and
+    ``quant_bound`` the worst case of the activation quantization (int8 forms only); the compute dtype
+    adds its rounding and the output dtype one more. GELU/ReLU are at most 1.13-Lipschitz."""
+    compute = torch.bfloat16 if form == "float_bf16" else dtype
+    bound = 1.13 * (quant_bound + 4 * _EPS[compute] * magnitude) + _EPS[dtype] * ref.abs() + 1e-6
+    err = (y.double() - ref).abs()
+    finite = torch.isfinite(ref) & (ref.abs() < (6e4 if dtype == torch.float16 else math.inf))
+    assert bool((err <= bound)[finite].all()), (form, float(((err - bound)[finite]).max()))
+
+
+@st.composite
+def auto_linear_cases(draw):
+    lead = draw(st.lists(st.integers(0, 4), min_size=1, max_size=3))
+    k, n = draw(st.integers(1, 200)), draw(st.integers(1, 70))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    form = draw(st.sampled_from(["dynamic", "weight_only", "float", "float_bf16"]))
+    activation = draw(st.sampled_from(["none", "relu", "gelu"]))
+    qmax = draw(st.sampled_from([63, 127]))
+    return lead, k, n, dtype, form, activation, qmax, draw(st.integers(0, 2 ** 16))
+
+
+@FUZZ
+@given(case=auto_linear_cases())
+def test_fuzz_linear_auto_forms(case):
+    """An ``auto`` QuantLinear forced onto each form computes the float layer of its int8 weights
+    (to that form's precision), in the input's dtype and shape; a form the input cannot use raises."""
+    lead, k, n, dtype, form, activation, qmax, seed = case
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+        lin.bias.copy_(torch.randn(n, generator=g))
+    q = QuantLinear.from_float(lin, "auto", activation=activation, act_qmax=qmax)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    w = q.weight_q.double() * q.weight_scale.double()[:, None]
+    ref = torch.nn.functional.linear(x.double(), w, q.bias.double())
+    ref = {"none": ref, "relu": torch.relu(ref), "gelu": torch.nn.functional.gelu(ref)}[activation]
+    xa = x.double().abs()
+    magnitude = torch.nn.functional.linear(xa, w.abs(), q.bias.double().abs())
+    step = xa.amax(-1, keepdim=True) / (2 * qmax) if x.numel() else xa.sum(-1, keepdim=True)
+    quant_bound = step * w.abs().sum(1) if form == "dynamic" else torch.zeros_like(magnitude)
+    with torch.no_grad(), engines.force(quant_linear_form=form):
+        if form == "float_bf16" and dtype != torch.float32 and x.numel():
+            with pytest.raises(ValueError, match="cannot run this call"):
+                q(x)
+            return
+        y = q(x)
+    assert y.shape == ref.shape and y.dtype == dtype
+    _check_form(y, ref, magnitude, quant_bound, form, dtype)
+
+
+@st.composite
+def auto_conv_cases(draw):
+    geometry = draw(conv_cases())
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    form = draw(st.sampled_from(["onednn", "im2col", "float", "float_nchw", "float_bf16"]))
+    return geometry, dtype, form
+
+
+@FUZZ
+@given(case=auto_conv_cases())
+def test_fuzz_conv_auto_forms(case):
+    """An ``auto`` QuantConv2d forced onto each form (int8 engines, float in NHWC/NCHW, bf16) computes
+    the float conv of its int8 weights, for every geometry; a form that cannot run the call raises."""
+    (b, c, o, k, stride, padding, dilation, (h, w), channels_last, qmax, seed), dtype, form = case
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(c, o, k, stride, padding, dilation)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(o, generator=g))
+    q = QuantConv2d.from_float(conv, "auto", act_qmax=qmax)
+    x = torch.randn(b, c, h, w, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wd = q.weight_q.double() * q.weight_scale.double().view(-1, 1, 1, 1)
+    ref = torch.nn.functional.conv2d(x.double(), wd, q.bias.double(), stride, padding, dilation)
+    magnitude = torch.nn.functional.conv2d(x.double().abs(), wd.abs(), q.bias.double().abs(), stride, padding, dilation)
+    int8 = form in ("onednn", "im2col")
+    step = x.double().abs().amax((1, 2, 3)).view(-1, 1, 1, 1) / (2 * qmax)  # one scale per image
+    quant_bound = step * torch.nn.functional.conv2d(torch.ones_like(x, dtype=torch.float64), wd.abs(), None, stride,
+                                                    padding, dilation) if int8 else torch.zeros_like(ref)
+    engine = form if form not in ("onednn", "im2col") or form in C.conv_engines(qmax) else form + "_split"
+    runnable = not (engine.startswith("onednn") and not C.onednn_conv_ok(c, h, w, *k, stride, padding, dilation)) \
+        and not (form == "float_bf16" and dtype != torch.float32)
+    with torch.no_grad(), engines.force(int8_conv2d=engine):
+        if not runnable:
+            with pytest.raises(ValueError, match="cannot run this call"):
+                q(x)
+            return
+        y = q(x)
+    assert y.shape == ref.shape and y.dtype == dtype
+    _check_form(y, ref, magnitude, quant_bound, form, dtype)
+
+
+@st.composite
+def embedding_cases(draw):
+    rows, dim = draw(st.integers(1, 60)), draw(st.integers(1, 40))
+    padding_idx = draw(st.one_of(st.none(), st.integers(-rows, rows - 1)))
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    idx_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    bad = draw(st.sampled_from(["none", "none", "negative", "too_big"]))
+    return rows, dim, padding_idx, shape, dtype, idx_dtype, bad, draw(st.integers(0, 2 ** 16))
+
+
+@FUZZ
+@given(case=embedding_cases())
+def test_fuzz_quant_embedding(case):
+    """QuantEmbedding looks up exactly its dequantized rows (in the float table's dtype), for any index
+    shape; an index out of range raises IndexError as ``nn.Embedding`` does, never reads garbage."""
+    from accel import QuantEmbedding
+
+    rows, dim, padding_idx, shape, dtype, idx_dtype, bad, seed = case
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.Embedding(rows, dim, padding_idx=padding_idx).to(dtype)
+    q = QuantEmbedding.from_float(emb)
+    idx = torch.randint(0, rows, shape, generator=g).to(idx_dtype)
+    if bad != "none" and idx.numel():
+        idx.view(-1)[0] = -1 if bad == "negative" else rows
+        with pytest.raises(IndexError):
+            q(idx)
+        return
+    y = q(idx)
+    ref = torch.nn.functional.embedding(idx.long(), q.dequantized_weight()).to(dtype)
+    assert y.shape == (*shape, dim) and y.dtype == dtype
+    torch.testing.assert_close(y, ref, atol=0, rtol=1e-2 if dtype != torch.float32 else 1e-6)
+    err = (q.dequantized_weight() - emb.weight.float()).abs().max() if rows else 0
+    assert err <= emb.weight.float().abs().amax(1).max() / 127 + 1e-6

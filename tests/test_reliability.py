@@ -241,3 +241,51 @@ def test_load_state_dict_with_other_nnz_and_back():
     x = torch.randn(2, 256)
     torch.testing.assert_close(b(x), a(x))
     assert F.linear(x, a.dense_weight(), a.bias).shape == (2, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch's own CPU conv is wrong or crashes on some geometries; the float forms must route around it
+# ---------------------------------------------------------------------------------------------------------
+def test_float_form_conv_one_channel_channels_last_strides_is_right():
+    """torch 2.13: a 1-channel input with channels_last strides (any NCHW tensor with C=1 converted
+    ``.to(memory_format=channels_last)``) and a 1-wide output gives ~1e32 garbage from F.conv2d."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 1, (1, 4), (1, 2))
+    q = QuantConv2d.from_float(conv, "auto")
+    x = torch.randn(2, 1, 10, 5)
+    ref = F.conv2d(x.double(), (q.weight_q.double() * q.weight_scale.double().view(-1, 1, 1, 1)), q.bias.double(), (1, 2))
+    for form, dtype, tol in (("float", torch.float32, 1e-5), ("float", torch.bfloat16, 0.1),
+                             ("float_bf16", torch.float32, 0.1), ("float_nchw", torch.bfloat16, 0.1)):
+        with torch.no_grad(), accel.engines.force(int8_conv2d=form):
+            y = q(x.to(dtype))
+        assert (y.double() - ref).abs().max() < tol * max(1.0, float(ref.abs().max())), form
+
+
+def test_float_form_conv_padding_only_outputs_do_not_crash():
+    """torch 2.13: fp32 channels_last F.conv2d (1x1, stride (1, 2), padding (0, 3), dilation 3, a 1-wide
+    input) segfaults. Run in a subprocess so a regression fails the test instead of killing the run."""
+    import subprocess
+    import sys
+    code = """
+import torch, torch.nn as nn, torch.nn.functional as F
+from accel import QuantConv2d, engines
+torch.manual_seed(0)
+conv = nn.Conv2d(24, 11, 1, (1, 2), (0, 3), (3, 3))
+q = QuantConv2d.from_float(conv, "auto")
+x = torch.randn(3, 24, 15, 1).contiguous(memory_format=torch.channels_last)
+wd = q.weight_q.double() * q.weight_scale.double().view(-1, 1, 1, 1)
+ref = F.conv2d(x.double(), wd, q.bias.double(), (1, 2), (0, 3), (3, 3))
+for form in ("float", "float_nchw", "float_bf16"):
+    with torch.no_grad(), engines.force(int8_conv2d=form):
+        y = q(x)
+    assert (y.double() - ref).abs().max() < 0.05 * max(1.0, float(ref.abs().max())), form
+xg = x.clone().requires_grad_()
+with engines.force(int8_conv2d="float"):
+    q(xg).sum().backward()
+xr = x.double().requires_grad_()
+F.conv2d(xr, wd, None, (1, 2), (0, 3), (3, 3)).sum().backward()
+assert (xg.grad.double() - xr.grad).abs().max() < 1e-4
+print("OK")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (r.returncode, r.stderr[-2000:])

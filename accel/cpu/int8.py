@@ -595,16 +595,43 @@ def conv2d_int8_cpu(
     return y.to(x.dtype, memory_format=torch.channels_last)
 
 
+def canonical(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` with the plain NCHW strides (a tensor with a size-1 dim may carry
+    channels_last strides and still be "contiguous"; oneDNN then takes the channels_last path)."""
+    t = t.to(dtype)
+    strides, acc = [], 1
+    for n in reversed(t.shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
+
+
+def float_conv2d_cpu(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation) -> torch.Tensor:
+    """``F.conv2d`` routed around torch's CPU convolution defects (torch 2.13, oneDNN 3.12): on the
+    geometries :func:`onednn_conv_ok` rejects (1-wide/high outputs, outputs reading only padding,
+    dilation with padding, 1 input channel, 1-2 pixel inputs), channels_last fp32 and any bf16/fp16
+    convolution crash the process (SIGSEGV) or return garbage (C=1 with channels_last strides:
+    ~1e32). Those run in fp32 with plain NCHW strides, which is exact for every geometry probed (~7,500
+    random ones against fp64); the result has ``x``'s dtype."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if onednn_conv_ok(x.shape[1], x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding, dilation):
+        return F.conv2d(x, w, bias, stride, padding, dilation)
+    y = F.conv2d(canonical(x, torch.float32), canonical(w, torch.float32),
+                 None if bias is None else bias.float(), stride, padding, dilation)
+    return y.to(x.dtype)
+
+
 def conv2d_float_cpu(x, w_q, w_scale, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                      activation: str = "none", compute_dtype=None, layout=torch.channels_last) -> torch.Tensor:
     """The float form: the dequantized conv in ``compute_dtype`` (default ``x``'s dtype; bf16 for an fp32
     ``x`` is the "float_bf16" form), computed in ``layout`` (channels_last, oneDNN's fast layout, or
     contiguous NCHW: the "float_nchw" form, what ``nn.Conv2d`` runs on an NCHW input), returned in
-    ``x``'s dtype and channels_last."""
+    ``x``'s dtype and channels_last. Geometries torch's own conv gets wrong run through
+    :func:`float_conv2d_cpu`'s safe path."""
     dt = compute_dtype or x.dtype
     w = dequantized(w_q, w_scale, dt, layout)
     xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
-    y = F.conv2d(xc, w, bias if bias is None or bias.dtype == dt else bias.to(dt), stride, padding, dilation)
+    y = float_conv2d_cpu(xc, w, bias if bias is None or bias.dtype == dt else bias.to(dt), stride, padding, dilation)
     if activation != "none":
         y = activate(y, activation, inplace=True)
     if y.dtype != x.dtype or not y.is_contiguous(memory_format=torch.channels_last):

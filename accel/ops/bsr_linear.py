@@ -80,9 +80,10 @@ def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: 
     def candidates():
         return {e: (lambda e=e: run(e)) for e in allowed}
 
-    def reference():
-        w = bsr_to_dense(values.detach().float(), crow, col, (out_features, k))
-        return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    def reference():  # fp32 (fp64 for fp64 inputs, whose bar is ~150 dB)
+        rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = bsr_to_dense(values.detach().to(rdt), crow, col, (out_features, k))
+        return torch.nn.functional.linear(x.to(rdt), w, None if bias is None else bias.to(rdt))
 
     choice = engines.choose("bsr_linear", key, candidates, default=cpu_bsr.pick_strategy(m), reference=reference,
                             min_sqnr=MIN_SQNR.get(x.dtype), allowed=allowed)

@@ -346,7 +346,14 @@ def _backward_conv(ctx, dy):
     dy = _grad_through_activation(ctx, dy)
     stride, padding, dilation = ctx.geometry
     w = dequantize_weight(w_q, w_scale).to(dy.dtype)
-    dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation)
+    c, h, wd = ctx.x_shape[1:]
+    if not dy.is_cuda and not cpu_int8.onednn_conv_ok(c, h, wd, w.shape[2], w.shape[3], tuple(stride), tuple(padding),
+                                                     tuple(dilation)):
+        # torch's CPU conv crashes or is wrong on these geometries (see cpu_int8.float_conv2d_cpu): fp32, NCHW
+        dx = torch.nn.grad.conv2d_input(ctx.x_shape, cpu_int8.canonical(w, torch.float32),
+                                        cpu_int8.canonical(dy, torch.float32), stride, padding, dilation).to(dy.dtype)
+    else:
+        dx = torch.nn.grad.conv2d_input(ctx.x_shape, w, dy, stride, padding, dilation)
     return (dx,) + (None,) * (ctx.n_inputs - 1)
 
 

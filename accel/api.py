@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import engines
 from .inputs import as_call, at_batch, batch_size_of
-from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseLinear
+from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseLinear, SparseQuantLinear
 from .prune import block_masks
 from .shrink import layer_shapes, resize_
 
@@ -202,6 +202,10 @@ def _decision_of(new: nn.Module, x: torch.Tensor) -> str:
         return f"{new.mode}: {engines.decision(key).engine}" if key and engines.decision(key) else new.mode
     if isinstance(new, QuantLinear):
         return f"int8 {new.mode}" + (f": {new.resolved_mode(x)}" if new.mode == "auto" else "")
+    if isinstance(new, SparseQuantLinear):
+        key = _last_key("int8_bsr_linear")
+        dec = engines.decision(key) if key else None
+        return "int8 block-sparse" + (f": {dec.engine}" if dec is not None and x.device.type == "cpu" else "")
     if isinstance(new, QuantConv2d):
         key = _last_key("int8_conv2d")
         form = engines.decision(key).engine if key and engines.decision(key) else None
@@ -279,7 +283,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     """Replace ``nn.Linear`` by ``QuantLinear``, ``nn.Conv2d`` by ``QuantConv2d`` and (with
     ``config.embeddings``) ``nn.Embedding`` by ``QuantEmbedding``, in place, and report.
 
-    Layers QuantConv2d cannot serve stay in floating point, with the reason. The ``auto`` modes
+    A block-sparse ``SparseLinear`` (after ``sparsify_``) becomes an int8 block-sparse ``SparseQuantLinear``
+    (``linear_mode`` "auto" / "dynamic"); with ``example_inputs`` it becomes whichever of the sparse float layer,
+    the dense int8 ``QuantLinear`` and the int8 block-sparse layer measures fastest here (all three times
+    reported). Layers QuantConv2d cannot serve stay in floating point, with the reason. The ``auto`` modes
     (default) decide per batch bucket on the running machine between int8 and the dequantized float
     weight; with ``example_inputs`` (and ``config.measure``) those decisions are made now, at each
     layer's real input, and reported with the int8 layer's speed against the float one.
@@ -287,7 +294,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     config = config or QuantConfig()
     kinds = (nn.Conv2d,) + ((nn.Embedding,) if config.embeddings else ())
     candidates = {name: m for name, m in model.named_modules()
-                  if (type(m) in kinds or as_linear(m) is not None) and (filter_fn is None or filter_fn(m, name))}
+                  if (type(m) in kinds or as_linear(m) is not None or _is_sparse(m)) and
+                  (filter_fn is None or filter_fn(m, name))}
     rows, news = [], {}
     for name, m in candidates.items():  # build every replacement before the model changes
         scale = config.act_scales.get(name)
@@ -305,6 +313,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             if mode == "static" and scale is None:
                 raise ValueError(f"quantize_: conv_mode 'static' needs act_scales[{name!r}] (accel.calibrate)")
             news[name] = QuantConv2d.from_float(m, mode, act_scale=scale, act_qmax=config.act_qmax)
+        elif isinstance(m, SparseLinear):  # int8 block-sparse: activations quantized per token at run time
+            if scale is not None or config.linear_mode not in ("auto", "dynamic"):
+                why = "a static activation scale" if scale is not None else f"linear_mode {config.linear_mode!r}"
+                rows.append(_row(name, m, None, "sparse float", f"the int8 block-sparse layer is dynamic only ({why})"))
+                continue
+            news[name] = SparseQuantLinear.from_sparse(m, act_qmax=config.act_qmax)
         else:
             mode = "static" if scale is not None else config.linear_mode
             if mode == "static" and scale is None:
@@ -313,6 +327,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes) if config.measure else []
     for name, new in news.items():
         m = candidates[name]
+        if isinstance(new, SparseQuantLinear):
+            chosen, layer_rows = _sparse_form(name, m, new, per_batch, config)
+            if chosen is not m:
+                replace_module(model, name, chosen)
+            rows += layer_rows
+            continue
         measured, layer_rows = False, []
         for batch, inputs in per_batch:
             x = inputs.get(name)
@@ -336,6 +356,55 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     return rows
 
 
+def _is_sparse(m: nn.Module) -> bool:
+    return isinstance(m, SparseLinear) and m.storage == "sparse"
+
+
+SPARSE_FORMS = ("sparse float", "int8 dense", "int8 block-sparse")
+
+
+@torch.no_grad()
+def _sparse_form(name: str, old: SparseLinear, new: SparseQuantLinear, per_batch, config: QuantConfig):
+    """The fastest of the sparse float layer, the dense int8 ``QuantLinear`` of its (masked) weight and the int8
+    block-sparse layer at the layer's real inputs, measured like every engine decision (``accel.engines.choose``:
+    interleaved rounds, the int8 block-sparse layer kept unless another form is faster by the margin, cached per
+    shape, density, bucket and dtype). Over several batch sizes the form chosen at most of them wins (ties: the
+    least total time). Returns ``(module to use, report rows)``."""
+    measured = [(b, inputs[name]) for b, inputs in per_batch if inputs.get(name) is not None]
+    if not measured:
+        return new, [_row(name, old, None, "int8 block-sparse", f"density {new.density:.3f} (not measured)")]
+    dense = QuantLinear.from_float(old.to_linear(), config.linear_mode, act_qmax=config.act_qmax)
+    forms = dict(zip(SPARSE_FORMS, (old, dense, new)))
+    results = []
+    for batch, x in measured:
+        for f in forms.values():
+            f(x)  # each form's own engine decisions first, so they are not timed
+        key = engines.make_key("replace", old="SparseLinear", new="SparseQuantLinear|QuantLinear",
+                               w=(new.out_features, new.in_features, new.block_size, new.nnz), x=tuple(x.shape[1:]),
+                               m=engines.m_bucket(x.shape[0]), dt=str(x.dtype)[6:], q=new.act_qmax)
+        calls = {f: (lambda f=f: forms[f](x)) for f in SPARSE_FORMS}
+        winner = engines.choose("replace", key, calls, default="int8 block-sparse", device=x.device.type,
+                                budget_s=config.budget_s, allowed=SPARSE_FORMS)
+        dec = engines.decision(key)
+        times = dec.times_ms if dec is not None and set(SPARSE_FORMS) <= dec.times_ms.keys() else \
+            engines.measure(calls, incumbent=winner, device=x.device.type, budget_s=config.budget_s).times_ms
+        results.append((batch, x, winner, times))
+    wins = {f: sum(r[2] == f for r in results) for f in SPARSE_FORMS}
+    total = {f: sum(r[3][f] for r in results) for f in SPARSE_FORMS}
+    chosen = max(SPARSE_FORMS, key=lambda f: (wins[f], -total[f]))
+    shown = {"sparse float": lambda x: f"sparse float: {_decision_of(old, x)}",
+             "int8 dense": lambda x: _decision_of(dense, x),
+             "int8 block-sparse": lambda x: _decision_of(new, x)}
+    rows = []
+    for batch, x, winner, times in results:
+        old(x), forms[chosen](x)  # so the report names the engines this batch runs
+        ms = ", ".join(f"{f} {times[f]:.3f} ms" for f in SPARSE_FORMS)
+        note = "" if winner == chosen else f"; {winner} at this batch"
+        timing = (times["sparse float"], times[chosen], times["sparse float"] / times[chosen])
+        rows.append(_row(name, old, x, shown[chosen](x), f"density {new.density:.3f}; {ms}{note}", timing, batch))
+    return forms[chosen], rows
+
+
 def format_report(rows: list[dict]) -> str:
     """A plain-text table of ``sparsify_`` / ``quantize_`` rows, columns sized to their contents."""
     cols = [("layer", "layer"), ("kind", "kind"), ("input", "input"), ("batch", "batch"), ("decision", "decision"),
@@ -353,7 +422,7 @@ def format_report(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ save / load
-ACCEL_TYPES = (SparseLinear, QuantLinear, QuantConv2d, QuantEmbedding)
+ACCEL_TYPES = (SparseLinear, QuantLinear, QuantConv2d, QuantEmbedding, SparseQuantLinear)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -365,6 +434,10 @@ def _describe(m: nn.Module) -> dict:
         return {"type": "SparseLinear", "in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None, "block_size": m.block_size,
                 "dtype": _dtype_name((m.values if m.storage == "sparse" else m.weight).dtype)}
+    if isinstance(m, SparseQuantLinear):
+        return {"type": "SparseQuantLinear", "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None, "block_size": m.block_size,
+                "dtype": _dtype_name(m.bias.dtype) if m.bias is not None else "float32"}
     if isinstance(m, QuantLinear):
         return {"type": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None, "dtype": _dtype_name(m.bias.dtype) if m.bias is not None else "float32"}
@@ -382,8 +455,8 @@ def _compatible(desc: dict, target: nn.Module | None) -> str | None:
     kind = desc.get("type")
     if target is None:
         return "no such module in the model"
-    if kind in ("SparseLinear", "QuantLinear"):
-        ok = isinstance(target, (nn.Linear, SparseLinear, QuantLinear))
+    if kind in ("SparseLinear", "QuantLinear", "SparseQuantLinear"):
+        ok = isinstance(target, (nn.Linear, SparseLinear, QuantLinear, SparseQuantLinear))
         shape = (getattr(target, "in_features", None), getattr(target, "out_features", None))
         want = (desc.get("in_features"), desc.get("out_features"))
         if not ok:
@@ -425,6 +498,9 @@ def _build(desc: dict, target: nn.Module) -> nn.Module:
                             dtype=dtype)
     if kind == "QuantLinear":
         return QuantLinear(desc["in_features"], desc["out_features"], desc["bias"], device=device, dtype=dtype)
+    if kind == "SparseQuantLinear":
+        return SparseQuantLinear(desc["in_features"], desc["out_features"], desc["bias"], desc["block_size"],
+                                 device=device, dtype=dtype)
     if kind == "QuantEmbedding":
         return QuantEmbedding(desc["num_embeddings"], desc["embedding_dim"], device=device, dtype=dtype)
     return QuantConv2d(desc["in_channels"], desc["out_channels"], desc["kernel_size"], desc["stride"],

@@ -1,4 +1,5 @@
 from .quant_linear import QuantConv2d, QuantEmbedding, QuantLinear
 from .sparse_linear import SparseLinear
+from .sparse_quant_linear import SparseQuantLinear
 
-__all__ = ["QuantConv2d", "QuantEmbedding", "QuantLinear", "SparseLinear"]
+__all__ = ["QuantConv2d", "QuantEmbedding", "QuantLinear", "SparseLinear", "SparseQuantLinear"]

@@ -2,5 +2,6 @@
 
 from .bsr_linear import bsr_linear
 from .int8 import int8_conv2d, int8_linear
+from .int8_bsr_linear import int8_bsr_linear
 
-__all__ = ["bsr_linear", "int8_conv2d", "int8_linear"]
+__all__ = ["bsr_linear", "int8_bsr_linear", "int8_conv2d", "int8_linear"]

@@ -1,0 +1,335 @@
+"""int8 block-sparse Linear on the CPU (the CPU side of ``accel.ops.int8_bsr_linear``).
+
+``y = act((q(x) @ W_q^T) * x_scale[:, None] * w_scale[None, :] + bias)`` with ``x`` quantized per
+token by accel's rule (``accel.quant``, the same integers as the dense int8 engines) and ``W_q`` an
+int8 block-sparse weight (``values_q [nnz, B, B]`` blocks ``[out, in]``, ``crow`` / ``col`` as in
+``accel.formats``) with one scale per output channel. The epilogue runs in fp32 in the Triton
+kernel's order, ``((acc * x_scale) * w_scale) + bias``, then the activation; NaN/inf tokens get a
+NaN scale and so NaN rows.
+
+Strategies (which one serves a call is measured by ``accel.engines`` in ``accel.ops.int8_bsr_linear``):
+
+* ``rows``: the quantized activation is padded to whole blocks once per call; consecutive block rows
+  are taken in chunks whose gathered activation blocks fit in :data:`ROWS_CHUNK_BYTES` (one
+  ``index_select`` per chunk into a reused buffer), and each block row is one
+  ``torch._int_mm(x_gathered [M, P*B], W_row^T [P*B, B])`` (int8 x int8 -> int32, oneDNN/AMX on
+  VNNI CPUs) writing its own ``[M, B]`` slab of the int32 accumulator. The row panels
+  ``W_row [B, P*B]`` are laid out once per weight (cached). One GEMM call per non-empty block row.
+* ``stacked`` (few tokens): a GEMM call costs ~8 us on the CPU whatever its size, so at small ``M``
+  ``n`` block rows of similar block count (padded with zero blocks that read a zero activation
+  block) are stacked into one ``[n*M, P*B] x [P*B, n*B]`` product whose ``n`` diagonal ``[M, B]``
+  tiles are the outputs: ``n`` times the multiply-adds (free at small M) for one call instead of
+  ``n``. ``n`` is about ``sqrt(STACK_WORK / M)``.
+* ``float``: the same integers through accel's fp32 block-sparse path (``accel.cpu.bsr``): exact
+  products, fp32 sums (~1e-7 relative). The strategy of CPUs whose int8 dot products saturate
+  (no VNNI, where ``torch._int_mm`` is a slow reference loop; see ``accel.cpu.int8``).
+
+The int8 strategies are exact (int32 accumulation) and run only where ``torch._int_mm`` is an
+exact engine for the activation range (:func:`strategies`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..formats import bsr_row_indices
+from ..quant import activate
+from . import bsr as cpu_bsr
+from . import int8 as cpu_int8
+from .packcache import cached
+from .workspace import scratch
+
+STRATEGIES = ("rows", "stacked", "float")
+#: bytes of gathered int8 activation per chunk of block rows (about an L2 slice)
+ROWS_CHUNK_BYTES = 1 << 20
+#: ``stacked``: about ``n * n * M`` of this (the wasted multiply-adds grow as n^2 * M, calls fall as 1/n)
+STACK_WORK = 256
+#: ``stacked`` is offered up to this many tokens (beyond, n = 1: the ``rows`` strategy)
+STACK_MAX_M = 64
+
+
+def strategies(qmax: int) -> tuple[str, ...]:
+    """The strategies exact for activation range ``qmax`` on this machine (the int8 ones need
+    ``torch._int_mm`` to be an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16)."""
+    int8 = ("rows", "stacked") if "int_mm" in cpu_int8.exact_engines(qmax, 16) else ()
+    return int8 + ("float",)
+
+
+def default_strategy(qmax: int, m: int) -> str:
+    """The unmeasured choice (``ACCEL_ENGINE_MEASURE=0``, tracing)."""
+    allowed = strategies(qmax)
+    if "rows" not in allowed:
+        return "float"
+    return "stacked" if m <= 16 else "rows"
+
+
+def stack_size(m: int) -> int:
+    """Block rows per stacked GEMM at ``m`` tokens: a power of two near ``sqrt(STACK_WORK / m)``."""
+    n = max(1, round(math.sqrt(STACK_WORK / max(1, m))))
+    return 1 << (n.bit_length() - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization and epilogue
+# ---------------------------------------------------------------------------------------------
+def quantize_padded(x: torch.Tensor, qmax: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, q, scale)``: ``v`` the rounded fp32 integers ``[M, K]`` (scratch), ``q`` the same as int8
+    ``[M, width]`` zero-padded past K (scratch), ``scale [M]`` (NaN for tokens holding NaN/inf)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    m, k = xf.shape
+    scale, inv = cpu_int8.act_scale_inv(xf, qmax, None)
+    v = cpu_int8._scaled_rounded(xf, inv[:, None], qmax, False, "int8_bsr.v")
+    q = scratch("int8_bsr.q", m * width, torch.int8).view(m, width)
+    q[:, :k].copy_(v)
+    if width > k:
+        q[:, k:].zero_()
+    return v, q, scale
+
+
+def epilogue(acc: torch.Tensor, scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+             activation: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """``act(((acc * scale[:, None]) * w_scale) + bias)`` in fp32 (the Triton kernel's order), then ``out_dtype``.
+
+    ``acc``: ``[M, N]``, or ``[M, R, B]`` (any strides) for block rows of ``B`` outputs, ``R * B >= N``."""
+    n = w_scale.shape[0]
+    m = acc.shape[0]
+    if acc.dim() == 3:
+        y = torch.empty(m, acc.shape[1] * acc.shape[2], dtype=torch.float32)
+        torch.mul(acc, scale[:, None, None], out=y.view(acc.shape))
+        y = y[:, :n]
+    else:
+        y = torch.empty(acc.shape, dtype=torch.float32)
+        torch.mul(acc, scale[:, None], out=y)
+    if bias is not None:  # one pass: bias + y * w_scale
+        torch.addcmul(bias if bias.dtype == torch.float32 else bias.float(), y, w_scale, out=y)
+    else:
+        y.mul_(w_scale)
+    y = activate(y, activation, inplace=True)
+    if not y.is_contiguous():  # N not a multiple of B
+        y = y.contiguous()
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+def _row_panels(values_q: torch.Tensor, crow: torch.Tensor) -> list[torch.Tensor | None]:
+    """``W_row^T [P*B, B]`` (a column-major view of the contiguous ``[B, P*B]`` panel) per block row."""
+    bs = values_q.shape[1]
+    c = crow.tolist()
+    out = []
+    for r in range(len(c) - 1):
+        p = c[r + 1] - c[r]
+        out.append(values_q[c[r]:c[r + 1]].permute(1, 0, 2).reshape(bs, p * bs).contiguous().t() if p else None)
+    return out
+
+
+def _rows_plan(crow: torch.Tensor, col: torch.Tensor, cap_blocks: int):
+    """Consecutive block rows in chunks of at most ``cap_blocks`` stored blocks (a row longer than that is
+    a chunk of its own): ``[(first row, end row, col indices of the chunk, first block of the chunk)]``."""
+    c = crow.tolist()
+    nbr = len(c) - 1
+    chunks, r = [], 0
+    while r < nbr:
+        e = r + 1
+        while e < nbr and c[e + 1] - c[r] <= cap_blocks:
+            e += 1
+        if c[e] > c[r]:
+            chunks.append((r, e, col[c[r]:c[e]], c[r]))
+        r = e
+    return chunks, c
+
+
+#: bound views kept per plan (one per recent (M, buffers) combination)
+BOUND_KEEP = 4
+
+
+class _Bound:
+    """Per-call views of a plan (GEMM operand slices of the reused buffers), rebuilt when the buffers or M
+    change: building ~2 views per block row costs about as much as the GEMMs at small M. Keeps the
+    :data:`BOUND_KEEP` most recent bindings (each holds its buffers alive)."""
+
+    def __init__(self) -> None:
+        self.entries: dict = {}
+
+    def get(self, key, build):
+        hit = self.entries.pop(key, None)
+        if hit is None:
+            hit = build()
+            while len(self.entries) >= BOUND_KEEP:
+                self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = hit
+        return hit
+
+
+def _rows(q, values_q, crow, col, nbr, bs) -> torch.Tensor:
+    m, width = q.shape
+    nbc = width // bs
+    cap = max(1, ROWS_CHUNK_BYTES // max(1, m * bs))
+    cap = 1 << (cap.bit_length() - 1)
+    chunks, c, bound = cached("int8_bsr_rows_plan", (crow, col), (cap,), lambda: _rows_plan(crow, col, cap) + (_Bound(),))
+    panels = cached("int8_bsr_row_panels", (values_q, crow), (), lambda: _row_panels(values_q, crow))
+    acc = scratch("int8_bsr.acc", nbr * m * bs, torch.int32).view(nbr, m, bs)
+    g = scratch("int8_bsr.g", m * max((cols.numel() for *_, cols, _ in chunks), default=0) * bs, torch.int8)
+
+    def build():
+        x3 = q.view(m, nbc, bs)
+        work = []
+        for r0, r1, cols, b0 in chunks:
+            gc = g[:m * cols.numel() * bs].view(m, cols.numel() * bs)
+            gemms = [(gc[:, (c[r] - b0) * bs:(c[r + 1] - b0) * bs], panels[r], acc[r]) for r in range(r0, r1)
+                     if panels[r] is not None]
+            work.append((x3, cols, gc.view(m, cols.numel(), bs), gemms))
+        empty = (crow[1:] == crow[:-1]).nonzero().flatten()
+        return work, (acc, empty) if empty.numel() else None
+
+    work, zero = bound.get((m, width, q.data_ptr(), g.data_ptr(), acc.data_ptr(), id(panels)), build)
+    if zero is not None:
+        zero[0].index_fill_(0, zero[1], 0)
+    for x3, cols, g3, gemms in work:
+        torch.index_select(x3, 1, cols, out=g3)
+        for a, w, out in gemms:
+            torch._int_mm(a, w, out=out)
+    return acc.permute(1, 0, 2)  # [M, nbr, B]
+
+
+# ---------------------------------------------------------------------------------------------
+# stacked
+# ---------------------------------------------------------------------------------------------
+def _stack_plan(values_q: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, nbc: int, n: int):
+    """Groups of ``n`` block rows by descending block count, each padded to its longest row with zero
+    blocks at the zero activation column ``nbc``: ``([(rows, cols [n_g * P], W^T [P*B, n_g*B])], empty rows)``."""
+    bs = values_q.shape[1]
+    counts = crow[1:] - crow[:-1]
+    order = torch.argsort(counts, descending=True, stable=True)
+    sorted_counts = counts[order].tolist()
+    nnz = col.numel()
+    p_max = sorted_counts[0] if sorted_counts else 0
+    rows_of = bsr_row_indices(crow, col)
+    slot = torch.full((counts.numel(), p_max), -1, dtype=torch.int64)  # [block row, position] -> stored block
+    slot[rows_of, torch.arange(nnz) - crow[rows_of]] = torch.arange(nnz)
+    groups = []
+    for s in range(0, len(sorted_counts), n):
+        p = sorted_counts[s]
+        if p == 0:
+            break
+        rows = order[s:s + n]
+        ng = rows.numel()
+        sl = slot[rows, :p]  # [ng, p] stored block or -1 (padding)
+        pad = sl < 0
+        cols = torch.where(pad, torch.full_like(sl, nbc), col[sl.clamp_min(0)])
+        blocks = values_q[sl.clamp_min(0).flatten()].view(ng, p, bs, bs)
+        blocks = blocks.masked_fill(pad[:, :, None, None], 0)
+        w = blocks.permute(0, 2, 1, 3).reshape(ng * bs, p * bs).contiguous()  # [ng*B out, P*B in]
+        groups.append((rows, cols.flatten().contiguous(), w.t()))
+    return groups, (counts == 0).nonzero().flatten()
+
+
+def _stacked(q, values_q, crow, col, nbr, bs) -> torch.Tensor:
+    m, width = q.shape
+    nbc = width // bs - 1  # the last block column of q is the zero block the padding reads
+    n = stack_size(m)
+    groups, empty, bound = cached("int8_bsr_stack_plan", (values_q, crow, col), (nbc, n),
+                                  lambda: _stack_plan(values_q, crow, col, nbc, n) + (_Bound(),))
+    acc = scratch("int8_bsr.acc", nbr * m * bs, torch.int32).view(m, nbr, bs)
+    most_cols = max((cols.numel() for _, cols, _ in groups), default=0)
+    most_out = max((rows.numel() ** 2 for rows, _, _ in groups), default=0)
+    g = scratch("int8_bsr.sg", m * most_cols * bs, torch.int8)
+    t = scratch("int8_bsr.st", m * most_cols * bs, torch.int8)
+    res = scratch("int8_bsr.sres", m * most_out * bs, torch.int32)
+
+    def build():
+        x3 = q.view(m, nbc + 1, bs)
+        work = []
+        for rows, cols, wt in groups:
+            ng, kb = rows.numel(), wt.shape[0]
+            g3 = g[:m * cols.numel() * bs].view(m, cols.numel(), bs)
+            src = g3.view(m, ng, kb)
+            if m == 1:
+                a, move = src.view(ng, kb), None
+            else:  # [ng, M, P*B]: each row's tokens together
+                a = t[:ng * m * kb].view(ng * m, kb)
+                move = (a.view(ng, m, kb), src.transpose(0, 1))
+            out = res[:ng * m * ng * bs].view(ng * m, ng * bs)
+            diag = out.view(ng, m, ng, bs).diagonal(0, 0, 2).permute(0, 2, 1)  # [M, ng, B]
+            work.append((x3, cols, g3, move, a, wt, out, rows, diag))
+        return work
+
+    work = bound.get((m, width, q.data_ptr(), g.data_ptr(), t.data_ptr(), res.data_ptr()), build)
+    if empty.numel():
+        acc.index_fill_(1, empty, 0)
+    for x3, cols, g3, move, a, wt, out, rows, diag in work:
+        torch.index_select(x3, 1, cols, out=g3)
+        if move is not None:
+            move[0].copy_(move[1])
+        torch._int_mm(a, wt, out=out)  # [ng*M, ng*B]: the diagonal tiles are the outputs
+        acc.index_copy_(1, rows, diag)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def _float_values(values_q: torch.Tensor) -> torch.Tensor:
+    return cached("int8_bsr_values_f32", (values_q,), (), lambda: values_q.float())
+
+
+def int8_bsr_linear_cpu(
+    x: torch.Tensor,
+    values_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    qmax: int = 127,
+    strategy: str = "rows",
+) -> torch.Tensor:
+    """``act((q(x) @ W_q^T) * x_scale * w_scale + bias)`` for float ``x [M, K]``, in ``x``'s dtype.
+
+    The structure and shapes are the caller's to validate (``accel.ops.int8_bsr_linear``); a strategy
+    that is not exact for ``qmax`` here raises.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown CPU int8 block-sparse strategy {strategy!r}, expected one of {STRATEGIES}")
+    if strategy not in strategies(qmax):
+        raise ValueError(f"CPU int8 block-sparse strategy {strategy!r} is not exact for activation qmax {qmax} on this "
+                         f"CPU (torch._int_mm needs VNNI/AMX); exact here: {strategies(qmax)}")
+    m, k = x.shape
+    bs = values_q.shape[1]
+    nbr, nbc = math.ceil(out_features / bs), math.ceil(k / bs)
+    if m == 0 or k == 0:  # no products: the bias (activated)
+        y = torch.zeros(m, out_features, dtype=torch.float32)
+        if bias is not None:
+            y += bias.float()
+        return activate(y, activation).to(x.dtype)
+    if col.numel() == 0:  # every block pruned: 0 * x_scale, so tokens holding NaN/inf still give NaN rows
+        scale, _ = cpu_int8.act_scale_inv(x if x.dtype == torch.float32 else x.float(), qmax, None)
+        return epilogue(torch.zeros(m, out_features, dtype=torch.int32), scale, w_scale, bias, activation, x.dtype)
+    pad = bs if strategy == "stacked" else 0  # a zero block column for the padding slots
+    v, q, scale = quantize_padded(x, qmax, nbc * bs + pad)
+    if strategy == "float":
+        acc = cpu_bsr.bsr_dense_mm_cpu(v, _float_values(values_q), crow, col, out_features,
+                                       strategy=cpu_bsr.pick_strategy(m))
+    elif strategy == "rows":
+        acc = _rows(q, values_q, crow, col, nbr, bs)
+    else:
+        acc = _stacked(q, values_q, crow, col, nbr, bs)
+    return epilogue(acc, scale, w_scale, bias, activation, x.dtype)
+
+
+def int8_bsr_linear_reference(x, values_q, w_scale, crow, col, out_features, bias=None, activation="none",
+                              qmax: int = 127) -> torch.Tensor:
+    """The same integers through an fp64 dense product (exact), then the fp32 epilogue: the yardstick a
+    strategy must match before ``accel.engines`` may choose it. Returns fp32."""
+    from ..formats import bsr_to_dense
+
+    xf = x.float()
+    scale, inv = cpu_int8.act_scale_inv(xf, qmax, None)
+    v = torch.round((xf * inv[:, None]).clamp(-qmax, qmax))
+    w = bsr_to_dense(values_q.double(), crow, col, (out_features, x.shape[1]))
+    acc = (v.double() @ w.t()).float()
+    return epilogue(acc, scale, w_scale, bias, activation, torch.float32)

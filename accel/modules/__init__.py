@@ -1,4 +1,5 @@
 from .quant_linear import QuantConv2d, QuantEmbedding, QuantLinear
+from .sparse_conv import SparseConv2d
 from .sparse_linear import SparseLinear
 
-__all__ = ["QuantConv2d", "QuantEmbedding", "QuantLinear", "SparseLinear"]
+__all__ = ["QuantConv2d", "QuantEmbedding", "QuantLinear", "SparseConv2d", "SparseLinear"]

@@ -154,11 +154,9 @@ def bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding,
         return _nchw_view(y, n, oh, ow, o)
     plan, empty = cached("bsr_conv_gather_plan", (crow, col), (ncb, kw, *dilation, wp),
                          lambda: _gather_plan(crow, col, ncb, kw, dilation[0], dilation[1], wp))
-    # inference: the panels are laid out once per weight; training re-lays them (values change every step)
-    reuse = not (torch.is_grad_enabled() and values.requires_grad)
+    # laid out once per weight (re-laid when the values change: every step in training)
     panels = cached("bsr_conv_gather_panels", (values, crow, col), (values.stride(),),
-                    lambda: [_gather_panel(values, pos, rows.numel(), p, bs) for rows, pos, _, p in plan]) \
-        if reuse else None
+                    lambda: [_gather_panel(values, pos, rows.numel(), p, bs) for rows, pos, _, p in plan])
     xp = padded_nhwc(x, padding, "conv.xpad")
     rows_of_b = xp.reshape(-1, bs)  # a view: xp is contiguous NHWC
     geometry = (n, oh, ow, hp, wp, ncb, *stride)
@@ -179,7 +177,8 @@ def bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding,
         bias3 = (bias if o == nbr * bs else torch.nn.functional.pad(bias, (0, nbr * bs - o))).view(nbr, 1, bs)
     for i, (rows, pos, offsets, p) in enumerate(plan):
         n_rows = rows.numel()
-        w_all = panels[i] if panels is not None else _gather_panel(values, pos, n_rows, p, bs)
+        w_all = panels[i]
+        rows_l = rows.tolist()
         # chunks of block rows, and of pixels when one block row alone is too large
         per_row = max(1, m * p * bs * elt)
         step_r = max(1, GATHER_CHUNK_BYTES // per_row)
@@ -198,10 +197,13 @@ def bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding,
                     torch.bmm(a.view(nr, mm, p * bs), w_all[r0:r1], out=res)
                 else:
                     torch.baddbmm(b, a.view(nr, mm, p * bs), w_all[r0:r1], out=res)
-                if nr == 1:
-                    y3[m0:m1, int(rows[r0])].copy_(res[0])
+                # strided copies into y's block columns (index_copy_ along a middle dimension is several
+                # times slower): one for a run of consecutive block rows, else one per block row
+                if rows_l[r1 - 1] - rows_l[r0] == nr - 1:
+                    y3[m0:m1, rows_l[r0]:rows_l[r1 - 1] + 1].copy_(res.transpose(0, 1))
                 else:
-                    y3[m0:m1].index_copy_(1, rows[r0:r1], res.transpose(0, 1))
+                    for j in range(nr):
+                        y3[m0:m1, rows_l[r0 + j]].copy_(res[j])
     if o != nbr * bs:
         y = y[:, :o].contiguous()
     return _nchw_view(y, n, oh, ow, o)

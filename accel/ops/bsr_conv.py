@@ -141,6 +141,7 @@ def default_engine(c: int, bs: int, m: int) -> str:
     return "gather" if c % bs == 0 else f"im2col_{cpu_bsr.pick_strategy(m)}"
 
 
+@torch.no_grad()  # the engines are not differentiable: autograd comes from the op's registered backward
 def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, padding, dilation) -> torch.Tensor:
     """Run one CPU engine (see :func:`cpu_engines`)."""
     if engine == "gather":

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import engines
 from .inputs import as_call, at_batch, batch_size_of
-from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseLinear, SparseQuantLinear
+from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .prune import block_masks
 from .shrink import layer_shapes, resize_
 
@@ -40,7 +40,9 @@ class SparsityConfig:
     norm relative to their layer's and keeps every layer between ``min_density`` and
     ``max_density``; ``"sensitivity"`` allocates per-layer sparsity from the output error each
     layer causes on ``example_inputs``; ``"layer"`` prunes every layer alike. ``mode`` is the
-    SparseLinear mode ("auto": decide sparse or dense on the running machine)."""
+    SparseLinear mode ("auto": decide sparse or dense on the running machine). ``convs``: also
+    ``nn.Conv2d`` layers (``SparseConv2d``, blocks of the ``[O, KH*KW*C]`` implicit-GEMM matrix);
+    masks passed to ``sparsify_`` convert the convs they name either way."""
 
     sparsity: float = 0.75
     block: int = 32
@@ -52,6 +54,7 @@ class SparsityConfig:
     measure: bool = True
     budget_s: float = 0.5
     batch_sizes: tuple[int, ...] | None = None
+    convs: bool = False
 
     def __post_init__(self) -> None:
         _check_fraction("SparsityConfig.sparsity", self.sparsity, allow_one=True)
@@ -161,6 +164,8 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
     w = getattr(new, "weight_q", None)
     shape = tuple(w.shape) if w is not None else (getattr(new, "out_features", None), getattr(new, "in_features", None),
                                                   getattr(new, "density", None))
+    if isinstance(new, SparseConv2d):
+        shape = (new.weight_shape, new.stride, new.padding, new.dilation, new.block_size, new.density)
     key = engines.make_key("replace", old=type(old).__name__, new=type(new).__name__, mode=getattr(new, "mode", ""),
                            w=shape, x=tuple(x.shape[1:]), m=engines.m_bucket(x.shape[0]), dt=str(x.dtype)[6:])
     engines.choose("replace", key, {"old": lambda: old(x), "new": lambda: new(x)}, default="new",
@@ -200,6 +205,11 @@ def _decision_of(new: nn.Module, x: torch.Tensor) -> str:
             return "dense"
         key = _last_key("bsr_linear")
         return f"{new.mode}: {engines.decision(key).engine}" if key and engines.decision(key) else new.mode
+    if isinstance(new, SparseConv2d):
+        if new.storage == "dense":
+            return "dense"
+        key = _last_key("bsr_conv2d")
+        return f"{new.mode}: {engines.decision(key).engine}" if key and engines.decision(key) else new.mode
     if isinstance(new, QuantLinear):
         return f"int8 {new.mode}" + (f": {new.resolved_mode(x)}" if new.mode == "auto" else "")
     if isinstance(new, SparseQuantLinear):
@@ -220,7 +230,9 @@ def _last_key(op: str) -> str | None:
 
 def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn: FilterFn | None = None, *,
               masks: dict[str, torch.Tensor] | None = None, example_inputs=None) -> list[dict]:
-    """Replace ``nn.Linear`` layers by block-sparse ``SparseLinear`` (in place) and report.
+    """Replace ``nn.Linear`` layers by block-sparse ``SparseLinear`` (and with ``config.convs``, or masks
+    naming them, ``nn.Conv2d`` by ``SparseConv2d``), in place, and report. Convs SparseConv2d cannot
+    serve (groups > 1, non-zero padding modes, ...) stay dense, with the reason.
 
     Blocks come from ``masks`` (e.g. ``GradualPruner.masks``) or are chosen one-shot by ``config``
     (``scope="sensitivity"`` needs ``example_inputs``). Layers are ``config.mode`` ("auto": sparse or
@@ -230,23 +242,37 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     """
     config = config or SparsityConfig()
 
-    def linear_only(m, n):
-        return type(m) is nn.Linear and (filter_fn is None or filter_fn(m, n))
+    rows = []
+    kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
+    selected = {n for n, m in model.named_modules() if type(m) in kinds and (filter_fn is None or filter_fn(m, n))}
+    for n in sorted(selected):  # convs SparseConv2d cannot serve are not pruned: they stay dense, reported
+        m = model.get_submodule(n)
+        if type(m) is nn.Conv2d and (why := SparseConv2d.unsupported_reason(m)) is not None:
+            selected.discard(n)
+            rows.append(_row(n, m, None, "dense", f"not converted: {why}"))
 
     if masks is None:
         if config.scope == "sensitivity" and example_inputs is None:
             raise ValueError("sparsify_: scope 'sensitivity' needs example_inputs (the output error is measured on them)")
-        masks = block_masks(model, config.sparsity, config.block, config.norm, config.scope, linear_only,
-                            min_density=config.min_density, max_density=config.max_density,
-                            example_inputs=example_inputs)
+        masks = block_masks(model, config.sparsity, config.block, config.norm, config.scope,
+                            lambda m, n: n in selected, min_density=config.min_density,
+                            max_density=config.max_density, example_inputs=example_inputs)
     modules = dict(model.named_modules())
-    for name in masks:
-        if type(modules.get(name)) is not nn.Linear:
-            raise ValueError(f"sparsify_: mask for {name!r}, which is {type(modules.get(name)).__name__}, not nn.Linear")
-    news = {name: SparseLinear.from_dense(modules[name], mask=mask, block=config.block, mode=config.mode)
-            for name, mask in masks.items()}  # every conversion checked before the model changes
-    per_batch = _inputs_per_batch(model, list(masks), example_inputs, config.batch_sizes) if config.measure else []
-    rows = []
+    news = {}
+    for name, mask in masks.items():  # every conversion checked before the model changes
+        m = modules.get(name)
+        if type(m) is nn.Linear:
+            news[name] = SparseLinear.from_dense(m, mask=mask, block=config.block, mode=config.mode)
+        elif type(m) is nn.Conv2d:
+            why = SparseConv2d.unsupported_reason(m)
+            if why is not None:
+                if name not in {r["layer"] for r in rows}:
+                    rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
+                continue
+            news[name] = SparseConv2d.from_dense(m, mask=mask, block=config.block, mode=config.mode)
+        else:
+            raise ValueError(f"sparsify_: mask for {name!r}, which is {type(m).__name__}, not nn.Linear / nn.Conv2d")
+    per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes) if config.measure else []
     for name, new in news.items():
         lin = modules[name]
         measured = False
@@ -272,9 +298,11 @@ def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[s
     by_layer: dict[str, set] = {}
     for r in sparsify_rows:
         by_layer.setdefault(r["layer"], set()).add(r["decision"])
-    names = sorted(n for n, ds in by_layer.items() if all(d == "dense" or d.endswith(": dense") for d in ds))
+    names = sorted(n for n, ds in by_layer.items() if all(d == "dense" or d.endswith(": dense") for d in ds)
+                   and isinstance(model.get_submodule(n), (SparseLinear, SparseConv2d)))
     for name in names:
-        replace_module(model, name, model.get_submodule(name).to_linear())
+        m = model.get_submodule(name)
+        replace_module(model, name, m.to_dense() if isinstance(m, SparseConv2d) else m.to_linear())
     return names
 
 
@@ -422,7 +450,7 @@ def format_report(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ save / load
-ACCEL_TYPES = (SparseLinear, QuantLinear, QuantConv2d, QuantEmbedding, SparseQuantLinear)
+ACCEL_TYPES = (SparseLinear, SparseConv2d, QuantLinear, QuantConv2d, QuantEmbedding, SparseQuantLinear)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -438,6 +466,11 @@ def _describe(m: nn.Module) -> dict:
         return {"type": "SparseQuantLinear", "in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None, "block_size": m.block_size,
                 "dtype": _dtype_name(m.bias.dtype) if m.bias is not None else "float32"}
+    if isinstance(m, SparseConv2d):
+        return {"type": "SparseConv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+                "dilation": list(m.dilation), "bias": m.bias is not None, "block_size": m.block_size,
+                "dtype": _dtype_name((m.values if m.storage == "sparse" else m.weight).dtype)}
     if isinstance(m, QuantLinear):
         return {"type": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None, "dtype": _dtype_name(m.bias.dtype) if m.bias is not None else "float32"}
@@ -468,6 +501,18 @@ def _compatible(desc: dict, target: nn.Module | None) -> str | None:
             return f"bias: the file {'has' if desc.get('bias') else 'has no'} bias, the model's layer " \
                    f"{'has' if has_bias else 'has no'} bias"
         return None
+    if kind == "SparseConv2d":
+        if not isinstance(target, (nn.Conv2d, SparseConv2d)):
+            return f"the file has a SparseConv2d there, the model has {type(target).__name__}"
+        if type(target) is nn.Conv2d and (why := SparseConv2d.unsupported_reason(target)) is not None:
+            return f"the model's Conv2d cannot be a SparseConv2d: {why}"
+        pad = SparseConv2d._explicit_padding(target) if type(target) is nn.Conv2d else target.padding
+        mine = (target.in_channels, target.out_channels, list(target.kernel_size), list(target.stride), list(pad),
+                list(target.dilation), target.bias is not None)
+        want = (desc.get("in_channels"), desc.get("out_channels"), desc.get("kernel_size"), desc.get("stride"),
+                desc.get("padding"), desc.get("dilation"), bool(desc.get("bias")))
+        return None if mine == want else f"conv geometry (in, out, kernel, stride, padding, dilation, bias): file " \
+                                         f"{want}, model {mine}"
     if kind == "QuantConv2d":
         if not isinstance(target, (nn.Conv2d, QuantConv2d)):
             return f"the file has a QuantConv2d there, the model has {type(target).__name__}"
@@ -495,6 +540,10 @@ def _build(desc: dict, target: nn.Module) -> nn.Module:
     kind = desc["type"]
     if kind == "SparseLinear":
         return SparseLinear(desc["in_features"], desc["out_features"], desc["bias"], desc["block_size"], device=device,
+                            dtype=dtype)
+    if kind == "SparseConv2d":
+        return SparseConv2d(desc["in_channels"], desc["out_channels"], desc["kernel_size"], desc["stride"],
+                            desc["padding"], desc["dilation"], desc["bias"], desc["block_size"], device=device,
                             dtype=dtype)
     if kind == "QuantLinear":
         return QuantLinear(desc["in_features"], desc["out_features"], desc["bias"], device=device, dtype=dtype)

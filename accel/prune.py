@@ -3,8 +3,9 @@
 
 Blocks are the kernels' blocks: a Linear weight ``[N, K]`` is cut into ``block x block`` tiles
 (padded at the edges, as ``accel.formats``), a Conv2d weight ``[O, C, kh, kw]`` is read as the
-``[O, C*kh*kw]`` matrix of its implicit GEMM. A block mask keeps whole tiles, so a pruned Linear
-converts to ``SparseLinear`` without losing anything. Channel pruning keeps whole output channels
+``[O, kh*kw*C]`` matrix of its implicit GEMM in ``(kh, kw, c)`` order (as ``SparseConv2d`` stores it).
+A block mask keeps whole tiles, so a pruned Linear (Conv2d) converts to ``SparseLinear``
+(``SparseConv2d``) without losing anything. Channel pruning keeps whole output channels
 (rows); in BSR form a fully pruned group of ``block`` rows is an empty block row the kernels skip.
 
 Masks are dicts ``{module name: bool tensor}``: ``[nbr, nbc]`` block masks or ``[out]`` channel masks.
@@ -32,7 +33,11 @@ def default_filter(module: nn.Module, name: str) -> bool:
 
 
 def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The matrix the blocks are cut from: a Linear's weight; a conv's ``[O, C, kh, kw]`` weight as the
+    ``[O, kh*kw*C]`` implicit-GEMM matrix in ``(kh, kw, c)`` order (``SparseConv2d``'s layout)."""
     w = module.weight.detach()
+    if w.dim() > 2:
+        w = w.movedim(1, -1)
     return w.reshape(w.shape[0], -1)
 
 
@@ -214,7 +219,10 @@ def element_mask(module: nn.Module, mask: torch.Tensor, block: int) -> torch.Ten
     w = module.weight
     if mask.dim() == 1:  # channels
         return mask.to(w.device).view(-1, *([1] * (w.dim() - 1))).expand_as(w)
-    return expand_block_mask(mask.to(w.device), block, tuple(_weight_matrix(module).shape)).reshape(w.shape)
+    full = expand_block_mask(mask.to(w.device), block, tuple(_weight_matrix(module).shape))
+    if w.dim() > 2:  # back from (kh, kw, c) order
+        return full.reshape(w.movedim(1, -1).shape).movedim(-1, 1)
+    return full.reshape(w.shape)
 
 
 @torch.no_grad()

@@ -1,0 +1,336 @@
+"""``SparseConv2d``: a drop-in ``nn.Conv2d`` whose weight is block-sparse."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..formats import (
+    BSRMatrix,
+    as_block_mask,
+    block_grid,
+    block_norms,
+    check_binary_mask,
+    check_bsr,
+    expand_block_mask,
+    topk_block_mask,
+)
+from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
+
+MODES = ("auto", "sparse", "dense")
+
+
+def _check_size(name: str, v, low: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"SparseConv2d: {name} must be an int >= {low}, got {v!r}")
+    return v
+
+
+def _check_block(block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCK_SIZES:
+        raise ValueError(f"SparseConv2d: block size must be an int in {BLOCK_SIZES}, got {block!r}")
+    return block
+
+
+def _ohwi(w: torch.Tensor) -> torch.Tensor:
+    """``[O, C, KH, KW]`` -> the implicit-GEMM matrix ``[O, KH*KW*C]`` in ``(kh, kw, c)`` order."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+class SparseConv2d(nn.Module):
+    """``y = conv2d(x, W) + b`` with ``W [O, C, KH, KW]`` stored as block-sparse rows of its implicit-GEMM
+    matrix ``[O, KH*KW*C]`` in ``(kh, kw, c)`` order (``accel.ops.bsr_conv``): zero padding, stride,
+    dilation, groups = 1, block sizes 16, 32, 64.
+
+    Modes, as ``SparseLinear``'s:
+
+    * ``"auto"`` (default) and ``"sparse"`` store parameter ``values [nnz, B, B]`` and buffers
+      ``crow_indices`` / ``col_indices`` and train through the block-sparse ops (gradients reach only
+      the stored blocks). In inference on the CPU, ``"sparse"`` runs the block-sparse engine
+      ``accel.engines`` measured fastest for this layer, input size and batch bucket; ``"auto"`` may
+      also run the dense conv of the densified weight (cached) where the sparse engines do not pay.
+      On CUDA: the Triton kernels. Outputs are ``channels_last``.
+    * ``"dense"``: parameter ``weight [O, C, KH, KW]`` (pruned blocks zero) and buffer ``block_mask``;
+      runs ``F.conv2d``. When the weight needs a gradient the mask is applied in the forward.
+
+    The state dict carries the mode; loading validates the incoming state first (a failed load
+    leaves the module unchanged) and resizes ``values`` to the stored number of blocks.
+    """
+
+    MODES = MODES
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, block_size: int = 32, *, mode: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_channels = _check_size("in_channels", in_channels, 1)
+        self.out_channels = _check_size("out_channels", out_channels, 1)
+        kh, kw = conv_pair(kernel_size, "kernel_size", "SparseConv2d")
+        if kh < 1 or kw < 1:
+            raise ValueError(f"SparseConv2d: kernel_size must be >= 1, got {(kh, kw)}")
+        self.kernel_size = (kh, kw)
+        stride, padding, dilation = check_geometry(stride, padding, dilation, "SparseConv2d")
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.block_size = _check_block(block_size)
+        if mode not in MODES:
+            raise ValueError(f"SparseConv2d: mode must be one of {MODES}, got {mode!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"SparseConv2d: dtype must be a floating dtype, got {dtype}")
+        self.mode = "sparse" if mode == "dense" else mode  # an empty weight starts sparse; _set_structure sets dense
+        nbr, _ = self._grid()
+        self.values = nn.Parameter(torch.empty(0, block_size, block_size, device=device, dtype=dtype))
+        self.register_buffer("crow_indices", torch.zeros(nbr + 1, dtype=torch.int64, device=device))
+        self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int64, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        if mode == "dense":
+            self._set_structure(self.bsr(), "dense")
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _matrix_shape(self) -> tuple[int, int]:
+        kh, kw = self.kernel_size
+        return self.out_channels, kh * kw * self.in_channels
+
+    def _grid(self) -> tuple[int, int]:
+        return block_grid(self._matrix_shape(), self.block_size)
+
+    @staticmethod
+    def unsupported_reason(conv: nn.Module) -> str | None:
+        """Why ``conv`` cannot become a SparseConv2d (``None`` if it can); ``accel.sparsify_`` leaves such
+        layers dense and reports the reason."""
+        if type(conv) is not nn.Conv2d:
+            return f"not an nn.Conv2d ({type(conv).__name__})"
+        if conv.groups != 1:
+            return f"groups={conv.groups} (the block-sparse conv serves groups=1 only)"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} (only zero padding)"
+        if conv.padding == "same":
+            odd = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation) if d * (k - 1) % 2]
+            if odd:
+                return "padding='same' with an even dilated kernel (asymmetric padding); give explicit padding"
+        return None
+
+    @staticmethod
+    def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+        if conv.padding == "valid":
+            return (0, 0)
+        if conv.padding == "same":
+            return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+        return tuple(conv.padding)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        sparsity: float | None = None,
+        block: int = 32,
+        *,
+        mask: torch.Tensor | None = None,
+        norm: int = 2,
+        mode: str = "auto",
+    ) -> "SparseConv2d":
+        """Convert ``conv``. Blocks of the ``[O, KH*KW*C]`` matrix to keep come from exactly one of:
+
+        * ``sparsity``: drop that fraction of blocks with the smallest L``norm`` block norm;
+        * ``mask``: a binary elementwise mask shaped like the weight ``[O, C, KH, KW]`` (zeroed elements
+          stay zero; a block is kept if any element is) or a ``[ceil(O/B), ceil(KH*KW*C/B)]`` block
+          mask (what ``accel.prune`` makes for a Conv2d);
+        * neither: the blocks of the weight that hold any nonzero.
+        """
+        reason = cls.unsupported_reason(conv)
+        if reason is not None:
+            raise ValueError(f"SparseConv2d.from_dense: cannot convert {conv}: {reason}; keep this layer dense")
+        if sparsity is not None and mask is not None:
+            raise ValueError("pass either sparsity or mask, not both")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_block(block)
+        if sparsity is not None and (isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0):
+            raise ValueError(f"SparseConv2d.from_dense: sparsity must be in [0, 1], got {sparsity!r}")
+        w = conv.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError(f"SparseConv2d.from_dense: the weight {tuple(w.shape)} holds NaN/inf")
+        w2 = _ohwi(w)
+        shape = tuple(w2.shape)
+        if mask is not None:
+            mask = check_binary_mask(mask).to(w.device)
+            if tuple(mask.shape) == tuple(w.shape):
+                m2 = _ohwi(mask)
+                block_mask = as_block_mask(m2, shape, block)
+                w2 = torch.where(m2, w2, torch.zeros((), dtype=w.dtype, device=w.device))
+            else:
+                block_mask = as_block_mask(mask, shape, block)
+        elif sparsity is not None:
+            block_mask = topk_block_mask(block_norms(w2, block, p=norm), sparsity)
+        else:
+            block_mask = None
+        bsr = BSRMatrix.from_dense(w2, block, block_mask)
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, cls._explicit_padding(conv),
+                conv.dilation, bias=conv.bias is not None, block_size=block, device=w.device, dtype=w.dtype)
+        if conv.bias is not None:
+            m.bias.data.copy_(conv.bias.detach())
+        m._set_structure(bsr, mode)
+        return m
+
+    def _set_structure(self, bsr: BSRMatrix, mode: str) -> None:
+        for name in ("values", "weight"):
+            if name in self._parameters:
+                del self._parameters[name]
+        for name in ("crow_indices", "col_indices", "block_mask"):
+            if name in self._buffers:
+                del self._buffers[name]
+        self.mode = mode
+        if mode != "dense":
+            self.values = nn.Parameter(bsr.values.contiguous())
+            self.register_buffer("crow_indices", bsr.crow_indices)
+            self.register_buffer("col_indices", bsr.col_indices)
+        else:
+            o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
+            self.weight = nn.Parameter(bsr.to_dense().reshape(o, kh, kw, c).permute(0, 3, 1, 2).contiguous())
+            self.register_buffer("block_mask", bsr.block_mask())
+
+    @property
+    def storage(self) -> str:
+        """"sparse" (values + indices) or "dense" (masked weight)."""
+        return "dense" if self.mode == "dense" else "sparse"
+
+    # ------------------------------------------------------------------ views of the weight
+    def bsr(self) -> BSRMatrix:
+        """The ``[O, KH*KW*C]`` matrix in BSR form."""
+        if self.storage == "sparse":
+            return BSRMatrix(self.values.detach(), self.crow_indices, self.col_indices, self._matrix_shape(),
+                             self.block_size)
+        return BSRMatrix.from_dense(_ohwi(self.weight.detach()), self.block_size, self.block_mask)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``[O, C, KH, KW]`` weight (pruned blocks zero)."""
+        o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
+        return self.bsr().to_dense().reshape(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+
+    @property
+    def density(self) -> float:
+        nbr, nbc = self._grid()
+        kept = self.values.shape[0] if self.storage == "sparse" else int(self.block_mask.sum())
+        return kept / (nbr * nbc)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (pruned blocks zero)."""
+        w = self.dense_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.storage == "sparse":
+            p, b = self._parameters, self._buffers
+            return module_bsr_conv2d(x, p["values"], b["crow_indices"], b["col_indices"], self.weight_shape,
+                                     p.get("bias"), self.stride, self.padding, self.dilation, self.mode == "auto")
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            mask = expand_block_mask(self.block_mask, self.block_size, self._matrix_shape())
+            o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
+            w = w * mask.reshape(o, kh, kw, c).permute(0, 3, 1, 2).to(w.dtype)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+    # ------------------------------------------------------------------ state
+    def _geometry_state(self) -> dict:
+        return {"block_size": self.block_size, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation)}
+
+    def get_extra_state(self):
+        return {"mode": self.mode, **self._geometry_state()}
+
+    def set_extra_state(self, state) -> None:
+        mine, theirs = self._geometry_state(), {k: state.get(k) for k in self._geometry_state()}
+        if mine != theirs:
+            raise ValueError(f"SparseConv2d state is for {theirs}, this module is {mine}")
+        self.mode = state["mode"]
+
+    def _incoming_error(self, state_dict, prefix) -> str | None:
+        """Why the incoming state cannot be loaded (None if it can): checked before anything changes."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is None:
+            return "missing _extra_state (mode, block size, geometry)"
+        if not isinstance(extra, dict) or extra.get("mode") not in MODES:
+            return f"bad _extra_state {extra!r}"
+        mine = self._geometry_state()
+        theirs = {k: extra.get(k) for k in mine}
+        if mine != theirs:
+            return f"state is for {theirs}, this module is {mine}"
+        has_bias = (prefix + "bias") in state_dict
+        if has_bias != (self.bias is not None):
+            return f"bias {'present' if has_bias else 'missing'} in the state, but this module has " \
+                   f"{'a' if self.bias is not None else 'no'} bias"
+        bs = self.block_size
+        shape = self._matrix_shape()
+        nbr, nbc = self._grid()
+        if extra["mode"] == "dense":
+            w, bm = state_dict.get(prefix + "weight"), state_dict.get(prefix + "block_mask")
+            if w is None or bm is None:
+                return "dense state needs 'weight' and 'block_mask'"
+            if tuple(w.shape) != self.weight_shape or not w.is_floating_point():
+                return f"weight must be a float {self.weight_shape}, got {w.dtype} {tuple(w.shape)}"
+            if tuple(bm.shape) != (nbr, nbc) or bm.dtype != torch.bool:
+                return f"block_mask must be bool {(nbr, nbc)}, got {bm.dtype} {tuple(bm.shape)}"
+            return None
+        values = state_dict.get(prefix + "values")
+        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+        if values is None or crow is None or col is None:
+            missing = [n for n, t in (("values", values), ("crow_indices", crow), ("col_indices", col)) if t is None]
+            return f"sparse state is missing {missing}"
+        if values.dim() != 3 or tuple(values.shape[1:]) != (bs, bs) or not values.is_floating_point():
+            return f"values must be float [nnz, {bs}, {bs}], got {values.dtype} {tuple(values.shape)}"
+        try:
+            check_bsr(crow, col, values.shape[0], shape, bs, "SparseConv2d state")
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Validate the whole incoming state first: a failed load leaves this module exactly as it was.
+        why = self._incoming_error(state_dict, prefix)
+        if why is not None:
+            error_msgs.append(f"SparseConv2d {prefix.rstrip('.') or '(root)'}: {why}")
+            return
+        # The number of stored blocks and the mode are data: shape this module like the incoming state
+        # (placeholders in this module's dtype/device) so the parent loader can copy into it.
+        extra = state_dict[prefix + "_extra_state"]
+        ref = self.values if self.storage == "sparse" else self.weight
+        bs = self.block_size
+        nbr, _ = self._grid()
+        nnz = state_dict[prefix + "values"].shape[0] if extra["mode"] != "dense" else 0
+        placeholder = BSRMatrix(
+            torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
+            torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
+            torch.zeros(nnz, dtype=torch.int64, device=ref.device),
+            self._matrix_shape(), bs,
+        )
+        saved = (dict(self._parameters), dict(self._buffers), self.mode)
+        self._set_structure(placeholder, extra["mode"])
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) > n_errors:  # restore the old structure
+            self._parameters.clear()
+            self._parameters.update(saved[0])
+            self._buffers.clear()
+            self._buffers.update(saved[1])
+            self.mode = saved[2]
+        elif self.storage == "sparse" and self.crow_indices.dtype != torch.int64:
+            self.crow_indices = self.crow_indices.long()
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}, density={self.density:.3f}, mode={self.mode}")

@@ -1,0 +1,352 @@
+"""``bsr_conv2d``: ``conv2d(x, W) + bias`` for a block-sparse conv weight, with autograd and torch.compile support.
+
+The weight ``[O, C, KH, KW]`` is the implicit-GEMM matrix ``W [O, KH*KW*C]`` in ``(kh, kw, c)`` order
+(OHWI flattening), stored as block-sparse rows (``accel.formats``; block sizes :data:`BLOCK_SIZES`).
+Zero padding, stride, dilation, groups = 1. Outputs are ``channels_last``.
+
+Three custom ops (``torch.library.custom_op`` + ``register_fake``):
+
+* ``accel::bsr_conv2d`` the forward, with autograd registered below;
+* ``accel::bsr_conv2d_dx`` the input gradient ``conv2d_input(dy, W)``;
+* ``accel::bsr_conv2d_dw`` the weight gradient at the stored blocks only.
+
+:func:`_dispatch` is the one place that picks the implementation: the Triton kernels of
+``accel.kernels.bsr_conv`` for CUDA tensors, ``accel.cpu.bsr_conv`` for CPU tensors. On the CPU the
+forward's strategy (``gather``; ``im2col`` followed by one of the block-sparse matmul strategies;
+with ``allow_dense`` the dense conv of the densified weight) is the one ``accel.engines`` measured
+fastest for this layer, input size, batch bucket and dtype on the running machine.
+
+Every input is checked before anything runs (dtype, device, shapes, geometry and the block
+structure, with ``accel.formats.check_bsr``, cached per index tensor): a bad call raises a
+``TypeError`` (dtypes) or ``ValueError`` naming what is wrong, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import engines
+from ..cpu import bsr as cpu_bsr
+from ..cpu import bsr_conv as cpu_conv
+from ..cpu.packcache import cached, drop
+from ..formats import bsr_row_indices, check_bsr_cached
+from ._dispatch import needs_op, use_triton
+from .bsr_linear import MIN_SQNR, transposed_structure
+
+#: block sizes of the conv kernels (``accel.kernels.bsr_conv.SUPPORTED_BLOCK_SIZES``)
+BLOCK_SIZES = (16, 32, 64)
+#: dtypes of the CPU path; the Triton kernels take fp16/bf16/fp32
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def conv_pair(v, name: str, what: str = "bsr_conv2d") -> tuple[int, int]:
+    """``v`` (an int or a pair of ints) as a pair; a ValueError naming ``name`` otherwise."""
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(t, (tuple, list)) or len(t) != 2 or \
+            any(isinstance(i, bool) or not isinstance(i, int) for i in t):
+        raise ValueError(f"{what}: {name} must be an int or a pair of ints, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def check_geometry(stride, padding, dilation, what: str = "bsr_conv2d"):
+    """(stride, padding, dilation) as pairs, or a ValueError: stride >= 1, padding >= 0, dilation >= 1."""
+    stride, padding, dilation = (conv_pair(stride, "stride", what), conv_pair(padding, "padding", what),
+                                 conv_pair(dilation, "dilation", what))
+    if min(stride) < 1:
+        raise ValueError(f"{what}: stride must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"{what}: padding must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"{what}: dilation must be >= 1, got {dilation}")
+    return stride, padding, dilation
+
+
+def check_weight_shape(weight_shape, what: str = "bsr_conv2d") -> tuple[int, int, int, int]:
+    ws = tuple(weight_shape) if isinstance(weight_shape, (tuple, list, torch.Size)) else None
+    if ws is None or len(ws) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ws):
+        raise ValueError(f"{what}: weight_shape must be (O, C, KH, KW) of ints >= 1, got {weight_shape!r}")
+    return tuple(int(v) for v in ws)
+
+
+def _validate(x, values, crow, col, weight_shape, bias, stride, padding, dilation):
+    what = "bsr_conv2d"
+    for name, t in (("x", x), ("values", values), ("crow_indices", crow), ("col_indices", col)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    o, c, kh, kw = check_weight_shape(weight_shape, what)
+    stride, padding, dilation = check_geometry(stride, padding, dilation, what)
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"{what}: values must be [nnz, B, B], got shape {tuple(values.shape)}")
+    bs = int(values.shape[1])
+    if bs not in BLOCK_SIZES:
+        raise ValueError(f"{what}: block size (values.shape[1]) must be one of {BLOCK_SIZES}, got {bs}")
+    if x.dim() != 4:
+        raise ValueError(f"{what}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    allowed = CUDA_DTYPES if x.is_cuda else CPU_DTYPES
+    if x.dtype not in allowed:
+        raise TypeError(f"{what}: x dtype must be one of {allowed} on {x.device.type}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{what}: x dtype {x.dtype} must equal weight dtype {values.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{what}: bias must be a tensor or None, got {type(bias).__name__}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{what}: bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+        if tuple(bias.shape) != (o,):
+            raise ValueError(f"{what}: bias must have shape ({o},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, values, crow, col) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"{what}: tensors on different devices {sorted(map(str, devices))}")
+    if x.shape[1] != c:
+        raise ValueError(f"{what}: weight_shape {(o, c, kh, kw)} expects {c} input channels, x of shape "
+                         f"{tuple(x.shape)} has {x.shape[1]} (groups other than 1 are not supported)")
+    oh, ow = cpu_conv.output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{what}: input {x.shape[2]}x{x.shape[3]} is too small for kernel {kh}x{kw} with padding "
+                         f"{padding}, dilation {dilation} (output {oh}x{ow})")
+    if crow.numel() - 1 != math.ceil(o / bs):
+        raise ValueError(f"{what}: crow_indices has {crow.numel() - 1} block rows, expected ceil({o}/{bs})")
+    if not torch.compiler.is_compiling():
+        check_bsr_cached(crow, col, values.shape[0], (o, kh * kw * c), bs, what)
+    return (o, c, kh, kw), stride, padding, dilation
+
+
+# ------------------------------------------------------------------------------------------------ CPU strategy
+def _dense_weight(values, crow, col, weight_shape, dtype):
+    return cached("bsr_conv_dense", (values, crow, col), (tuple(weight_shape), dtype),
+                  lambda: cpu_conv.conv_weight_from_bsr(values.detach(), crow, col, weight_shape).to(dtype)
+                  .contiguous(memory_format=torch.channels_last))
+
+
+def _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation):
+    w = _dense_weight(values, crow, col, weight_shape, x.dtype)
+    y = torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+def cpu_engines(c: int, bs: int, dtype: torch.dtype, allow_dense: bool) -> tuple[str, ...]:
+    """The CPU engines that can run a layer: ``gather`` (``C % B == 0``), ``im2col_<strategy>`` for the
+    block-sparse matmul strategies of ``accel.cpu.bsr``, and ``dense`` where allowed."""
+    names = (("gather",) if c % bs == 0 else ()) + tuple(f"im2col_{s}" for s in cpu_bsr.strategies_for(dtype))
+    return names + (("dense",) if allow_dense else ())
+
+
+def default_engine(c: int, bs: int, m: int) -> str:
+    """The unmeasured default: ``gather`` when the K blocks align with the taps, else im2col with the
+    matmul strategy ``accel.cpu.bsr`` uses by default for ``m`` rows."""
+    return "gather" if c % bs == 0 else f"im2col_{cpu_bsr.pick_strategy(m)}"
+
+
+@torch.no_grad()  # the engines are not differentiable: autograd comes from the op's registered backward
+def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, padding, dilation) -> torch.Tensor:
+    """Run one CPU engine (see :func:`cpu_engines`)."""
+    if engine == "gather":
+        return cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    if engine == "dense":
+        return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    if engine.startswith("im2col_"):
+        return cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
+                                          engine[len("im2col_"):])
+    raise ValueError(f"bsr_conv2d: unknown CPU engine {engine!r}")
+
+
+def _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense) -> str:
+    parts = (tuple(weight_shape), tuple(x.shape[1:]), stride, padding, dilation, values.shape[0],
+             engines.m_bucket(x.shape[0]), x.dtype, allow_dense, bias is not None)
+    return engines.memo("bsr_conv2d", parts, lambda: _choose_cpu_engine(x, values, crow, col, weight_shape, bias,
+                                                                          stride, padding, dilation, allow_dense))
+
+
+def _choose_cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense) -> str:
+    o, c, kh, kw = weight_shape
+    bs, nnz = values.shape[1], values.shape[0]
+    nbr, nbc = math.ceil(o / bs), math.ceil(kh * kw * c / bs)
+    density = nnz / (nbr * nbc)
+    key = engines.make_key("bsr_conv2d", w=(o, c, kh, kw), hw=tuple(x.shape[2:]), s=stride, p=padding, d=dilation,
+                           b=bs, dens=f"{round(density * 40) / 40:.3f}", m=engines.m_bucket(x.shape[0]),
+                           dt=str(x.dtype)[6:], dense=int(allow_dense))
+    allowed = cpu_engines(c, bs, x.dtype, allow_dense)
+    args = (x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+
+    def candidates():
+        return {e: (lambda e=e: run_cpu(e, *args)) for e in allowed}
+
+    def reference():  # the dense conv in fp32 (fp64 for fp64 inputs)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        w = cpu_conv.conv_weight_from_bsr(values.detach().to(dt), crow, col, weight_shape)
+        return torch.nn.functional.conv2d(x.to(dt), w, None if bias is None else bias.to(dt), stride, padding,
+                                          dilation)
+
+    m = x.shape[0] * math.prod(cpu_conv.output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation))
+    choice = engines.choose("bsr_conv2d", key, candidates, default=default_engine(c, bs, m), reference=reference,
+                            min_sqnr=MIN_SQNR.get(x.dtype), allowed=allowed)
+    if allow_dense and choice != "dense":
+        drop("bsr_conv_dense", (values, crow, col), (tuple(weight_shape), x.dtype))  # measured, not kept
+    return choice
+
+
+def _dispatch(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_tf32, allow_dense):
+    if use_triton(x, "bsr_conv2d"):
+        from ..kernels import bsr_conv
+
+        return bsr_conv.bsr_conv2d(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
+                                   allow_tf32=allow_tf32)
+    if x.shape[0] == 0 or values.shape[0] == 0:
+        engine = default_engine(weight_shape[1], values.shape[1], 1)  # nothing to measure
+    else:
+        engine = _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense)
+    return run_cpu(engine, x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+def _out_shape(x_shape, weight_shape, stride, padding, dilation):
+    o, _, kh, kw = weight_shape
+    oh, ow = cpu_conv.output_size(x_shape[2], x_shape[3], kh, kw, stride, padding, dilation)
+    return x_shape[0], o, oh, ow
+
+
+def _empty_channels_last(like: torch.Tensor, shape) -> torch.Tensor:
+    n, c, h, w = shape
+    return like.new_empty((n, h, w, c)).permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("accel::bsr_conv2d", mutates_args=())
+def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                   weight_shape: list[int], bias: torch.Tensor | None, stride: list[int], padding: list[int],
+                   dilation: list[int], allow_tf32: bool, allow_dense: bool = False) -> torch.Tensor:
+    return _dispatch(x, values, crow_indices, col_indices, tuple(weight_shape), bias, tuple(stride), tuple(padding),
+                     tuple(dilation), allow_tf32, allow_dense)
+
+
+@_bsr_conv2d_op.register_fake
+def _(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation, allow_tf32,
+      allow_dense=False):
+    torch._check(x.dim() == 4, lambda: f"bsr_conv2d: x must be 4-D, got {x.dim()}-D")
+    torch._check(x.dtype == values.dtype, lambda: f"bsr_conv2d: x dtype {x.dtype} != values dtype {values.dtype}")
+    torch._check(col_indices.shape[0] == values.shape[0], lambda: "bsr_conv2d: col_indices and values disagree on nnz")
+    return _empty_channels_last(x, _out_shape(x.shape, weight_shape, stride, padding, dilation))
+
+
+@torch.library.custom_op("accel::bsr_conv2d_dx", mutates_args=())
+def _bsr_conv2d_dx_op(dy: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      weight_shape: list[int], x_shape: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], allow_tf32: bool) -> torch.Tensor:
+    if use_triton(dy, "bsr_conv2d"):
+        from ..kernels import bsr_conv
+
+        o, c, kh, kw = weight_shape
+        bs = values.shape[1]
+        crow_t, col_t, block_index = transposed_structure(crow_indices, col_indices, math.ceil(kh * kw * c / bs))
+        return bsr_conv.bsr_conv2d_dx(dy, values, crow_indices, col_indices, weight_shape, x_shape, stride, padding,
+                                      dilation, crow_t=crow_t, col_t=col_t, block_index=block_index,
+                                      allow_tf32=allow_tf32)
+    return cpu_conv.bsr_conv2d_dx_cpu(dy, values, crow_indices, col_indices, tuple(weight_shape), x_shape,
+                                      tuple(stride), tuple(padding), tuple(dilation))
+
+
+@_bsr_conv2d_dx_op.register_fake
+def _(dy, values, crow_indices, col_indices, weight_shape, x_shape, stride, padding, dilation, allow_tf32):
+    return _empty_channels_last(dy, x_shape)
+
+
+@torch.library.custom_op("accel::bsr_conv2d_dw", mutates_args=())
+def _bsr_conv2d_dw_op(dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      block_size: int, weight_shape: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], allow_tf32: bool) -> torch.Tensor:
+    rows = cached("bsr_rows", (crow_indices, col_indices), (), lambda: bsr_row_indices(crow_indices, col_indices))
+    if use_triton(dy, "bsr_conv2d"):
+        from ..kernels import bsr_conv
+
+        return bsr_conv.bsr_conv2d_dw(dy, x, rows, col_indices, block_size, weight_shape, stride, padding, dilation,
+                                      allow_tf32=allow_tf32)
+    return cpu_conv.bsr_conv2d_dw_cpu(dy, x, rows, col_indices, block_size, tuple(weight_shape), tuple(stride),
+                                      tuple(padding), tuple(dilation))
+
+
+@_bsr_conv2d_dw_op.register_fake
+def _(dy, x, crow_indices, col_indices, block_size, weight_shape, stride, padding, dilation, allow_tf32):
+    return x.new_empty(col_indices.shape[0], block_size, block_size)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_tf32 = inputs[:10]
+    ctx.save_for_backward(x, values, crow, col)
+    ctx.geometry = (list(weight_shape), list(stride), list(padding), list(dilation))
+    ctx.has_bias = bias is not None
+    ctx.allow_tf32 = allow_tf32
+
+
+def _backward(ctx, dy):
+    x, values, crow, col = ctx.saved_tensors
+    weight_shape, stride, padding, dilation = ctx.geometry
+    dx = dvalues = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = _bsr_conv2d_dx_op(dy, values, crow, col, weight_shape, list(x.shape), stride, padding, dilation,
+                               ctx.allow_tf32)
+    if ctx.needs_input_grad[1]:
+        dvalues = _bsr_conv2d_dw_op(dy, x, crow, col, values.shape[1], weight_shape, stride, padding, dilation,
+                                    ctx.allow_tf32)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        dbias = dy.sum((0, 2, 3))
+    return dx, dvalues, None, None, None, dbias, None, None, None, None, None
+
+
+_bsr_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ public
+def bsr_conv2d(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    weight_shape,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    allow_dense: bool = False,
+) -> torch.Tensor:
+    """``conv2d(x, W, bias, stride, padding, dilation)`` for ``W`` of ``weight_shape = (O, C, KH, KW)``
+    stored as BSR blocks of its ``[O, KH*KW*C]`` matrix in ``(kh, kw, c)`` order (see the module docstring).
+
+    ``x``: ``[N, C, H, W]`` or unbatched ``[C, H, W]``, any memory format (``channels_last`` is the fast
+    one); the result is ``channels_last``. ``allow_dense``: on the CPU, run the densified weight where
+    that measures faster (``auto``). Raises ``TypeError`` (dtypes) / ``ValueError`` naming the offending
+    device, shape, geometry or broken index.
+    """
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        return bsr_conv2d(x.unsqueeze(0), values, crow_indices, col_indices, weight_shape, bias, stride, padding,
+                          dilation, allow_dense=allow_dense).squeeze(0)
+    weight_shape, stride, padding, dilation = _validate(x, values, crow_indices, col_indices, weight_shape, bias,
+                                                        stride, padding, dilation)
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
+    if needs_op(x, values, bias):
+        return _bsr_conv2d_op(x, values, crow_indices, col_indices, list(weight_shape), bias, list(stride),
+                              list(padding), list(dilation), allow_tf32, allow_dense)
+    return _dispatch(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation, allow_tf32,
+                     allow_dense)
+
+
+def module_bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,
+                      allow_dense: bool) -> torch.Tensor:
+    """:func:`bsr_conv2d` for a ``SparseConv2d``'s own (already validated) parameters and geometry: only
+    ``x`` and the (cached) structure check are validated, so a call costs a few microseconds more
+    than its engine."""
+    o, c, kh, kw = weight_shape
+    if needs_op(x, values, bias) or x.dim() != 4 or x.dtype != values.dtype or x.device != values.device or \
+            x.shape[1] != c or x.is_cuda:
+        return bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,
+                          allow_dense=allow_dense)
+    oh, ow = cpu_conv.output_size(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    if oh < 1 or ow < 1 or x.dtype not in CPU_DTYPES:
+        return bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,
+                          allow_dense=allow_dense)
+    check_bsr_cached(crow_indices, col_indices, values.shape[0], (o, kh * kw * c), values.shape[1], "bsr_conv2d")
+    return _dispatch(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation, False,
+                     allow_dense)

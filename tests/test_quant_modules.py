@@ -222,7 +222,7 @@ def test_triton_path_end_to_end(accel_env):
 @pytest.mark.parametrize("engine", ["onednn", "im2col", "float", "float_nchw", "float_bf16"])
 def test_conv_auto_forms(engine):
     """QuantConv2d "auto" may run int8 or the dequantized float conv (in bf16 for fp32 inputs); each
-    matches its own maths and returns the input's dtype in channels_last."""
+    matches its own maths and returns the input's dtype and memory format (as nn.Conv2d)."""
     conv = nn.Conv2d(6, 8, 3, padding=1)
     q = QuantConv2d.from_float(conv, "auto")
     x = torch.randn(2, 6, 10, 10)
@@ -231,10 +231,60 @@ def test_conv_auto_forms(engine):
         w = q.dequantized_weight()
         ref = {"float": lambda: F.conv2d(x, w, q.bias, 1, 1), "float_nchw": lambda: F.conv2d(x, w, q.bias, 1, 1),
                "float_bf16": lambda: F.conv2d(x.bfloat16(), w.bfloat16(), q.bias.bfloat16(), 1, 1).float()}.get(engine)
-    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    with torch.no_grad(), engines.force(int8_conv2d=engine):
+        y_cl = q(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
+    torch.testing.assert_close(y_cl, y)
     if ref is not None:
         torch.testing.assert_close(y, ref(), atol=1e-2 if engine == "float_bf16" else 1e-5, rtol=1e-2)
     else:
         assert sqnr(conv(x), y) > 30
     with pytest.raises(ValueError, match="cannot run this call"), engines.force(int8_conv2d="float"):
         QuantConv2d.from_float(conv)(x)  # mode "dynamic" runs int8 engines only
+
+
+def test_conv_output_follows_input_layout_so_view_works():
+    """A model that ``.view()``s a conv output (the classic CNN tutorial pattern) keeps working after
+    quantize_: outputs follow the input's memory format as nn.Conv2d's do; unbatched inputs work too."""
+    import accel
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.pool, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Linear(8 * 4 * 4, 4)
+
+        def forward(self, x):
+            return self.fc(self.pool(torch.relu(self.c(x))).view(-1, 8 * 4 * 4))
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    ref = net(x)
+    accel.quantize_(net)
+    assert isinstance(net.c, QuantConv2d)
+    with torch.no_grad():
+        assert sqnr(ref, net(x)) > 25
+        y3 = net.c(x[0])
+        assert y3.shape == (8, 8, 8)
+        torch.testing.assert_close(y3, net.c(x[:1])[0])
+
+
+def test_converted_layers_show_a_float_weight():
+    """Model code reads ``layer.weight.dtype`` (T5, ViT, CLIP): converted layers answer with their float
+    weight (dtype, device, shape, values), read-only."""
+    import accel
+
+    torch.manual_seed(0)
+    lin, conv, emb = nn.Linear(16, 8), nn.Conv2d(3, 4, 3), nn.Embedding(10, 6)
+    for m, float_m in ((QuantLinear.from_float(lin), lin), (QuantConv2d.from_float(conv), conv),
+                       (accel.QuantEmbedding.from_float(emb), emb)):
+        w = m.weight
+        assert w.shape == float_m.weight.shape and w.dtype == torch.float32
+        torch.testing.assert_close(w, m.dequantized_weight())
+        with pytest.raises(RuntimeError):
+            w.zero_()  # read-only: a write must not silently do nothing
+        m.bfloat16()
+        assert m.weight.dtype == torch.bfloat16
+    s = accel.SparseLinear.from_dense(nn.Linear(64, 32), 0.5, 16, mode="sparse")
+    torch.testing.assert_close(s.weight, s.dense_weight())
+    assert "weight" not in dict(s.named_parameters())

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..ops.int8 import check_conv_geometry, module_conv2d, module_linear
 from ..quant import ACTIVATIONS, dequantize_weight, quantize_weight
+from ._common import weight_view
 
 LINEAR_MODES = ("auto", "dynamic", "static", "weight_only")
 CONV_MODES = ("auto", "dynamic", "static")
@@ -51,6 +52,7 @@ class _QuantBase(nn.Module):
         self.activation = activation
         self.act_qmax = _check_qmax(name, act_qmax)
         self._has_act_scale = False
+        self.float_dtype = dtype or torch.float32  # the float layer's dtype: what .weight shows (not saved)
         with torch.inference_mode(False):  # normal tensors, so in-place updates bump the version the packs see
             self.register_buffer("weight_q", torch.zeros(weight_shape, dtype=torch.int8, device=device))
             self.register_buffer("weight_scale", torch.zeros(weight_shape[0], dtype=torch.float32, device=device))
@@ -131,10 +133,20 @@ class _QuantBase(nn.Module):
                 probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
                 with torch.inference_mode(False):
                     self._buffers[n] = t.to(device=probe.device, dtype=torch.float32)
+            probe = fn(torch.empty(0, dtype=self.float_dtype))
+            if probe.is_floating_point():
+                self.float_dtype = probe.dtype
         return out
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(self.weight_q, self.weight_scale)
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # what model code reading layer.weight (dtype, device, shape) expects
+            b = self.__dict__["_buffers"]
+            return weight_view((b["weight_q"], b["weight_scale"]), self.float_dtype,
+                               lambda: dequantize_weight(b["weight_q"], b["weight_scale"]))
+        return super().__getattr__(name)
 
 
 def _after_load(module, incompatible_keys) -> None:
@@ -217,7 +229,9 @@ class QuantConv2d(_QuantBase):
     """``act(conv2d(x, W) + b)`` with int8 ``W`` (one scale per output channel) and ``x`` quantized per
     image (``"dynamic"``) or with one calibrated scale (``"static"``); ``"auto"`` runs dynamic int8
     or the dequantized float conv, whichever is faster for this layer and batch bucket here.
-    Zero padding, groups = 1 (see :meth:`unsupported_reason`). Returns channels_last tensors."""
+    Zero padding, groups = 1 (see :meth:`unsupported_reason`). Like ``nn.Conv2d``, takes ``[B, C, H, W]``
+    or unbatched ``[C, H, W]`` inputs and returns the input's memory format (NCHW or channels_last;
+    channels_last inputs are the fast path on CPU)."""
 
     MODES = CONV_MODES
 
@@ -271,6 +285,8 @@ class QuantConv2d(_QuantBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return module_conv2d(x, b["weight_q"], b["weight_scale"], b["bias"], self.stride, self.padding, self.dilation,
                              self._static_scale() if self.mode == "static" else None, self.activation,
                              "auto" if self.mode == "auto" else "int8", self.act_qmax)
@@ -333,10 +349,23 @@ class QuantEmbedding(nn.Module):
         return {"out_dtype": str(self.out_dtype).removeprefix("torch."), "padding_idx": self.padding_idx}
 
     def set_extra_state(self, state) -> None:
+        # the saved dtype is checked, not applied: like nn.Embedding.load_state_dict, a load keeps this
+        # module's dtype (a file saved from an fp32 model loads into a bf16 model as bf16)
         dt = getattr(torch, str(state.get("out_dtype", "float32")), None) if isinstance(state, dict) else None
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             raise ValueError(f"QuantEmbedding: bad saved state {state!r}")
-        self.out_dtype, self.padding_idx = dt, state.get("padding_idx")
+        pad = state.get("padding_idx")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or
+                                not -self.num_embeddings <= pad < self.num_embeddings):
+            raise ValueError(f"QuantEmbedding: bad saved padding_idx {pad!r} for {self.num_embeddings} rows")
+        self.padding_idx = pad
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # what model code reading embedding.weight (dtype, device, shape) expects
+            b = self.__dict__["_buffers"]
+            return weight_view((b["weight_q"], b["weight_scale"]), self.out_dtype,
+                               lambda: dequantize_weight(b["weight_q"], b["weight_scale"]))
+        return super().__getattr__(name)
 
     def _apply(self, fn, recurse=True):
         keep = self._buffers.get("weight_scale")

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cpu.int8 import float_conv2d_cpu
 from ..formats import (
     BSRMatrix,
     as_block_mask,
@@ -17,6 +18,7 @@ from ..formats import (
     topk_block_mask,
 )
 from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
+from ._common import autocast_dtype, cast_param, normal_tensor, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -78,10 +80,11 @@ class SparseConv2d(nn.Module):
             raise TypeError(f"SparseConv2d: dtype must be a floating dtype, got {dtype}")
         self.mode = "sparse" if mode == "dense" else mode  # an empty weight starts sparse; _set_structure sets dense
         nbr, _ = self._grid()
-        self.values = nn.Parameter(torch.empty(0, block_size, block_size, device=device, dtype=dtype))
-        self.register_buffer("crow_indices", torch.zeros(nbr + 1, dtype=torch.int64, device=device))
-        self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int64, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        with torch.inference_mode(False):  # normal tensors even under inference_mode: the layer can train later
+            self.values = nn.Parameter(torch.empty(0, block_size, block_size, device=device, dtype=dtype))
+            self.register_buffer("crow_indices", torch.zeros(nbr + 1, dtype=torch.int64, device=device))
+            self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int64, device=device))
+            self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
         if mode == "dense":
             self._set_structure(self.bsr(), "dense")
 
@@ -184,14 +187,18 @@ class SparseConv2d(nn.Module):
             if name in self._buffers:
                 del self._buffers[name]
         self.mode = mode
-        if mode != "dense":
-            self.values = nn.Parameter(bsr.values.contiguous())
-            self.register_buffer("crow_indices", bsr.crow_indices)
-            self.register_buffer("col_indices", bsr.col_indices)
-        else:
-            o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
-            self.weight = nn.Parameter(bsr.to_dense().reshape(o, kh, kw, c).permute(0, 3, 1, 2).contiguous())
-            self.register_buffer("block_mask", bsr.block_mask())
+        with torch.inference_mode(False):
+            if mode != "dense":
+                self.values = nn.Parameter(normal_tensor(bsr.values.contiguous()))
+                self.register_buffer("crow_indices", normal_tensor(bsr.crow_indices))
+                self.register_buffer("col_indices", normal_tensor(bsr.col_indices))
+            else:
+                o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
+                w = bsr.to_dense().reshape(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+                self.weight = nn.Parameter(normal_tensor(w))
+                self.register_buffer("block_mask", normal_tensor(bsr.block_mask()))
+            if self.bias is not None and self.bias.is_inference():
+                self.bias = nn.Parameter(normal_tensor(self.bias.detach()))
 
     @property
     def storage(self) -> str:
@@ -232,14 +239,31 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.storage == "sparse":
             p, b = self._parameters, self._buffers
-            return module_bsr_conv2d(x, p["values"], b["crow_indices"], b["col_indices"], self.weight_shape,
-                                     p.get("bias"), self.stride, self.padding, self.dilation, self.mode == "auto")
+            values, bias = p["values"], p.get("bias")
+            dt = autocast_dtype(x)
+            if dt is not None:  # torch.autocast: compute in its dtype, as nn.Conv2d does
+                x, values, bias = x.to(dt), cast_param(values, dt), cast_param(bias, dt)
+            return module_bsr_conv2d(x, values, b["crow_indices"], b["col_indices"], self.weight_shape,
+                                     bias, self.stride, self.padding, self.dilation, self.mode == "auto")
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             mask = expand_block_mask(self.block_mask, self.block_size, self._matrix_shape())
             o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
             w = w * mask.reshape(o, kh, kw, c).permute(0, 3, 1, 2).to(w.dtype)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+        if x.is_cuda or autocast_dtype(x) is not None:
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+        # torch's CPU conv crashes or returns garbage on some geometries: routed (accel.cpu.int8.float_conv2d_cpu)
+        squeeze = x.dim() == 3
+        y = float_conv2d_cpu(x.unsqueeze(0) if squeeze else x, w, self.bias, self.stride, self.padding, self.dilation)
+        return y.squeeze(0) if squeeze else y
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "values" in self.__dict__["_parameters"]:
+            # sparse storage: model code reading layer.weight gets the dense (pruned) weight, read-only
+            p, b = self.__dict__["_parameters"], self.__dict__["_buffers"]
+            return weight_view((p["values"], b["crow_indices"], b["col_indices"]), p["values"].dtype,
+                               lambda: self.dense_weight())
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ state
     def _geometry_state(self) -> dict:

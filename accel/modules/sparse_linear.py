@@ -17,6 +17,7 @@ from ..formats import (
     topk_block_mask,
 )
 from ..ops.bsr_linear import module_bsr_linear
+from ._common import autocast_dtype, cast_param, normal_tensor, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -59,11 +60,13 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear: dtype must be a floating dtype, got {dtype}")
         self.mode = "sparse" if mode == "dense" else mode  # an empty weight starts sparse; _set_structure sets dense
         nbr, _ = block_grid((out_features, in_features), block_size)
-        # an all-pruned weight until from_dense / load_state_dict fills it in
-        self.values = nn.Parameter(torch.empty(0, block_size, block_size, device=device, dtype=dtype))
-        self.register_buffer("crow_indices", torch.zeros(nbr + 1, dtype=torch.int64, device=device))
-        self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int64, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        # an all-pruned weight until from_dense / load_state_dict fills it in; normal tensors even when built
+        # under torch.inference_mode, so the layer can train and load afterwards
+        with torch.inference_mode(False):
+            self.values = nn.Parameter(torch.empty(0, block_size, block_size, device=device, dtype=dtype))
+            self.register_buffer("crow_indices", torch.zeros(nbr + 1, dtype=torch.int64, device=device))
+            self.register_buffer("col_indices", torch.zeros(0, dtype=torch.int64, device=device))
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         if mode == "dense":
             self._set_structure(self.bsr(), "dense")
 
@@ -124,13 +127,16 @@ class SparseLinear(nn.Module):
             if name in self._buffers:
                 del self._buffers[name]
         self.mode = mode
-        if mode != "dense":
-            self.values = nn.Parameter(bsr.values.contiguous())
-            self.register_buffer("crow_indices", bsr.crow_indices)
-            self.register_buffer("col_indices", bsr.col_indices)
-        else:
-            self.weight = nn.Parameter(bsr.to_dense().contiguous())
-            self.register_buffer("block_mask", bsr.block_mask())
+        with torch.inference_mode(False):
+            if mode != "dense":
+                self.values = nn.Parameter(normal_tensor(bsr.values.contiguous()))
+                self.register_buffer("crow_indices", normal_tensor(bsr.crow_indices))
+                self.register_buffer("col_indices", normal_tensor(bsr.col_indices))
+            else:
+                self.weight = nn.Parameter(normal_tensor(bsr.to_dense().contiguous()))
+                self.register_buffer("block_mask", normal_tensor(bsr.block_mask()))
+            if self.bias is not None and self.bias.is_inference():
+                self.bias = nn.Parameter(normal_tensor(self.bias.detach()))
 
     @property
     def storage(self) -> str:
@@ -166,12 +172,24 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.storage == "sparse":
             p, b = self._parameters, self._buffers
-            return module_bsr_linear(x, p["values"], b["crow_indices"], b["col_indices"],
-                                     (self.out_features, self.in_features), p.get("bias"), self.mode == "auto")
+            values, bias = p["values"], p.get("bias")
+            dt = autocast_dtype(x)
+            if dt is not None:  # torch.autocast: compute in its dtype, as nn.Linear does
+                x, values, bias = x.to(dt), cast_param(values, dt), cast_param(bias, dt)
+            return module_bsr_linear(x, values, b["crow_indices"], b["col_indices"],
+                                     (self.out_features, self.in_features), bias, self.mode == "auto")
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             w = w * expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)).to(w.dtype)
         return F.linear(x, w, self.bias)
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "values" in self.__dict__["_parameters"]:
+            # sparse storage: model code reading layer.weight gets the dense (pruned) weight, read-only
+            p, b = self.__dict__["_parameters"], self.__dict__["_buffers"]
+            return weight_view((p["values"], b["crow_indices"], b["col_indices"]), p["values"].dtype,
+                               lambda: self.dense_weight())
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self):

@@ -8,6 +8,7 @@ import torch.nn as nn
 from ..formats import BSRMatrix, block_grid, bsr_row_indices, bsr_to_dense, check_block_size, check_bsr
 from ..ops.int8_bsr_linear import check_weight, dequantized_values, module_int8_bsr_linear
 from ..quant import ACTIVATIONS, QMAX, ieee_div
+from ._common import weight_view
 from .quant_linear import _check_qmax, _check_size
 from .sparse_linear import SparseLinear
 
@@ -63,6 +64,7 @@ class SparseQuantLinear(nn.Module):
             raise TypeError(f"{name}: dtype must be a floating dtype, got {dtype}")
         self.activation = activation
         self.act_qmax = _check_qmax(name, act_qmax)
+        self.float_dtype = dtype or torch.float32  # the float layer's dtype: what .weight shows (not saved)
         nbr, _ = block_grid((out_features, in_features), block_size)
         with torch.inference_mode(False):  # normal tensors: in-place updates bump the versions the caches see
             self.register_buffer("values_q", torch.zeros(0, block_size, block_size, dtype=torch.int8, device=device))
@@ -237,7 +239,17 @@ class SparseQuantLinear(nn.Module):
             probe = fn(torch.empty(0, dtype=keep.dtype, device=keep.device))
             with torch.inference_mode(False):
                 self._buffers["weight_scale"] = keep.to(device=probe.device, dtype=torch.float32)
+            probe = fn(torch.empty(0, dtype=self.float_dtype))
+            if probe.is_floating_point():
+                self.float_dtype = probe.dtype
         return out
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # what model code reading layer.weight (dtype, device, shape) expects: read-only
+            b = self.__dict__["_buffers"]
+            return weight_view((b["values_q"], b["weight_scale"], b["crow_indices"], b["col_indices"]),
+                               self.float_dtype, lambda: self.dequantized_weight())
+        return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         q = f", act_qmax={self.act_qmax}" if self.act_qmax else ""

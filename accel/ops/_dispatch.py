@@ -38,3 +38,18 @@ def needs_op(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv_out_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format ``nn.Conv2d`` gives its output for input ``x``: channels_last for a channels_last
+    input, else contiguous NCHW (so model code may ``.view()`` it, as it can an ``nn.Conv2d`` output).
+    A tensor that is both (C = 1, or 1x1 images) counts as NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def as_conv_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in :func:`conv_out_format` of ``x`` (a copy only when the engine produced the other layout)."""
+    fmt = conv_out_format(x)
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)

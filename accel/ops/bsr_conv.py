@@ -2,7 +2,7 @@
 
 The weight ``[O, C, KH, KW]`` is the implicit-GEMM matrix ``W [O, KH*KW*C]`` in ``(kh, kw, c)`` order
 (OHWI flattening), stored as block-sparse rows (``accel.formats``; block sizes :data:`BLOCK_SIZES`).
-Zero padding, stride, dilation, groups = 1. Outputs are ``channels_last``.
+Zero padding, stride, dilation, groups = 1. Outputs have the input's memory format, as ``nn.Conv2d``.
 
 Three custom ops (``torch.library.custom_op`` + ``register_fake``):
 
@@ -30,9 +30,10 @@ import torch
 from .. import engines
 from ..cpu import bsr as cpu_bsr
 from ..cpu import bsr_conv as cpu_conv
+from ..cpu.int8 import float_conv2d_cpu
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
-from ._dispatch import needs_op, use_triton
+from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
 from .bsr_linear import MIN_SQNR, transposed_structure
 
 #: block sizes of the conv kernels (``accel.kernels.bsr_conv.SUPPORTED_BLOCK_SIZES``)
@@ -124,7 +125,7 @@ def _dense_weight(values, crow, col, weight_shape, dtype):
 
 def _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation):
     w = _dense_weight(values, crow, col, weight_shape, x.dtype)
-    y = torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
+    y = float_conv2d_cpu(x, w, bias, stride, padding, dilation)  # torch's conv, routed around its bad geometries
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -193,13 +194,14 @@ def _dispatch(x, values, crow, col, weight_shape, bias, stride, padding, dilatio
     if use_triton(x, "bsr_conv2d"):
         from ..kernels import bsr_conv
 
-        return bsr_conv.bsr_conv2d(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
-                                   allow_tf32=allow_tf32)
+        return as_conv_output(bsr_conv.bsr_conv2d(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
+                                                  allow_tf32=allow_tf32), x)
     if x.shape[0] == 0 or values.shape[0] == 0:
         engine = default_engine(weight_shape[1], values.shape[1], 1)  # nothing to measure
     else:
         engine = _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense)
-    return run_cpu(engine, x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    # the input's layout, as nn.Conv2d (the engines compute channels_last)
+    return as_conv_output(run_cpu(engine, x, values, crow, col, weight_shape, bias, stride, padding, dilation), x)
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -228,7 +230,8 @@ def _(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding,
     torch._check(x.dim() == 4, lambda: f"bsr_conv2d: x must be 4-D, got {x.dim()}-D")
     torch._check(x.dtype == values.dtype, lambda: f"bsr_conv2d: x dtype {x.dtype} != values dtype {values.dtype}")
     torch._check(col_indices.shape[0] == values.shape[0], lambda: "bsr_conv2d: col_indices and values disagree on nnz")
-    return _empty_channels_last(x, _out_shape(x.shape, weight_shape, stride, padding, dilation))
+    return x.new_empty(_out_shape(x.shape, weight_shape, stride, padding, dilation)).contiguous(
+        memory_format=conv_out_format(x))
 
 
 @torch.library.custom_op("accel::bsr_conv2d_dx", mutates_args=())
@@ -316,7 +319,7 @@ def bsr_conv2d(
     stored as BSR blocks of its ``[O, KH*KW*C]`` matrix in ``(kh, kw, c)`` order (see the module docstring).
 
     ``x``: ``[N, C, H, W]`` or unbatched ``[C, H, W]``, any memory format (``channels_last`` is the fast
-    one); the result is ``channels_last``. ``allow_dense``: on the CPU, run the densified weight where
+    one); the result has the input's memory format. ``allow_dense``: on the CPU, run the densified weight where
     that measures faster (``auto``). Raises ``TypeError`` (dtypes) / ``ValueError`` naming the offending
     device, shape, geometry or broken index.
     """

@@ -33,7 +33,7 @@ import torch
 from .. import engines
 from ..cpu import int8 as cpu_int8
 from ..quant import ACTIVATIONS, QMAX, dequantize_weight
-from ._dispatch import needs_op, use_triton
+from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LINEAR_MODES = ("dynamic", "static", "weight_only", "auto")
@@ -268,13 +268,17 @@ def _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilatio
         xq = q.view(nhwc.shape).permute(0, 3, 1, 2)
         # the kernel reads the weight through its strides; channels_last (OHWI) gives 16-byte loads
         w_cl = cpu_int8.cached_tensor("conv_w_ohwi", w_q, lambda: w_q.contiguous(memory_format=torch.channels_last))
-        return int8_conv2d(xq, w_cl, s, w_scale, bias, stride, padding, dilation, activation=activation,
-                           out_dtype=x.dtype)
+        y = int8_conv2d(xq, w_cl, s, w_scale, bias, stride, padding, dilation, activation=activation,
+                        out_dtype=x.dtype)
+        return as_conv_output(y, x)
     qmax = _qmax(act_qmax)
     engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
     if engine in FLOAT_CONV_FORMS:
-        return _float_conv(engine, x, w_q, w_scale, bias, stride, padding, dilation, activation)
-    return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax, engine)
+        y = _float_conv(engine, x, w_q, w_scale, bias, stride, padding, dilation, activation)
+    else:
+        y = cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax,
+                                     engine)
+    return as_conv_output(y, x)  # the input's layout, as nn.Conv2d (engines compute channels_last)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ def _int8_conv2d_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, b
 @_int8_conv2d_op.register_fake
 def _(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode="int8", act_qmax=0):
     return torch.empty(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
-                       device=x.device, memory_format=torch.channels_last)
+                       device=x.device, memory_format=conv_out_format(x))
 
 
 def conv2d_output_shape(x_shape, w_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
@@ -470,7 +474,7 @@ def int8_conv2d(
     act_qmax: int = 0,
 ) -> torch.Tensor:
     """``act(conv2d(x, dequant(w_q)) + bias)`` with ``x [B, C, H, W]`` quantized per image (or with the
-    static ``act_scale``); zero padding, groups = 1. Returns channels_last memory format."""
+    static ``act_scale``); zero padding, groups = 1. Returns the input's memory format (as ``nn.Conv2d``)."""
     what = "int8_conv2d"
     if mode not in CONV_MODES:
         raise ValueError(f"{what}: mode must be one of {CONV_MODES}, got {mode!r}")
@@ -484,7 +488,7 @@ def int8_conv2d(
                          f"dilated kernel {(kh, kw)} (dilation {dilation})")
     if x.shape[0] == 0 or w_q.shape[0] == 0:
         return torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
-                           device=x.device).contiguous(memory_format=torch.channels_last)
+                           device=x.device).contiguous(memory_format=conv_out_format(x))
     args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
     return _int8_conv2d_op(*args) if needs_op(x) else _int8_conv2d_impl(*args)
 

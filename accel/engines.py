@@ -761,7 +761,8 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
     engine names to zero-argument callables running the real call. ``default`` is used when
     measuring is off or impossible (inside ``torch.compile`` tracing) and is the incumbent of a
     measurement. ``allowed`` lists every engine name that could be valid for this call, to
-    validate a forced engine.
+    validate a forced engine: one outside it raises :class:`ForcedEngineError` (which a measurement
+    enclosing this call lets through). A bad ``ACCEL_ENGINE`` raises :class:`ConfigError`.
     """
     keys = getattr(_last, "keys", None)
     if keys is None:

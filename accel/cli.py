@@ -18,6 +18,7 @@ import argparse
 import copy
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -59,6 +60,12 @@ def _validate(args) -> None:
         if not ok:
             raise UserError(msg)
 
+    from .engines import check_env
+
+    # every float flag: NaN passes no comparison below, but inf passes "> 0" (and would fail after training)
+    for name, value in vars(args).items():
+        if isinstance(value, float):
+            need(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, got {value}")
     need(0.0 <= args.sparsity < 1.0, f"--sparsity must be in [0, 1), got {args.sparsity}")
     need(0.0 <= args.channel_ratio < 1.0, f"--channel-ratio must be in [0, 1), got {args.channel_ratio}")
     need(0.0 <= args.min_density <= 1.0, f"--min-density must be in [0, 1], got {args.min_density}")
@@ -71,6 +78,10 @@ def _validate(args) -> None:
     need(args.temperature > 0, f"--temperature must be > 0, got {args.temperature}")
     need(0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}")
     need(args.budget > 0, f"--budget must be > 0, got {args.budget}")
+    try:  # ACCEL_ENGINE, ACCEL_CPU_ISA, ACCEL_CPU_ACT_QMAX: a bad value fails now, not after training
+        check_env()
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.pretrained is not None:
         need(os.path.isfile(args.pretrained), f"--pretrained {args.pretrained!r}: no such file")
     try:
@@ -117,6 +128,15 @@ def _setup(args):
     except Exception as e:  # noqa: BLE001
         raise UserError(f"the model cannot run on a batch of the data ({type(e).__name__}: {e})") from None
     return dense, train_loader, test_loader, example
+
+
+def _check_trained(model: nn.Module, phase: str, lr: float) -> None:
+    """A training phase that blew up (a learning rate too large for the model) is the user's error to
+    see in one line, not a traceback from the conversion that follows."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"{phase} diverged at learning rate {lr:g}: {len(bad)} parameter(s) hold NaN/inf "
+                        f"(first {bad[0]!r}); try a smaller --lr")
 
 
 def _count_params(model: nn.Module) -> dict:
@@ -190,6 +210,7 @@ def compress(args) -> dict:
         log(f"[1/5] dense model loaded from {args.pretrained}")
     else:
         train(dense, train_loader, args.epochs, args.lr, progress=progress, desc="dense")
+        _check_trained(dense, "dense training", args.lr)
     dense.eval()
     acc_dense = evaluate(dense, test_loader)
     log(f"[1/5] dense accuracy {acc_dense:.2f}%  ({time.time() - t0:.0f}s)")
@@ -213,6 +234,7 @@ def compress(args) -> dict:
                                min_density=args.min_density)
     train(student, train_loader, args.kd_epochs, args.lr / 2, teacher=dense, temperature=args.temperature,
           alpha=args.alpha, after_step=pruner.step if pruner else None, progress=progress, desc="prune+distill")
+    _check_trained(student, "pruning + distillation", args.lr / 2)
     acc_pruned = evaluate(student, test_loader)
     masks = pruner.masks if pruner else {}
     what = []
@@ -231,6 +253,7 @@ def compress(args) -> dict:
     if args.qat_epochs:
         train(student, train_loader, args.qat_epochs, args.lr / 10, teacher=dense, temperature=args.temperature,
               alpha=args.alpha, after_step=pruner.step if pruner else None, progress=progress, desc="qat")
+        _check_trained(student, "quantization-aware training", args.lr / 10)
     acc_qat = evaluate(student, test_loader)
     log(f"[3/5] fake-quantized {qat_layers} (activation qmax {qmax}), {args.qat_epochs} QAT epoch(s): "
         f"accuracy {acc_qat:.2f}%")
@@ -373,12 +396,14 @@ def main(argv=None) -> int:
     e.add_argument("--measure", action="store_true", help="decide a few common layer shapes now")
     e.add_argument("--clear", action="store_true", help="forget this machine's decisions first")
     args = ap.parse_args(argv)
+    from .engines import ConfigError
+
     try:
         if args.cmd == "compress":
             compress(args)
             return 0
         return engines_cmd(args)
-    except UserError as err:
+    except (UserError, ConfigError) as err:  # ConfigError: a bad accel environment variable (ACCEL_ENGINE, ...)
         print(f"accel {args.cmd}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

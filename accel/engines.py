@@ -25,13 +25,18 @@ Measurement (:func:`measure`) is built to give the same answer on a noisy shared
 Cache: ``$ACCEL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/accel`` or ``~/.cache/accel``), one JSON
 file per machine fingerprint (CPU model and ISA flags, torch version, threads, oneDNN / ATen ISA
 caps, accel's engine version). Writes take an ``flock`` and merge, then replace the file
-atomically, so concurrent processes are safe. ``ACCEL_ENGINE_CACHE=0`` keeps decisions in memory
-only; ``ACCEL_ENGINE_MEASURE=0`` never measures (the defaults are used and reported as such).
+atomically, so concurrent processes are safe. A malformed file (not JSON, wrong structure) or
+entry is ignored with one :class:`EngineCacheWarning` naming the file, and rewritten on the next
+save. ``ACCEL_ENGINE_CACHE=0`` keeps decisions in memory only; ``ACCEL_ENGINE_MEASURE=0`` never
+measures (the defaults are used and reported as such).
 
 Forcing: ``ACCEL_ENGINE="int8_linear=onednn,bsr_linear=dense"`` (or :func:`force` in code) pins
-an op's engine; an engine that cannot run the call raises a clear error rather than silently
-running something else. ``accel engines`` prints this machine's description and every decision
-with its measured times.
+an op's engine. Entries are checked against the ops and engines accel knows (:func:`known_ops`;
+:func:`register_op` adds one): an unknown op or engine raises :class:`ConfigError` at the first call
+that reads the variable. A known engine that cannot run a call raises :class:`ForcedEngineError`
+rather than silently running something else (also inside an ``auto`` layer's measurement).
+``accel engines`` prints this machine's description, the forced engines and every decision with
+its measured times.
 
 ISA: :func:`cpu_isa` is accel's view of the CPU (``avx2``, ``avx512``, ``avx512_vnni``, ``amx``);
 ``ACCEL_CPU_ISA`` caps it, and ``ONEDNN_MAX_CPU_ISA`` caps what oneDNN uses, so every
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -53,6 +59,7 @@ import random
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -78,6 +85,20 @@ MIN_ROUNDS = 5
 MAX_ROUNDS = 40
 
 ISA_LEVELS = ("default", "avx2", "avx512", "avx512_vnni", "amx")
+
+
+class ConfigError(ValueError):
+    """A bad value of one of accel's environment variables (``ACCEL_ENGINE``, ``ACCEL_CPU_ISA``, ...) or of
+    :func:`force`: raised at the first call that reads it, naming the bad entry and what is valid."""
+
+
+class ForcedEngineError(ValueError):
+    """The engine forced for an op cannot run this call. Never taken for a candidate that merely failed:
+    it propagates out of a measurement (an ``auto`` layer does not quietly run another form)."""
+
+
+class EngineCacheWarning(UserWarning):
+    """An engine cache file (or an entry of it) is malformed and was ignored; it is rewritten on the next save."""
 
 # ------------------------------------------------------------------------------------------------ environment
 #: environment variables accel reads; they are read once (as oneDNN and ATen read theirs) and again
@@ -179,7 +200,7 @@ def _env_isa_cap() -> str | None:
         return None
     env = env.lower()
     if env not in ISA_LEVELS:
-        raise ValueError(f"ACCEL_CPU_ISA must be one of {ISA_LEVELS}, got {env!r}")
+        raise ConfigError(f"ACCEL_CPU_ISA must be one of {ISA_LEVELS}, got {env!r}")
     return env
 
 
@@ -237,7 +258,7 @@ def _native_act_qmax(_gen: int) -> int:
     env = _env("ACCEL_CPU_ACT_QMAX")
     if env:
         if env not in ("63", "127"):
-            raise ValueError(f"ACCEL_CPU_ACT_QMAX must be 63 or 127, got {env!r}")
+            raise ConfigError(f"ACCEL_CPU_ACT_QMAX must be 63 or 127, got {env!r}")
         return int(env)
     return 127 if has_vnni() else 63
 
@@ -274,6 +295,63 @@ def fingerprint() -> str:
     return _fingerprint(_fingerprint_inputs())
 
 
+# ------------------------------------------------------------------------------------------------ ops
+_BSR_STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows", "mkl")  # accel.cpu.bsr.STRATEGIES
+#: every op that makes engine decisions, and every engine it may choose on some machine for some call: what
+#: ``ACCEL_ENGINE`` and :func:`force` are checked against. One table here (the op modules import this one, not
+#: the reverse); tests/test_engines.py checks it against the op names in the source and the engine names the
+#: op modules define, so it cannot drift. Code outside accel adds its own ops with :func:`register_op`.
+_OPS: dict[str, tuple[str, ...]] = {
+    "int8_linear": ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split"),  # accel.cpu.int8.LINEAR_ENGINES
+    "int8_weight_only_linear": ("panels", "int8pack"),  # accel.cpu.int8.WEIGHT_ONLY_ENGINES
+    "quant_linear_form": ("dynamic", "weight_only", "float", "float_bf16"),  # accel.ops.int8._auto_forms
+    # accel.cpu.int8.CONV_ENGINES + accel.ops.int8.FLOAT_CONV_FORMS (auto layers)
+    "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "float", "float_nchw", "float_bf16"),
+    "bsr_linear": _BSR_STRATEGIES + ("dense",),  # accel.ops.bsr_linear
+    "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense",),  # accel.ops.bsr_conv
+    "int8_bsr_linear": ("rows", "stacked", "float"),  # accel.cpu.int8_bsr.STRATEGIES
+    "replace": ("old", "new", "sparse float", "int8 dense", "int8 block-sparse"),  # accel.api (SPARSE_FORMS)
+}
+_ops_lock = threading.Lock()
+
+
+def register_op(op: str, engines: tuple[str, ...] | list[str]) -> None:
+    """Declare ``op`` and the engines it may choose, so ``ACCEL_ENGINE`` / :func:`force` may name them
+    (engines of an op already known are added to its list)."""
+    if not isinstance(op, str) or not op or "=" in op or "," in op:
+        raise ValueError(f"register_op: op must be a non-empty name without '=' or ',', got {op!r}")
+    names = tuple(engines)
+    bad = [e for e in names if not isinstance(e, str) or not e.strip() or "," in e or e != e.strip()]
+    if not names or bad:
+        raise ValueError(f"register_op({op!r}): engines must be non-empty names without ',', got {names!r}")
+    with _ops_lock:
+        old = _OPS.get(op, ())
+        _OPS[op] = old + tuple(e for e in dict.fromkeys(names) if e not in old)
+    _parse_forced.cache_clear()
+    _bump()
+
+
+def known_ops() -> dict[str, tuple[str, ...]]:
+    """Every op and the engines it may choose (what ``ACCEL_ENGINE`` may name)."""
+    with _ops_lock:
+        return dict(_OPS)
+
+
+def _hint(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_forced(op: str, engine: str, where: str) -> None:
+    """Raise :class:`ConfigError` unless ``engine`` is a known engine of a known ``op``."""
+    ops = known_ops()
+    if op not in ops:
+        raise ConfigError(f"{where}: unknown op {op!r}{_hint(op, ops)}; known ops: {', '.join(sorted(ops))}")
+    if engine not in ops[op]:
+        raise ConfigError(f"{where}: unknown engine {engine!r} for {op}{_hint(engine, ops[op])}; "
+                          f"engines of {op}: {', '.join(ops[op])}")
+
+
 # ------------------------------------------------------------------------------------------------ forcing
 _forced_local = threading.local()
 
@@ -284,28 +362,42 @@ def _env_forced() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=8)
 def _parse_forced(env: str) -> dict[str, str]:
+    """``ACCEL_ENGINE`` parsed and checked (a failure is not cached: every call that reads it raises)."""
     out = {}
     for part in filter(None, (p.strip() for p in env.split(","))):
         op, sep, name = part.partition("=")
+        op, name = op.strip(), name.strip()
         if not sep or not op or not name:
-            raise ValueError(f"ACCEL_ENGINE entries must be op=engine, got {part!r} in {env!r}")
-        out[op.strip()] = name.strip()
+            raise ConfigError(f"ACCEL_ENGINE entries must be op=engine, got {part!r} in {env!r}")
+        _check_forced(op, name, f"ACCEL_ENGINE entry {part!r}")
+        if op in out and out[op] != name:
+            raise ConfigError(f"ACCEL_ENGINE forces {op} twice ({out[op]!r} and {name!r}) in {env!r}")
+        out[op] = name
     return out
 
 
 def forced(op: str) -> str | None:
-    """The engine forced for ``op`` (by :func:`force` or ``ACCEL_ENGINE``), or None."""
+    """The engine forced for ``op`` (by :func:`force` or ``ACCEL_ENGINE``), or None.
+
+    Raises :class:`ConfigError` when ``ACCEL_ENGINE`` names an unknown op or engine."""
+    env_forced = _env_forced()  # checked on every read, even when force() overrides it
     stack = getattr(_forced_local, "stack", None)
     if stack:
         for mapping in reversed(stack):
             if op in mapping:
                 return mapping[op]
-    return _env_forced().get(op)
+    return env_forced.get(op)
 
 
 @contextlib.contextmanager
 def force(**engines: str):
-    """``with accel.engines.force(int8_linear="onednn"): ...`` pins engines in this thread."""
+    """``with accel.engines.force(int8_linear="onednn"): ...`` pins engines in this thread.
+
+    Raises :class:`ConfigError` (on entry) for an unknown op or engine, as ``ACCEL_ENGINE`` does."""
+    for op, name in engines.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"accel.engines.force({op}=...): the engine must be a name, got {name!r}")
+        _check_forced(op, name, f"accel.engines.force({op}={name!r})")
     stack = getattr(_forced_local, "stack", None)
     if stack is None:
         stack = _forced_local.stack = []
@@ -316,6 +408,15 @@ def force(**engines: str):
     finally:
         stack.pop()
         _bump()
+
+
+def check_env() -> None:
+    """Read and check every accel environment variable now (``ACCEL_ENGINE``, ``ACCEL_CPU_ISA``,
+    ``ACCEL_CPU_ACT_QMAX``): raises :class:`ConfigError` naming the bad value (the CLI calls this
+    before any work)."""
+    _env_forced()
+    cpu_isa()
+    native_act_qmax()
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -352,11 +453,49 @@ class Decision:
         return None if not t or not o else o / t
 
 
+def _short(v) -> str:
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
+
+
+_DECISION_FIELDS = {"engine": str, "measured": bool, "times_ms": dict, "rejected": dict, "rounds": int,
+                    "contended": bool, "when": str, "note": str}
+
+
+def _decision_from_json(d) -> Decision:
+    """A :class:`Decision` from its JSON form, or ValueError saying what is wrong with it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {type(d).__name__}, not an object")
+    unknown = sorted(set(d) - set(_DECISION_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}")
+    missing = [f for f in ("engine", "measured") if f not in d]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    for name, typ in _DECISION_FIELDS.items():
+        if name in d and (not isinstance(d[name], typ) or (typ is int and isinstance(d[name], bool))):
+            raise ValueError(f"{name} is {_short(d[name])}, not a {typ.__name__}")
+    if not d["engine"]:
+        raise ValueError("engine is empty")
+    if d.get("rounds", 0) < 0:
+        raise ValueError(f"rounds is {d['rounds']}")
+    times = d.get("times_ms", {})
+    for n, t in times.items():
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"times_ms[{n!r}] is {_short(t)}, not a finite time")
+    rejected = d.get("rejected", {})
+    for n, why in rejected.items():
+        if not isinstance(why, str):
+            raise ValueError(f"rejected[{n!r}] is {_short(why)}, not a string")
+    return Decision(**{**d, "times_ms": {n: float(t) for n, t in times.items()}, "rejected": dict(rejected)})
+
+
 class _Cache:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.memory: dict[str, Decision] = {}
         self.loaded_from: str | None = None
+        self._warned: set[tuple[str, str]] = set()  # (file, what is wrong with it): warned once
 
     def path(self) -> str:
         key = (generation(), torch.get_num_threads())
@@ -364,15 +503,49 @@ class _Cache:
             self._path_key, self._path = key, os.path.join(cache_dir(), f"engines-{fingerprint()}.json")
         return self._path
 
-    def _read_file(self, path: str) -> dict:
+    def _read_file(self, path: str) -> dict[str, Decision]:
+        """The well-formed decisions of the file at ``path``: a missing file is empty, a malformed one
+        (not JSON, wrong structure) is empty and a malformed entry is dropped, each with one
+        :class:`EngineCacheWarning` naming the file (the next save rewrites it well-formed)."""
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return {}
-        if not isinstance(data, dict) or data.get("machine", {}).get("engine_version") != ENGINE_VERSION:
+        except OSError:  # unreadable (a directory, no permission): as absent, the decisions live in memory
             return {}
-        return data.get("decisions", {})
+        except (ValueError, RecursionError) as e:  # truncated, garbage, not UTF-8, absurdly nested
+            self._warn(path, f"not valid JSON ({type(e).__name__}: {str(e)[:120]})")
+            return {}
+        if not isinstance(data, dict):
+            self._warn(path, f"the top level is a JSON {type(data).__name__}, not an object")
+            return {}
+        m = data.get("machine")
+        if not isinstance(m, dict) or "engine_version" not in m:
+            self._warn(path, f"'machine' is {_short(m)}, not an object with an engine_version")
+            return {}
+        if m["engine_version"] != ENGINE_VERSION:  # another accel's file: not ours to read
+            return {}
+        decs = data.get("decisions")
+        if not isinstance(decs, dict):
+            self._warn(path, f"'decisions' is {_short(decs)}, not an object")
+            return {}
+        out, bad = {}, []
+        for key, d in decs.items():
+            try:
+                out[key] = _decision_from_json(d)
+            except ValueError as e:
+                bad.append(f"{key!r}: {e}")
+        if bad:
+            self._warn(path, f"{len(bad)} malformed decision(s) dropped, e.g. {bad[0]}")
+        return out
+
+    def _warn(self, path: str, why: str) -> None:
+        if (path, why) in self._warned:  # the load and the next save read the same file: one warning
+            return
+        self._warned.add((path, why))
+        warnings.warn(f"accel: ignoring malformed engine cache {path}: {why}; it is rewritten on the next save",
+                      EngineCacheWarning, stacklevel=2)
 
     def _load(self) -> None:
         path = self.path()
@@ -382,11 +555,7 @@ class _Cache:
         _bump()
         if not _disk_enabled():
             return
-        for key, d in self._read_file(path).items():
-            try:
-                dec = Decision(**d)
-            except TypeError:
-                continue
+        for key, dec in self._read_file(path).items():
             if not dec.contended:  # measured on a busy machine: measure again in this process
                 self.memory.setdefault(key, dec)
 
@@ -410,7 +579,7 @@ class _Cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".lock", "w") as lockf:
             fcntl.flock(lockf, fcntl.LOCK_EX)
-            decisions = self._read_file(path)
+            decisions = {k: asdict(d) for k, d in self._read_file(path).items()}  # malformed entries dropped
             decisions[key] = asdict(dec)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engines-", suffix=".json")
             with os.fdopen(fd, "w") as f:
@@ -509,6 +678,8 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
                 out = fn()
                 _sync(device)
                 first[name] = time.perf_counter() - t0
+            except (ForcedEngineError, ConfigError):  # the user's setting, not this candidate's failure: say so
+                raise
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run this call is not chosen
                 rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 continue
@@ -590,7 +761,8 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
     engine names to zero-argument callables running the real call. ``default`` is used when
     measuring is off or impossible (inside ``torch.compile`` tracing) and is the incumbent of a
     measurement. ``allowed`` lists every engine name that could be valid for this call, to
-    validate a forced engine.
+    validate a forced engine: one outside it raises :class:`ForcedEngineError` (which a measurement
+    enclosing this call lets through). A bad ``ACCEL_ENGINE`` raises :class:`ConfigError`.
     """
     keys = getattr(_last, "keys", None)
     if keys is None:
@@ -599,7 +771,7 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
     pinned = forced(op)
     if pinned is not None:
         if allowed is not None and pinned not in allowed:
-            raise ValueError(f"engine {pinned!r} forced for {op} cannot run this call ({key}); "
+            raise ForcedEngineError(f"engine {pinned!r} forced for {op} cannot run this call ({key}); "
                              f"engines for it: {sorted(allowed)}")
         return pinned
     dec = _CACHE.get(key)
@@ -653,6 +825,9 @@ def report() -> str:
              f"flags       {' '.join(m['cpu_flags'])}",
              f"cache       {_CACHE.path() if _disk_enabled() else '(disk cache off)'}",
              f"act qmax    {native_act_qmax()} (CPU int8 activations)"]
+    pinned = _env_forced()
+    if pinned:
+        lines.append(f"forced      {', '.join(f'{op}={e}' for op, e in sorted(pinned.items()))} (ACCEL_ENGINE)")
     decs = _CACHE.all()
     if not decs:
         lines.append("no decisions yet: they are measured on first use (or run `accel engines --measure`)")
@@ -662,8 +837,8 @@ def report() -> str:
     lines.append(f"{'op / key':<{width}}  {'engine':<14} times (ms, min over rounds) and rejections")
     for key in sorted(decs):
         d = decs[key]
-        times = "  ".join(f"{n} {t:.3f}" + (f" ({t / d.times_ms[d.engine]:.2f}x)" if d.engine in d.times_ms and
-                                            n != d.engine else "")
+        t_eng = d.times_ms.get(d.engine)
+        times = "  ".join(f"{n} {t:.3f}" + (f" ({t / t_eng:.2f}x)" if t_eng and n != d.engine else "")
                           for n, t in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
         rej = "; ".join(f"{n}: {why}" for n, why in d.rejected.items())
         flag = " [contended]" if d.contended else ""

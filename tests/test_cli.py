@@ -76,6 +76,19 @@ BAD = [
     (["--data", "tests.cli_fixtures:one_loader"], "must return (train_loader, test_loader)"),
     (["--pretrained", "/no/such/file.pt"], "no such file"),
     (["--out", "/proc/accel-cannot-write-here"], "is not writable"),
+    # non-finite floats: --lr inf trained fully and then died with a traceback; inf passed "> 0"
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr=-inf"], "--lr must be a finite number, got -inf"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--budget", "inf"], "--budget must be a finite number, got inf"),
+    (["--budget", "nan"], "--budget must be a finite number, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--temperature", "NaN"], "--temperature must be a finite number, got nan"),
+    (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    (["--sparsity", "nan"], "--sparsity must be a finite number, got nan"),
+    (["--min-density", "inf"], "--min-density must be a finite number, got inf"),
+    (["--channel-ratio", "nan"], "--channel-ratio must be a finite number, got nan"),
 ]
 
 
@@ -101,3 +114,36 @@ def test_garbage_pretrained_file(tmp_path, capsys):
     torch.save({"wrong": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit):
         main(["compress", "--out", str(tmp_path / "o"), "--pretrained", str(tmp_path / "other.pt"), "--no-progress"])
+
+
+@pytest.mark.parametrize("cmd", ["compress", "engines"])
+def test_bad_accel_environment_is_a_user_error(cmd, tmp_path, capsys, monkeypatch, accel_env):
+    """A typo in ACCEL_ENGINE fails in one line before training (it was silently ignored)."""
+    import accel.distill
+
+    monkeypatch.setattr(accel.distill, "train", lambda *a, **k: pytest.fail("training started"))
+    accel_env(ACCEL_ENGINE="int8_linaer=fbgemm")
+    argv = ["compress", "--out", str(tmp_path / "o"), "--no-progress"] if cmd == "compress" else ["engines"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"accel {cmd}: error: ACCEL_ENGINE entry 'int8_linaer=fbgemm': unknown op 'int8_linaer'")
+    assert "did you mean 'int8_linear'" in err and len(err.splitlines()) == 1, err
+    accel_env(ACCEL_ENGINE="int8_linear=nope")
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "unknown engine 'nope' for int8_linear; engines of int8_linear: fbgemm" in err
+
+
+def test_diverging_training_is_a_user_error(tmp_path, capsys):
+    """A finite but far too large --lr blows the weights up to NaN/inf: one line, exit 2, not a traceback from
+    the quantization that follows."""
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--out", str(tmp_path / "o"), "--model", "tests.cli_fixtures:tiny_model", "--data",
+              "tests.cli_fixtures:tiny_data", "--epochs", "1", "--kd-epochs", "1", "--qat-epochs", "0", "--block", "16",
+              "--batches", "2", "--budget", "0.1", "--no-progress", "--lr", "1e30"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "diverged at learning rate 1e+30" in err and "try a smaller --lr" in err and len(err.splitlines()) == 1, err

@@ -115,7 +115,17 @@ def test_concurrent_processes_merge_their_decisions(cache):
                                                              for j in range(5)}
 
 
-def test_force_by_context_and_env(accel_env):
+@pytest.fixture
+def toy_ops(monkeypatch):
+    """Ops "toy" (engines a, b, c) and "other" (x) known for the test (``engines.register_op``), forgotten after."""
+    monkeypatch.setattr(engines, "_OPS", dict(engines._OPS))
+    engines.register_op("toy", ("a", "b", "c"))
+    engines.register_op("other", ["x"])
+    yield
+    engines._parse_forced.cache_clear()
+
+
+def test_force_by_context_and_env(accel_env, toy_ops):
     key = engines.make_key("toy", n=5)
     with engines.force(toy="b"):
         assert engines.choose("toy", key, lambda: 1 / 0, default="a", allowed=("a", "b")) == "b"

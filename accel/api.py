@@ -10,7 +10,8 @@ on one machine is decided again on the next, and identical layers share one deci
 
 With ``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs, or
 ``(args, kwargs)``) they run the model to capture each layer's real input, make those decisions
-now for each batch size in ``batch_sizes``, and report them per layer and batch.
+now for each batch size in ``batch_sizes``, and report them per layer and batch; then they run the
+converted model once per batch size and undo the conversion (raising) if it fails.
 """
 
 from __future__ import annotations
@@ -124,11 +125,12 @@ def _alias_map(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def replace_modules(model: nn.Module, news: dict[str, nn.Module]) -> None:
+def replace_modules(model: nn.Module, news: dict[str, nn.Module], aliases: dict[int, list[str]] | None = None) -> None:
     """Put each ``news[name]`` where the submodule ``name`` (dotted path) of ``model`` is, and at every other
     name that same module object is registered under (``model.a = model.b = layer``, a shared block), so
-    sharing is kept. Every name is resolved before anything is replaced."""
-    aliases = _alias_map(model)
+    sharing is kept. Every name is resolved before anything is replaced. ``aliases``: :func:`_alias_map` of
+    ``model``, when the caller has it (valid while the modules it names are in place)."""
+    aliases = _alias_map(model) if aliases is None else aliases
     targets = []
     for name, new in news.items():
         old = model.get_submodule(name)
@@ -338,7 +340,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     (``scope="sensitivity"`` needs ``example_inputs``). Layers are ``config.mode`` ("auto": sparse or
     densified per batch bucket, decided on the running machine). With ``example_inputs`` (and
     ``config.measure``) each layer runs at its real input(s) now and the rows report the decision
-    and the sparse layer's speed against the dense one.
+    and the sparse layer's speed against the dense one. Which layers count, the converted-model check
+    and ``batch_sizes``: see :func:`quantize_`.
     """
     config = config or SparsityConfig()
     _check_batching(example_inputs, config.batch_sizes, "sparsify_")
@@ -404,7 +407,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
         if not measured:
             layer_rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
         rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
-        replace_module(model, name, new)
+        replace_modules(model, {name: new}, aliases)
         replaced[name] = lin
     _check_converted(model, "sparsify_", replaced, _calls(per_batch, example_inputs))
     return rows
@@ -436,6 +439,22 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     (default) decide per batch bucket on the running machine between int8 and the dequantized float
     weight; with ``example_inputs`` (and ``config.measure``) those decisions are made now, at each
     layer's real input, and reported with the int8 layer's speed against the float one.
+
+    Layers: Hugging Face ``Conv1D`` (GPT-2) counts as the Linear it is (weight transposed). A layer whose
+    weight is computed (``torch.nn.utils.parametrize`` / ``parametrizations.weight_norm``, old-style
+    ``weight_norm`` / ``spectral_norm`` hooks) is converted from the weight it computes now; the
+    parametrization is not kept, and its row says so. A module registered under several names is
+    converted once and the one new layer put under every name (sharing kept), reported once.
+    Static mode: ``act_scales`` (from ``accel.calibrate``) make their layers static; with
+    ``linear_mode`` / ``conv_mode`` "static", a layer ``act_scales`` leaves out (calibrate leaves out the
+    layers that saw no input or only zeros) runs dynamic int8, with a warning and a note in its row.
+
+    With ``example_inputs`` the converted model runs once on them (per batch size of ``batch_sizes``,
+    on the inputs already used to measure): if it raises, every replaced layer is put back, so the
+    model is exactly as before, and a RuntimeError names the replacements and the error.
+    ``batch_sizes`` resizes dim 0 of the inputs whose dim 0 is the batch size (inputs are taken
+    batch-first; ``accel.inputs.at_batch``); when the inputs disagree on it, a ValueError naming their
+    shapes is raised before anything changes.
     """
     config = config or QuantConfig()
     _check_act_scales(config.act_scales)
@@ -499,7 +518,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
         if isinstance(new, SparseQuantLinear):
             chosen, layer_rows = _sparse_form(name, m, new, [(b, x) for b, _, _, x in per_batch], config)
             if chosen is not m:
-                replace_module(model, name, chosen)
+                replace_modules(model, {name: chosen}, aliases)
                 replaced[name] = m
             rows += _with_note(layer_rows, note)
             continue
@@ -521,7 +540,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             for r in layer_rows:
                 r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"
         else:
-            replace_module(model, name, new)
+            replace_modules(model, {name: new}, aliases)
             replaced[name] = m
         rows += _with_note(layer_rows, note)
     _check_converted(model, "quantize_", replaced, _calls(per_batch, example_inputs))

@@ -9,6 +9,12 @@ A block mask keeps whole tiles, so a pruned Linear (Conv2d) converts to ``Sparse
 (rows); in BSR form a fully pruned group of ``block`` rows is an empty block row the kernels skip.
 
 Masks are dicts ``{module name: bool tensor}``: ``[nbr, nbc]`` block masks or ``[out]`` channel masks.
+
+Hugging Face ``Conv1D`` (GPT-2; weight ``[in, out]``) is pruned as the Linear it is: its blocks are cut from
+the ``[out, in]`` matrix, as ``SparseLinear`` stores it. Layers whose weight is computed (parametrized,
+e.g. ``parametrizations.weight_norm``, or old-style ``weight_norm`` / ``spectral_norm`` hooks) are read
+(masks, ``sensitivity_scan``) but not written: ``prune_`` / ``apply_masks_`` / ``GradualPruner`` refuse
+them with a ValueError naming them, since zeros written into a computed weight do not stick.
 """
 
 from __future__ import annotations

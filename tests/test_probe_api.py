@@ -233,7 +233,7 @@ def test_calibrate_leaves_out_layers_that_saw_nothing_and_static_quantize_works(
     torch.manual_seed(0)
     model = AuxHead().eval()
     x = torch.randn(8, 16)
-    with pytest.warns(UserWarning, match=r"aux_head \(no input\).*|dead \(only zeros\)"):
+    with pytest.warns(UserWarning, match=r"dead \(only zeros\), aux_head \(no input\)"):
         scales = calibrate(model, [x], qmax=127)
     assert set(scales) == {"a"} and scales["a"] > 0
     ref = model(x)

@@ -10,23 +10,30 @@ on one machine is decided again on the next, and identical layers share one deci
 
 With ``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs, or
 ``(args, kwargs)``) they run the model to capture each layer's real input, make those decisions
-now for each batch size in ``batch_sizes``, and report them per layer and batch.
+now for each batch size in ``batch_sizes``, and report them per layer and batch; then they run the
+converted model once per batch size and undo the conversion (raising) if it fails.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from . import engines
-from .inputs import as_call, at_batch, batch_size_of
+from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
-from .prune import block_masks
+from .prune import as_linear, as_plain, base_kind, block_masks, is_conv1d, weight_source
+
+__all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
+           "linearize_kept_dense_", "load", "quantize_", "replace_module", "replace_modules", "save", "sparsify_"]
 from .shrink import layer_shapes, resize_
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -95,6 +102,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.conv_mode must be one of {QuantConv2d.MODES}, got {self.conv_mode!r}")
         if self.act_qmax not in (None, 63, 127):
             raise ValueError(f"QuantConfig.act_qmax must be None, 63 or 127, got {self.act_qmax!r}")
+        _check_act_scales(self.act_scales)
         _check_batch_sizes(self.batch_sizes)
 
 
@@ -109,27 +117,51 @@ def _check_batch_sizes(b) -> None:
         raise ValueError(f"batch_sizes must be a non-empty tuple of ints >= 1, got {b!r}")
 
 
-def as_linear(m: nn.Module) -> nn.Linear | None:
-    """``m`` as an ``nn.Linear`` (itself), or the equivalent Linear of a Hugging Face ``Conv1D`` (GPT-2's
-    projections: weight ``[in, out]``, ``y = x @ W + b``); None for anything else."""
-    if type(m) is nn.Linear:
-        return m
-    if type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and \
-            m.weight.dim() == 2:
-        lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None, device=m.weight.device,
-                        dtype=m.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(m.weight.t())
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        return lin
-    return None
+def _alias_map(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each submodule is registered under (a module assigned to two attributes has two)."""
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
+
+
+def replace_modules(model: nn.Module, news: dict[str, nn.Module], aliases: dict[int, list[str]] | None = None) -> None:
+    """Put each ``news[name]`` where the submodule ``name`` (dotted path) of ``model`` is, and at every other
+    name that same module object is registered under (``model.a = model.b = layer``, a shared block), so
+    sharing is kept. Every name is resolved before anything is replaced. ``aliases``: :func:`_alias_map` of
+    ``model``, when the caller has it (valid while the modules it names are in place)."""
+    aliases = _alias_map(model) if aliases is None else aliases
+    targets = []
+    for name, new in news.items():
+        old = model.get_submodule(name)
+        targets += [(n, new) for n in aliases.get(id(old), [name]) if n]
+    for n, new in targets:
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is, and under every other name of
+    that module (:func:`replace_modules`)."""
+    replace_modules(model, {name: new})
+
+
+def _origin_note(m: nn.Module, name: str, aliases: dict[int, list[str]]) -> str:
+    """What a report row adds about a layer converted from a computed weight or registered under several names."""
+    notes = []
+    if (src := weight_source(m)) is not None:
+        notes.append(f"converted from its computed weight ({src}; the parametrization is not kept)")
+    others = [n for n in aliases.get(id(m), []) if n != name]
+    if others:
+        notes.append(f"shared module, also at {', '.join(others)} (all replaced by the same layer)")
+    return "; ".join(notes)
+
+
+def _with_note(rows: list[dict], note: str) -> list[dict]:
+    if note:
+        for r in rows:
+            r["reason"] = f"{r['reason']}; {note}" if r["reason"] else note
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -190,12 +222,82 @@ def _row(name, module, x, decision, reason="", timing=None, batch=None):
     return row
 
 
-def _inputs_per_batch(model, names, example_inputs, batch_sizes) -> list[tuple[int | None, dict]]:
+def _inputs_per_batch(model, names, example_inputs, batch_sizes, what: str) -> list[tuple[int | None, tuple, dict, dict]]:
+    """``(batch, args, kwargs, {layer: its input})`` per batch size (the inputs as given when ``batch_sizes`` is None)."""
     if example_inputs is None:
         return []
     if batch_sizes is None:
-        return [(batch_size_of(example_inputs), capture_inputs(model, names, example_inputs))]
-    return [(b, capture_inputs(model, names, at_batch(example_inputs, b))) for b in batch_sizes]
+        args, kwargs = as_call(example_inputs)
+        return [(batch_size_of(example_inputs), args, kwargs, capture_inputs(model, names, example_inputs))]
+    out = []
+    for b in batch_sizes:
+        args, kwargs = at_batch(example_inputs, b)
+        try:
+            captured = capture_inputs(model, names, (args, kwargs))
+        except Exception as e:  # noqa: BLE001 - the model's own error, reported with what accel changed
+            raise RuntimeError(f"{what}: the model fails on example_inputs resized to batch size {b} for batch_sizes "
+                               f"(inputs: {resized_inputs(example_inputs, b)}); nothing was changed. The model's error: "
+                               f"{type(e).__name__}: {e}") from e
+        out.append((b, args, kwargs, captured))
+    return out
+
+
+def _check_batching(example_inputs, batch_sizes, what: str) -> None:
+    """batch_sizes needs one batch size in example_inputs: checked before anything is measured or changed."""
+    if example_inputs is not None and batch_sizes is not None:
+        try:
+            detect_batch_size(example_inputs)
+        except ValueError as e:
+            raise ValueError(f"{what}: batch_sizes={tuple(batch_sizes)}: {e}") from None
+
+
+@torch.no_grad()
+def _check_converted(model: nn.Module, what: str, replaced: dict[str, nn.Module], calls: list[tuple]) -> None:
+    """Run the converted model once per call (batch size); if it raises, put every original layer back (the
+    model exactly as before) and raise a RuntimeError naming the replacements and the error."""
+    if not replaced or not calls:
+        return
+    was_training = model.training
+    model.eval()
+    failure = None
+    try:
+        for batch, args, kwargs in calls:
+            try:
+                model(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any error of the converted model is reported and undone
+                failure = (batch, e)
+                break
+    finally:
+        model.train(was_training)
+    if failure is None:
+        return
+    batch, err = failure
+    kinds = Counter(f"{type(old).__name__} -> {type(model.get_submodule(n)).__name__}" for n, old in replaced.items())
+    replace_modules(model, replaced)
+    before = None
+    model.eval()
+    try:
+        model(*calls[0][1], **calls[0][2])
+    except Exception as e:  # noqa: BLE001
+        before = e
+    finally:
+        model.train(was_training)
+    changed = ", ".join(f"{k} (x{c})" for k, c in sorted(kinds.items()))
+    at = f" at batch size {batch}" if batch is not None else ""
+    if before is not None:
+        raise RuntimeError(f"{what}: the model fails on example_inputs{at}, also before conversion "
+                           f"({type(before).__name__}: {before}); the model is restored as it was") from err
+    raise RuntimeError(f"{what}: the converted model fails on example_inputs{at}, so no layer was converted (the model "
+                       f"is restored exactly as it was). Replacements tried: {changed}. The error: "
+                       f"{type(err).__name__}: {err}") from err
+
+
+def _calls(per_batch, example_inputs) -> list[tuple]:
+    if per_batch:
+        return [(b, args, kwargs) for b, args, kwargs, _ in per_batch]
+    if example_inputs is None:
+        return []
+    return [(batch_size_of(example_inputs), *as_call(example_inputs))]
 
 
 def _decision_of(new: nn.Module, x: torch.Tensor) -> str:
@@ -238,16 +340,18 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     (``scope="sensitivity"`` needs ``example_inputs``). Layers are ``config.mode`` ("auto": sparse or
     densified per batch bucket, decided on the running machine). With ``example_inputs`` (and
     ``config.measure``) each layer runs at its real input(s) now and the rows report the decision
-    and the sparse layer's speed against the dense one.
+    and the sparse layer's speed against the dense one. Which layers count, the converted-model check
+    and ``batch_sizes``: see :func:`quantize_`.
     """
     config = config or SparsityConfig()
+    _check_batching(example_inputs, config.batch_sizes, "sparsify_")
 
     rows = []
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
-    selected = {n for n, m in model.named_modules() if type(m) in kinds and (filter_fn is None or filter_fn(m, n))}
+    selected = {n for n, m in model.named_modules() if base_kind(m) in kinds and (filter_fn is None or filter_fn(m, n))}
     for n in sorted(selected):  # convs SparseConv2d cannot serve are not pruned: they stay dense, reported
         m = model.get_submodule(n)
-        if type(m) is nn.Conv2d and (why := SparseConv2d.unsupported_reason(m)) is not None:
+        if base_kind(m) is nn.Conv2d and (why := SparseConv2d.unsupported_reason(m)) is not None:
             selected.discard(n)
             rows.append(_row(n, m, None, "dense", f"not converted: {why}"))
 
@@ -257,26 +361,40 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
         masks = block_masks(model, config.sparsity, config.block, config.norm, config.scope,
                             lambda m, n: n in selected, min_density=config.min_density,
                             max_density=config.max_density, example_inputs=example_inputs)
-    modules = dict(model.named_modules())
-    news = {}
-    for name, mask in masks.items():  # every conversion checked before the model changes
-        m = modules.get(name)
-        if type(m) is nn.Linear:
-            news[name] = SparseLinear.from_dense(m, mask=mask, block=config.block, mode=config.mode)
-        elif type(m) is nn.Conv2d:
+    aliases = _alias_map(model)
+    every = dict(model.named_modules(remove_duplicate=False))
+    modules, news, by_id = {}, {}, {}
+    for given, mask in masks.items():  # every conversion checked before the model changes
+        m = every.get(given)
+        kind = base_kind(m) if m is not None else None
+        if kind not in (nn.Linear, nn.Conv2d):
+            what = "no such module" if m is None else f"which is {type(m).__name__}"
+            raise ValueError(f"sparsify_: mask for {given!r}, {what}, not nn.Linear / Conv1D / nn.Conv2d")
+        name = aliases[id(m)][0]  # a shared module: one conversion, under its first name
+        if id(m) in by_id:
+            first, first_mask = by_id[id(m)]
+            if not torch.equal(torch.as_tensor(first_mask).cpu(), torch.as_tensor(mask).cpu()):
+                raise ValueError(f"sparsify_: masks {first!r} and {given!r} name the same (shared) module with "
+                                 f"different masks")
+            continue
+        by_id[id(m)] = (given, mask)
+        if kind is nn.Linear:
+            new = SparseLinear.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+        else:
             why = SparseConv2d.unsupported_reason(m)
             if why is not None:
                 if name not in {r["layer"] for r in rows}:
                     rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
                 continue
-            news[name] = SparseConv2d.from_dense(m, mask=mask, block=config.block, mode=config.mode)
-        else:
-            raise ValueError(f"sparsify_: mask for {name!r}, which is {type(m).__name__}, not nn.Linear / nn.Conv2d")
-    per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes) if config.measure else []
+            new = SparseConv2d.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+        modules[name], news[name] = m, new
+    per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes, "sparsify_") \
+        if config.measure else []
+    replaced = {}
     for name, new in news.items():
         lin = modules[name]
-        measured = False
-        for batch, inputs in per_batch:
+        measured, layer_rows = False, []
+        for batch, _, _, inputs in per_batch:
             x = inputs.get(name)
             if x is None:
                 continue
@@ -284,11 +402,14 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
             with torch.no_grad():
                 new(x)  # makes (and caches) this machine's decision for this shape and bucket
             timing = _measure(lin, new, x, config.budget_s)
-            rows.append(_row(name, lin, x, _decision_of(new, x), f"density {new.density:.3f}; {timing[2]:.2f}x dense",
-                             timing, batch))
+            layer_rows.append(_row(name, lin, x, _decision_of(new, x),
+                                   f"density {new.density:.3f}; {timing[2]:.2f}x dense", timing, batch))
         if not measured:
-            rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
-        replace_module(model, name, new)
+            layer_rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
+        rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
+        replace_modules(model, {name: new}, aliases)
+        replaced[name] = lin
+    _check_converted(model, "sparsify_", replaced, _calls(per_batch, example_inputs))
     return rows
 
 
@@ -318,51 +439,91 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     (default) decide per batch bucket on the running machine between int8 and the dequantized float
     weight; with ``example_inputs`` (and ``config.measure``) those decisions are made now, at each
     layer's real input, and reported with the int8 layer's speed against the float one.
+
+    Layers: Hugging Face ``Conv1D`` (GPT-2) counts as the Linear it is (weight transposed). A layer whose
+    weight is computed (``torch.nn.utils.parametrize`` / ``parametrizations.weight_norm``, old-style
+    ``weight_norm`` / ``spectral_norm`` hooks) is converted from the weight it computes now; the
+    parametrization is not kept, and its row says so. A module registered under several names is
+    converted once and the one new layer put under every name (sharing kept), reported once.
+    Static mode: ``act_scales`` (from ``accel.calibrate``) make their layers static; with
+    ``linear_mode`` / ``conv_mode`` "static", a layer ``act_scales`` leaves out (calibrate leaves out the
+    layers that saw no input or only zeros) runs dynamic int8, with a warning and a note in its row.
+
+    With ``example_inputs`` the converted model runs once on them (per batch size of ``batch_sizes``,
+    on the inputs already used to measure): if it raises, every replaced layer is put back, so the
+    model is exactly as before, and a RuntimeError names the replacements and the error.
+    ``batch_sizes`` resizes dim 0 of the inputs whose dim 0 is the batch size (inputs are taken
+    batch-first; ``accel.inputs.at_batch``); when the inputs disagree on it, a ValueError naming their
+    shapes is raised before anything changes.
     """
     config = config or QuantConfig()
-    kinds = (nn.Conv2d,) + ((nn.Embedding,) if config.embeddings else ())
+    _check_act_scales(config.act_scales)
+    _check_batching(example_inputs, config.batch_sizes, "quantize_")
+    kinds = (nn.Linear, nn.Conv2d) + ((nn.Embedding,) if config.embeddings else ())
     candidates = {name: m for name, m in model.named_modules()
-                  if (type(m) in kinds or as_linear(m) is not None or _is_sparse(m)) and
-                  (filter_fn is None or filter_fn(m, name))}
-    rows, news = [], {}
+                  if (base_kind(m) in kinds or _is_sparse(m)) and (filter_fn is None or filter_fn(m, name))}
+    aliases = _alias_map(model)
+    rows, news, no_scale = [], {}, []
+
+    def mode_of(name: str, configured: str, scale) -> str:
+        if scale is not None:
+            return "static"
+        if configured != "static":
+            return configured
+        if not config.act_scales:
+            raise ValueError(f"mode 'static' needs act_scales[{name!r}] (accel.calibrate); none were given")
+        no_scale.append(name)  # calibrate leaves out layers that saw no input / only zeros: dynamic int8 for them
+        return "dynamic"
+
     for name, m in candidates.items():  # build every replacement before the model changes
         scale = config.act_scales.get(name)
-        if isinstance(m, nn.Embedding):
-            if m.max_norm is not None or m.sparse:
-                rows.append(_row(name, m, None, "float", "max_norm / sparse embedding"))
-                continue
-            news[name] = QuantEmbedding.from_float(m)
-        elif isinstance(m, nn.Conv2d):
-            reason = QuantConv2d.unsupported_reason(m)
-            if reason is not None:
-                rows.append(_row(name, m, None, "float", reason))
-                continue
-            mode = "static" if scale is not None else config.conv_mode
-            if mode == "static" and scale is None:
-                raise ValueError(f"quantize_: conv_mode 'static' needs act_scales[{name!r}] (accel.calibrate)")
-            news[name] = QuantConv2d.from_float(m, mode, act_scale=scale, act_qmax=config.act_qmax)
-        elif isinstance(m, SparseLinear):  # int8 block-sparse: activations quantized per token at run time
-            if scale is not None or config.linear_mode not in ("auto", "dynamic"):
-                why = "a static activation scale" if scale is not None else f"linear_mode {config.linear_mode!r}"
-                rows.append(_row(name, m, None, "sparse float", f"the int8 block-sparse layer is dynamic only ({why})"))
-                continue
-            news[name] = SparseQuantLinear.from_sparse(m, act_qmax=config.act_qmax)
-        else:
-            mode = "static" if scale is not None else config.linear_mode
-            if mode == "static" and scale is None:
-                raise ValueError(f"quantize_: linear_mode 'static' needs act_scales[{name!r}] (accel.calibrate)")
-            news[name] = QuantLinear.from_float(as_linear(m), mode, act_scale=scale, act_qmax=config.act_qmax)
-    per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes) if config.measure else []
+        kind = base_kind(m)
+        try:
+            if kind is nn.Embedding:
+                if m.max_norm is not None or m.sparse:
+                    rows.append(_row(name, m, None, "float", "max_norm / sparse embedding"))
+                    continue
+                news[name] = QuantEmbedding.from_float(as_plain(m))
+            elif kind is nn.Conv2d:
+                reason = QuantConv2d.unsupported_reason(m)
+                if reason is not None:
+                    rows.append(_row(name, m, None, "float", reason))
+                    continue
+                news[name] = QuantConv2d.from_float(as_plain(m), mode_of(name, config.conv_mode, scale), act_scale=scale,
+                                                    act_qmax=config.act_qmax)
+            elif isinstance(m, SparseLinear):  # int8 block-sparse: activations quantized per token at run time
+                if scale is not None or config.linear_mode not in ("auto", "dynamic"):
+                    why = "a static activation scale" if scale is not None else f"linear_mode {config.linear_mode!r}"
+                    rows.append(_row(name, m, None, "sparse float",
+                                     f"the int8 block-sparse layer is dynamic only ({why})"))
+                    continue
+                news[name] = SparseQuantLinear.from_sparse(m, act_qmax=config.act_qmax)
+            else:
+                news[name] = QuantLinear.from_float(as_linear(m), mode_of(name, config.linear_mode, scale),
+                                                    act_scale=scale, act_qmax=config.act_qmax)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"quantize_: layer {name!r} ({type(m).__name__}): {e}") from e
+    if no_scale:
+        warnings.warn(f"quantize_: static mode, but act_scales has no scale for {len(no_scale)} layer(s), which run "
+                      f"dynamic int8 instead: {', '.join(no_scale)} (accel.calibrate leaves out layers that saw no "
+                      f"input or only zeros)", stacklevel=2)
+    per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes, "quantize_") \
+        if config.measure else []
+    replaced = {}
     for name, new in news.items():
         m = candidates[name]
+        note = _origin_note(m, name, aliases)
+        if name in no_scale:
+            note = "no act_scale (calibrate saw no input for it): dynamic" + (f"; {note}" if note else "")
         if isinstance(new, SparseQuantLinear):
-            chosen, layer_rows = _sparse_form(name, m, new, per_batch, config)
+            chosen, layer_rows = _sparse_form(name, m, new, [(b, x) for b, _, _, x in per_batch], config)
             if chosen is not m:
-                replace_module(model, name, chosen)
-            rows += layer_rows
+                replace_modules(model, {name: chosen}, aliases)
+                replaced[name] = m
+            rows += _with_note(layer_rows, note)
             continue
         measured, layer_rows = False, []
-        for batch, inputs in per_batch:
+        for batch, _, _, inputs in per_batch:
             x = inputs.get(name)
             if x is None or isinstance(new, QuantEmbedding):
                 continue
@@ -372,16 +533,34 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             timing = _measure(m, new, x, config.budget_s)
             layer_rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
         if not measured:
-            note = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
-            layer_rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", note))
+            why = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
+            layer_rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", why))
         keep = config.keep_float and measured and all(r.get("speedup", 1.0) < 1.0 for r in layer_rows)
         if keep:  # slower than the float layer at every batch size measured: the original stays (and is exact)
             for r in layer_rows:
                 r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"
         else:
-            replace_module(model, name, new)
-        rows += layer_rows
+            replace_modules(model, {name: new}, aliases)
+            replaced[name] = m
+        rows += _with_note(layer_rows, note)
+    _check_converted(model, "quantize_", replaced, _calls(per_batch, example_inputs))
     return rows
+
+
+def _check_act_scales(scales) -> None:
+    """Every act_scale one finite positive number, checked (naming the layer) before anything changes."""
+    if not isinstance(scales, Mapping):
+        raise TypeError(f"QuantConfig.act_scales must be a dict {{layer name: scale}}, got {type(scales).__name__}")
+    for name, v in scales.items():
+        try:
+            t = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+            ok = not isinstance(v, bool) and t.numel() == 1 and math.isfinite(t.item()) and t.item() > 0
+        except (TypeError, ValueError, RuntimeError):
+            t, ok = None, False
+        if not ok:
+            hint = " (a layer that saw no input or only zeros gets 0: leave it out, as accel.calibrate does)" \
+                if t is not None and t.numel() == 1 and t.item() == 0 else ""
+            raise ValueError(f"QuantConfig.act_scales[{name!r}] must be one finite positive number, got {v!r}{hint}")
 
 
 def _is_sparse(m: nn.Module) -> bool:
@@ -489,8 +668,9 @@ def _compatible(desc: dict, target: nn.Module | None) -> str | None:
     if target is None:
         return "no such module in the model"
     if kind in ("SparseLinear", "QuantLinear", "SparseQuantLinear"):
-        ok = isinstance(target, (nn.Linear, SparseLinear, QuantLinear, SparseQuantLinear))
-        shape = (getattr(target, "in_features", None), getattr(target, "out_features", None))
+        ok = isinstance(target, (nn.Linear, SparseLinear, QuantLinear, SparseQuantLinear)) or is_conv1d(target)
+        shape = tuple(target.weight.shape) if is_conv1d(target) else \
+            (getattr(target, "in_features", None), getattr(target, "out_features", None))  # Conv1D: weight [in, out]
         want = (desc.get("in_features"), desc.get("out_features"))
         if not ok:
             return f"the file has a {kind} there, the model has {type(target).__name__}"
@@ -564,7 +744,8 @@ def save(model: nn.Module, path: str) -> None:
     sd = model.state_dict()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
     extra = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-    layers = {name: _describe(m) for name, m in model.named_modules() if isinstance(m, ACCEL_TYPES)}
+    layers = {name: _describe(m) for name, m in model.named_modules(remove_duplicate=False)  # every alias, as the
+              if isinstance(m, ACCEL_TYPES)}                                                # state dict has them
     meta = {"layers": layers, "extra_state": extra, "shapes": layer_shapes(model)}
     save_file(tensors, path, metadata={"accel": json.dumps(meta)})
 
@@ -606,7 +787,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
         resized = resize_(trial, want)  # channels removed by shrink_
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"accel.load: {path} does not fit this model (channel counts): {e}") from None
-    modules = dict(trial.named_modules())
+    modules = dict(trial.named_modules(remove_duplicate=False))
     problems = [f"{name}: {why}" for name, desc in layers.items()
                 if (why := _compatible(desc if isinstance(desc, dict) else {}, modules.get(name))) is not None]
     if problems:
@@ -616,15 +797,24 @@ def load(model: nn.Module, path: str) -> nn.Module:
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"accel.load: cannot read the tensors of {path} ({type(e).__name__}: {e})") from None
     sd.update(extra_state)
+    built: dict[int, tuple[str, dict, nn.Module]] = {}  # a module shared by several names is built once
+    news = {}
     for name, desc in layers.items():
-        replace_module(trial, name, _build(desc, trial.get_submodule(name)))
+        target = modules[name]
+        if id(target) not in built:
+            built[id(target)] = (name, desc, _build(desc, target))
+        first, first_desc, new = built[id(target)]
+        if first_desc != desc:
+            raise ValueError(f"accel.load: {path} does not fit this model: {first!r} and {name!r} are one shared module "
+                             f"here, but the file has different layers there ({first_desc} / {desc})")
+        news[name] = new
+    replace_modules(trial, news)
     try:
         trial.load_state_dict(sd, strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"accel.load: {path} does not load into this model: {e}") from None
     # success: move the rebuilt layers and the loaded state into the caller's model
-    for name in list(resized) + list(layers):
-        replace_module(model, name, trial.get_submodule(name))
+    replace_modules(model, {name: trial.get_submodule(name) for name in list(resized) + list(layers)})
     model.load_state_dict(trial.state_dict(), strict=True)
     return model
 

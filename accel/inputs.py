@@ -25,26 +25,69 @@ def as_call(example_inputs, what: str = "example_inputs") -> tuple[tuple, dict]:
                     f"or a tensor, got {type(example_inputs).__name__}")
 
 
+def _tensor_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    named = [(f"args[{i}]", a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
+    return [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.dim() >= 1]
+
+
+def detect_batch_size(example_inputs) -> int | None:
+    """The batch size of ``example_inputs`` (inputs are batch-first): the dim 0 the batched inputs share.
+
+    The batched inputs are the tensors of 2 or more dims (all tensors if every one is 1-D); one whose dim 0
+    is 1 broadcasts and does not count when others are larger. None without tensor inputs; a ValueError
+    naming every input's shape when they disagree (e.g. sequence-first inputs beside a ``[B, T]`` mask, or a
+    ``[T, T]`` attention bias beside ``[B, T]`` ids)."""
+    tensors = _tensor_inputs(*as_call(example_inputs))
+    if not tensors:
+        return None
+    primary = [t for _, t in tensors if t.dim() >= 2] or [t for _, t in tensors]
+    sizes = {int(t.shape[0]) for t in primary}
+    if len(sizes) > 1:
+        sizes.discard(1)
+    if len(sizes) != 1:
+        shapes = ", ".join(f"{n}: {list(t.shape)}" for n, t in tensors)
+        raise ValueError(f"cannot tell the batch size of example_inputs: the batched inputs (2-D or more; 1-D when all "
+                         f"are) disagree on dim 0 ({shapes}). batch_sizes resizes dim 0 of the inputs whose dim 0 is the "
+                         f"batch size, so it must be one number: give batch-first inputs, or leave batch_sizes unset")
+    return sizes.pop()
+
+
 def batch_size_of(example_inputs) -> int | None:
-    """Dim 0 of the first tensor input (None without tensors)."""
-    args, kwargs = as_call(example_inputs)
-    for t in list(args) + list(kwargs.values()):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1:
-            return int(t.shape[0])
-    return None
+    """:func:`detect_batch_size`, or None when it cannot be told."""
+    try:
+        return detect_batch_size(example_inputs)
+    except ValueError:
+        return None
 
 
 def at_batch(example_inputs, batch: int) -> tuple[tuple, dict]:
-    """``example_inputs`` as ``(args, kwargs)`` with every tensor's dim 0 resized to ``batch`` (rows
-    repeated cyclically): the same kind of input at another batch size."""
+    """``example_inputs`` as ``(args, kwargs)`` at another batch size: every tensor whose dim 0 is the batch size
+    (:func:`detect_batch_size`) has dim 0 resized to ``batch`` (rows repeated cyclically); the other inputs
+    (``[T]`` position ids, ``[heads]`` masks, broadcasting ``[1, ...]`` tensors, non-tensors) are passed as they
+    are. Raises ValueError, naming the inputs' shapes, when the batch size cannot be told or is 0."""
     args, kwargs = as_call(example_inputs)
+    b0 = detect_batch_size(example_inputs)
+    if b0 is None or b0 == batch:
+        return tuple(args), dict(kwargs)
+    if b0 == 0:
+        shapes = ", ".join(f"{n}: {list(t.shape)}" for n, t in _tensor_inputs(args, kwargs))
+        raise ValueError(f"example_inputs have batch size 0 ({shapes}): no rows to make batch size {batch} from")
 
     def resize(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] in (batch, 0):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != b0:
             return t
-        return t.index_select(0, torch.arange(batch, device=t.device) % t.shape[0])
+        return t.index_select(0, torch.arange(batch, device=t.device) % b0)
 
     return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
+
+
+def resized_inputs(example_inputs, batch: int) -> str:
+    """Which inputs :func:`at_batch` resizes for ``batch`` (for error messages)."""
+    args, kwargs = as_call(example_inputs)
+    b0 = batch_size_of(example_inputs)
+    parts = [f"{n} {list(t.shape)}" + (f" -> dim 0 = {batch}" if t.shape[0] == b0 and b0 != batch else " (kept)")
+             for n, t in _tensor_inputs(args, kwargs)]
+    return ", ".join(parts)
 
 
 def loader_batch_call(batch) -> tuple[tuple, dict]:

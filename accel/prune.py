@@ -9,6 +9,12 @@ A block mask keeps whole tiles, so a pruned Linear (Conv2d) converts to ``Sparse
 (rows); in BSR form a fully pruned group of ``block`` rows is an empty block row the kernels skip.
 
 Masks are dicts ``{module name: bool tensor}``: ``[nbr, nbc]`` block masks or ``[out]`` channel masks.
+
+Hugging Face ``Conv1D`` (GPT-2; weight ``[in, out]``) is pruned as the Linear it is: its blocks are cut from
+the ``[out, in]`` matrix, as ``SparseLinear`` stores it. Layers whose weight is computed (parametrized,
+e.g. ``parametrizations.weight_norm``, or old-style ``weight_norm`` / ``spectral_norm`` hooks) are read
+(masks, ``sensitivity_scan``) but not written: ``prune_`` / ``apply_masks_`` / ``GradualPruner`` refuse
+them with a ValueError naming them, since zeros written into a computed weight do not stick.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .formats import block_norms, expand_block_mask, topk_block_mask
 from .inputs import as_call
@@ -27,24 +34,133 @@ from .shrink import ShrinkError, ShrinkPlan, apply_plan, layer_shapes, plan_shri
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+# ------------------------------------------------------------------------------------------------ layer kinds
+# One reading of "a Linear / Conv2d / Embedding layer", shared by pruning, sparsify_, quantize_, calibrate and QAT:
+# the stock layer itself, the same layer with a parametrized or hook-computed weight (torch.nn.utils.parametrize /
+# parametrizations.weight_norm, old-style torch.nn.utils.weight_norm / spectral_norm), and Hugging Face's ``Conv1D``
+# (GPT-2's projections: weight ``[in, out]``, ``y = x @ W + b``), which is a Linear with a transposed weight.
+_PLAIN = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def _unparametrized_class(m: nn.Module) -> type:
+    t = type(m)
+    return t.__bases__[0] if parametrize.is_parametrized(m) and t.__bases__ else t
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """A layer with Hugging Face ``Conv1D``'s layout (weight ``[in, out]``, attribute ``nf``)."""
+    return (getattr(type(m), "_accel_conv1d", False) or any(c.__name__ == "Conv1D" for c in type(m).__mro__)) and \
+        hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+
+
+def base_kind(m: nn.Module) -> type | None:
+    """``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` when ``m`` is exactly that layer (its weight stored or
+    computed by a parametrization / weight-norm hook), ``nn.Linear`` for a Hugging Face ``Conv1D``, else None
+    (subclasses with their own forward, e.g. fake-quantized QAT layers, are not the stock layer)."""
+    cls = _unparametrized_class(m)
+    if cls in _PLAIN:
+        return cls
+    if cls.__name__ == "Conv1D" and is_conv1d(m):
+        return nn.Linear
+    return None
+
+
+def weight_source(m: nn.Module) -> str | None:
+    """How ``m``'s weight (or bias) is computed when it is not a stored parameter: a parametrization
+    (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or an old-style hook
+    (``torch.nn.utils.weight_norm`` / ``spectral_norm``) that recomputes it before every forward. None when
+    the layer stores its weight. Zeros written into a computed weight do not stick."""
+    if parametrize.is_parametrized(m):
+        return "parametrized (" + "; ".join(f"{t}: {', '.join(type(p).__name__ for p in plist)}"
+                                            for t, plist in m.parametrizations.items()) + ")"
+    computed = [t for t in ("weight", "bias") if isinstance(getattr(m, t, None), torch.Tensor) and t not in m._parameters
+                and t not in m._buffers]
+    if computed:
+        hooks = sorted({type(h).__name__ for h in m._forward_pre_hooks.values() if hasattr(h, "compute_weight")})
+        return f"{' and '.join(computed)} recomputed before every forward by {', '.join(hooks) or 'a forward pre-hook'}"
+    return None
+
+
+def _current(m: nn.Module, name: str) -> torch.Tensor | None:
+    """``m.<name>`` as the layer computes it now (an old-style weight-norm hook's attribute can be stale)."""
+    for h in m._forward_pre_hooks.values():
+        if getattr(h, "name", None) == name and hasattr(h, "compute_weight"):
+            from torch.nn.utils.spectral_norm import SpectralNorm
+
+            return h.compute_weight(m, do_power_iteration=False) if isinstance(h, SpectralNorm) else h.compute_weight(m)
+    return getattr(m, name, None)
+
+
+@torch.no_grad()
+def as_plain(m: nn.Module) -> nn.Module | None:
+    """``m`` as the stock layer :func:`base_kind` names: ``m`` itself when it is one and stores its weight,
+    otherwise a new ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` holding the weight ``m`` computes
+    (parametrized, weight-norm hook) or the transposed weight of a ``Conv1D``; None for other modules."""
+    kind = base_kind(m)
+    if kind is None:
+        return None
+    if type(m) is kind and weight_source(m) is None:
+        return m
+    w, b = _current(m, "weight").detach(), _current(m, "bias")
+    b = None if b is None else b.detach()
+    if kind is nn.Linear:
+        if _unparametrized_class(m) is not nn.Linear:  # Conv1D: weight [in, out]
+            w = w.t()
+        new = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device=w.device,
+                                       dtype=w.dtype)
+    elif kind is nn.Conv2d:
+        new = torch.nn.utils.skip_init(nn.Conv2d, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                       m.dilation, m.groups, b is not None, m.padding_mode, device=w.device, dtype=w.dtype)
+    else:
+        new = torch.nn.utils.skip_init(nn.Embedding, m.num_embeddings, m.embedding_dim, m.padding_idx, m.max_norm,
+                                       m.norm_type, m.scale_grad_by_freq, m.sparse, device=w.device, dtype=w.dtype)
+    new.weight = nn.Parameter(w.clone())
+    if b is not None:
+        new.bias = nn.Parameter(b.clone())
+    new.train(m.training)
+    return new
+
+
+def as_linear(m: nn.Module) -> nn.Linear | None:
+    """``m`` as an ``nn.Linear``: itself, or the equivalent Linear of a parametrized Linear or a Hugging Face
+    ``Conv1D`` (:func:`as_plain`); None for anything else."""
+    return as_plain(m) if base_kind(m) is nn.Linear else None
+
+
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Linear layers (the block-sparse kernels' target)."""
-    return isinstance(module, nn.Linear)
+    """Linear layers, Hugging Face ``Conv1D`` included (the block-sparse kernels' target)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The matrix the blocks are cut from: a Linear's weight; a conv's ``[O, C, kh, kw]`` weight as the
-    ``[O, kh*kw*C]`` implicit-GEMM matrix in ``(kh, kw, c)`` order (``SparseConv2d``'s layout)."""
+    """The matrix the blocks are cut from: a Linear's weight (a ``Conv1D``'s transposed, ``[out, in]``); a
+    conv's ``[O, C, kh, kw]`` weight as the ``[O, kh*kw*C]`` implicit-GEMM matrix in ``(kh, kw, c)`` order
+    (``SparseConv2d``'s layout)."""
     w = module.weight.detach()
+    if is_conv1d(module):
+        return w.t()
     if w.dim() > 2:
         w = w.movedim(1, -1)
     return w.reshape(w.shape[0], -1)
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+    """The Linear (``Conv1D`` included) and Conv2d layers ``filter_fn`` (default: Linear layers) selects."""
     filter_fn = filter_fn or default_filter
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and filter_fn(m, name)}
+            if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m)) and filter_fn(m, name)}
+
+
+def _refuse_computed(what: str, layers: dict[str, nn.Module]) -> None:
+    """Pruning writes zeros into the weight: refuse (before anything changes) layers whose weight is computed."""
+    bad = [f"{n!r} ({src})" for n, m in layers.items() if (src := weight_source(m)) is not None]
+    if bad:
+        raise ValueError(
+            f"{what}: {len(bad)} layer(s) compute their weight instead of storing it, so zeros written into it would "
+            f"not stick: {', '.join(bad)}. Remove the parametrization first (torch.nn.utils.parametrize."
+            f"remove_parametrizations(layer, 'weight') or torch.nn.utils.remove_weight_norm(layer), which keep the "
+            f"current weight), or leave these layers out with filter_fn. (accel.sparsify_ / quantize_ convert such "
+            f"layers from their computed weight.)")
 
 
 def _layer_bounds(n: int, min_density: float, max_density: float) -> tuple[int, int]:
@@ -217,6 +333,10 @@ def channel_masks(model: nn.Module, sparsity: float, norm: int = 2, filter_fn: F
 def element_mask(module: nn.Module, mask: torch.Tensor, block: int) -> torch.Tensor:
     """The weight-shaped 0/1 mask of a block or channel mask."""
     w = module.weight
+    if is_conv1d(module):  # weight [in, out]: the mask of the [out, in] matrix, transposed
+        if mask.dim() == 1:
+            return mask.to(w.device).view(1, -1).expand_as(w)
+        return expand_block_mask(mask.to(w.device), block, (w.shape[1], w.shape[0])).t()
     if mask.dim() == 1:  # channels
         return mask.to(w.device).view(-1, *([1] * (w.dim() - 1))).expand_as(w)
     full = expand_block_mask(mask.to(w.device), block, tuple(_weight_matrix(module).shape))
@@ -227,8 +347,13 @@ def element_mask(module: nn.Module, mask: torch.Tensor, block: int) -> torch.Ten
 
 @torch.no_grad()
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor], block: int = 32) -> None:
-    """Zero the pruned weights (and, for channel masks, the pruned channels' biases) in place."""
+    """Zero the pruned weights (and, for channel masks, the pruned channels' biases) in place. Layers whose
+    weight is computed (parametrized, weight-norm hooks) are refused with a ValueError before anything changes."""
     modules = dict(model.named_modules())
+    missing = sorted(n for n in masks if n not in modules)
+    if missing:
+        raise ValueError(f"apply_masks_: the masks name layers this model does not have: {missing}")
+    _refuse_computed("apply_masks_", {n: modules[n] for n in masks})
     for name, mask in masks.items():
         m = modules[name]
         m.weight.mul_(element_mask(m, mask, block).to(m.weight.dtype))
@@ -238,7 +363,10 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor], block: int = 
 
 def prune_(model: nn.Module, sparsity: float, block: int = 32, norm: int = 2, scope: str = "global",
            filter_fn: FilterFn | None = None, structure: str = "block") -> dict[str, torch.Tensor]:
-    """One-shot pruning: compute masks (``structure`` "block" or "channel"), zero the weights, return the masks."""
+    """One-shot pruning: compute masks (``structure`` "block" or "channel"), zero the weights, return the masks.
+    Layers whose weight is computed (parametrized, weight-norm hooks) are refused with a ValueError naming
+    them, before anything changes: remove the parametrization or leave them out with ``filter_fn``."""
+    _refuse_computed("prune_", prunable_layers(model, filter_fn))
     if structure == "block":
         masks = block_masks(model, sparsity, block, norm, scope, filter_fn)
     elif structure == "channel":
@@ -280,6 +408,7 @@ class GradualPruner:
         self.block, self.norm, self.scope, self.filter_fn = block, norm, scope, filter_fn
         if scope not in ("global", "layer"):
             raise ValueError(f"GradualPruner scope must be 'global' or 'layer', got {scope!r}")
+        _refuse_computed("GradualPruner", prunable_layers(model, filter_fn))
         self.min_density, self.max_density = min_density, max_density
         self.step_count = 0
         self.masks: dict[str, torch.Tensor] = {}
@@ -314,7 +443,8 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
     of the model's output against the unpruned output (output reconstruction; higher is better).
 
     Returns rows ``{"layer", "sparsity", "metric"}`` plus one ``sparsity=0`` baseline row. The layers
-    are pruned in place and restored after each trial.
+    are pruned in place and restored after each trial; a layer whose weight is computed (parametrized,
+    weight-norm hooks) is swapped for a plain layer holding its pruned computed weight during its trials.
     """
     if (evaluate is None) == (example_inputs is None):
         raise ValueError("sensitivity_scan: pass exactly one of evaluate or example_inputs")
@@ -333,6 +463,9 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
     try:
         rows = [{"layer": None, "sparsity": 0.0, "metric": evaluate(model)}]
         for name, m in prunable_layers(model, filter_fn).items():
+            if weight_source(m) is not None:
+                rows += _scan_computed(model, name, m, evaluate, sparsities, block, norm)
+                continue
             saved = m.weight.detach().clone()
             for s in sparsities:
                 mask = topk_block_mask(block_norms(_weight_matrix(m), block, p=norm), s)
@@ -348,6 +481,28 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
     return rows
 
 
+def _scan_computed(model, name, m, evaluate, sparsities, block, norm) -> list[dict]:
+    """Trials of a layer whose weight is computed: a plain copy holding the pruned weight takes its place."""
+    from .api import replace_module
+
+    plain = as_plain(m) if base_kind(m) is not None else None
+    if plain is None:
+        raise ValueError(f"sensitivity_scan: layer {name!r} ({type(m).__name__}) computes its weight "
+                         f"({weight_source(m)}) and cannot be pruned here; leave it out with filter_fn")
+    full = plain.weight.detach().clone()
+    rows = []
+    try:
+        replace_module(model, name, plain)
+        for s in sparsities:
+            mask = topk_block_mask(block_norms(_weight_matrix(plain), block, p=norm), s)
+            with torch.no_grad():
+                plain.weight.copy_(full * element_mask(plain, mask, block).to(full.dtype))
+            rows.append({"layer": name, "sparsity": s, "metric": evaluate(model)})
+    finally:
+        replace_module(model, name, m)
+    return rows
+
+
 def sparsity_of(model: nn.Module, filter_fn: FilterFn | None = None) -> float:
     """Fraction of zero weights over the selected layers."""
     total = zeros = 0
@@ -357,6 +512,6 @@ def sparsity_of(model: nn.Module, filter_fn: FilterFn | None = None) -> float:
     return zeros / total if total else 0.0
 
 
-__all__ = ["GradualPruner", "ShrinkError", "ShrinkPlan", "apply_masks_", "apply_plan", "block_masks", "channel_masks",
-           "cubic_sparsity", "layer_shapes", "plan_shrink", "prune_", "resize_", "sensitivity_scan", "shrink_",
-           "sparsity_of"]
+__all__ = ["GradualPruner", "ShrinkError", "ShrinkPlan", "apply_masks_", "apply_plan", "as_linear", "as_plain",
+           "base_kind", "block_masks", "channel_masks", "cubic_sparsity", "is_conv1d", "layer_shapes", "plan_shrink",
+           "prune_", "resize_", "sensitivity_scan", "shrink_", "sparsity_of", "weight_source"]

@@ -18,6 +18,8 @@ inference computes what was trained on any CPU or GPU.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from .api import replace_module
 from .inputs import loader_batch_call
 from .modules.quant_linear import QuantConv2d, QuantLinear
+from .prune import base_kind, is_conv1d, weight_source
 from .quant import QMAX, ieee_div
 
 SAMPLE = 1 << 20
@@ -39,6 +42,7 @@ class Observer:
             raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
         self.method, self.percentile = method, percentile
         self.absmax = 0.0
+        self.seen = 0  # values observed
         self._sample: list[torch.Tensor] = []
         self._kept = 0
         self._gen = torch.Generator().manual_seed(seed)
@@ -50,6 +54,7 @@ class Observer:
             raise ValueError("calibration data holds NaN or inf")
         if a.numel() == 0:
             return
+        self.seen += a.numel()
         self.absmax = max(self.absmax, float(a.max()))
         if self.method != "minmax":
             take = min(a.numel(), max(1, SAMPLE // 16))
@@ -87,7 +92,12 @@ class Observer:
 def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None = None, num_batches: int | None = None,
               filter_fn=None, device: str = "cpu", percentile: float = 99.99) -> dict[str, float]:
     """Run ``loader`` through ``model`` and return ``{layer name: static activation scale}`` for its
-    Linear / Conv2d / QuantLinear / QuantConv2d layers (``filter_fn(module, name)`` narrows them).
+    Linear (Hugging Face ``Conv1D`` included) / Conv2d / QuantLinear / QuantConv2d layers
+    (``filter_fn(module, name)`` narrows them).
+
+    A layer that saw no input (it never ran: an unused head) or only zeros (a dead ReLU before it) has no
+    range to calibrate: it is left out of the result, with a warning naming it, and ``quantize_`` runs it
+    dynamic int8 (its scale is measured per call).
 
     ``qmax`` defaults to the activation range the layers will run with on ``device`` (127 on CUDA;
     ``accel.engines.native_act_qmax()`` on the CPU). Batches may be tensors, ``(inputs, labels)``
@@ -100,11 +110,11 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
     kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
     observers, hooks = {}, []
     for name, m in model.named_modules():
-        if isinstance(m, kinds) and (filter_fn is None or filter_fn(m, name)):
+        if (isinstance(m, kinds) or is_conv1d(m)) and (filter_fn is None or filter_fn(m, name)):
             observers[name] = Observer(method, percentile)
             hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: observers[name].observe(args[0])))
     if not observers:
-        raise ValueError("calibrate: no Linear/Conv2d layer selected")
+        raise ValueError("calibrate: no Linear/Conv1D/Conv2d layer selected")
     was_training = model.training
     model.eval()
     try:
@@ -118,7 +128,12 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {name: obs.scale(qmax) for name, obs in observers.items()}
+    empty = {name: "no input" if obs.seen == 0 else "only zeros" for name, obs in observers.items() if obs.absmax == 0.0}
+    if empty:
+        warnings.warn(f"calibrate: left out {len(empty)} layer(s) that saw no input (never ran) or only zeros, so have "
+                      f"no range to calibrate (quantize_ runs them dynamic): "
+                      + ", ".join(f"{n} ({why})" for n, why in empty.items()), stacklevel=3)
+    return {name: obs.scale(qmax) for name, obs in observers.items() if name not in empty}
 
 
 # ------------------------------------------------------------------------------------------------ QAT
@@ -152,6 +167,38 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(fake_quant(x, self.act_qmax, (x.dim() - 1,)), w, self.bias)
 
 
+class FakeQuantConv1D(nn.Module):
+    """Hugging Face ``Conv1D`` (weight ``[in, out]``, ``y = x @ W + b``) whose forward sees int8-rounded weights
+    (per output channel) and activations (per token): the twin of the ``QuantLinear`` it converts to."""
+
+    act_qmax: int = QMAX
+    _accel_conv1d = True
+
+    def forward(self, x):
+        w = fake_quant(self.weight, QMAX, (0,))
+        return F.linear(fake_quant(x, self.act_qmax, (x.dim() - 1,)), w.t(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (weight ``[out, in]``)."""
+        lin = torch.nn.utils.skip_init(nn.Linear, self.weight.shape[0], self.weight.shape[1], bias=self.bias is not None,
+                                       device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight.t())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+
+def _twin(m: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` sharing ``m``'s state (parameters, buffers, attributes), remembering ``m``'s class for strip."""
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    for d in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[d] = type(m.__dict__[d])(m.__dict__[d])
+    new.__dict__["_plain_cls"] = type(m)
+    return new
+
+
 class FakeQuantConv2d(nn.Conv2d):
     """nn.Conv2d whose forward sees int8-rounded weights (per output channel) and activations (per image)."""
 
@@ -163,23 +210,38 @@ class FakeQuantConv2d(nn.Conv2d):
 
 
 def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -> list[str]:
-    """Swap the Linear / Conv2d layers (that ``filter_fn`` accepts and that QuantConv2d can serve) for
-    fake-quantized twins, in place, sharing their parameters. ``act_qmax`` is the activation range
-    of the deployment target (default: this machine's CPU rule). Returns the swapped names."""
+    """Swap the Linear (Hugging Face ``Conv1D`` included) / Conv2d layers (that ``filter_fn`` accepts and that
+    QuantConv2d can serve) for fake-quantized twins, in place, sharing their parameters. ``act_qmax`` is the
+    activation range of the deployment target (default: this machine's CPU rule). Returns the swapped names.
+    Layers whose weight is computed (parametrized, weight-norm hooks) are refused with a ValueError naming
+    them, before anything changes: remove the parametrization or leave them out with ``filter_fn``."""
     if act_qmax is None:
         from .engines import native_act_qmax
 
         act_qmax = native_act_qmax()
     if act_qmax not in (63, 127):
         raise ValueError(f"prepare_qat: act_qmax must be 63 or 127, got {act_qmax!r}")
+    selected = [(name, m) for name, m in model.named_modules()
+                if (base_kind(m) is nn.Linear or base_kind(m) is nn.Conv2d and QuantConv2d.unsupported_reason(m) is None)
+                and (filter_fn is None or filter_fn(m, name))]
+    computed = [f"{n!r} ({src})" for n, m in selected if (src := weight_source(m)) is not None]
+    if computed:
+        raise ValueError(f"prepare_qat: {len(computed)} layer(s) compute their weight, which a fake-quantized twin "
+                         f"cannot share: {', '.join(computed)}. Remove the parametrization first (torch.nn.utils."
+                         f"parametrize.remove_parametrizations / torch.nn.utils.remove_weight_norm) or leave these "
+                         f"layers out with filter_fn")
     swapped = []
-    for name, m in list(model.named_modules()):
-        if filter_fn is not None and not filter_fn(m, name):
+    for name, m in selected:
+        if is_conv1d(m):
+            new = _twin(m, FakeQuantConv1D)
+            new.act_qmax = act_qmax
+            replace_module(model, name, new)
+            swapped.append(name)
             continue
         if type(m) is nn.Linear:
             new = FakeQuantLinear(m.in_features, m.out_features, m.bias is not None, device=m.weight.device,
                                   dtype=m.weight.dtype)
-        elif type(m) is nn.Conv2d and QuantConv2d.unsupported_reason(m) is None:
+        elif type(m) is nn.Conv2d:
             new = FakeQuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                                   bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
         else:
@@ -197,7 +259,13 @@ def strip(model: nn.Module) -> list[str]:
     place: ``accel.quantize_`` can then convert them, measuring each layer first."""
     stripped = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, (FakeQuantLinear, FakeQuantConv2d)):
+        if isinstance(m, FakeQuantConv1D):
+            cls = m.__dict__["_plain_cls"]
+            plain = cls.__new__(cls)
+            plain.__dict__.update({k: v for k, v in m.__dict__.items() if k not in ("_plain_cls", "act_qmax")})
+            replace_module(model, name, plain)
+            stripped.append(name)
+        elif isinstance(m, (FakeQuantLinear, FakeQuantConv2d)):
             plain = nn.Linear.__new__(nn.Linear) if isinstance(m, FakeQuantLinear) else nn.Conv2d.__new__(nn.Conv2d)
             plain.__dict__.update(m.__dict__)
             replace_module(model, name, plain)
@@ -212,6 +280,8 @@ def convert(model: nn.Module, linear_mode: str = "dynamic", conv_mode: str = "dy
     for name, m in list(model.named_modules()):
         if isinstance(m, FakeQuantLinear):
             replace_module(model, name, QuantLinear.from_float(m, linear_mode, act_qmax=m.act_qmax))
+        elif isinstance(m, FakeQuantConv1D):
+            replace_module(model, name, QuantLinear.from_float(m.to_linear(), linear_mode, act_qmax=m.act_qmax))
         elif isinstance(m, FakeQuantConv2d):
             replace_module(model, name, QuantConv2d.from_float(m, conv_mode, act_qmax=m.act_qmax))
         else:

@@ -626,14 +626,12 @@ def conv2d_float_cpu(x, w_q, w_scale, bias=None, stride=(1, 1), padding=(0, 0), 
     """The float form: the dequantized conv in ``compute_dtype`` (default ``x``'s dtype; bf16 for an fp32
     ``x`` is the "float_bf16" form), computed in ``layout`` (channels_last, oneDNN's fast layout, or
     contiguous NCHW: the "float_nchw" form, what ``nn.Conv2d`` runs on an NCHW input), returned in
-    ``x``'s dtype and channels_last. Geometries torch's own conv gets wrong run through
-    :func:`float_conv2d_cpu`'s safe path."""
+    ``x``'s dtype and the layout it was computed in (the op returns the input's layout). Geometries
+    torch's own conv gets wrong run through :func:`float_conv2d_cpu`'s safe path."""
     dt = compute_dtype or x.dtype
     w = dequantized(w_q, w_scale, dt, layout)
     xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
     y = float_conv2d_cpu(xc, w, bias if bias is None or bias.dtype == dt else bias.to(dt), stride, padding, dilation)
     if activation != "none":
         y = activate(y, activation, inplace=True)
-    if y.dtype != x.dtype or not y.is_contiguous(memory_format=torch.channels_last):
-        y = y.to(dtype=x.dtype, memory_format=torch.channels_last)
-    return y
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -174,10 +174,11 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
     key = (f"int8_conv2d|{mode}|o={o}|c={c}|k={kh}x{kw}|hw={h}x{w}|s={stride[0]}x{stride[1]}|p={padding[0]}x{padding[1]}"
            f"|d={dilation[0]}x{dilation[1]}|b={engines.m_bucket(b)}|dt={str(x.dtype)[6:]}|q={qmax}|cl={int(cl)}")
 
-    def run(e):
+    def run(e):  # timed with the conversion to the input's layout that the op does afterwards
         if e in FLOAT_CONV_FORMS:
-            return _float_conv(e, x, w_q, w_scale, bias, stride, padding, dilation, activation)
-        return cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax, e)
+            return as_conv_output(_float_conv(e, x, w_q, w_scale, bias, stride, padding, dilation, activation), x)
+        return as_conv_output(cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation,
+                                                       act_scale, qmax, e), x)
 
     def candidates():
         return {e: (lambda e=e: run(e)) for e in allowed}
@@ -191,7 +192,7 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
             xf = x.float()
             scale, inv = cpu_int8.act_scale_inv(xf, qmax, act_scale)
             v = torch.round((xf * inv[:, None, None, None]).clamp(-qmax, qmax))
-            y = torch.nn.functional.conv2d(v, w_q.float(), None, stride, padding, dilation)
+            y = cpu_int8.float_conv2d_cpu(v, w_q.float(), None, stride, padding, dilation)
             y = y * w_scale[None, :, None, None] * scale[:, None, None, None]
             y = y if bias is None else y + bias.float()[None, :, None, None]
             from ..quant import activate

@@ -49,7 +49,9 @@ class SparsityConfig:
     layer causes on ``example_inputs``; ``"layer"`` prunes every layer alike. ``mode`` is the
     SparseLinear mode ("auto": decide sparse or dense on the running machine). ``convs``: also
     ``nn.Conv2d`` layers (``SparseConv2d``, blocks of the ``[O, KH*KW*C]`` implicit-GEMM matrix);
-    masks passed to ``sparsify_`` convert the convs they name either way."""
+    masks passed to ``sparsify_`` convert the convs they name either way. ``in_model``: with
+    ``example_inputs``, each converted layer is also timed inside the whole model (against its masked
+    dense weight); where sparse slows the model down at every batch size, the layer stays dense."""
 
     sparsity: float = 0.75
     block: int = 32
@@ -62,6 +64,7 @@ class SparsityConfig:
     budget_s: float = 0.5
     batch_sizes: tuple[int, ...] | None = None
     convs: bool = False
+    in_model: bool = True
 
     def __post_init__(self) -> None:
         _check_fraction("SparsityConfig.sparsity", self.sparsity, allow_one=True)
@@ -83,7 +86,8 @@ class QuantConfig:
     ``nn.Embedding``); static modes take ``act_scales`` from ``accel.calibrate``; ``act_qmax``
     fixes the activation range (None: the running machine's). ``keep_float``: with ``example_inputs``,
     a layer whose int8 form measures slower than the float layer at every batch size measured stays
-    the original float layer."""
+    the original float layer: measured alone first, then (``in_model``) inside the whole model, where
+    the caches hold the other layers' data (int8 embeddings, converted for size, are not reverted)."""
 
     linear_mode: str = "auto"
     conv_mode: str = "auto"
@@ -94,6 +98,7 @@ class QuantConfig:
     budget_s: float = 0.5
     batch_sizes: tuple[int, ...] | None = None
     keep_float: bool = True
+    in_model: bool = True
 
     def __post_init__(self) -> None:
         if self.linear_mode not in QuantLinear.MODES:
@@ -249,6 +254,90 @@ def _check_batching(example_inputs, batch_sizes, what: str) -> None:
             detect_batch_size(example_inputs)
         except ValueError as e:
             raise ValueError(f"{what}: batch_sizes={tuple(batch_sizes)}: {e}") from None
+
+
+#: at most this many seconds of whole-model timing per batch size for the in-model check
+IN_MODEL_BUDGET_S = 20.0
+
+
+def _in_model_check(model: nn.Module, fallbacks: dict[str, nn.Module], calls: list[tuple], budget_s: float,
+                    rows: list[dict], kept: str) -> dict[str, nn.Module]:
+    """Time every converted layer inside the whole model, against its fallback, and put the fallback back
+    where the converted layer is slower at every batch size. Returns ``{name: fallback}`` of those.
+
+    A layer measured alone (a warm loop, ``_measure``) can be faster than the float layer and still slow
+    the model down: inside a model the caches hold the other layers' weights and activations. So the
+    model runs with all converted layers and with all fallbacks in turn (alternating, the minimum over
+    rounds: contention only adds time), with a forward hook timing each layer where it sits. A layer
+    keeps its conversion unless its fallback is faster by the engines' margin (the contended margin on
+    a busy machine) at every batch size measured. ``fallbacks``: name -> the module to use instead (the
+    original float layer for ``quantize_``, the masked dense layer for ``sparsify_``)."""
+    import time
+
+    names = [n for n in fallbacks if n in dict(model.named_modules())]
+    if not names or not calls or not engines.measuring_enabled():  # ACCEL_ENGINE_MEASURE=0: no timing at all
+        return {}
+    converted = {n: model.get_submodule(n) for n in names}
+    margin = engines.CONTENDED_MARGIN if engines._contended() else engines.MARGIN
+
+    def run(mods: dict[str, nn.Module], args, kwargs) -> dict[str, float]:
+        replace_modules(model, mods)
+        acc: dict[str, float] = {}
+        start: dict[str, float] = {}
+        handles = []
+        for n, m in mods.items():
+            def pre(_m, _a, n=n):
+                start[n] = time.perf_counter()
+
+            def post(_m, _a, _o, n=n):
+                acc[n] = acc.get(n, 0.0) + time.perf_counter() - start[n]
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return acc
+
+    was_training = model.training
+    model.eval()
+    slower: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    try:
+        for _batch, args, kwargs in calls:
+            t0 = time.perf_counter()
+            run(fallbacks, args, kwargs)  # warm both (and time one forward)
+            run(converted, args, kwargs)
+            per_forward = max((time.perf_counter() - t0) / 2, 1e-6)
+            rounds = max(3, min(15, int(min(budget_s, IN_MODEL_BUDGET_S) / (2 * per_forward))))
+            best_new = {n: math.inf for n in names}
+            best_old = {n: math.inf for n in names}
+            for r in range(rounds):
+                order = (("new", converted), ("old", fallbacks)) if r % 2 == 0 else (("old", fallbacks), ("new", converted))
+                for which, mods in order:
+                    times = run(mods, args, kwargs)
+                    best = best_new if which == "new" else best_old
+                    for n in names:
+                        if n in times:
+                            best[n] = min(best[n], times[n])
+            for n in names:
+                slower[n].append((best_new[n], best_old[n]))
+    finally:
+        replace_modules(model, converted)
+        model.train(was_training)
+    revert = {}
+    for n in names:
+        pairs = [(a, b) for a, b in slower[n] if math.isfinite(a) and math.isfinite(b)]
+        if pairs and all(new > old * (1 + margin) for new, old in pairs):
+            revert[n] = fallbacks[n]
+            ratio = min(old / new for new, old in pairs)
+            for r in rows:
+                if r.get("layer") == n:
+                    r["decision"] = kept
+                    r["reason"] = f"{kept}: slower inside the model ({ratio:.2f}x); alone: {r.get('reason', '')}"
+    if revert:
+        replace_modules(model, revert)
+    return revert
 
 
 @torch.no_grad()
@@ -409,7 +498,12 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
         rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
         replace_modules(model, {name: new}, aliases)
         replaced[name] = lin
-    _check_converted(model, "sparsify_", replaced, _calls(per_batch, example_inputs))
+    calls = _calls(per_batch, example_inputs)
+    _check_converted(model, "sparsify_", replaced, calls)
+    if per_batch and config.in_model:  # the pruned layer stays, dense (masked weight), where sparse slows the model
+        dense = {n: (m.to_linear() if isinstance(m, SparseLinear) else m.to_dense())
+                 for n, m in ((n, model.get_submodule(n)) for n in replaced) if isinstance(m, (SparseLinear, SparseConv2d))}
+        _in_model_check(model, dense, calls, config.budget_s * max(1, len(dense)), rows, "kept dense")
     return rows
 
 
@@ -543,7 +637,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             replace_modules(model, {name: new}, aliases)
             replaced[name] = m
         rows += _with_note(layer_rows, note)
-    _check_converted(model, "quantize_", replaced, _calls(per_batch, example_inputs))
+    calls = _calls(per_batch, example_inputs)
+    _check_converted(model, "quantize_", replaced, calls)
+    if per_batch and config.keep_float and config.in_model:
+        _in_model_check(model, {n: old for n, old in replaced.items()
+                                if not isinstance(model.get_submodule(n), QuantEmbedding)}, calls,
+                        config.budget_s * max(1, len(replaced)), rows, "kept float")
     return rows
 
 

@@ -38,6 +38,9 @@ def test_sparsify_measures_and_reports_per_batch(measuring):
     for r in rows:
         assert r["ms_before"] > 0 and r["ms_after"] > 0
         assert r["input_shape"] == [r["batch"], 256 if r["layer"] == "fc1" else 512]
+        if r["decision"] == "kept dense":  # the in-model check found sparse slower inside the model
+            assert "slower inside the model" in r["reason"] and type(model.get_submodule(r["layer"])) is nn.Linear
+            continue
         engine = r["decision"].split(": ")[1]
         assert engine in ("gather_bmm", "gather_bmm_t", "panels", "rows", "dense")
     assert "fc1" in accel.format_report(rows) and "batch" in accel.format_report(rows).splitlines()[0]
@@ -92,11 +95,12 @@ def test_quantize_keeps_float_where_int8_is_slower(measuring, monkeypatch):
 
     model = nn.Sequential(nn.Linear(16, 4))
     monkeypatch.setattr(api, "_measure", lambda old, new, x, budget: (1.0, 2.0, 0.5))  # int8 twice as slow
-    rows = accel.quantize_(model, accel.QuantConfig(batch_sizes=(1, 8)), example_inputs=(torch.randn(2, 16),))
+    cfg = accel.QuantConfig(batch_sizes=(1, 8), in_model=False)  # the rule on the layer alone (in-model: below)
+    rows = accel.quantize_(model, cfg, example_inputs=(torch.randn(2, 16),))
     assert type(model[0]) is nn.Linear and all(r["decision"] == "float" and "kept float" in r["reason"] for r in rows)
     calls = iter([(1.0, 2.0, 0.5), (2.0, 1.0, 2.0)])  # slower at batch 1, faster at 8: int8 it is
     monkeypatch.setattr(api, "_measure", lambda old, new, x, budget: next(calls))
-    accel.quantize_(model, accel.QuantConfig(batch_sizes=(1, 8)), example_inputs=(torch.randn(2, 16),))
+    accel.quantize_(model, cfg, example_inputs=(torch.randn(2, 16),))
     assert isinstance(model[0], QuantLinear)
 
 
@@ -213,3 +217,48 @@ def test_compressed_model_compiles(backend):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _Slow(nn.Module):
+    """A converted layer that computes the right thing, slowly."""
+
+    def __init__(self, inner: nn.Module, delay_s: float):
+        super().__init__()
+        self.inner, self.delay_s = inner, delay_s
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.delay_s)
+        return self.inner(x)
+
+
+def test_in_model_check_reverts_only_layers_slower_inside_the_model(accel_env):
+    """Each converted layer is timed where it sits in the whole model against its fallback; a layer
+    slower there at every batch size is put back (and reported), one that is not keeps its conversion."""
+    from accel.api import _in_model_check
+
+    accel_env(ACCEL_ENGINE_MEASURE="1")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    orig0, orig2 = model[0], model[2]
+    model[0] = _Slow(orig0, 0.003)                  # converted, but slower than its fallback by far
+    fallback2 = _Slow(orig2, 0.003)                 # converted layer 2 is the faster one
+    rows = [{"layer": "0", "decision": "int8 auto: dynamic", "reason": "1.50x float"},
+            {"layer": "2", "decision": "int8 auto: dynamic", "reason": "1.20x float"}]
+    x = torch.randn(4, 16)
+    reverted = _in_model_check(model, {"0": orig0, "2": fallback2}, [(4, (x,), {})], 0.5, rows, "kept float")
+    assert set(reverted) == {"0"} and model[0] is orig0 and model[2] is orig2
+    assert rows[0]["decision"] == "kept float" and "slower inside the model" in rows[0]["reason"]
+    assert rows[1]["decision"] == "int8 auto: dynamic"
+    torch.testing.assert_close(model(x), nn.Sequential(orig0, nn.ReLU(), orig2)(x))
+
+
+def test_in_model_check_is_off_without_measuring(accel_env):
+    from accel.api import _in_model_check
+
+    accel_env(ACCEL_ENGINE_MEASURE="0")
+    model = nn.Sequential(_Slow(nn.Linear(4, 4), 0.002))
+    slow = model[0]
+    assert _in_model_check(model, {"0": nn.Linear(4, 4)}, [(1, (torch.randn(1, 4),), {})], 0.5, [], "kept float") == {}
+    assert model[0] is slow

@@ -480,24 +480,29 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes, "sparsify_") \
         if config.measure else []
     replaced = {}
-    for name, new in news.items():
-        lin = modules[name]
-        measured, layer_rows = False, []
-        for batch, _, _, inputs in per_batch:
-            x = inputs.get(name)
-            if x is None:
-                continue
-            measured = True
-            with torch.no_grad():
-                new(x)  # makes (and caches) this machine's decision for this shape and bucket
-            timing = _measure(lin, new, x, config.budget_s)
-            layer_rows.append(_row(name, lin, x, _decision_of(new, x),
-                                   f"density {new.density:.3f}; {timing[2]:.2f}x dense", timing, batch))
-        if not measured:
-            layer_rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
-        rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
-        replace_modules(model, {name: new}, aliases)
-        replaced[name] = lin
+    name = None
+    try:
+        for name, new in news.items():
+            lin = modules[name]
+            measured, layer_rows = False, []
+            for batch, _, _, inputs in per_batch:
+                x = inputs.get(name)
+                if x is None:
+                    continue
+                measured = True
+                with torch.no_grad():
+                    new(x)  # makes (and caches) this machine's decision for this shape and bucket
+                timing = _measure(lin, new, x, config.budget_s)
+                layer_rows.append(_row(name, lin, x, _decision_of(new, x),
+                                       f"density {new.density:.3f}; {timing[2]:.2f}x dense", timing, batch))
+            if not measured:
+                layer_rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
+            rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
+            replace_modules(model, {name: new}, aliases)
+            replaced[name] = lin
+    except Exception as e:  # noqa: BLE001 - the model goes back exactly as it was, and the error names the layer
+        replace_modules(model, replaced)
+        raise _layer_error("sparsify_", _LayerError(name, e) if name else e) from e
     calls = _calls(per_batch, example_inputs)
     _check_converted(model, "sparsify_", replaced, calls)
     if per_batch and config.in_model:  # the pruned layer stays, dense (masked weight), where sparse slows the model
@@ -569,6 +574,19 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
         no_scale.append(name)  # calibrate leaves out layers that saw no input / only zeros: dynamic int8 for them
         return "dynamic"
 
+    for name, m in model.named_modules():  # layers quantize_ leaves as they are are reported, not skipped silently
+        if name in candidates or (filter_fn is not None and not filter_fn(m, name)):
+            continue
+        if isinstance(m, SparseConv2d):
+            rows.append(_row(name, m, None, "sparse float", "no int8 block-sparse conv: the SparseConv2d stays"))
+        elif isinstance(m, SparseLinear) and m.storage == "dense":
+            rows.append(_row(name, m, None, "sparse float", "stored dense (mode 'dense'): accel.api."
+                                                            "linearize_kept_dense_ makes it an nn.Linear for int8"))
+    for name, m in list(candidates.items()):
+        w = next((t for t in m.parameters(recurse=False) if t.is_floating_point()), None)
+        if w is not None and w.dtype == torch.float64:  # the int8 layers take fp32/bf16/fp16 inputs only
+            rows.append(_row(name, m, None, "float", "float64 layer (int8 layers serve fp32/bf16/fp16): kept"))
+            del candidates[name]
     for name, m in candidates.items():  # build every replacement before the model changes
         scale = config.act_scales.get(name)
         kind = base_kind(m)
@@ -604,39 +622,11 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes, "quantize_") \
         if config.measure else []
     replaced = {}
-    for name, new in news.items():
-        m = candidates[name]
-        note = _origin_note(m, name, aliases)
-        if name in no_scale:
-            note = "no act_scale (calibrate saw no input for it): dynamic" + (f"; {note}" if note else "")
-        if isinstance(new, SparseQuantLinear):
-            chosen, layer_rows = _sparse_form(name, m, new, [(b, x) for b, _, _, x in per_batch], config)
-            if chosen is not m:
-                replace_modules(model, {name: chosen}, aliases)
-                replaced[name] = m
-            rows += _with_note(layer_rows, note)
-            continue
-        measured, layer_rows = False, []
-        for batch, _, _, inputs in per_batch:
-            x = inputs.get(name)
-            if x is None or isinstance(new, QuantEmbedding):
-                continue
-            measured = True
-            with torch.no_grad():
-                new(x)  # makes (and caches) this machine's decision for this shape and bucket
-            timing = _measure(m, new, x, config.budget_s)
-            layer_rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
-        if not measured:
-            why = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
-            layer_rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", why))
-        keep = config.keep_float and measured and all(r.get("speedup", 1.0) < 1.0 for r in layer_rows)
-        if keep:  # slower than the float layer at every batch size measured: the original stays (and is exact)
-            for r in layer_rows:
-                r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"
-        else:
-            replace_modules(model, {name: new}, aliases)
-            replaced[name] = m
-        rows += _with_note(layer_rows, note)
+    try:
+        _quantize_layers(model, news, candidates, aliases, per_batch, no_scale, config, rows, replaced)
+    except Exception as e:  # noqa: BLE001 - the model goes back exactly as it was, and the error names the layer
+        replace_modules(model, replaced)
+        raise _layer_error("quantize_", e) from e
     calls = _calls(per_batch, example_inputs)
     _check_converted(model, "quantize_", replaced, calls)
     if per_batch and config.keep_float and config.in_model:
@@ -644,6 +634,65 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                                 if not isinstance(model.get_submodule(n), QuantEmbedding)}, calls,
                         config.budget_s * max(1, len(replaced)), rows, "kept float")
     return rows
+
+
+class _LayerError(Exception):
+    def __init__(self, name: str, err: Exception):
+        super().__init__(name)
+        self.name, self.err = name, err
+
+
+def _layer_error(what: str, e: Exception) -> Exception:
+    """The error of a failed conversion, naming the layer, of the original's kind (ValueError/TypeError), else
+    a RuntimeError; the model has been restored before it is raised."""
+    name, err = (e.name, e.err) if isinstance(e, _LayerError) else (None, e)
+    at = f"layer {name!r}: " if name else ""
+    msg = f"{what}: {at}{type(err).__name__}: {err} (the model is restored as it was)"
+    return (ValueError if isinstance(err, (ValueError, TypeError)) else RuntimeError)(msg)
+
+
+def _quantize_layers(model, news, candidates, aliases, per_batch, no_scale, config, rows, replaced) -> None:
+    for name, new in news.items():
+        try:
+            _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, config, rows, replaced)
+        except Exception as e:  # noqa: BLE001
+            raise _LayerError(name, e) from e
+
+
+def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, config, rows, replaced) -> None:
+    """Measure one replacement (per batch size), decide, and put it in the model (recorded in ``replaced``)."""
+    m = candidates[name]
+    note = _origin_note(m, name, aliases)
+    if name in no_scale:
+        note = "no act_scale (calibrate saw no input for it): dynamic" + (f"; {note}" if note else "")
+    if isinstance(new, SparseQuantLinear):
+        chosen, layer_rows = _sparse_form(name, m, new, [(b, x) for b, _, _, x in per_batch], config)
+        if chosen is not m:
+            replace_modules(model, {name: chosen}, aliases)
+            replaced[name] = m
+        rows += _with_note(layer_rows, note)
+        return
+    measured, layer_rows = False, []
+    for batch, _, _, inputs in per_batch:
+        x = inputs.get(name)
+        if x is None or isinstance(new, QuantEmbedding):
+            continue
+        measured = True
+        with torch.no_grad():
+            new(x)  # makes (and caches) this machine's decision for this shape and bucket
+        timing = _measure(m, new, x, config.budget_s)
+        layer_rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
+    if not measured:
+        why = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
+        layer_rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", why))
+    keep = config.keep_float and measured and all(r.get("speedup", 1.0) < 1.0 for r in layer_rows)
+    if keep:  # slower than the float layer at every batch size measured: the original stays (and is exact)
+        for r in layer_rows:
+            r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"
+    else:
+        replace_modules(model, {name: new}, aliases)
+        replaced[name] = m
+    rows += _with_note(layer_rows, note)
 
 
 def _check_act_scales(scales) -> None:

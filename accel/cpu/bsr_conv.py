@@ -159,7 +159,7 @@ def bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding,
                     lambda: [_gather_panel(values, pos, rows.numel(), p, bs) for rows, pos, _, p in plan])
     xp = padded_nhwc(x, padding, "conv.xpad")
     rows_of_b = xp.reshape(-1, bs)  # a view: xp is contiguous NHWC
-    geometry = (n, oh, ow, hp, wp, ncb, *stride)
+    geometry = (n, oh, ow, hp, wp, ncb, *stride, kh, kw, *dilation)  # the offsets depend on every part
     base = cached("bsr_conv_gather_base", (crow,), geometry, lambda: _pixel_base(n, oh, ow, hp, wp, ncb, stride))
     elt = x.element_size()
     # gather indices [n_rows, M, P] per group (cached per structure and input geometry: computing them is

@@ -611,13 +611,13 @@ def float_conv2d_cpu(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, di
     geometries :func:`onednn_conv_ok` rejects (1-wide/high outputs, outputs reading only padding,
     dilation with padding, 1 input channel, 1-2 pixel inputs), channels_last fp32 and any bf16/fp16
     convolution crash the process (SIGSEGV) or return garbage (C=1 with channels_last strides:
-    ~1e32). Those run in fp32 with plain NCHW strides, which is exact for every geometry probed (~7,500
+    ~1e32). Those run in fp32 (fp64 for fp64 inputs) with plain NCHW strides, which is exact for every geometry probed (~7,500
     random ones against fp64); the result has ``x``'s dtype."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     if onednn_conv_ok(x.shape[1], x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding, dilation):
         return F.conv2d(x, w, bias, stride, padding, dilation)
-    y = F.conv2d(canonical(x, torch.float32), canonical(w, torch.float32),
-                 None if bias is None else bias.float(), stride, padding, dilation)
+    dt = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64
+    y = F.conv2d(canonical(x, dt), canonical(w, dt), None if bias is None else bias.to(dt), stride, padding, dilation)
     return y.to(x.dtype)
 
 

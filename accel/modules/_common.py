@@ -16,8 +16,11 @@ def weight_view(sources: tuple[torch.Tensor, ...], dtype: torch.dtype, build: Ca
     Model code reads ``layer.weight.dtype`` / ``.device`` / ``.shape`` (Hugging Face T5, ViT and CLIP do,
     to cast their inputs), so a converted layer must answer, with the right values. The tensor is derived
     (computed on first use and cached against ``sources``, re-derived when they change) and read-only: it
-    is an inference tensor, so an in-place write to it raises instead of silently changing nothing.
-    Reading it materializes a float copy of the weight for as long as the layer lives."""
+    is an inference tensor, so an in-place write to it raises instead of silently changing nothing, and
+    assigning ``layer.weight`` raises (:func:`refuse_weight`). Writes that bypass those checks (through
+    ``.data``, or inside ``torch.inference_mode``) reach only this cached copy, never the layer: change a
+    converted layer through its own tensors (``weight_q``, ``values``) or convert again. Reading it
+    materializes a float copy of the weight for as long as the layer lives."""
     def make():
         with torch.inference_mode():
             return build().to(dtype)
@@ -50,3 +53,23 @@ def cast_param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     if torch.is_grad_enabled() and t.requires_grad:
         return t.to(dtype)
     return cached("autocast_cast", (t,), (dtype,), lambda: t.detach().to(dtype))
+
+
+def refuse_weight(module) -> None:
+    """Assigning ``layer.weight`` (Hugging Face ``tie_weights`` does) on a converted layer: its ``.weight``
+    is derived from the int8 / block-sparse tensors, so a new one would be ignored by the forward."""
+    raise AttributeError(f"{type(module).__name__}.weight is derived from the layer's int8 / block-sparse weights and "
+                         f"read-only: tie or replace weights before accel.quantize_ / sparsify_, or keep this layer "
+                         f"float (filter_fn); save converted models with accel.save")
+
+
+def state_absent(module, state_dict, prefix: str, missing_keys: list) -> bool:
+    """True (and this module's keys recorded as missing) when ``state_dict`` holds none of this module's
+    own keys: ``load_state_dict(part, strict=False)`` of another part of the model leaves it untouched,
+    as torch's own layers do (with ``strict=True`` torch then raises, listing the missing keys)."""
+    own = [prefix + n for n, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
+    own.append(prefix + "_extra_state")
+    if any(k in state_dict for k in own):
+        return False
+    missing_keys.extend(own)
+    return True

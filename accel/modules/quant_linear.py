@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..ops.int8 import check_conv_geometry, module_conv2d, module_linear
 from ..quant import ACTIVATIONS, dequantize_weight, quantize_weight
-from ._common import weight_view
+from ._common import refuse_weight, weight_view
 
 LINEAR_MODES = ("auto", "dynamic", "static", "weight_only")
 CONV_MODES = ("auto", "dynamic", "static")
@@ -140,6 +140,11 @@ class _QuantBase(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_weight(self.weight_q, self.weight_scale)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and "weight_q" in self.__dict__.get("_buffers", {}):
+            refuse_weight(self)
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         if name == "weight":  # what model code reading layer.weight (dtype, device, shape) expects
@@ -359,6 +364,11 @@ class QuantEmbedding(nn.Module):
                                 not -self.num_embeddings <= pad < self.num_embeddings):
             raise ValueError(f"QuantEmbedding: bad saved padding_idx {pad!r} for {self.num_embeddings} rows")
         self.padding_idx = pad
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and "weight_q" in self.__dict__.get("_buffers", {}):
+            refuse_weight(self)
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         if name == "weight":  # what model code reading embedding.weight (dtype, device, shape) expects

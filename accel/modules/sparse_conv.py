@@ -17,8 +17,9 @@ from ..formats import (
     expand_block_mask,
     topk_block_mask,
 )
+from ..ops._dispatch import as_conv_output
 from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
-from ._common import autocast_dtype, cast_param, normal_tensor, weight_view
+from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, state_absent, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -254,8 +255,14 @@ class SparseConv2d(nn.Module):
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
         # torch's CPU conv crashes or returns garbage on some geometries: routed (accel.cpu.int8.float_conv2d_cpu)
         squeeze = x.dim() == 3
-        y = float_conv2d_cpu(x.unsqueeze(0) if squeeze else x, w, self.bias, self.stride, self.padding, self.dilation)
+        x4 = x.unsqueeze(0) if squeeze else x
+        y = as_conv_output(float_conv2d_cpu(x4, w, self.bias, self.stride, self.padding, self.dilation), x4)
         return y.squeeze(0) if squeeze else y
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
+            refuse_weight(self)
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
         if name == "weight" and "values" in self.__dict__["_parameters"]:
@@ -322,6 +329,8 @@ class SparseConv2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if state_absent(self, state_dict, prefix, missing_keys):  # a load of another part of the model
+            return
         # Validate the whole incoming state first: a failed load leaves this module exactly as it was.
         why = self._incoming_error(state_dict, prefix)
         if why is not None:

@@ -17,7 +17,7 @@ from ..formats import (
     topk_block_mask,
 )
 from ..ops.bsr_linear import module_bsr_linear
-from ._common import autocast_dtype, cast_param, normal_tensor, weight_view
+from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, state_absent, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -183,6 +183,11 @@ class SparseLinear(nn.Module):
             w = w * expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)).to(w.dtype)
         return F.linear(x, w, self.bias)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
+            refuse_weight(self)
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str):
         if name == "weight" and "values" in self.__dict__["_parameters"]:
             # sparse storage: model code reading layer.weight gets the dense (pruned) weight, read-only
@@ -245,6 +250,8 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if state_absent(self, state_dict, prefix, missing_keys):  # a load of another part of the model
+            return
         # Validate the whole incoming state first: a failed load leaves this module exactly as it was.
         why = self._incoming_error(state_dict, prefix)
         if why is not None:

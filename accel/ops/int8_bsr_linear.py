@@ -130,6 +130,8 @@ def dequantized_values(values_q: torch.Tensor, w_scale: torch.Tensor, crow: torc
         rows = bsr_row_indices(crow, col)
         return (values_q.float() * ws.view(nbr, bs)[rows][:, :, None]).to(dtype)
 
+    if torch.compiler.is_compiling() or isinstance(values_q, torch._subclasses.FakeTensor):
+        return build()  # traced (torch.compile's backward): no data pointers to key a cache on
     return cached("int8_bsr_dequantized", (values_q, w_scale, crow, col), (dtype,), build)
 
 

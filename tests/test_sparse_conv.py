@@ -457,6 +457,9 @@ def test_sparsify_with_masks_and_measurement(accel_env, monkeypatch):
     assert [(r["layer"], r["batch"]) for r in rows] == [("c2", 1), ("c2", 4), ("c3", 1), ("c3", 4)]
     for r in rows:
         assert r["ms_before"] > 0 and r["ms_after"] > 0
+        if r["decision"] == "kept dense":  # the in-model check found the sparse conv slower inside the model
+            assert "slower inside the model" in r["reason"] and type(model.get_submodule(r["layer"])) is nn.Conv2d
+            continue
         assert r["decision"].split(": ")[1] in cpu_engines(64 if r["layer"] == "c3" else 32, 16, torch.float32, True)
     engines.clear()
 

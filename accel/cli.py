@@ -280,7 +280,8 @@ def compress(args) -> dict:
         by_layer.setdefault(r["layer"], []).append(r["decision"])
     always_dense = [{"layer": n, "decision": "dense"} for n, ds in by_layer.items() if all(d.endswith("dense") for d in ds)]
     kept_dense = api.linearize_kept_dense_(compressed, always_dense)
-    int8_candidates = set(qat_layers) | set(kept_dense)
+    # (layers the in-model check put back dense are plain nn.Linear already: int8 candidates too)
+    int8_candidates = set(qat_layers) | set(kept_dense) | {d["layer"] for d in always_dense}
     decisions += api.quantize_(compressed, api.QuantConfig(act_qmax=qmax, batch_sizes=batches,
                                                            budget_s=min(0.5, args.budget / 4)),
                                filter_fn=lambda m, n: n in int8_candidates, example_inputs=measure_x)

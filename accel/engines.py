@@ -632,48 +632,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-#: seconds of /proc/stat sampling that tell whether other processes are using the CPUs right now
-BUSY_WINDOW_S = 0.05
-#: other processes using at least this many CPUs (on average over the window) make the machine busy
-BUSY_OTHERS_CPUS = 0.5
-
-
-def _cpu_busy_jiffies() -> int | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle
-
-
-def _others_busy() -> float | None:
-    """CPUs other processes use right now (``/proc/stat`` over :data:`BUSY_WINDOW_S`, minus this process's
-    own CPU time), or None where that is not available. The load average alone lags by about a minute,
-    so a process started just before a measurement would not show in it."""
-    b0, t0 = _cpu_busy_jiffies(), time.process_time()
-    if b0 is None:
-        return None
-    time.sleep(BUSY_WINDOW_S)
-    b1, t1 = _cpu_busy_jiffies(), time.process_time()
-    if b1 is None:
-        return None
-    busy_s = (b1 - b0) / os.sysconf("SC_CLK_TCK")
-    return max(0.0, busy_s - (t1 - t0)) / BUSY_WINDOW_S
-
-
 def _contended() -> bool:
-    """Whether the machine is busy with other work now: the 1-minute load average above the threads accel
-    uses, or other processes using :data:`BUSY_OTHERS_CPUS` CPUs over the last :data:`BUSY_WINDOW_S`."""
     try:
         load = os.getloadavg()[0]
     except OSError:
-        load = 0.0
-    if load > torch.get_num_threads() + 0.75 or load > (os.cpu_count() or 1) + 0.25:
-        return True
-    others = _others_busy()
-    return others is not None and others >= BUSY_OTHERS_CPUS
+        return False
+    return load > torch.get_num_threads() + 0.75 or load > (os.cpu_count() or 1) + 0.25
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -13,13 +13,13 @@ from ..formats import (
     block_grid,
     block_norms,
     check_binary_mask,
-    check_bsr,
     expand_block_mask,
     topk_block_mask,
 )
 from ..ops._dispatch import as_conv_output
 from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
-from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, state_absent, weight_view
+from ._bsr_state import bsr_state_error, load_bsr_state
+from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -298,70 +298,13 @@ class SparseConv2d(nn.Module):
         theirs = {k: extra.get(k) for k in mine}
         if mine != theirs:
             return f"state is for {theirs}, this module is {mine}"
-        has_bias = (prefix + "bias") in state_dict
-        if has_bias != (self.bias is not None):
-            return f"bias {'present' if has_bias else 'missing'} in the state, but this module has " \
-                   f"{'a' if self.bias is not None else 'no'} bias"
-        bs = self.block_size
-        shape = self._matrix_shape()
-        nbr, nbc = self._grid()
-        if extra["mode"] == "dense":
-            w, bm = state_dict.get(prefix + "weight"), state_dict.get(prefix + "block_mask")
-            if w is None or bm is None:
-                return "dense state needs 'weight' and 'block_mask'"
-            if tuple(w.shape) != self.weight_shape or not w.is_floating_point():
-                return f"weight must be a float {self.weight_shape}, got {w.dtype} {tuple(w.shape)}"
-            if tuple(bm.shape) != (nbr, nbc) or bm.dtype != torch.bool:
-                return f"block_mask must be bool {(nbr, nbc)}, got {bm.dtype} {tuple(bm.shape)}"
-            return None
-        values = state_dict.get(prefix + "values")
-        crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
-        if values is None or crow is None or col is None:
-            missing = [n for n, t in (("values", values), ("crow_indices", crow), ("col_indices", col)) if t is None]
-            return f"sparse state is missing {missing}"
-        if values.dim() != 3 or tuple(values.shape[1:]) != (bs, bs) or not values.is_floating_point():
-            return f"values must be float [nnz, {bs}, {bs}], got {values.dtype} {tuple(values.shape)}"
-        try:
-            check_bsr(crow, col, values.shape[0], shape, bs, "SparseConv2d state")
-        except ValueError as e:
-            return str(e)
-        return None
+        return bsr_state_error(state_dict, prefix, extra["mode"], self.bias is not None, self.block_size,
+                               self._matrix_shape(), self.weight_shape, "SparseConv2d")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if state_absent(self, state_dict, prefix, missing_keys):  # a load of another part of the model
-            return
-        # Validate the whole incoming state first: a failed load leaves this module exactly as it was.
-        why = self._incoming_error(state_dict, prefix)
-        if why is not None:
-            error_msgs.append(f"SparseConv2d {prefix.rstrip('.') or '(root)'}: {why}")
-            return
-        # The number of stored blocks and the mode are data: shape this module like the incoming state
-        # (placeholders in this module's dtype/device) so the parent loader can copy into it.
-        extra = state_dict[prefix + "_extra_state"]
-        ref = self.values if self.storage == "sparse" else self.weight
-        bs = self.block_size
-        nbr, _ = self._grid()
-        nnz = state_dict[prefix + "values"].shape[0] if extra["mode"] != "dense" else 0
-        placeholder = BSRMatrix(
-            torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
-            torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
-            torch.zeros(nnz, dtype=torch.int64, device=ref.device),
-            self._matrix_shape(), bs,
-        )
-        saved = (dict(self._parameters), dict(self._buffers), self.mode)
-        self._set_structure(placeholder, extra["mode"])
-        n_errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if len(error_msgs) > n_errors:  # restore the old structure
-            self._parameters.clear()
-            self._parameters.update(saved[0])
-            self._buffers.clear()
-            self._buffers.update(saved[1])
-            self.mode = saved[2]
-        elif self.storage == "sparse" and self.crow_indices.dtype != torch.int64:
-            self.crow_indices = self.crow_indices.long()
+        load_bsr_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+                       self._matrix_shape())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

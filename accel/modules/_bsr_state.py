@@ -1,0 +1,81 @@
+"""State-dict validation and loading shared by the block-sparse float modules (``SparseLinear``,
+``SparseConv2d``): both store ``values`` / ``crow_indices`` / ``col_indices`` (sparse storage) or a
+masked ``weight`` / ``block_mask`` (dense storage) of one block-sparse matrix."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..formats import BSRMatrix, block_grid, check_bsr
+from ._common import state_absent
+
+
+def bsr_state_error(state_dict, prefix: str, mode: str, has_bias: bool, block: int, matrix_shape: tuple[int, int],
+                    weight_shape: tuple[int, ...], what: str) -> str | None:
+    """Why the tensors of an incoming ``mode`` state cannot be loaded (None if they can): bias presence,
+    dense ``weight`` / ``block_mask`` or sparse ``values`` and a valid structure of ``matrix_shape``."""
+    incoming_bias = (prefix + "bias") in state_dict
+    if incoming_bias != has_bias:
+        return f"bias {'present' if incoming_bias else 'missing'} in the state, but this module has " \
+               f"{'a' if has_bias else 'no'} bias"
+    nbr, nbc = block_grid(matrix_shape, block)
+    if mode == "dense":
+        w, bm = state_dict.get(prefix + "weight"), state_dict.get(prefix + "block_mask")
+        if w is None or bm is None:
+            return "dense state needs 'weight' and 'block_mask'"
+        if tuple(w.shape) != tuple(weight_shape) or not w.is_floating_point():
+            return f"weight must be a float {tuple(weight_shape)}, got {w.dtype} {tuple(w.shape)}"
+        if tuple(bm.shape) != (nbr, nbc) or bm.dtype != torch.bool:
+            return f"block_mask must be bool {(nbr, nbc)}, got {bm.dtype} {tuple(bm.shape)}"
+        return None
+    values = state_dict.get(prefix + "values")
+    crow, col = state_dict.get(prefix + "crow_indices"), state_dict.get(prefix + "col_indices")
+    if values is None or crow is None or col is None:
+        missing = [n for n, t in (("values", values), ("crow_indices", crow), ("col_indices", col)) if t is None]
+        return f"sparse state is missing {missing}"
+    if values.dim() != 3 or tuple(values.shape[1:]) != (block, block) or not values.is_floating_point():
+        return f"values must be float [nnz, {block}, {block}], got {values.dtype} {tuple(values.shape)}"
+    try:
+        check_bsr(crow, col, values.shape[0], matrix_shape, block, f"{what} state")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                   error_msgs, matrix_shape: tuple[int, int]) -> None:
+    """``_load_from_state_dict`` of a block-sparse module: the whole incoming state is validated first
+    (``module._incoming_error``), so a failed load leaves the module exactly as it was; the number of
+    stored blocks and the mode are data, so the module is shaped like the incoming state (placeholders
+    in its dtype/device) before the parent loader copies into it, and restored if that fails."""
+    if state_absent(module, state_dict, prefix, missing_keys):  # a load of another part of the model
+        return
+    why = module._incoming_error(state_dict, prefix)
+    if why is not None:
+        error_msgs.append(f"{type(module).__name__} {prefix.rstrip('.') or '(root)'}: {why}")
+        return
+    mode = state_dict[prefix + "_extra_state"]["mode"]
+    ref = module.values if module.storage == "sparse" else module.weight
+    bs = module.block_size
+    nbr, _ = block_grid(matrix_shape, bs)
+    nnz = state_dict[prefix + "values"].shape[0] if mode != "dense" else 0
+    placeholder = BSRMatrix(
+        torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
+        torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
+        torch.zeros(nnz, dtype=torch.int64, device=ref.device),
+        matrix_shape, bs,
+    )
+    saved = (dict(module._parameters), dict(module._buffers), module.mode)
+    module._set_structure(placeholder, mode)
+    n_errors = len(error_msgs)
+    nn.Module._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                    error_msgs)
+    if len(error_msgs) > n_errors:  # restore the old structure
+        module._parameters.clear()
+        module._parameters.update(saved[0])
+        module._buffers.clear()
+        module._buffers.update(saved[1])
+        module.mode = saved[2]
+    elif module.storage == "sparse" and module.crow_indices.dtype != torch.int64:
+        module.crow_indices = module.crow_indices.long()

@@ -197,7 +197,8 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
     Measured like an engine decision and kept with them (``accel.engines.choose``: minimum over
     interleaved rounds, close calls measured longer, the replacement kept unless the original is
     faster by the margin, cached per layer type, shape, bucket and dtype): identical layers get one
-    answer, and a busy machine does not flip it. The speedup is 1.0 within the margin."""
+    answer, and a busy machine does not flip it. The speedup is 1.0 within the margin, and NaN when the
+    machine was busy (the replacement is then kept untimed: see :func:`_vs`)."""
     w = getattr(new, "weight_q", None)
     shape = tuple(w.shape) if w is not None else (getattr(new, "out_features", None), getattr(new, "in_features", None),
                                                   getattr(new, "density", None))
@@ -214,16 +215,25 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
                             budget_s=budget_s)
         times = d.times_ms
     t_old, t_new = times["old"], times["new"]
+    if dec is not None and dec.contended:  # timings on a busy machine decide nothing, and are not reported
+        return t_old, t_new, math.nan
     faster_old = dec is not None and dec.engine == "old"
     speedup = t_old / t_new if faster_old or t_old > t_new * (1 + engines.MARGIN) else max(1.0, t_old / t_new)
     return t_old, t_new, speedup
+
+
+def _vs(timing: tuple[float, float, float], what: str) -> str:
+    """The report's speed note for a :func:`_measure` result."""
+    if math.isnan(timing[2]):
+        return "machine busy while measuring: the default, measured again by the next process"
+    return f"{timing[2]:.2f}x {what}"
 
 
 def _row(name, module, x, decision, reason="", timing=None, batch=None):
     row = {"layer": name, "kind": type(module).__name__, "input_shape": None if x is None else list(x.shape),
            "batch": batch, "decision": decision, "reason": reason}
     if timing is not None:
-        row.update(ms_before=timing[0], ms_after=timing[1], speedup=timing[2])
+        row.update(ms_before=timing[0], ms_after=timing[1], speedup=None if math.isnan(timing[2]) else timing[2])
     return row
 
 
@@ -270,8 +280,8 @@ def _in_model_check(model: nn.Module, fallbacks: dict[str, nn.Module], calls: li
     model runs with all converted layers and with all fallbacks in turn (alternating, the minimum over
     rounds: contention only adds time), with a forward hook timing each layer where it sits. A layer
     keeps its conversion unless its fallback is faster by the engines' margin at every batch size
-    measured; on a busy machine (``accel.engines``' load test) the check is skipped, so load cannot
-    flip what the model runs. ``fallbacks``: name -> the module to use instead (the
+    measured; on a busy machine (``accel.engines``' contention test, before and during the timing) the
+    check changes nothing, so load cannot flip what the model runs. ``fallbacks``: name -> the module to use instead (the
     original float layer for ``quantize_``, the masked dense layer for ``sparsify_``)."""
     import time
 
@@ -280,6 +290,7 @@ def _in_model_check(model: nn.Module, fallbacks: dict[str, nn.Module], calls: li
         return {}
     if engines._contended():  # a busy machine: whole-model timings are noise; the per-layer decisions stand
         return {}
+    mark = engines.wait_mark()
     converted = {n: model.get_submodule(n) for n in names}
     margin = engines.MARGIN
 
@@ -328,6 +339,8 @@ def _in_model_check(model: nn.Module, fallbacks: dict[str, nn.Module], calls: li
     finally:
         replace_modules(model, converted)
         model.train(was_training)
+    if engines._contended(mark):  # the machine got busy while timing: as above, nothing is changed
+        return {}
     revert = {}
     for n in names:
         pairs = [(a, b) for a, b in slower[n] if math.isfinite(a) and math.isfinite(b)]
@@ -497,7 +510,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
                     new(x)  # makes (and caches) this machine's decision for this shape and bucket
                 timing = _measure(lin, new, x, config.budget_s)
                 layer_rows.append(_row(name, lin, x, _decision_of(new, x),
-                                       f"density {new.density:.3f}; {timing[2]:.2f}x dense", timing, batch))
+                                       f"density {new.density:.3f}; {_vs(timing, 'dense')}", timing, batch))
             if not measured:
                 layer_rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
             rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
@@ -684,11 +697,12 @@ def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, 
         with torch.no_grad():
             new(x)  # makes (and caches) this machine's decision for this shape and bucket
         timing = _measure(m, new, x, config.budget_s)
-        layer_rows.append(_row(name, m, x, _decision_of(new, x), f"{timing[2]:.2f}x float", timing, batch))
+        layer_rows.append(_row(name, m, x, _decision_of(new, x), _vs(timing, "float"), timing, batch))
     if not measured:
         why = "weight-only int8 rows" if isinstance(new, QuantEmbedding) else "not measured"
         layer_rows.append(_row(name, m, None, f"int8 {getattr(new, 'mode', 'weight_only')}", why))
-    keep = config.keep_float and measured and all(r.get("speedup", 1.0) < 1.0 for r in layer_rows)
+    keep = config.keep_float and measured and all(r.get("speedup") is not None and r["speedup"] < 1.0
+                                                     for r in layer_rows)
     if keep:  # slower than the float layer at every batch size measured: the original stays (and is exact)
         for r in layer_rows:
             r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"

@@ -14,13 +14,15 @@ Measurement (:func:`measure`) is built to give the same answer on a noisy shared
   **minimum** over rounds (contention only ever adds time);
 * a candidate whose first call is more than :data:`TOO_SLOW` times the fastest first call is
   dropped without timing (``torch._int_mm`` on CPUs without VNNI is a reference loop);
-* a candidate must beat the incumbent (the op's documented default) by :data:`MARGIN` (by
-  :data:`CONTENDED_MARGIN` on a busy machine), so a close call keeps the same answer on every run;
-  close calls get extra rounds between the two;
+* a candidate must beat the incumbent (the op's documented default) by :data:`MARGIN`, so a close
+  call keeps the same answer on every run; close calls get extra rounds between the two;
 * candidates are checked against a reference output first: one that is wrong (below
   ``min_sqnr`` dB against the reference, or raises) is never chosen, and the reason is recorded;
-* a key measured while the machine was busy (load average above the threads accel uses) is
-  flagged ``contended``: it is used by this process but measured again by the next one.
+* on a busy machine the timings decide nothing (a multi-threaded op whose threads lose their CPUs
+  runs anywhere from 1x to 100x its quiet time, round to round): the incumbent is kept and the key
+  is flagged ``contended``, used by this process and measured again by the next one. Busy means the
+  load average is above the threads accel uses, or accel's threads waited for a CPU (Linux
+  scheduler statistics, seen at once) for :data:`CONTENDED_WAIT` of the measurement.
 
 Cache: ``$ACCEL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/accel`` or ``~/.cache/accel``), one JSON
 file per machine fingerprint (CPU model and ISA flags, torch version, threads, oneDNN / ATen ISA
@@ -69,10 +71,6 @@ import torch
 ENGINE_VERSION = 3
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
-#: ... and by this much when the machine is busy (load above the threads accel uses): a busy machine
-#: keeps the incumbent unless a challenger is clearly faster, so decisions do not flip with the load;
-#: such decisions are flagged ``contended`` and measured again by the next process
-CONTENDED_MARGIN = 0.30
 #: two best candidates closer than this get extra rounds between them
 CLOSE = 0.10
 #: candidates slower than this times the fastest first call are dropped unmeasured
@@ -632,12 +630,52 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _contended() -> bool:
+#: a measurement during which accel's threads waited, runnable, for a CPU at least this fraction of the time
+#: (Linux scheduler statistics) was made on a busy machine
+CONTENDED_WAIT = 0.05
+
+
+def _run_delay_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (``/proc/self/task/*/schedstat``),
+    or None where the kernel does not report it."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, seen = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+            seen = True
+        except (OSError, ValueError, IndexError):  # a thread that exited meanwhile, or no schedstat
+            continue
+    return total * 1e-9 if seen else None
+
+
+def wait_mark() -> tuple[float, float] | None:
+    """A starting point for :func:`_contended`: (now, run delay so far), or None without scheduler statistics."""
+    d = _run_delay_s()
+    return None if d is None else (time.perf_counter(), d)
+
+
+def _contended(mark: tuple[float, float] | None = None) -> bool:
+    """Whether other work competes for the CPUs accel uses: the 1-minute load average above its threads, or,
+    given a :func:`wait_mark`, accel's threads waiting for a CPU :data:`CONTENDED_WAIT` of the time since the
+    mark. The second is seen at once (another process started a second ago does not show in the load average
+    for about a minute) and counts only time taken from this process."""
     try:
         load = os.getloadavg()[0]
     except OSError:
+        load = 0.0
+    threads = torch.get_num_threads()
+    if load > threads + 0.75 or load > (os.cpu_count() or 1) + 0.25:
+        return True
+    if mark is None:
         return False
-    return load > torch.get_num_threads() + 0.75 or load > (os.cpu_count() or 1) + 0.25
+    d = _run_delay_s()
+    wall = time.perf_counter() - mark[0]
+    return d is not None and wall > 0 and (d - mark[1]) / (wall * threads) >= CONTENDED_WAIT
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -662,11 +700,16 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
     ``incumbent`` wins unless another candidate is at least :data:`MARGIN` faster. With
     ``reference``, each candidate's first output is compared to it and candidates below
     ``min_sqnr`` dB are rejected (``min_sqnr=None``: only raising candidates are rejected).
+    On a busy machine (:func:`_contended`, before or during the timing) the timings decide nothing:
+    the incumbent is kept (or, if it cannot run the call, the first candidate that can) and the
+    decision is flagged ``contended``.
     """
     budget_s = BUDGET_S if budget_s is None else budget_s
     rejected: dict[str, str] = {}
     first: dict[str, float] = {}
     ref = None
+    contended = _contended()
+    mark = wait_mark()
     with torch.no_grad():
         if reference is not None:
             ref = reference()
@@ -690,6 +733,8 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
                     del first[name]
     if not first:
         raise RuntimeError(f"no engine could run this call: {rejected}")
+    if contended or _contended(mark):
+        return _busy(first, incumbent, rejected, 0)
     fastest = min(first.values())
     for name, t in list(first.items()):
         if t > TOO_SLOW * fastest and t > TOO_SLOW_ABS_S:
@@ -698,7 +743,6 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
     names = list(first)
     best: dict[str, float] = {n: math.inf for n in names}
     rng = random.Random(seed)
-    contended = _contended()
 
     def rounds(pool: list[str], n_min: int, n_max: int, budget: float) -> int:
         start, done = time.perf_counter(), 0
@@ -722,16 +766,27 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
         a, b = ranked[0], ranked[1]
         if best[b] < best[a] * (1 + CLOSE):  # close call: more rounds between the two
             n += rounds([a, b], MIN_ROUNDS, MAX_ROUNDS, budget_s)
-        contended = contended or _contended()
     else:
         best = {names[0]: first[names[0]]}
+    if _contended(mark):
+        return _busy(best, incumbent, rejected, n)
     winner = min(names, key=best.__getitem__)
-    margin = CONTENDED_MARGIN if contended else MARGIN
-    if incumbent in best and winner != incumbent and best[incumbent] < best[winner] * (1 + margin):
+    if incumbent in best and winner != incumbent and best[incumbent] < best[winner] * (1 + MARGIN):
         winner = incumbent
     return Decision(engine=winner, measured=True, times_ms={k: v * 1e3 for k, v in best.items()}, rejected=rejected,
-                    rounds=n, contended=contended,
+                    rounds=n, contended=False,
                     when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _busy(times: dict[str, float], incumbent: str, rejected: dict[str, str], rounds: int) -> Decision:
+    """The decision of a measurement made on a busy machine: timings there move by tens of percent (up to
+    100x for a multi-threaded op whose threads lose their CPUs) from round to round, so they decide nothing.
+    The incumbent is kept, or the first candidate that ran the call where the incumbent could not."""
+    engine = incumbent if incumbent in times else next(iter(times))
+    return Decision(engine=engine, measured=False, times_ms={k: v * 1e3 for k, v in times.items()},
+                    rejected=rejected, rounds=rounds, contended=True,
+                    when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    note="machine busy while measuring: the default, measured again by the next process")
 
 
 _measure_lock = threading.RLock()  # re-entrant: measuring a form measures its engines

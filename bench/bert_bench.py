@@ -126,24 +126,36 @@ def _load(stop):
 
 
 def stability(model: nn.Module, batches: list[int], tokens: int, runs: int = 3) -> dict:
-    """quantize_ ``runs`` times, each with no cached decisions, while another process loads the CPU."""
+    """quantize_ ``runs`` times, each with no cached decisions (memory or disk), while another process loads
+    the CPU."""
+    saved = os.environ.get("ACCEL_ENGINE_CACHE")
+    os.environ["ACCEL_ENGINE_CACHE"] = "0"  # every run measures: nothing is read from (or left in) the cache file
+    engines.reload_env()
     stop = mp.get_context("spawn").Event()
     loader = mp.get_context("spawn").Process(target=_load, args=(stop,), daemon=True)
     loader.start()
     try:
-        seen = []
+        seen, busy, total = [], [], []
         for _ in range(runs):
             engines.clear()
             q = copy.deepcopy(model)
             rows = accel.quantize_(q, accel.QuantConfig(batch_sizes=tuple(batches), budget_s=0.05),
                                    example_inputs=inputs(1, tokens))
             seen.append({(r["layer"], r["batch"]): r["decision"] for r in rows if r["batch"] is not None})
+            busy.append(sum(d.contended for d in engines.decisions().values()))
+            total.append(len(engines.decisions()))
     finally:
         stop.set()
         loader.join(timeout=10)
+        if saved is None:
+            os.environ.pop("ACCEL_ENGINE_CACHE", None)
+        else:
+            os.environ["ACCEL_ENGINE_CACHE"] = saved
+        engines.reload_env()
     keys = seen[0].keys()
     differ = [k for k in keys if len({s[k] for s in seen}) > 1]
-    return {"runs": runs, "decisions": len(keys), "differ": len(differ),
+    return {"runs": runs, "decisions": len(keys), "differ": len(differ), "engine_keys_per_run": total,
+            "engine_keys_measured_busy_per_run": busy,
             "differing": [[*k, sorted({s[k] for s in seen})] for k in differ[:24]]}
 
 

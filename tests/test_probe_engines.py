@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cache(tmp_path, monkeypatch, accel_env):
     accel_env(ACCEL_CACHE_DIR=str(tmp_path), ACCEL_ENGINE_MEASURE="1", ACCEL_ENGINE=None)
     monkeypatch.setattr(engines, "BUDGET_S", 0.02)
-    monkeypatch.setattr(engines, "_contended", lambda: False)
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)
     engines.clear()
     yield tmp_path
     engines.clear()

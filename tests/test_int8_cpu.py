@@ -189,3 +189,21 @@ def test_near_ties_keep_accels_integers(engine):
     xc = x.view(1, 16, 1, 1)
     yc = C.conv2d_int8_cpu(xc, wq.view(16, 16, 1, 1), ws, qmax=63)
     assert torch.equal(yc.flatten()[:5], y[0, :5])
+
+
+@pytest.mark.parametrize("zp", [128, 64])
+def test_to_uint8_rounds_half_to_even_exactly(zp):
+    """The one-add conversion gives round_half_even(v) + zp for every value in range: integers, exact ties,
+    values next to ties, and the ends of the range, in NCHW and channels_last."""
+    ties = torch.arange(-zp * 4, (255 - zp) * 4 + 1, dtype=torch.float32) / 4
+    near = torch.cat([torch.nextafter(ties, torch.tensor(-1e9)), torch.nextafter(ties, torch.tensor(1e9))])
+    near = near.clamp(-zp, 255 - zp)
+    rand = (torch.rand(100_000) * 2 - 1) * min(zp, 255 - zp)
+    for v in (ties, near, rand):
+        want = (torch.round(v) + zp).to(torch.uint8)
+        assert torch.equal(C._to_uint8(v.clone(), zp), want)
+    img = (torch.rand(2, 5, 3, 4) * 2 - 1) * 127
+    cl = img.contiguous(memory_format=torch.channels_last)
+    got = C._to_uint8(cl.clone(memory_format=torch.channels_last), zp if zp == 128 else 128)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, (torch.round(img) + 128).to(torch.uint8))

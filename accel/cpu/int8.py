@@ -203,23 +203,37 @@ def act_scale_inv(x: torch.Tensor, qmax: int, static_scale: torch.Tensor | None)
     return scale, inv
 
 
-def _scaled_rounded(x: torch.Tensor, inv: torch.Tensor, qmax: int, saturate: bool, slot: str) -> torch.Tensor:
-    """``round_half_even(clamp(x * inv))`` as float32 integers in a reused buffer (``inv`` broadcasts)."""
+def _scaled_rounded(x: torch.Tensor, inv: torch.Tensor, qmax: int, saturate: bool, slot: str,
+                    rounded: bool = True) -> torch.Tensor:
+    """``round_half_even(clamp(x * inv))`` as float32 integers in a reused buffer (``inv`` broadcasts);
+    ``rounded=False`` leaves out the rounding, for a caller that only passes the values to :func:`_to_uint8`
+    (which rounds them as it converts)."""
     out = scratch(slot, x.numel(), torch.float32).view(x.shape)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
     torch.mul(x, inv, out=out)
     if saturate:
         out.clamp_(-qmax, qmax)
-    return out.round_()
+    return out.round_() if rounded else out
+
+
+#: adding 1.5 * 2**23 to an fp32 value of magnitude below 2**22 rounds it to an integer (half to even, the
+#: IEEE default) held in the low mantissa bits: ``bits(v + MAGIC) = bits(MAGIC) + round(v)``
+_ROUND_MAGIC = 12582912.0
 
 
 def _to_uint8(v: torch.Tensor, zp: int) -> torch.Tensor:
-    """float integers in [-zp, 255 - zp] -> uint8 ``v + zp`` (exact), in ``v``'s memory format."""
+    """fp32 ``v`` in [-zp, 255 - zp] (integers or not) -> uint8 ``round_half_even(v) + zp``, exact, in ``v``'s
+    memory format; ``v`` is overwritten.
+
+    Two passes instead of three (round, add, float -> uint8 convert): one add puts ``round(v) + zp`` into
+    the low byte of the fp32 bits, and an int32 -> uint8 copy (which keeps the low byte) takes it out.
+    """
     fmt = torch.channels_last if v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) else \
         torch.contiguous_format
     out = torch.empty_like(v, dtype=torch.uint8, memory_format=fmt)
-    return out.copy_(v.add_(zp))
+    v.add_(_ROUND_MAGIC + zp)
+    return out.copy_(v.view(torch.int32))
 
 
 def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +243,8 @@ def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear: the GEMM engines. Each returns fp32 ``(q @ w_q^T) * w_scale`` for the rounded float ``v``.
+# Linear: the GEMM engines. Each returns fp32 ``(q @ w_q^T) * w_scale`` for ``q = round(v)`` (``v`` already
+# rounded, except where only oneDNN takes it: :func:`_to_uint8` rounds).
 # ---------------------------------------------------------------------------------------------
 def _fbgemm_pack(w_q, w_scale):
     zero = torch.zeros(w_q.shape[0], dtype=torch.int64)
@@ -338,7 +353,7 @@ def linear_int8_cpu(
             return _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, static_scale is not None,
                                    x.dtype)
     scale, inv = act_scale_inv(xf, qmax, static_scale)
-    v = _scaled_rounded(xf, inv[:, None], qmax, static_scale is not None, "int8.v")
+    v = _scaled_rounded(xf, inv[:, None], qmax, static_scale is not None, "int8.v", rounded=engine != "onednn")
     if engine == "onednn" and x.dtype == torch.bfloat16 and bool(torch.isfinite(scale).all()):
         # bf16 out of oneDNN and a bf16 epilogue: a third of the output traffic of the fp32 epilogue
         # (one more bf16 rounding, for the layer that returns bf16 anyway); NaN rows take the fp32 path
@@ -377,7 +392,8 @@ def _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, s
     torch.mul(xf, inv, out=v)
     if saturate:
         v.clamp_(-qmax, qmax)
-    v.round_()
+    if engine != "onednn":  # oneDNN takes uint8, which _to_uint8 rounds as it converts
+        v.round_()
     if engine == "onednn":  # x scale, bias and the activation fused into oneDNN's epilogue
         packed = _cached("onednn_linear", (w_q,), (), lambda: _onednn_pack(w_q))
         post = activation if activation in ("relu", "gelu") else "none"
@@ -538,7 +554,7 @@ def _im2col_u8(u8: torch.Tensor, kh, kw, stride, padding, dilation, zp: int) -> 
 
 
 def _conv_gemm(engine: str, v, w_q, w_scale, zp: int, stride, padding, dilation) -> torch.Tensor:
-    """fp32 ``conv(q, w_q) * w_scale`` for the rounded float integers ``v [B, C, H, W]`` (zero point ``zp``)."""
+    """fp32 ``conv(q, w_q) * w_scale`` for ``q = round(v)``, ``v [B, C, H, W]`` fp32 (zero point ``zp``)."""
     b, c, h, w = v.shape
     o, _, kh, kw = w_q.shape
     if engine == "onednn":
@@ -583,7 +599,7 @@ def conv2d_int8_cpu(
                          f"padding {list(padding)}, dilation {list(dilation)}; use the 'im2col' engine")
     xf = x if x.dtype == torch.float32 else x.float()
     scale, inv = act_scale_inv(xf, qmax, static_scale)
-    v = _scaled_rounded(xf, inv[:, None, None, None], qmax, static_scale is not None, "int8.conv_v")
+    v = _scaled_rounded(xf, inv[:, None, None, None], qmax, static_scale is not None, "int8.conv_v", rounded=split)
     if split:
         hi, lo = _split(v)
         y = _conv_gemm(base, hi, w_q, w_scale, 64, stride, padding, dilation)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.int8 import check_conv_geometry, module_conv2d, module_linear
+from ..ops.int8 import check_conv_geometry, forget_plans, module_conv2d, module_linear
 from ..quant import ACTIVATIONS, dequantize_weight, quantize_weight
 from ._common import refuse_weight, weight_view
 
@@ -121,6 +121,7 @@ class _QuantBase(nn.Module):
                                       error_msgs)
 
     def _apply(self, fn, recurse=True):
+        forget_plans(self)  # the resolved calls hold the tensors (and weights derived from them) being replaced
         # weight_scale / act_scale follow the module's device but stay float32: fp16 turns small scales into 0
         keep = {n: self._buffers[n] for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
         for n in keep:
@@ -222,7 +223,7 @@ class QuantLinear(_QuantBase):
         b = self._buffers
         return module_linear(x, b["weight_q"], b["weight_scale"], b["bias"],
                              self._static_scale() if self.mode == "static" else None, self.activation, self.mode,
-                             self.act_qmax)
+                             self.act_qmax, self)
 
     def extra_repr(self) -> str:
         q = f", act_qmax={self.act_qmax}" if self.act_qmax else ""
@@ -294,7 +295,7 @@ class QuantConv2d(_QuantBase):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         return module_conv2d(x, b["weight_q"], b["weight_scale"], b["bias"], self.stride, self.padding, self.dilation,
                              self._static_scale() if self.mode == "static" else None, self.activation,
-                             "auto" if self.mode == "auto" else "int8", self.act_qmax)
+                             "auto" if self.mode == "auto" else "int8", self.act_qmax, self)
 
     def extra_repr(self) -> str:
         q = f", act_qmax={self.act_qmax}" if self.act_qmax else ""

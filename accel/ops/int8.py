@@ -27,12 +27,14 @@ such a layer raises when a gradient is needed. To train int8 layers, use ``accel
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .. import engines
 from ..cpu import int8 as cpu_int8
-from ..quant import ACTIVATIONS, QMAX, dequantize_weight
+from ..quant import ACTIVATIONS, QMAX, activate, dequantize_weight
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -430,19 +432,101 @@ def int8_linear(
 
 
 def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  act_scale: torch.Tensor | None, activation: str, mode: str, act_qmax: int) -> torch.Tensor:
+                  act_scale: torch.Tensor | None, activation: str, mode: str, act_qmax: int,
+                  owner: object | None = None) -> torch.Tensor:
     """:func:`int8_linear` for a ``QuantLinear``'s own buffers (validated when they were set or loaded):
-    only ``x`` is checked, so a call costs a few microseconds more than its engine."""
+    only ``x`` is checked, so a call costs a few microseconds more than its engine. ``owner`` (the
+    module) keeps the resolved call per input dtype and bucket of rows (:func:`_planned`)."""
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() == 0 or \
             x.shape[-1] != w_q.shape[1]:
         return int8_linear(x, w_q, w_scale, bias, activation=activation, act_scale=act_scale, mode=mode,
                            act_qmax=act_qmax)  # the full checks raise the clear error / record autograd
-    if x.dim() == 2:
-        return _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
-    lead = x.shape[:-1]
-    y = _int8_linear_impl(x.reshape(math.prod(lead), x.shape[-1]), w_q, w_scale, bias, act_scale, activation, mode,
-                          act_qmax)
-    return y.view(*lead, w_q.shape[0])
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    if owner is not None and x2.device.type == "cpu" and x2.shape[0] and x2.shape[1] and w_q.shape[0] and \
+            engines.env("ACCEL_FORCE_TRITON") != "1":
+        y = _planned(owner, (x2.dtype, engines.m_bucket(x2.shape[0])), (w_q, w_scale, bias, act_scale),
+                     (activation, mode, act_qmax), _LINEAR_OPS,
+                     lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax), x2)
+    else:
+        y = _int8_linear_impl(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], w_q.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# resolved calls of a layer (CPU eager inference): the per-call cost of a settled decision
+# ---------------------------------------------------------------------------------------------
+class _Plan:
+    """One layer's resolved call for one kind of input (dtype, bucket of rows, ...): the form and engine
+    decided, the derived weight fetched, and the function that runs them. Valid while the layer's tensors
+    are the same objects at the same versions, its settings are unchanged and no engine decision changed.
+    ``notes``: the decision keys the call used, noted again on every call (``accel.engines.last_key``)."""
+
+    __slots__ = ("fn", "stamp", "tensors", "versions", "settings", "notes")
+
+    def __init__(self, fn, tensors, settings, notes):
+        self.fn, self.tensors, self.settings, self.notes = fn, tensors, settings, notes
+        self.stamp, self.versions = engines.stamp(), _versions(tensors)
+
+    def valid(self, tensors, settings) -> bool:
+        return (self.stamp == engines.stamp() and self.settings == settings
+                and all(a is b for a, b in zip(self.tensors, tensors)) and self.versions == _versions(tensors))
+
+
+def _versions(tensors) -> tuple:
+    return tuple(-1 if t is None or t.is_inference() else t._version for t in tensors)
+
+
+#: module -> {input kind: _Plan}; weak, so plans die with their layer (and are never pickled or copied)
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget_plans(owner: object) -> None:
+    """Drop ``owner``'s resolved calls (its tensors are being moved or replaced)."""
+    _PLANS.pop(owner, None)
+
+
+def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str, ...], resolve, x) -> torch.Tensor:
+    """``x`` through ``owner``'s resolved call for inputs like ``x`` (``key``), made by ``resolve()`` when
+    missing or stale.
+
+    A settled call then costs a dictionary lookup and identity/version checks before the engine runs,
+    instead of the dispatch chain (form, engine, derived-weight cache lookups): ~10-15 us on the CPU,
+    which a small layer at batch 1 feels."""
+    plans = _PLANS.get(owner)
+    if plans is None:
+        plans = _PLANS[owner] = {}
+    plan = plans.get(key)
+    if plan is None or not plan.valid(tensors, settings):
+        if plan is not None:  # the layer changed: every kind's plan is stale, and holds the old tensors
+            plans.clear()
+        fn = resolve()
+        plan = plans[key] = _Plan(fn, tensors, settings, tuple((op, engines.last_key(op)) for op in ops))
+    for op, k in plan.notes:
+        engines.note_key(op, k)
+    return plan.fn(x)
+
+
+_LINEAR_OPS = ("quant_linear_form", "int8_linear", "int8_weight_only_linear")
+
+
+def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
+    """The function running ``x``'s call as :func:`_linear_body` would (deciding form and engine now)."""
+    qmax = _qmax(act_qmax)
+    if mode == "auto":
+        mode = _auto_form(x, w_q, w_scale, bias, activation, qmax, "cpu")
+    if mode in ("float", "float_bf16"):
+        dt = torch.bfloat16 if mode == "float_bf16" else x.dtype
+        w = cpu_int8.dequantized(w_q, w_scale, dt)
+        b = None if bias is None else bias.to(dt)
+        if dt == x.dtype and activation == "none":
+            return lambda x: F.linear(x, w, b)
+        out = x.dtype
+        return lambda x: activate(F.linear(x.to(dt), w, b), activation, inplace=True).to(out)
+    if mode == "weight_only":
+        engine = _weight_only_engine(x, w_q, w_scale, bias, activation)
+        return lambda x: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, engine)
+    engine = _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax)
+    return lambda x: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)
 
 
 def check_conv_geometry(what: str, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
@@ -496,9 +580,9 @@ def int8_conv2d(
 
 def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, stride,
                   padding, dilation, act_scale: torch.Tensor | None, activation: str, mode: str,
-                  act_qmax: int) -> torch.Tensor:
+                  act_qmax: int, owner: object | None = None) -> torch.Tensor:
     """:func:`int8_conv2d` for a ``QuantConv2d``'s own buffers and geometry (validated at construction and
-    load): only ``x`` is checked."""
+    load): only ``x`` is checked. ``owner`` (the module) keeps the resolved call per kind of input."""
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() != 4 or \
             x.shape[1] != w_q.shape[1] or x.shape[0] == 0:
         return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
@@ -507,4 +591,37 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     if x.shape[2] + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or x.shape[3] + 2 * padding[1] < dilation[1] * (kw - 1) + 1:
         return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
                            mode=mode, act_qmax=act_qmax)  # raises the clear error
+    if owner is not None and x.device.type == "cpu" and engines.env("ACCEL_FORCE_TRITON") != "1":
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        key = (x.dtype, engines.m_bucket(x.shape[0]), x.shape[2], x.shape[3], cl)
+        settings = (tuple(stride), tuple(padding), tuple(dilation), activation, mode, act_qmax)
+        return _planned(owner, key, (w_q, w_scale, bias, act_scale), settings, ("int8_conv2d",),
+                        lambda: _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation,
+                                              mode, act_qmax), x)
     return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
+
+
+def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax):
+    """The function running ``x``'s call as :func:`_int8_conv2d_impl` does on the CPU (deciding the engine now)."""
+    qmax = _qmax(act_qmax)
+    engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
+    c, h, wd = x.shape[1:]
+    if engine not in FLOAT_CONV_FORMS or not cpu_int8.onednn_conv_ok(c, h, wd, w_q.shape[2], w_q.shape[3],
+                                                                     tuple(stride), tuple(padding), tuple(dilation)):
+        # int8, or a geometry torch's own conv gets wrong (the float form's safe path): the engine call as is
+        return lambda x: _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation,
+                                           mode, act_qmax)
+    dt = torch.bfloat16 if engine == "float_bf16" else x.dtype
+    layout = torch.contiguous_format if engine == "float_nchw" else torch.channels_last
+    w = cpu_int8.dequantized(w_q, w_scale, dt, layout)
+    b = None if bias is None else bias.to(dt)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+
+    def run(x):
+        xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
+        y = F.conv2d(xc, w, b, stride, padding, dilation)
+        if activation != "none":
+            y = activate(y, activation, inplace=True)
+        return as_conv_output(y if y.dtype == x.dtype else y.to(x.dtype), x)
+
+    return run

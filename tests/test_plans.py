@@ -1,0 +1,105 @@
+"""A layer's resolved call (``accel.ops.int8._planned``): an ``auto`` or int8 layer remembers, per kind of
+input, the form, engine and derived weight it runs, so a settled call skips the dispatch chain. The plan
+must give exactly what the dispatch path gives, and must never outlive what it was made from: the
+layer's tensors (replaced or changed in place), its settings, and the engine decisions."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from accel import QuantConv2d, QuantLinear, engines
+from accel.ops import int8 as ops
+
+LINEAR_FORMS = ("dynamic", "weight_only", "float", "float_bf16")
+CONV_FORMS = ("onednn", "im2col", "float", "float_nchw", "float_bf16")
+
+
+def _unplanned_linear(q, x):
+    b = q._buffers
+    return ops.module_linear(x, b["weight_q"], b["weight_scale"], b["bias"],
+                             q.act_scale if q.mode == "static" else None, q.activation, q.mode, q.act_qmax, None)
+
+
+def _unplanned_conv(q, x):
+    b = q._buffers
+    return ops.module_conv2d(x, b["weight_q"], b["weight_scale"], b["bias"], q.stride, q.padding, q.dilation,
+                             q.act_scale if q.mode == "static" else None, q.activation,
+                             "auto" if q.mode == "auto" else "int8", q.act_qmax, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", LINEAR_FORMS)
+def test_planned_linear_equals_the_dispatch_path(form, dtype):
+    if form == "float_bf16" and dtype != torch.float32:
+        pytest.skip("float_bf16 is a form of fp32 inputs")
+    q = QuantLinear.from_float(nn.Linear(40, 24), "auto", activation="relu")
+    with engines.force(quant_linear_form=form), torch.no_grad():
+        for m in (1, 5, 33):
+            x = torch.randn(3, m, 40, dtype=dtype)
+            for _ in range(2):  # the second call runs the plan made by the first
+                y = q(x)
+                assert y.dtype == dtype and y.shape == (3, m, 24)
+                assert torch.equal(y, _unplanned_linear(q, x))
+        assert q.resolved_mode(x) == form
+
+
+@pytest.mark.parametrize("form", CONV_FORMS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_planned_conv_equals_the_dispatch_path(form, channels_last):
+    q = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "auto")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with engines.force(int8_conv2d=form), torch.no_grad():
+        for b, hw in ((1, 9), (3, 9), (2, 6)):
+            x = torch.randn(b, 8, hw, hw).contiguous(memory_format=fmt)
+            for _ in range(2):
+                y = q(x)
+                assert y.is_contiguous(memory_format=fmt)
+                assert torch.equal(y, _unplanned_conv(q, x))
+
+
+def test_a_plan_follows_every_change_of_the_layer():
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(16, 8), "auto")
+    x = torch.randn(4, 16)
+    with torch.no_grad(), engines.force(quant_linear_form="float"):
+        q(x)
+        q.weight_q.copy_(torch.randint(-127, 128, q.weight_q.shape, dtype=torch.int8))  # in place
+        assert torch.equal(q(x), _unplanned_linear(q, x))
+        q.weight_scale.mul_(2)
+        assert torch.equal(q(x), _unplanned_linear(q, x))
+        q.bias.add_(1)
+        assert torch.equal(q(x), _unplanned_linear(q, x))
+        other = QuantLinear.from_float(nn.Linear(16, 8), "auto")
+        q.load_state_dict(other.state_dict())  # a load
+        assert torch.equal(q(x), other(x))
+        q._buffers["weight_q"] = other.weight_q.clone().neg_()  # a replaced buffer
+        assert torch.equal(q(x), _unplanned_linear(q, x))
+        q.activation = "relu"  # a setting
+        assert torch.equal(q(x), _unplanned_linear(q, x)) and (q(x) >= 0).all()
+    with torch.no_grad(), engines.force(quant_linear_form="dynamic"):  # a decision changed
+        y = q(x)
+        assert torch.equal(y, _unplanned_linear(q, x))
+    with torch.no_grad(), engines.force(quant_linear_form="float"):
+        assert not torch.equal(q(x), y)  # float and int8 differ: the plan did not stay on int8
+
+
+def test_plans_are_not_saved_copied_or_kept_by_a_move():
+    q = QuantLinear.from_float(nn.Linear(16, 8), "auto")
+    c = QuantConv2d.from_float(nn.Conv2d(3, 4, 3), "auto")
+    x, img = torch.randn(2, 16), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ya, yc = q(x), c(img)
+        assert q in ops._PLANS and c in ops._PLANS
+        buf = io.BytesIO()
+        torch.save(nn.Sequential(q, c), buf)  # a plan holds functions: it must not be pickled
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded[0](x), ya) and torch.equal(loaded[1](img), yc)
+        twin = copy.deepcopy(q)
+        assert twin not in ops._PLANS and torch.equal(twin(x), ya)
+        q.bfloat16()  # _apply: the plan holds the tensors being replaced
+        assert q not in ops._PLANS
+        assert q(x.bfloat16()).dtype == torch.bfloat16 and q.bias.dtype == torch.bfloat16

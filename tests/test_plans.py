@@ -30,11 +30,9 @@ def _unplanned_conv(q, x):
                              "auto" if q.mode == "auto" else "int8", q.act_qmax, None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("form", LINEAR_FORMS)
+@pytest.mark.parametrize("form, dtype", [(f, d) for f in LINEAR_FORMS for d in (torch.float32, torch.bfloat16)
+                                         if f != "float_bf16" or d == torch.float32])  # float_bf16: fp32 inputs
 def test_planned_linear_equals_the_dispatch_path(form, dtype):
-    if form == "float_bf16" and dtype != torch.float32:
-        pytest.skip("float_bf16 is a form of fp32 inputs")
     q = QuantLinear.from_float(nn.Linear(40, 24), "auto", activation="relu")
     with engines.force(quant_linear_form=form), torch.no_grad():
         for m in (1, 5, 33):

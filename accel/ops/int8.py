@@ -445,7 +445,7 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     if owner is not None and x2.device.type == "cpu" and x2.shape[0] and x2.shape[1] and w_q.shape[0] and \
             engines.env("ACCEL_FORCE_TRITON") != "1":
         y = _planned(owner, (x2.dtype, engines.m_bucket(x2.shape[0])), (w_q, w_scale, bias, act_scale),
-                     (activation, mode, act_qmax), _LINEAR_OPS,
+                     (activation, mode, act_qmax), (),
                      lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax), x2)
     else:
         y = _int8_linear_impl(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
@@ -468,12 +468,14 @@ class _Plan:
         self.stamp, self.versions = engines.stamp(), _versions(tensors)
 
     def valid(self, tensors, settings) -> bool:
-        return (self.stamp == engines.stamp() and self.settings == settings
-                and all(a is b for a, b in zip(self.tensors, tensors)) and self.versions == _versions(tensors))
+        mine = self.tensors
+        return (self.stamp == engines.stamp() and self.settings == settings and mine[0] is tensors[0]
+                and mine[1] is tensors[1] and mine[2] is tensors[2] and mine[3] is tensors[3]
+                and self.versions == _versions(tensors))
 
 
 def _versions(tensors) -> tuple:
-    return tuple(-1 if t is None or t.is_inference() else t._version for t in tensors)
+    return tuple([-1 if t is None or t.is_inference() else t._version for t in tensors])
 
 
 #: module -> {input kind: _Plan}; weak, so plans die with their layer (and are never pickled or copied)
@@ -504,9 +506,6 @@ def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str,
     for op, k in plan.notes:
         engines.note_key(op, k)
     return plan.fn(x)
-
-
-_LINEAR_OPS = ("quant_linear_form", "int8_linear", "int8_weight_only_linear")
 
 
 def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
@@ -605,12 +604,14 @@ def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, a
     """The function running ``x``'s call as :func:`_int8_conv2d_impl` does on the CPU (deciding the engine now)."""
     qmax = _qmax(act_qmax)
     engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
+    if engine not in FLOAT_CONV_FORMS:
+        return lambda x: as_conv_output(cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation,
+                                                                 activation, act_scale, qmax, engine), x)
     c, h, wd = x.shape[1:]
-    if engine not in FLOAT_CONV_FORMS or not cpu_int8.onednn_conv_ok(c, h, wd, w_q.shape[2], w_q.shape[3],
-                                                                     tuple(stride), tuple(padding), tuple(dilation)):
-        # int8, or a geometry torch's own conv gets wrong (the float form's safe path): the engine call as is
-        return lambda x: _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation,
-                                           mode, act_qmax)
+    if not cpu_int8.onednn_conv_ok(c, h, wd, w_q.shape[2], w_q.shape[3], tuple(stride), tuple(padding), tuple(dilation)):
+        # a geometry torch's own conv gets wrong: the float form's safe path
+        return lambda x: as_conv_output(_float_conv(engine, x, w_q, w_scale, bias, stride, padding, dilation,
+                                                    activation), x)
     dt = torch.bfloat16 if engine == "float_bf16" else x.dtype
     layout = torch.contiguous_format if engine == "float_nchw" else torch.channels_last
     w = cpu_int8.dequantized(w_q, w_scale, dt, layout)

@@ -325,9 +325,22 @@ def _title(args) -> str:
 
 
 def _environment() -> dict:
+    """The machine (CPU model, flags, ISA levels, threads; the GPU where there is one) and the versions."""
+    import datetime
+    import platform
+
+    from . import __version__
     from .engines import machine
 
-    return {**machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {**machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "triton": triton_version, "accel": __version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def render(report: dict) -> str:

@@ -213,10 +213,10 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
     if times is None:  # forced or unmeasured: time it once, for the report
         d = engines.measure({"old": lambda: old(x), "new": lambda: new(x)}, incumbent="new", device=x.device.type,
                             budget_s=budget_s)
-        times = d.times_ms
-    t_old, t_new = times["old"], times["new"]
-    if dec is not None and dec.contended:  # timings on a busy machine decide nothing, and are not reported
-        return t_old, t_new, math.nan
+        times, dec = d.times_ms, (d if d.contended else dec)
+    t_old, t_new = times.get("old", math.nan), times.get("new", math.nan)
+    if (dec is not None and dec.contended) or math.isnan(t_old) or math.isnan(t_new):
+        return t_old, t_new, math.nan  # timings on a busy machine decide nothing, and are not reported
     faster_old = dec is not None and dec.engine == "old"
     speedup = t_old / t_new if faster_old or t_old > t_new * (1 + engines.MARGIN) else max(1.0, t_old / t_new)
     return t_old, t_new, speedup
@@ -225,7 +225,7 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
 def _vs(timing: tuple[float, float, float], what: str) -> str:
     """The report's speed note for a :func:`_measure` result."""
     if math.isnan(timing[2]):
-        return "machine busy while measuring: the default, measured again by the next process"
+        return "not timed (the machine was busy while measuring, or one side could not run): the default"
     return f"{timing[2]:.2f}x {what}"
 
 

@@ -578,6 +578,8 @@ class _Cache:
         with open(path + ".lock", "w") as lockf:
             fcntl.flock(lockf, fcntl.LOCK_EX)
             decisions = {k: asdict(d) for k, d in self._read_file(path).items()}  # malformed entries dropped
+            if dec.contended and key in decisions and not decisions[key]["contended"]:
+                return  # another process measured this key on a quiet machine: a busy default must not replace it
             decisions[key] = asdict(dec)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engines-", suffix=".json")
             with os.fdopen(fd, "w") as f:
@@ -675,7 +677,18 @@ def _contended(mark: tuple[float, float] | None = None) -> bool:
         return False
     d = _run_delay_s()
     wall = time.perf_counter() - mark[0]
-    return d is not None and wall > 0 and (d - mark[1]) / (wall * threads) >= CONTENDED_WAIT
+    if d is None or wall <= 0:
+        return False
+    # more threads than CPUs this process may use: its own threads wait for each other that much
+    own = max(0.0, 1.0 - _usable_cpus() / threads)
+    return (d - mark[1]) / (wall * threads) - own >= CONTENDED_WAIT
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -701,7 +714,7 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
     ``reference``, each candidate's first output is compared to it and candidates below
     ``min_sqnr`` dB are rejected (``min_sqnr=None``: only raising candidates are rejected).
     On a busy machine (:func:`_contended`, before or during the timing) the timings decide nothing:
-    the incumbent is kept (or, if it cannot run the call, the first candidate that can) and the
+    the incumbent is kept (or, if it cannot run the call, the fastest first call of the others) and the
     decision is flagged ``contended``.
     """
     budget_s = BUDGET_S if budget_s is None else budget_s
@@ -733,13 +746,13 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
                     del first[name]
     if not first:
         raise RuntimeError(f"no engine could run this call: {rejected}")
-    if contended or _contended(mark):
-        return _busy(first, incumbent, rejected, 0)
     fastest = min(first.values())
     for name, t in list(first.items()):
         if t > TOO_SLOW * fastest and t > TOO_SLOW_ABS_S:
             rejected[name] = f"too slow: first call {t * 1e3:.2f} ms, {t / fastest:.0f}x the fastest"
             del first[name]
+    if contended or _contended(mark):
+        return _busy(first, incumbent, rejected, 0)
     names = list(first)
     best: dict[str, float] = {n: math.inf for n in names}
     rng = random.Random(seed)
@@ -781,8 +794,8 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
 def _busy(times: dict[str, float], incumbent: str, rejected: dict[str, str], rounds: int) -> Decision:
     """The decision of a measurement made on a busy machine: timings there move by tens of percent (up to
     100x for a multi-threaded op whose threads lose their CPUs) from round to round, so they decide nothing.
-    The incumbent is kept, or the first candidate that ran the call where the incumbent could not."""
-    engine = incumbent if incumbent in times else next(iter(times))
+    The incumbent is kept; where it could not run the call (or was far too slow), the fastest of the others."""
+    engine = incumbent if incumbent in times else min(times, key=times.__getitem__)
     return Decision(engine=engine, measured=False, times_ms={k: v * 1e3 for k, v in times.items()},
                     rejected=rejected, rounds=rounds, contended=True,
                     when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -125,7 +125,8 @@ def test_time_taken_by_other_processes_is_seen_at_once(monkeypatch):
 def test_a_measurement_that_waited_for_the_cpu_keeps_the_incumbent(monkeypatch):
     """Waiting for a CPU during the measurement flags the decision contended and keeps the incumbent, however
     the timings came out (under load they move by tens of percent, up to 100x); an incumbent that cannot
-    run the call gives way to the first candidate that can, not to the fastest."""
+    run the call gives way to the fastest first call of the others, and a far too slow one (a reference
+    loop) is never taken."""
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     clock = iter(range(10**6))
     monkeypatch.setattr(engines, "_run_delay_s", lambda: float(next(clock)))  # a second of waiting per look
@@ -136,10 +137,43 @@ def test_a_measurement_that_waited_for_the_cpu_keeps_the_incumbent(monkeypatch):
     d = engines.measure({"a": _sleeper(0.006), "b": _sleeper(0.001)}, incumbent="a", budget_s=0.05)
     assert d.contended and d.engine == "a" and not d.measured and d.times_ms["a"] > d.times_ms["b"]
     d = engines.measure({"a": boom, "b": _sleeper(0.004), "c": _sleeper(0.001)}, incumbent="a", budget_s=0.05)
-    assert d.contended and d.engine == "b" and "not this shape" in d.rejected["a"]
+    assert d.contended and d.engine == "c" and "not this shape" in d.rejected["a"]
+    monkeypatch.setattr(engines, "TOO_SLOW_ABS_S", 0.01)
+    d = engines.measure({"loop": _sleeper(0.06), "a": _sleeper(0.001)}, incumbent="loop", budget_s=0.05)
+    assert d.contended and d.engine == "a" and d.rejected["loop"].startswith("too slow")
     monkeypatch.setattr(engines, "_run_delay_s", lambda: 0.0)  # nobody else wants the CPU
     d = engines.measure({"a": _sleeper(0.006), "b": _sleeper(0.001)}, incumbent="a", budget_s=0.05)
     assert not d.contended and d.engine == "b" and d.measured
+
+
+def test_a_busy_default_does_not_replace_a_quiet_decision_on_disk(cache, monkeypatch):
+    """Two processes: one measured a key on a quiet machine and saved it; another, which read the file
+    before that and then measured the same key while busy, must not overwrite the quiet decision."""
+    key = engines.make_key("toy", n=9)
+    assert engines.choose("toy", key, {"a": _sleeper(0.003), "b": _sleeper(0.0005)}, default="a") == "b"
+    engines._CACHE.memory.pop(key)  # this process never saw it
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: True)
+    assert engines.choose("toy", key, {"a": _sleeper(0.003), "b": _sleeper(0.0005)}, default="a") == "a"
+    engines.clear()  # the next process reads the file
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)
+    assert engines.choose("toy", key, lambda: 1 / 0, default="a") == "b"  # the quiet decision, not measured again
+
+
+def test_threads_waiting_for_each_other_are_not_contention(monkeypatch):
+    """More torch threads than CPUs this process may use: its threads wait for each other (a fraction
+    1 - cpus/threads of the time), which is not other work taking the CPUs."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(engines, "_usable_cpus", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    delay = [0.0]
+    monkeypatch.setattr(engines, "_run_delay_s", lambda: delay[0])
+    mark = engines.wait_mark()
+    time.sleep(0.05)
+    wall = time.perf_counter() - mark[0]
+    delay[0] = 0.74 * wall * 4  # 4 threads on 1 CPU: 75% self-inflicted waiting, nothing else running
+    assert not engines._contended(mark)
+    delay[0] = 0.85 * wall * 4  # and 10% more: someone else wants the CPU
+    assert engines._contended(mark)
 
 
 def test_cache_off_and_measuring_off(cache, accel_env):

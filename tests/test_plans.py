@@ -84,6 +84,38 @@ def test_a_plan_follows_every_change_of_the_layer():
         assert not torch.equal(q(x), y)  # float and int8 differ: the plan did not stay on int8
 
 
+def test_a_plan_follows_writes_through_data():
+    """``t.data = other`` keeps the object and its version (the plan checks the storage too); a bias edited
+    through ``.data`` shows at once (it is cast per call, as the dispatch path does); weights edited through
+    ``.data`` in place show after ``accel.cpu.int8.clear_cache()``, as documented, for plans too."""
+    from accel.cpu import int8 as cpu_int8
+
+    q = QuantLinear.from_float(nn.Linear(16, 8), "auto")
+    c = QuantConv2d.from_float(nn.Conv2d(3, 4, 3), "auto")
+    x, img = torch.randn(2, 16), torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), engines.force(quant_linear_form="float", int8_conv2d="float"):
+        q(x), q(x.bfloat16()), c(img)
+        q.weight_q.data = torch.randint(-127, 128, q.weight_q.shape, dtype=torch.int8)
+        assert torch.equal(q(x), _unplanned_linear(q, x))
+        q.bias.data.add_(10)
+        assert torch.equal(q(x.bfloat16()), _unplanned_linear(q, x.bfloat16()))
+        c.bias.data.add_(10)
+        assert torch.equal(c(img), _unplanned_conv(c, img))
+        q.weight_q.data.neg_()
+        c.weight_q.data.neg_()
+        cpu_int8.clear_cache()
+        assert torch.equal(q(x), _unplanned_linear(q, x)) and torch.equal(c(img), _unplanned_conv(c, img))
+
+
+def test_a_planned_call_returns_the_input_dtype_under_autocast():
+    q = QuantLinear.from_float(nn.Linear(16, 8), "auto")
+    x = torch.randn(4, 16)
+    with torch.no_grad(), engines.force(quant_linear_form="float"), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            y = q(x)
+            assert y.dtype == torch.float32 and torch.equal(y, _unplanned_linear(q, x))
+
+
 def test_plans_are_not_saved_copied_or_kept_by_a_move():
     q = QuantLinear.from_float(nn.Linear(16, 8), "auto")
     c = QuantConv2d.from_float(nn.Conv2d(3, 4, 3), "auto")

@@ -42,5 +42,9 @@ def drop(kind: str, tensors: tuple[torch.Tensor, ...], extra: tuple = ()) -> Non
 
 
 def clear_cache() -> None:
-    """Forget every derived weight (needed only after writing a weight through ``.data``)."""
+    """Forget every derived weight (needed only after writing a weight through ``.data``), and every
+    decision memoized against them (the layers' resolved calls hold derived weights too)."""
+    from .. import engines
+
     _CACHE.clear()
+    engines._bump()

@@ -463,9 +463,9 @@ class _Plan:
 
     __slots__ = ("fn", "stamp", "tensors", "versions", "settings", "notes")
 
-    def __init__(self, fn, tensors, settings, notes):
-        self.fn, self.tensors, self.settings, self.notes = fn, tensors, settings, notes
-        self.stamp, self.versions = engines.stamp(), _versions(tensors)
+    def __init__(self, fn, stamp, tensors, settings, notes):
+        self.fn, self.stamp, self.tensors, self.settings, self.notes = fn, stamp, tensors, settings, notes
+        self.versions = _versions(tensors)
 
     def valid(self, tensors, settings) -> bool:
         mine = self.tensors
@@ -475,7 +475,8 @@ class _Plan:
 
 
 def _versions(tensors) -> tuple:
-    return tuple([-1 if t is None or t.is_inference() else t._version for t in tensors])
+    """Version and storage of each tensor (``t.data = other`` keeps the object and its version)."""
+    return tuple([None if t is None else (-1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors])
 
 
 #: module -> {input kind: _Plan}; weak, so plans die with their layer (and are never pickled or copied)
@@ -501,8 +502,9 @@ def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str,
     if plan is None or not plan.valid(tensors, settings):
         if plan is not None:  # the layer changed: every kind's plan is stale, and holds the old tensors
             plans.clear()
+        stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
         fn = resolve()
-        plan = plans[key] = _Plan(fn, tensors, settings, tuple((op, engines.last_key(op)) for op in ops))
+        plan = plans[key] = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops))
     for op, k in plan.notes:
         engines.note_key(op, k)
     return plan.fn(x)
@@ -514,13 +516,13 @@ def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
     if mode == "auto":
         mode = _auto_form(x, w_q, w_scale, bias, activation, qmax, "cpu")
     if mode in ("float", "float_bf16"):
-        dt = torch.bfloat16 if mode == "float_bf16" else x.dtype
+        dt, out = torch.bfloat16 if mode == "float_bf16" else x.dtype, x.dtype
         w = cpu_int8.dequantized(w_q, w_scale, dt)
-        b = None if bias is None else bias.to(dt)
-        if dt == x.dtype and activation == "none":
-            return lambda x: F.linear(x, w, b)
-        out = x.dtype
-        return lambda x: activate(F.linear(x.to(dt), w, b), activation, inplace=True).to(out)
+        if dt == out and activation == "none" and (bias is None or bias.dtype == dt):
+            return lambda x: F.linear(x, w, bias).to(out)  # .to: autocast may compute in another dtype
+        # the bias is cast per call, as the dispatch path does (a write through .data must show at once)
+        return lambda x: activate(F.linear(x.to(dt), w, None if bias is None else bias.to(dt)), activation,
+                                  inplace=True).to(out)
     if mode == "weight_only":
         engine = _weight_only_engine(x, w_q, w_scale, bias, activation)
         return lambda x: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, engine)
@@ -615,12 +617,11 @@ def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, a
     dt = torch.bfloat16 if engine == "float_bf16" else x.dtype
     layout = torch.contiguous_format if engine == "float_nchw" else torch.channels_last
     w = cpu_int8.dequantized(w_q, w_scale, dt, layout)
-    b = None if bias is None else bias.to(dt)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     def run(x):
         xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
-        y = F.conv2d(xc, w, b, stride, padding, dilation)
+        y = F.conv2d(xc, w, None if bias is None else bias.to(dt), stride, padding, dilation)
         if activation != "none":
             y = activate(y, activation, inplace=True)
         return as_conv_output(y if y.dtype == x.dtype else y.to(x.dtype), x)

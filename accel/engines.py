@@ -20,7 +20,8 @@ Measurement (:func:`measure`) is built to give the same answer on a noisy shared
   ``min_sqnr`` dB against the reference, or raises) is never chosen, and the reason is recorded;
 * on a busy machine the timings decide nothing (a multi-threaded op whose threads lose their CPUs
   runs anywhere from 1x to 100x its quiet time, round to round): the incumbent is kept and the key
-  is flagged ``contended``, used by this process and measured again by the next one. Busy means the
+  is flagged ``contended``. It is measured again by the next process, and in this one by the first
+  call for it at least :data:`RETRY_S` seconds later on a quiet machine. Busy means the
   load average is above the threads accel uses, or accel's threads waited for a CPU (Linux
   scheduler statistics, seen at once) for :data:`CONTENDED_WAIT` of the measurement.
 
@@ -111,8 +112,43 @@ _stamp = 0  # bumped whenever any decision may change: callers may memoize choos
 
 def stamp() -> int:
     """A counter that changes whenever a :func:`choose` result may change (new decision, cache cleared,
-    environment reloaded, forcing entered or left): memoize per-call choices against it."""
+    environment reloaded, forcing entered or left, a busy-machine decision due to be measured again):
+    memoize per-call choices against it."""
+    if _retry_at <= time.monotonic():  # a decision made on a busy machine is due: every memo asks again
+        _retry_due()
     return _stamp
+
+
+#: a decision made on a busy machine is measured again by the first call for its key at least this many
+#: seconds later, if the machine is quiet then (else it waits as long again)
+RETRY_S = 60.0
+_retry_at = math.inf  # monotonic time at which the earliest such decision of this process is due
+_made_at: dict[str, float] = {}  # key -> monotonic time its busy-machine decision was made (or last postponed)
+
+
+def _retry_due() -> None:
+    global _retry_at
+    _retry_at = math.inf
+    _bump()
+
+
+def _schedule_retry(key: str) -> None:
+    global _retry_at
+    now = time.monotonic()
+    _made_at[key] = now
+    _retry_at = min(_retry_at, now + RETRY_S)
+
+
+def _measure_again(key: str, dec: "Decision") -> bool:
+    """Whether ``key``'s busy-machine decision should be measured again now: it is due, and the machine is
+    quiet (else it is postponed by :data:`RETRY_S`)."""
+    made = _made_at.get(key)
+    if not dec.contended or made is None or time.monotonic() - made < RETRY_S:
+        return False
+    if _contended():
+        _schedule_retry(key)
+        return False
+    return True
 
 
 def _bump() -> None:
@@ -843,13 +879,15 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
                              f"engines for it: {sorted(allowed)}")
         return pinned
     dec = _CACHE.get(key)
-    if dec is not None and (allowed is None or dec.engine in allowed):
+    measuring = measuring_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
+    if dec is not None and (allowed is None or dec.engine in allowed) and not (measuring and _measure_again(key, dec)):
         return dec.engine
-    if not measuring_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting():
+    if not measuring:
         return default
     with _measure_lock:
+        again = dec is not None and dec.contended and _made_at.get(key) is not None
         dec = _CACHE.get(key)
-        if dec is not None and (allowed is None or dec.engine in allowed):
+        if dec is not None and (allowed is None or dec.engine in allowed) and not (again and dec.contended):
             return dec.engine
         cands = candidates() if callable(candidates) else candidates
         if len(cands) == 1:
@@ -859,6 +897,10 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
             dec = measure(cands, incumbent=default if default in cands else next(iter(cands)), device=device,
                           reference=reference, min_sqnr=min_sqnr, budget_s=budget_s)
         _CACHE.put(key, dec)
+        if dec.contended:
+            _schedule_retry(key)
+        else:
+            _made_at.pop(key, None)
         return dec.engine
 
 
@@ -870,7 +912,7 @@ def memo(op: str, parts: tuple, decide: Callable[[], str]) -> str:
     changes: the per-call cost of a settled decision is one dictionary lookup, not a key string."""
     key = (op,) + parts
     hit = _MEMO.get(key)
-    if hit is not None and hit[0] == _stamp:
+    if hit is not None and hit[0] == stamp():
         note_key(op, hit[2])
         return hit[1]
     value = decide()

@@ -146,6 +146,30 @@ def test_a_measurement_that_waited_for_the_cpu_keeps_the_incumbent(monkeypatch):
     assert not d.contended and d.engine == "b" and d.measured
 
 
+def test_a_busy_decision_is_measured_again_in_this_process_once_quiet(cache, monkeypatch):
+    """A long-lived process that decided while the machine was busy does not keep the default for ever: the
+    first call at least RETRY_S later measures again if the machine is quiet then (else it waits again),
+    and memoized choices (and the layers' resolved calls, through the stamp) ask again."""
+    monkeypatch.setattr(engines, "RETRY_S", 0.05)
+    busy = [True]
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: busy[0])
+    key = engines.make_key("toy", n=11)
+    cands = {"a": _sleeper(0.003), "b": _sleeper(0.0005)}
+    decide = lambda: engines.choose("toy", key, cands, default="a")  # noqa: E731
+    assert engines.memo("toy", (11,), decide) == "a" and engines.decision(key).contended
+    time.sleep(0.06)
+    assert engines.memo("toy", (11,), decide) == "a"  # due, but still busy: postponed
+    assert engines.decision(key).contended
+    busy[0] = False
+    assert engines.memo("toy", (11,), decide) == "a"  # not due yet again
+    time.sleep(0.06)
+    assert engines.memo("toy", (11,), decide) == "b"  # due and quiet: measured again
+    d = engines.decision(key)
+    assert not d.contended and d.measured
+    time.sleep(0.06)
+    assert engines.memo("toy", (11,), lambda: 1 / 0) == "b"  # a quiet decision is final
+
+
 def test_a_busy_default_does_not_replace_a_quiet_decision_on_disk(cache, monkeypatch):
     """Two processes: one measured a key on a quiet machine and saved it; another, which read the file
     before that and then measured the same key while busy, must not overwrite the quiet decision."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..formats import BSRMatrix, block_grid, check_bsr
-from ._common import state_absent
+from ._common import load_refused
 
 
 def bsr_state_error(state_dict, prefix: str, mode: str, has_bias: bool, block: int, matrix_shape: tuple[int, int],
@@ -49,11 +49,7 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
     (``module._incoming_error``), so a failed load leaves the module exactly as it was; the number of
     stored blocks and the mode are data, so the module is shaped like the incoming state (placeholders
     in its dtype/device) before the parent loader copies into it, and restored if that fails."""
-    if state_absent(module, state_dict, prefix, missing_keys):  # a load of another part of the model
-        return
-    why = module._incoming_error(state_dict, prefix)
-    if why is not None:
-        error_msgs.append(f"{type(module).__name__} {prefix.rstrip('.') or '(root)'}: {why}")
+    if load_refused(module, state_dict, prefix, missing_keys, error_msgs):
         return
     mode = state_dict[prefix + "_extra_state"]["mode"]
     ref = module.values if module.storage == "sparse" else module.weight

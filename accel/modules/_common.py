@@ -73,3 +73,16 @@ def state_absent(module, state_dict, prefix: str, missing_keys: list) -> bool:
         return False
     missing_keys.extend(own)
     return True
+
+
+def load_refused(module, state_dict, prefix: str, missing_keys: list, error_msgs: list) -> bool:
+    """The start of a validating ``_load_from_state_dict``: True when this module must not load, because
+    ``state_dict`` holds none of its keys (:func:`state_absent`) or its incoming state is invalid
+    (``module._incoming_error``, recorded in ``error_msgs``). Nothing has been changed either way."""
+    if state_absent(module, state_dict, prefix, missing_keys):  # a load of another part of the model
+        return True
+    why = module._incoming_error(state_dict, prefix)
+    if why is None:
+        return False
+    error_msgs.append(f"{type(module).__name__} {prefix.rstrip('.') or '(root)'}: {why}")
+    return True

@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..formats import BSRMatrix, block_grid, bsr_row_indices, bsr_to_dense, check_block_size, check_bsr
 from ..ops.int8_bsr_linear import check_weight, dequantized_values, module_int8_bsr_linear
 from ..quant import ACTIVATIONS, QMAX, ieee_div
-from ._common import refuse_weight, state_absent, weight_view
+from ._common import load_refused, refuse_weight, weight_view
 from .quant_linear import _check_qmax, _check_size
 from .sparse_linear import SparseLinear
 
@@ -204,11 +204,7 @@ class SparseQuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if state_absent(self, state_dict, prefix, missing_keys):  # a load of another part of the model
-            return
-        why = self._incoming_error(state_dict, prefix)
-        if why is not None:
-            error_msgs.append(f"SparseQuantLinear {prefix.rstrip('.') or '(root)'}: {why}")
+        if load_refused(self, state_dict, prefix, missing_keys, error_msgs):
             return
         # the number of stored blocks is data: shape the buffers like the incoming state, restore on failure
         saved = (dict(self._buffers), self.activation, self.act_qmax)

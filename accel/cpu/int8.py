@@ -477,8 +477,12 @@ def dequantized(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype, me
 def linear_float_cpu(x, w_q, w_scale, bias=None, activation: str = "none", compute_dtype=None) -> torch.Tensor:
     """The float form: ``act(F.linear(x, dequant(W), bias))`` in ``compute_dtype`` (default ``x``'s
     dtype; ``torch.bfloat16`` for an fp32 ``x`` is the "float_bf16" form), returned in ``x``'s dtype."""
-    dt = compute_dtype or x.dtype
-    w = dequantized(w_q, w_scale, dt)
+    return linear_float_with(x, dequantized(w_q, w_scale, compute_dtype or x.dtype), bias, activation)
+
+
+def linear_float_with(x, w, bias=None, activation: str = "none") -> torch.Tensor:
+    """:func:`linear_float_cpu` with the weight already dequantized, in the compute dtype (``w.dtype``)."""
+    dt = w.dtype
     y = F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
     return activate(y, activation, inplace=True).to(x.dtype)
 
@@ -644,8 +648,15 @@ def conv2d_float_cpu(x, w_q, w_scale, bias=None, stride=(1, 1), padding=(0, 0), 
     contiguous NCHW: the "float_nchw" form, what ``nn.Conv2d`` runs on an NCHW input), returned in
     ``x``'s dtype and the layout it was computed in (the op returns the input's layout). Geometries
     torch's own conv gets wrong run through :func:`float_conv2d_cpu`'s safe path."""
-    dt = compute_dtype or x.dtype
-    w = dequantized(w_q, w_scale, dt, layout)
+    w = dequantized(w_q, w_scale, compute_dtype or x.dtype, layout)
+    return conv2d_float_with(x, w, bias, stride, padding, dilation, activation, layout)
+
+
+def conv2d_float_with(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), activation: str = "none",
+                      layout=torch.channels_last) -> torch.Tensor:
+    """:func:`conv2d_float_cpu` with the weight already dequantized, in the compute dtype (``w.dtype``) and
+    ``layout``."""
+    dt = w.dtype
     xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
     y = float_conv2d_cpu(xc, w, bias if bias is None or bias.dtype == dt else bias.to(dt), stride, padding, dilation)
     if activation != "none":

@@ -30,11 +30,10 @@ import math
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from .. import engines
 from ..cpu import int8 as cpu_int8
-from ..quant import ACTIVATIONS, QMAX, activate, dequantize_weight
+from ..quant import ACTIVATIONS, QMAX, dequantize_weight
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -55,10 +54,15 @@ FORM_SQNR = 20.0
 FLOAT_CONV_FORMS = ("float", "float_nchw", "float_bf16")
 
 
+def _float_conv_form(form: str) -> tuple[torch.dtype | None, torch.memory_format]:
+    """(compute dtype, None for the input's; layout) of a float conv form."""
+    return (torch.bfloat16 if form == "float_bf16" else None,
+            torch.contiguous_format if form == "float_nchw" else torch.channels_last)
+
+
 def _float_conv(form, x, w_q, w_scale, bias, stride, padding, dilation, activation):
     return cpu_int8.conv2d_float_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation,
-                                     torch.bfloat16 if form == "float_bf16" else None,
-                                     torch.contiguous_format if form == "float_nchw" else torch.channels_last)
+                                     *_float_conv_form(form))
 
 
 def _auto_forms(x: torch.Tensor) -> tuple[str, ...]:
@@ -516,13 +520,8 @@ def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
     if mode == "auto":
         mode = _auto_form(x, w_q, w_scale, bias, activation, qmax, "cpu")
     if mode in ("float", "float_bf16"):
-        dt, out = torch.bfloat16 if mode == "float_bf16" else x.dtype, x.dtype
-        w = cpu_int8.dequantized(w_q, w_scale, dt)
-        if dt == out and activation == "none" and (bias is None or bias.dtype == dt):
-            return lambda x: F.linear(x, w, bias).to(out)  # .to: autocast may compute in another dtype
-        # the bias is cast per call, as the dispatch path does (a write through .data must show at once)
-        return lambda x: activate(F.linear(x.to(dt), w, None if bias is None else bias.to(dt)), activation,
-                                  inplace=True).to(out)
+        w = cpu_int8.dequantized(w_q, w_scale, torch.bfloat16 if mode == "float_bf16" else x.dtype)
+        return lambda x: cpu_int8.linear_float_with(x, w, bias, activation)
     if mode == "weight_only":
         engine = _weight_only_engine(x, w_q, w_scale, bias, activation)
         return lambda x: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, engine)
@@ -609,21 +608,7 @@ def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, a
     if engine not in FLOAT_CONV_FORMS:
         return lambda x: as_conv_output(cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation,
                                                                  activation, act_scale, qmax, engine), x)
-    c, h, wd = x.shape[1:]
-    if not cpu_int8.onednn_conv_ok(c, h, wd, w_q.shape[2], w_q.shape[3], tuple(stride), tuple(padding), tuple(dilation)):
-        # a geometry torch's own conv gets wrong: the float form's safe path
-        return lambda x: as_conv_output(_float_conv(engine, x, w_q, w_scale, bias, stride, padding, dilation,
-                                                    activation), x)
-    dt = torch.bfloat16 if engine == "float_bf16" else x.dtype
-    layout = torch.contiguous_format if engine == "float_nchw" else torch.channels_last
-    w = cpu_int8.dequantized(w_q, w_scale, dt, layout)
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-
-    def run(x):
-        xc = x if x.dtype == dt and x.is_contiguous(memory_format=layout) else x.to(dtype=dt, memory_format=layout)
-        y = F.conv2d(xc, w, None if bias is None else bias.to(dt), stride, padding, dilation)
-        if activation != "none":
-            y = activate(y, activation, inplace=True)
-        return as_conv_output(y if y.dtype == x.dtype else y.to(x.dtype), x)
-
-    return run
+    dt, layout = _float_conv_form(engine)
+    w = cpu_int8.dequantized(w_q, w_scale, dt or x.dtype, layout)
+    return lambda x: as_conv_output(cpu_int8.conv2d_float_with(x, w, bias, stride, padding, dilation, activation,
+                                                               layout), x)

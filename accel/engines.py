@@ -114,7 +114,7 @@ def stamp() -> int:
     """A counter that changes whenever a :func:`choose` result may change (new decision, cache cleared,
     environment reloaded, forcing entered or left, a busy-machine decision due to be measured again):
     memoize per-call choices against it."""
-    if _retry_at <= time.monotonic():  # a decision made on a busy machine is due: every memo asks again
+    if _retry_at != math.inf and _retry_at <= time.monotonic():  # a busy-machine decision is due: memos ask again
         _retry_due()
     return _stamp
 
@@ -879,16 +879,15 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
                              f"engines for it: {sorted(allowed)}")
         return pinned
     dec = _CACHE.get(key)
-    measuring = measuring_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
-    if dec is not None and (allowed is None or dec.engine in allowed) and not (measuring and _measure_again(key, dec)):
+    usable = dec is not None and (allowed is None or dec.engine in allowed)
+    if usable and not (dec.contended and _measuring() and _measure_again(key, dec)):
         return dec.engine
-    if not measuring:
+    if not _measuring():
         return default
     with _measure_lock:
-        again = dec is not None and dec.contended and _made_at.get(key) is not None
-        dec = _CACHE.get(key)
-        if dec is not None and (allowed is None or dec.engine in allowed) and not (again and dec.contended):
-            return dec.engine
+        fresh = _CACHE.get(key)
+        if fresh is not None and fresh is not dec and (allowed is None or fresh.engine in allowed):
+            return fresh.engine  # another thread decided (or measured again) meanwhile
         cands = candidates() if callable(candidates) else candidates
         if len(cands) == 1:
             dec = Decision(engine=next(iter(cands)), measured=False, note="only candidate",
@@ -902,6 +901,10 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
         else:
             _made_at.pop(key, None)
         return dec.engine
+
+
+def _measuring() -> bool:
+    return measuring_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
 
 
 _MEMO: dict = {}

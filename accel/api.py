@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import engines
+from .formats import check_block_size
 from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .prune import as_linear, as_plain, base_kind, block_masks, is_conv1d, weight_source
@@ -68,6 +69,7 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("SparsityConfig.sparsity", self.sparsity, allow_one=True)
+        check_block_size(self.block, "SparsityConfig.block")
         if self.scope not in SCOPES:
             raise ValueError(f"SparsityConfig.scope must be one of {SCOPES}, got {self.scope!r}")
         _check_fraction("SparsityConfig.min_density", self.min_density, allow_one=True)
@@ -435,6 +437,47 @@ def _last_key(op: str) -> str | None:
     return engines.last_key(op)
 
 
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> names of the other layers`` for every module whose weight Parameter another module
+    object also holds (tied weights: a language model's output head and its token embeddings). A module
+    registered under several names is one module, not a tie."""
+    owners: dict[int, list[tuple[int, str]]] = {}
+    seen = set()
+    for name, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        w = m._parameters.get("weight")
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append((id(m), name))
+    tied: dict[int, list[str]] = {}
+    for group in owners.values():
+        if len(group) > 1:
+            for mid, _ in group:
+                tied[mid] = [n for other, n in group if other != mid]
+    return tied
+
+
+def _tied_reason(tied: dict[int, list[str]], m: nn.Module) -> str | None:
+    others = tied.get(id(m))
+    return None if not others else (f"its weight is tied to {', '.join(repr(o) for o in others)} (pruning it would "
+                                     f"prune that too)")
+
+
+def _dense_like(orig: nn.Module, new: nn.Module) -> nn.Module:
+    """The pruned layer ``new`` stored dense, as a layer of ``orig``'s own type where that is not the stock
+    layer (a Hugging Face ``Conv1D`` gets its transposed pruned weight back), so a saved model still
+    records, and a fresh instance still has, the same layer type there."""
+    dense = new.to_linear() if isinstance(new, SparseLinear) else new.to_dense()
+    if type(orig) is type(dense) or not is_conv1d(orig) or weight_source(orig) is not None:
+        return dense
+    memo = {id(orig.weight): nn.Parameter(dense.weight.detach().t().contiguous(),
+                                          requires_grad=orig.weight.requires_grad)}
+    if orig.bias is not None and dense.bias is not None:
+        memo[id(orig.bias)] = nn.Parameter(dense.bias.detach().clone(), requires_grad=orig.bias.requires_grad)
+    return copy.deepcopy(orig, memo)
+
+
 def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn: FilterFn | None = None, *,
               masks: dict[str, torch.Tensor] | None = None, example_inputs=None) -> list[dict]:
     """Replace ``nn.Linear`` layers by block-sparse ``SparseLinear`` (and with ``config.convs``, or masks
@@ -446,7 +489,9 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     densified per batch bucket, decided on the running machine). With ``example_inputs`` (and
     ``config.measure``) each layer runs at its real input(s) now and the rows report the decision
     and the sparse layer's speed against the dense one. Which layers count, the converted-model check
-    and ``batch_sizes``: see :func:`quantize_`.
+    and ``batch_sizes``: see :func:`quantize_`. A layer whose weight another layer also holds (tied
+    weights: an output head tied to the token embeddings) is not pruned (pruning it would prune the
+    other layer too, and a sparse copy would silently untie them); its row says which layer it is tied to.
     """
     config = config or SparsityConfig()
     _check_batching(example_inputs, config.batch_sizes, "sparsify_")
@@ -454,12 +499,16 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     rows = []
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     selected = {n for n, m in model.named_modules() if base_kind(m) in kinds and (filter_fn is None or filter_fn(m, n))}
+    tied = _tied_weights(model)
     for n in sorted(selected):  # convs SparseConv2d cannot serve are not pruned: they stay dense, reported
         m = model.get_submodule(n)
-        if base_kind(m) is nn.Conv2d and (why := SparseConv2d.unsupported_reason(m)) is not None:
+        why = _tied_reason(tied, m) or (SparseConv2d.unsupported_reason(m) if base_kind(m) is nn.Conv2d else None)
+        if why is not None:
             selected.discard(n)
             rows.append(_row(n, m, None, "dense", f"not converted: {why}"))
 
+    if masks is None and not selected and rows:  # every layer chosen is one that cannot be pruned: say why
+        return rows
     if masks is None:
         if config.scope == "sensitivity" and example_inputs is None:
             raise ValueError("sparsify_: scope 'sensitivity' needs example_inputs (the output error is measured on them)")
@@ -483,6 +532,10 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
                                  f"different masks")
             continue
         by_id[id(m)] = (given, mask)
+        if (why := _tied_reason(tied, m)) is not None:  # masks given for a tied layer: not pruned, reported
+            if name not in {r["layer"] for r in rows}:
+                rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
+            continue
         if kind is nn.Linear:
             new = SparseLinear.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
         else:
@@ -522,8 +575,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     calls = _calls(per_batch, example_inputs)
     _check_converted(model, "sparsify_", replaced, calls)
     if per_batch and config.in_model:  # the pruned layer stays, dense (masked weight), where sparse slows the model
-        dense = {n: (m.to_linear() if isinstance(m, SparseLinear) else m.to_dense())
-                 for n, m in ((n, model.get_submodule(n)) for n in replaced) if isinstance(m, (SparseLinear, SparseConv2d))}
+        dense = {n: _dense_like(replaced[n], m) for n, m in ((n, model.get_submodule(n)) for n in replaced)
+                 if isinstance(m, (SparseLinear, SparseConv2d))}
         _in_model_check(model, dense, calls, config.budget_s * max(1, len(dense)), rows, "kept dense")
     return rows
 
@@ -595,6 +648,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
             continue
         if isinstance(m, SparseConv2d):
             rows.append(_row(name, m, None, "sparse float", "no int8 block-sparse conv: the SparseConv2d stays"))
+        elif (why := _no_int8_form(m, config.embeddings)) is not None:
+            rows.append(_row(name, m, None, "float", why))
         elif isinstance(m, SparseLinear) and m.storage == "dense":
             rows.append(_row(name, m, None, "sparse float", "stored dense (mode 'dense'): accel.api."
                                                             "linearize_kept_dense_ makes it an nn.Linear for int8"))
@@ -631,6 +686,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                                                     act_scale=scale, act_qmax=config.act_qmax)
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantize_: layer {name!r} ({type(m).__name__}): {e}") from e
+    _share_tied_tables(news, candidates)
     if no_scale:
         warnings.warn(f"quantize_: static mode, but act_scales has no scale for {len(no_scale)} layer(s), which run "
                       f"dynamic int8 instead: {', '.join(no_scale)} (accel.calibrate leaves out layers that saw no "
@@ -650,6 +706,38 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                                 if not isinstance(model.get_submodule(n), QuantEmbedding)}, calls,
                         config.budget_s * max(1, len(replaced)), rows, "kept float")
     return rows
+
+
+#: stock layers with weights that have no int8 form (reported by quantize_, not skipped silently)
+_NO_INT8 = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def _no_int8_form(m: nn.Module, embeddings: bool) -> str | None:
+    """Why quantize_ leaves ``m`` float when it is a weighted layer it has no int8 form for; None otherwise."""
+    if type(m) in _NO_INT8:
+        return f"no int8 form for {type(m).__name__}: kept"
+    kinds = (nn.Linear, nn.Conv2d) + ((nn.Embedding,) if embeddings else ())
+    if base_kind(m) is None and isinstance(m, kinds) and not isinstance(m, ACCEL_TYPES):
+        stock = next(k for k in kinds if isinstance(m, k))
+        return f"{type(m).__name__} subclasses {stock.__name__} with its own forward: kept"
+    return None
+
+
+def _share_tied_tables(news: dict[str, nn.Module], olds: dict[str, nn.Module]) -> None:
+    """Layers that held one weight (tied: token embeddings and the output head, or embeddings shared by an
+    encoder and a decoder) get one int8 table: their replacements hold the same ``weight_q`` / ``weight_scale``
+    tensors where the int8 values came out equal (per-row scales, the same rounding), so memory and the
+    file (``save`` writes a shared tensor once) hold the table once."""
+    by_weight: dict[int, list[nn.Module]] = {}
+    for name, new in news.items():
+        w = olds[name]._parameters.get("weight")
+        if isinstance(w, torch.Tensor) and isinstance(new, (QuantLinear, QuantEmbedding)):
+            by_weight.setdefault(id(w), []).append(new)
+    for group in by_weight.values():
+        for other in group[1:]:
+            pairs = [(group[0]._buffers[k], other._buffers[k]) for k in ("weight_q", "weight_scale")]
+            if all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs):
+                other._buffers["weight_q"], other._buffers["weight_scale"] = pairs[0][0], pairs[1][0]
 
 
 class _LayerError(Exception):
@@ -901,17 +989,36 @@ def _build(desc: dict, target: nn.Module) -> nn.Module:
                        desc["padding"], desc["dilation"], desc["bias"], device=device, dtype=dtype)
 
 
+def _tensor_identity(t: torch.Tensor) -> tuple:
+    """Equal for two state-dict entries that are the same memory seen the same way (a tied weight, a
+    shared buffer); an empty tensor is never merged."""
+    if t.numel() == 0:
+        return (id(t),)
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def save(model: nn.Module, path: str) -> None:
     """Write ``model``'s state to ``path`` (safetensors), with the accel layer types and their extra
-    state in the file's metadata so :func:`load` can rebuild them on a fresh float model."""
+    state in the file's metadata so :func:`load` can rebuild them on a fresh float model. An entry that
+    is the same tensor as an earlier one (tied weights, an int8 table shared by tied layers) is written
+    once and recorded as an alias of it."""
     from safetensors.torch import save_file
 
     sd = model.state_dict()
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors, aliases, first = {}, {}, {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        same = _tensor_identity(v)  # tied weights / shared int8 tables: the state dict holds them once per name
+        if same in first:
+            aliases[k] = first[same]
+            continue
+        first[same] = k
+        tensors[k] = v.detach().cpu().contiguous().clone()
     extra = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
     layers = {name: _describe(m) for name, m in model.named_modules(remove_duplicate=False)  # every alias, as the
               if isinstance(m, ACCEL_TYPES)}                                                # state dict has them
-    meta = {"layers": layers, "extra_state": extra, "shapes": layer_shapes(model)}
+    meta = {"layers": layers, "extra_state": extra, "shapes": layer_shapes(model), "aliases": aliases}
     save_file(tensors, path, metadata={"accel": json.dumps(meta)})
 
 
@@ -934,6 +1041,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
     try:
         info = json.loads(meta["accel"])
         layers, extra_state, shapes = dict(info["layers"]), dict(info["extra_state"]), dict(info.get("shapes", {}))
+        aliases = {str(k): str(v) for k, v in dict(info.get("aliases", {})).items()}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"accel.load: {path} has corrupt accel metadata ({e})") from None
     trial = copy.deepcopy(model)  # everything happens on a copy: a failed load leaves `model` as it was
@@ -948,6 +1056,15 @@ def load(model: nn.Module, path: str) -> nn.Module:
             have = cuttable[name]
             if io["in"] <= have["in"] and io["out"] <= have["out"]:
                 want[name] = io
+    modules = dict(trial.named_modules(remove_duplicate=False))
+    for name, io in list(want.items()):
+        have = cuttable.get(name)
+        if have is None:
+            there = type(modules[name]).__name__ if name in modules else "no such module"
+            raise ValueError(f"accel.load: {path} does not fit this model: the file has a stock layer with channels "
+                             f"{io} at {name!r}, the model has {there} there")
+        if isinstance(io, dict) and all(have.get(k) == v for k, v in io.items()):
+            del want[name]  # the channel counts it already has: nothing to cut
     try:
         resized = resize_(trial, want)  # channels removed by shrink_
     except (ValueError, TypeError, RuntimeError) as e:
@@ -961,6 +1078,10 @@ def load(model: nn.Module, path: str) -> nn.Module:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"accel.load: cannot read the tensors of {path} ({type(e).__name__}: {e})") from None
+    missing = sorted({v for v in aliases.values() if v not in sd})
+    if missing:
+        raise ValueError(f"accel.load: {path} has corrupt accel metadata: aliases of tensors it does not hold: {missing}")
+    sd.update({k: sd[v] for k, v in aliases.items()})
     sd.update(extra_state)
     built: dict[int, tuple[str, dict, nn.Module]] = {}  # a module shared by several names is built once
     news = {}
@@ -974,6 +1095,7 @@ def load(model: nn.Module, path: str) -> nn.Module:
                              f"here, but the file has different layers there ({first_desc} / {desc})")
         news[name] = new
     replace_modules(trial, news)
+    _check_ties(trial, sd, path)
     try:
         trial.load_state_dict(sd, strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -981,5 +1103,37 @@ def load(model: nn.Module, path: str) -> nn.Module:
     # success: move the rebuilt layers and the loaded state into the caller's model
     replace_modules(model, {name: trial.get_submodule(name) for name in list(resized) + list(layers)})
     model.load_state_dict(trial.state_dict(), strict=True)
+    _reshare(model, aliases)
     return model
+
+
+def _check_ties(model: nn.Module, sd: dict, path: str) -> None:
+    """A ValueError when ``model`` holds one tensor under several names (tied weights) but the file has
+    different values for them: loading would silently write one over the other."""
+    groups: dict[tuple, list[str]] = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            groups.setdefault(_tensor_identity(v), []).append(k)
+    for keys in groups.values():
+        held = [k for k in keys if isinstance(sd.get(k), torch.Tensor)]
+        for k in held[1:]:
+            a, b = sd[held[0]], sd[k]
+            if a is not b and (a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)):
+                raise ValueError(f"accel.load: {path} does not fit this model: {held[0]!r} and {k!r} are one tied "
+                                 f"tensor in this model, but the file holds different values for them (the layers "
+                                 f"were untied when it was saved); untie them in the model before loading")
+
+
+def _reshare(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Buffers of accel layers that were one tensor when saved (an int8 table of tied layers) become one
+    tensor again (they were loaded as equal copies)."""
+    for alias, first in aliases.items():
+        (ma, _, ka), (mf, _, kf) = alias.rpartition("."), first.rpartition(".")
+        a, f = model.get_submodule(ma), model.get_submodule(mf)
+        if a is f or not isinstance(a, ACCEL_TYPES) or not isinstance(f, ACCEL_TYPES):
+            continue
+        ta, tf = a._buffers.get(ka), f._buffers.get(kf)
+        if ta is not None and tf is not None and ta.shape == tf.shape and ta.dtype == tf.dtype and \
+                ta.device == tf.device:
+            a._buffers[ka] = tf
 

@@ -1,7 +1,10 @@
 """Structural channel pruning end to end: a ResNet-18-shaped CNN (random init, 224x224) with 50% of
 the channels of every prunable layer removed by ``accel.shrink.shrink_``, against the dense fp32
-model, then shrunk + ``accel.quantize_`` (int8, measured per layer at the benchmarked shape), with
-dense bf16 channels_last as a reference row. All variants are timed side by side
+model, then shrunk + ``accel.quantize_`` (int8, measured per layer at the benchmarked shape). The
+int8 model is fed channels_last images (oneDNN's layout, as ``accel compress`` feeds its compressed
+model; the conversion is timed with it); the same model fed NCHW is a row of its own. Dense bf16
+channels_last and shrunk bf16 channels_last are reference rows (what a user gets by converting the
+whole model to bf16 themselves). All variants are timed side by side
 (``bench.common.compare``); speedups are medians of per-round ratios to dense fp32.
 
 Goals: shrunk >= 1.8x and shrunk + int8 >= 3x dense fp32. The weights are random, so no accuracy
@@ -27,7 +30,7 @@ from accel.shrink import shrink_
 
 from .common import compare, format_table, save_results
 
-GOALS = {"shrunk": 1.8, "shrunk+int8": 3.0}
+GOALS = {"shrunk": 1.8, "shrunk+int8": 3.0, "shrunk_bf16+int8": 3.0}
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> float:
@@ -60,26 +63,47 @@ def build(ratio: float, x: torch.Tensor) -> tuple[dict[str, nn.Module], list[dic
             "params_shrunk": sum(p.numel() for p in shrunk.parameters())}
     q = copy.deepcopy(shrunk)
     t0 = time.perf_counter()
-    decisions = accel.quantize_(q, accel.QuantConfig(budget_s=0.15), example_inputs=(x,))
+    decisions = accel.quantize_(q, accel.QuantConfig(budget_s=0.15),
+                                example_inputs=(x.contiguous(memory_format=torch.channels_last),))
     info["quantize_s"] = time.perf_counter() - t0
+    q16 = copy.deepcopy(shrunk).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    decisions_bf16 = accel.quantize_(q16, accel.QuantConfig(budget_s=0.15),
+                                     example_inputs=(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last),))
     bf16 = copy.deepcopy(dense).to(torch.bfloat16).to(memory_format=torch.channels_last)
-    models = {"dense_fp32": dense, "dense_bf16_cl": bf16, "shrunk": shrunk, "shrunk+int8": q}
-    return models, report, {**info, "int8_decisions": decisions}
+    shrunk_bf16 = copy.deepcopy(shrunk).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    models = {"dense_fp32": dense, "dense_bf16_cl": bf16, "shrunk": shrunk, "shrunk_bf16_cl": shrunk_bf16,
+              "shrunk+int8": q, "shrunk+int8_nchw": q, "shrunk_bf16+int8": q16}
+    return models, report, {**info, "int8_decisions": decisions, "int8_decisions_bf16": decisions_bf16}
 
 
 def bench_batch(batch: int, ratio: float, budget: float) -> tuple[list[dict], dict]:
     torch.manual_seed(1)
     x = torch.randn(batch, 3, 224, 224)
     models, report, info = build(ratio, x)
-    inputs = {k: x for k in models}
-    inputs["dense_bf16_cl"] = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    def to_bf16_cl(t):
+        return t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def to_cl(t):
+        return t.contiguous(memory_format=torch.channels_last)
+
+    # the conversion of the input is part of each timed call
+    convert = {"dense_bf16_cl": to_bf16_cl, "shrunk_bf16_cl": to_bf16_cl, "shrunk+int8": to_cl,
+               "shrunk_bf16+int8": to_bf16_cl}
     with torch.no_grad():
-        res = compare({k: (lambda k=k: models[k](inputs[k])) for k in models}, "dense_fp32", budget_s=budget)
-        sqnr = accel.quant.sqnr(models["shrunk"](x), models["shrunk+int8"](x))
+        res = compare({k: (lambda k=k: models[k](convert.get(k, lambda t: t)(x))) for k in models}, "dense_fp32",
+                      budget_s=budget)
+        ref = models["shrunk"](x)
+        sqnr = accel.quant.sqnr(ref, models["shrunk+int8"](x))
+        sqnr_bf16 = accel.quant.sqnr(ref, models["shrunk_bf16+int8"](to_bf16_cl(x)).float())
     n_int8 = sum(d["decision"].startswith("int8") for d in info["int8_decisions"])
+    n_int8_bf16 = sum(d["decision"].startswith("int8") for d in info["int8_decisions_bf16"])
     notes = {"dense_fp32": "baseline", "dense_bf16_cl": "reference (no pruning)",
-             "shrunk": f"{ratio:.0%} of channels removed",
-             "shrunk+int8": f"{n_int8}/{len(info['int8_decisions'])} layers int8, SQNR {sqnr:.1f} dB vs shrunk"}
+             "shrunk": f"{ratio:.0%} of channels removed", "shrunk_bf16_cl": "reference: shrunk, whole model bf16",
+             "shrunk+int8": f"{n_int8}/{len(info['int8_decisions'])} layers int8, SQNR {sqnr:.1f} dB vs shrunk; "
+                            "channels_last input",
+             "shrunk+int8_nchw": "the same model fed NCHW",
+             "shrunk_bf16+int8": f"{n_int8_bf16}/{len(info['int8_decisions_bf16'])} layers int8, SQNR "
+                                 f"{sqnr_bf16:.1f} dB vs shrunk; the bf16 channels_last shrunk model quantized"}
     rows = []
     for k, t in res.items():
         rows.append({"batch": batch, "variant": k, "ms": t.median_s * 1e3, "speedup": t.speedup, "rounds": t.rounds,
@@ -87,8 +111,8 @@ def bench_batch(batch: int, ratio: float, budget: float) -> tuple[list[dict], di
                      "goal": GOALS.get(k), "met": (t.speedup >= GOALS[k]) if k in GOALS else None, "note": notes[k]})
     print(f"batch {batch}: " + " ".join(f"{k}={res[k].speedup:.2f}x" for k in res) +
           f" (shrink {info['shrink_s']:.1f}s, quantize_ {info['quantize_s']:.1f}s)", flush=True)
-    extra = {k: v for k, v in info.items() if k != "int8_decisions"}
-    extra.update(report=report, int8_decisions=info["int8_decisions"], sqnr_int8_vs_shrunk=sqnr)
+    extra = dict(info)  # int8_decisions and int8_decisions_bf16 included
+    extra.update(report=report, sqnr_int8_vs_shrunk=sqnr, sqnr_int8_bf16_vs_shrunk=sqnr_bf16)
     return rows, extra
 
 

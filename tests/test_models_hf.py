@@ -106,3 +106,119 @@ def test_decoder_quantize_logits(make, projections):
     with torch.no_grad():
         out = q(input_ids=ids).logits
     assert _cos(ref, out) > 0.99
+
+
+def _opt():
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=64)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [_opt, _decoder], ids=["opt", "gpt2"])
+def test_tied_output_head_is_not_pruned_and_reloads_exactly(make, tmp_path):
+    """lm_head holds the token embeddings' weight: pruning it would prune the embeddings (or, as a sparse
+    copy, untie them so that a reload into a fresh, tied model writes one over the other)."""
+    model = make()
+    ids = torch.randint(0, 500, (2, 12))
+    emb = model.get_input_embeddings().weight
+    table = emb.detach().clone()
+    assert model.lm_head.weight is emb
+    rows = accel.sparsify_(model, accel.SparsityConfig(sparsity=0.5, block=16, mode="sparse"))
+    head = [r for r in rows if r["layer"] == "lm_head"]
+    assert len(head) == 1 and head[0]["decision"] == "dense" and "tied" in head[0]["reason"]
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is emb and torch.equal(emb, table)
+    assert any(isinstance(m, SparseLinear) for m in model.modules())
+    # only the tied layer chosen: reported, nothing pruned, no error
+    only = make()
+    rows = accel.sparsify_(only, accel.SparsityConfig(sparsity=0.5, block=16), filter_fn=lambda m, n: n == "lm_head")
+    assert [r["decision"] for r in rows] == ["dense"] and not any(isinstance(m, SparseLinear) for m in only.modules())
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    path = str(tmp_path / "tied.safetensors")
+    accel.save(model, path)
+    fresh = accel.load(make(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)
+    assert fresh.lm_head.weight is fresh.get_input_embeddings().weight
+
+
+def test_tied_tables_quantized_once_saved_once(tmp_path):
+    """The int8 embedding and the int8 output head tied to it share one table, in memory and in the file."""
+    model = _opt()
+    ids = torch.randint(0, 500, (2, 12))
+    accel.quantize_(model, accel.QuantConfig(keep_float=False))
+    head, emb = model.lm_head, model.model.decoder.embed_tokens
+    assert isinstance(head, QuantLinear) and isinstance(emb, QuantEmbedding)
+    assert head.weight_q is emb.weight_q and head.weight_scale is emb.weight_scale
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    path = str(tmp_path / "q.safetensors")
+    accel.save(model, path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.decoder.embed_tokens.weight_q" in keys and "lm_head.weight_q" not in keys  # written once
+    fresh = accel.load(_opt(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)
+    assert fresh.lm_head.weight_q is fresh.model.decoder.embed_tokens.weight_q
+
+
+def test_load_refuses_untied_values_for_a_tied_model(tmp_path):
+    model = _opt()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 0.5)  # untied, different values
+    path = str(tmp_path / "untied.safetensors")
+    accel.save(model, path)
+    fresh = _opt()
+    before = fresh.lm_head.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied"):
+        accel.load(fresh, path)
+    assert torch.equal(fresh.lm_head.weight, before)  # nothing changed
+
+
+def test_conv1d_kept_dense_keeps_its_type_and_reloads(tmp_path):
+    """GPT-2's Conv1D pruned then kept dense (in-model check) comes back as a Conv1D holding the pruned
+    weight, so the saved file fits a fresh GPT-2."""
+    from accel.api import _dense_like
+
+    model = _decoder()
+    conv1d = model.transformer.h[0].mlp.c_fc
+    sparse = SparseLinear.from_dense(accel.prune.as_plain(conv1d), sparsity=0.5, block=16)
+    back = _dense_like(conv1d, sparse)
+    assert type(back) is type(conv1d) and back.weight.shape == conv1d.weight.shape
+    assert torch.equal(back.weight, sparse.to_linear().weight.t()) and torch.equal(back.bias, conv1d.bias)
+    assert back.weight is not conv1d.weight and not torch.equal(back.weight, conv1d.weight)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), sparse(x), rtol=1e-5, atol=1e-5)
+    model.transformer.h[0].mlp.c_fc = back
+    ids = torch.randint(0, 500, (1, 8))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    path = str(tmp_path / "gpt2.safetensors")
+    accel.save(model, path)
+    fresh = accel.load(_decoder(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)
+
+
+def test_quantize_reports_layers_without_an_int8_form():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(4, 8, 3)
+            self.pos = transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding(20, 8)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.conv1d(x).mean(-1))
+
+    rows = accel.quantize_(Net())
+    why = {r["layer"]: r for r in rows}
+    assert why["conv1d"]["decision"] == "float" and "Conv1d" in why["conv1d"]["reason"]
+    assert why["pos"]["decision"] == "float" and "subclasses Embedding" in why["pos"]["reason"]
+    assert isinstance(dict(Net().named_children())["fc"], nn.Linear) and "fc" in why
+    with pytest.raises(ValueError, match="SparsityConfig.block"):
+        accel.SparsityConfig(block=8)

@@ -471,11 +471,12 @@ def _dense_like(orig: nn.Module, new: nn.Module) -> nn.Module:
     dense = new.to_linear() if isinstance(new, SparseLinear) else new.to_dense()
     if type(orig) is type(dense) or not is_conv1d(orig) or weight_source(orig) is not None:
         return dense
-    memo = {id(orig.weight): nn.Parameter(dense.weight.detach().t().contiguous(),
-                                          requires_grad=orig.weight.requires_grad)}
+    out = copy.copy(orig)  # the layer's own attributes (nf, ...); its own parameter / buffer / child tables
+    out._parameters, out._buffers, out._modules = dict(orig._parameters), dict(orig._buffers), dict(orig._modules)
+    out.weight = nn.Parameter(dense.weight.detach().t().contiguous(), requires_grad=orig.weight.requires_grad)
     if orig.bias is not None and dense.bias is not None:
-        memo[id(orig.bias)] = nn.Parameter(dense.bias.detach().clone(), requires_grad=orig.bias.requires_grad)
-    return copy.deepcopy(orig, memo)
+        out.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=orig.bias.requires_grad)
+    return out
 
 
 def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn: FilterFn | None = None, *,
@@ -719,7 +720,8 @@ def _no_int8_form(m: nn.Module, embeddings: bool) -> str | None:
     kinds = (nn.Linear, nn.Conv2d) + ((nn.Embedding,) if embeddings else ())
     if base_kind(m) is None and isinstance(m, kinds) and not isinstance(m, ACCEL_TYPES):
         stock = next(k for k in kinds if isinstance(m, k))
-        return f"{type(m).__name__} subclasses {stock.__name__} with its own forward: kept"
+        if type(m).forward is not stock.forward:  # (a subclass keeping the stock forward, e.g. an attention's
+            return f"{type(m).__name__} subclasses {stock.__name__} with its own forward: kept"  # out_proj: not reported)
     return None
 
 
@@ -992,9 +994,10 @@ def _build(desc: dict, target: nn.Module) -> nn.Module:
 def _tensor_identity(t: torch.Tensor) -> tuple:
     """Equal for two state-dict entries that are the same memory seen the same way (a tied weight, a
     shared buffer); an empty tensor is never merged."""
-    if t.numel() == 0:
-        return (id(t),)
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    if t.numel() == 0 or t.device.type == "meta" or t.untyped_storage().data_ptr() == 0:
+        return (id(t),)  # no memory to compare (meta tensors all report address 0)
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+            t.is_conj(), t.is_neg())
 
 
 def save(model: nn.Module, path: str) -> None:
@@ -1129,7 +1132,10 @@ def _reshare(model: nn.Module, aliases: dict[str, str]) -> None:
     tensor again (they were loaded as equal copies)."""
     for alias, first in aliases.items():
         (ma, _, ka), (mf, _, kf) = alias.rpartition("."), first.rpartition(".")
-        a, f = model.get_submodule(ma), model.get_submodule(mf)
+        try:
+            a, f = model.get_submodule(ma), model.get_submodule(mf)
+        except AttributeError:  # a key that is not module.path.name (renamed by a state-dict hook): left as loaded
+            continue
         if a is f or not isinstance(a, ACCEL_TYPES) or not isinstance(f, ACCEL_TYPES):
             continue
         ta, tf = a._buffers.get(ka), f._buffers.get(kf)

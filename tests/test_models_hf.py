@@ -133,6 +133,11 @@ def test_tied_output_head_is_not_pruned_and_reloads_exactly(make, tmp_path):
     only = make()
     rows = accel.sparsify_(only, accel.SparsityConfig(sparsity=0.5, block=16), filter_fn=lambda m, n: n == "lm_head")
     assert [r["decision"] for r in rows] == ["dense"] and not any(isinstance(m, SparseLinear) for m in only.modules())
+    masked = make()  # masks from a pruner naming the tied layer: not pruned either, reported
+    mask = torch.ones(500 // 4, 64 // 16, dtype=torch.bool)
+    rows = accel.sparsify_(masked, accel.SparsityConfig(block=16), masks={"lm_head": mask[:, :]})
+    assert [r["decision"] for r in rows] == ["dense"] and "tied" in rows[0]["reason"]
+    assert masked.lm_head.weight is masked.get_input_embeddings().weight
     with torch.no_grad():
         out = model(input_ids=ids).logits
     path = str(tmp_path / "tied.safetensors")
@@ -220,5 +225,19 @@ def test_quantize_reports_layers_without_an_int8_form():
     assert why["conv1d"]["decision"] == "float" and "Conv1d" in why["conv1d"]["reason"]
     assert why["pos"]["decision"] == "float" and "subclasses Embedding" in why["pos"]["reason"]
     assert isinstance(dict(Net().named_children())["fc"], nn.Linear) and "fc" in why
+    mha = nn.TransformerEncoderLayer(16, 2, 32)  # out_proj keeps the stock forward (read by its parent): no row
+    assert not [r for r in accel.quantize_(mha) if r["layer"] == "self_attn.out_proj"]
     with pytest.raises(ValueError, match="SparsityConfig.block"):
         accel.SparsityConfig(block=8)
+
+
+def test_save_merges_only_the_same_memory_seen_the_same_way():
+    from accel.api import _tensor_identity
+
+    w = torch.randn(4, 4)
+    assert _tensor_identity(w) == _tensor_identity(w.detach())
+    assert _tensor_identity(w) != _tensor_identity(w[:, :2]) and _tensor_identity(w) != _tensor_identity(w.t())
+    c = torch.randn(3, dtype=torch.complex64)
+    assert _tensor_identity(c) != _tensor_identity(c.conj())
+    a, b = torch.empty(4, 4, device="meta"), torch.empty(4, 4, device="meta")  # meta tensors all report address 0
+    assert _tensor_identity(a) != _tensor_identity(b)

@@ -464,18 +464,42 @@ def _tied_reason(tied: dict[int, list[str]], m: nn.Module) -> str | None:
                                      f"prune that too)")
 
 
-def _dense_like(orig: nn.Module, new: nn.Module) -> nn.Module:
-    """The pruned layer ``new`` stored dense, as a layer of ``orig``'s own type where that is not the stock
-    layer (a Hugging Face ``Conv1D`` gets its transposed pruned weight back), so a saved model still
-    records, and a fresh instance still has, the same layer type there."""
+def _layer_copy(m: nn.Module) -> nn.Module:
+    """A new module object of ``m``'s class with ``m``'s attributes, and its own copies of every table
+    (parameters, buffers, children, hooks): no tensor is copied, nothing is shared with ``m``'s tables."""
+    out = copy.copy(m)
+    for k, v in vars(m).items():
+        if isinstance(v, dict):
+            out.__dict__[k] = copy.copy(v)
+    return out
+
+
+def _conv1d_template(m: nn.Module) -> nn.Module | None:
+    """For a Hugging Face ``Conv1D`` storing its weight: a tensor-free copy (its class and attributes), kept
+    by the ``SparseLinear`` made from it so that :func:`_dense_like` can give the layer its type back later."""
+    if not is_conv1d(m) or weight_source(m) is not None:
+        return None
+    t = _layer_copy(m)
+    t.__dict__["_parameters"] = {}
+    t.__dict__["_accel_template"] = True
+    return t
+
+
+def _dense_like(orig: nn.Module | None, new: nn.Module) -> nn.Module:
+    """The pruned layer ``new`` stored dense, as a layer of ``orig``'s own type (``orig``: the layer it was
+    made from, or its :func:`_conv1d_template`) where that is not the stock layer: a Hugging Face ``Conv1D``
+    gets its transposed pruned weight back, so a saved model still records, and a fresh instance still
+    has, the same layer type there."""
     dense = new.to_linear() if isinstance(new, SparseLinear) else new.to_dense()
-    if type(orig) is type(dense) or not is_conv1d(orig) or weight_source(orig) is not None:
+    tmpl = None if orig is None or type(orig) is type(dense) else \
+        (orig if orig.__dict__.get("_accel_template") else _conv1d_template(orig))
+    if tmpl is None or not isinstance(dense, nn.Linear):
         return dense
-    out = copy.copy(orig)  # the layer's own attributes (nf, ...); its own parameter / buffer / child tables
-    out._parameters, out._buffers, out._modules = dict(orig._parameters), dict(orig._buffers), dict(orig._modules)
-    out.weight = nn.Parameter(dense.weight.detach().t().contiguous(), requires_grad=orig.weight.requires_grad)
-    if orig.bias is not None and dense.bias is not None:
-        out.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=orig.bias.requires_grad)
+    out = _layer_copy(tmpl)
+    out.__dict__.pop("_accel_template", None)
+    out.weight = nn.Parameter(dense.weight.detach().t().contiguous())
+    if dense.bias is not None:
+        out.bias = nn.Parameter(dense.bias.detach().clone())
     return out
 
 
@@ -539,6 +563,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
             continue
         if kind is nn.Linear:
             new = SparseLinear.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+            if (tmpl := _conv1d_template(m)) is not None:  # kept dense later: a Conv1D again (linearize_kept_dense_)
+                object.__setattr__(new, "_dense_template", tmpl)
         else:
             why = SparseConv2d.unsupported_reason(m)
             if why is not None:
@@ -584,7 +610,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
 
 def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:
     """Turn the layers ``sparsify_`` stored dense back into plain ``nn.Linear`` (masked weights, so their
-    zeros stay zero), in place, so ``quantize_`` can still try int8 on them. Returns their names."""
+    zeros stay zero), in place, so ``quantize_`` can still try int8 on them (a layer ``sparsify_`` made from
+    a Hugging Face ``Conv1D`` becomes a ``Conv1D`` again, which ``quantize_`` serves too). Returns their names."""
     by_layer: dict[str, set] = {}
     for r in sparsify_rows:
         by_layer.setdefault(r["layer"], set()).add(r["decision"])
@@ -592,7 +619,7 @@ def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[s
                    and isinstance(model.get_submodule(n), (SparseLinear, SparseConv2d)))
     for name in names:
         m = model.get_submodule(name)
-        replace_module(model, name, m.to_dense() if isinstance(m, SparseConv2d) else m.to_linear())
+        replace_module(model, name, _dense_like(getattr(m, "_dense_template", None), m))
     return names
 
 

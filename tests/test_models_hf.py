@@ -241,3 +241,29 @@ def test_save_merges_only_the_same_memory_seen_the_same_way():
     assert _tensor_identity(c) != _tensor_identity(c.conj())
     a, b = torch.empty(4, 4, device="meta"), torch.empty(4, 4, device="meta")  # meta tensors all report address 0
     assert _tensor_identity(a) != _tensor_identity(b)
+
+
+def test_conv1d_stored_dense_linearizes_to_conv1d(tmp_path):
+    """sparsify_ mode 'dense' then linearize_kept_dense_ (what accel compress does before quantize_) gives
+    GPT-2 its Conv1D layers back, holding the pruned weights; the saved file fits a fresh GPT-2."""
+    from accel.api import linearize_kept_dense_
+
+    model = _decoder()
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    rows = accel.sparsify_(model, accel.SparsityConfig(sparsity=0.5, block=16, mode="dense"),
+                           filter_fn=lambda m, n: n.startswith("transformer.h."))
+    ids = torch.randint(0, 500, (1, 8))
+    with torch.no_grad():
+        sparse_out = model(input_ids=ids).logits
+    names = linearize_kept_dense_(model, rows)
+    assert names and all(type(model.get_submodule(n)) is kinds[n] for n in names)
+    fc = model.transformer.h[0].mlp.c_fc
+    assert type(fc).__name__ == "Conv1D" and float((fc.weight == 0).float().mean()) >= 0.45
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, sparse_out, rtol=1e-4, atol=1e-4)
+    path = str(tmp_path / "lin.safetensors")
+    accel.save(model, path)
+    fresh = accel.load(_decoder(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)

@@ -1027,6 +1027,31 @@ def _tensor_identity(t: torch.Tensor) -> tuple:
             t.is_conj(), t.is_neg())
 
 
+def _equal_tables(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """int8 tables (``weight_q`` with its ``weight_scale``) equal to an earlier one are recorded as its aliases
+    instead of written again: tied layers whose shared table a device move (``Module.to`` converts each
+    layer's buffers separately) turned into equal copies. In place."""
+    seen: dict[tuple, list[str]] = {}
+    for k in [k for k in tensors if k.endswith(".weight_q")]:
+        sk = k[: -len("weight_q")] + "weight_scale"
+        if sk not in tensors:
+            continue
+        t = tensors[k]
+        group = seen.setdefault((t.dtype, tuple(t.shape), tuple(tensors[sk].shape)), [])
+        for c in group:
+            sc = c[: -len("weight_q")] + "weight_scale"
+            if torch.equal(tensors[c], t) and torch.equal(tensors[sc], tensors[sk]):
+                for key, first in ((k, c), (sk, sc)):
+                    del tensors[key]
+                    aliases[key] = first
+                    for other, to in list(aliases.items()):  # names that pointed at the copy point at the first
+                        if to == key:
+                            aliases[other] = first
+                break
+        else:
+            group.append(k)
+
+
 def save(model: nn.Module, path: str) -> None:
     """Write ``model``'s state to ``path`` (safetensors), with the accel layer types and their extra
     state in the file's metadata so :func:`load` can rebuild them on a fresh float model. An entry that
@@ -1045,6 +1070,7 @@ def save(model: nn.Module, path: str) -> None:
             continue
         first[same] = k
         tensors[k] = v.detach().cpu().contiguous().clone()
+    _equal_tables(tensors, aliases)
     extra = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
     layers = {name: _describe(m) for name, m in model.named_modules(remove_duplicate=False)  # every alias, as the
               if isinstance(m, ACCEL_TYPES)}                                                # state dict has them

@@ -267,3 +267,24 @@ def test_conv1d_stored_dense_linearizes_to_conv1d(tmp_path):
     fresh = accel.load(_decoder(), path)
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, out)
+
+
+def test_tied_table_split_by_a_device_move_is_saved_once(tmp_path):
+    """Module.to converts each layer's buffers separately, so a shared int8 table becomes equal copies:
+    save still writes it once."""
+    model = _opt()
+    accel.quantize_(model, accel.QuantConfig(keep_float=False))
+    head, emb = model.lm_head, model.model.decoder.embed_tokens
+    for key in ("weight_q", "weight_scale"):  # what .to(device) / .cuda() leave: one copy per layer
+        head._buffers[key] = head._buffers[key].clone()
+    assert head.weight_q is not emb.weight_q and torch.equal(head.weight_q, emb.weight_q)
+    path = str(tmp_path / "moved.safetensors")
+    accel.save(model, path)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        assert sum(k.endswith("weight_q") and ("lm_head" in k or "embed_tokens" in k) for k in f.keys()) == 1
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        assert torch.equal(accel.load(_opt(), path)(input_ids=ids).logits, out)

@@ -31,6 +31,7 @@ from . import engines
 from .formats import check_block_size
 from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
+from .modules._common import explicit_padding
 from .prune import as_linear, as_plain, base_kind, block_masks, is_conv1d, weight_source
 
 __all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
@@ -968,7 +969,7 @@ def _compatible(desc: dict, target: nn.Module | None) -> str | None:
             return f"the file has a SparseConv2d there, the model has {type(target).__name__}"
         if type(target) is nn.Conv2d and (why := SparseConv2d.unsupported_reason(target)) is not None:
             return f"the model's Conv2d cannot be a SparseConv2d: {why}"
-        pad = SparseConv2d._explicit_padding(target) if type(target) is nn.Conv2d else target.padding
+        pad = explicit_padding(target) if type(target) is nn.Conv2d else target.padding
         mine = (target.in_channels, target.out_channels, list(target.kernel_size), list(target.stride), list(pad),
                 list(target.dilation), target.bias is not None)
         want = (desc.get("in_channels"), desc.get("out_channels"), desc.get("kernel_size"), desc.get("stride"),
@@ -978,7 +979,9 @@ def _compatible(desc: dict, target: nn.Module | None) -> str | None:
     if kind == "QuantConv2d":
         if not isinstance(target, (nn.Conv2d, QuantConv2d)):
             return f"the file has a QuantConv2d there, the model has {type(target).__name__}"
-        pad = (0, 0) if getattr(target, "padding", None) == "valid" else target.padding
+        if type(target) is not QuantConv2d and (why := QuantConv2d.unsupported_reason(target)) is not None:
+            return f"the model's Conv2d cannot be a QuantConv2d: {why}"
+        pad = explicit_padding(target) if type(target) is not QuantConv2d else target.padding
         mine = (target.in_channels, target.out_channels, list(target.kernel_size), list(target.stride), list(pad),
                 list(target.dilation))
         want = (desc.get("in_channels"), desc.get("out_channels"), desc.get("kernel_size"), desc.get("stride"),

@@ -152,11 +152,35 @@ def test_quant_conv_close_to_float(conv):
 
 def test_quant_conv_unsupported_layers_stay_float():
     for conv, why in [(nn.Conv2d(8, 8, 3, groups=2), "groups=2"), (nn.Conv2d(4, 4, 3, padding_mode="reflect"), "reflect"),
-                      (nn.Conv2d(4, 4, 3, padding="same"), "'same'")]:
+                      (nn.Conv2d(4, 4, 2, padding="same"), "'same' with an even")]:
         assert why in QuantConv2d.unsupported_reason(conv)
         with pytest.raises(ValueError, match="keep this layer in floating point"):
             QuantConv2d.from_float(conv)
     assert QuantConv2d.unsupported_reason(nn.Conv2d(3, 32, 3)) is None
+
+
+@pytest.mark.parametrize("k, d", [(1, 1), (3, 1), (3, 2), (5, 1)])
+def test_quant_conv_same_padding_resolved(k, d, tmp_path):
+    """padding='same' with an odd dilated kernel is the symmetric explicit padding (EfficientNet-style 1x1 and
+    depthwise-free 3x3 convs); the saved layer loads into a fresh model whose conv says 'same'."""
+    import accel
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, k, padding="same", dilation=d)
+    q = QuantConv2d.from_float(conv)
+    assert q.padding == (d * (k - 1) // 2,) * 2
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = conv(x)
+        assert q(x).shape == ref.shape and sqnr(ref, q(x)) >= 30
+    model = nn.Sequential(conv)
+    accel.quantize_(model)
+    assert isinstance(model[0], QuantConv2d)
+    path = str(tmp_path / "same.safetensors")
+    accel.save(model, path)
+    fresh = accel.load(nn.Sequential(nn.Conv2d(8, 16, k, padding="same", dilation=d)), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
 
 
 def test_quant_conv_state_dict_and_batch_zero():

@@ -86,3 +86,23 @@ def load_refused(module, state_dict, prefix: str, missing_keys: list, error_msgs
         return False
     error_msgs.append(f"{type(module).__name__} {prefix.rstrip('.') or '(root)'}: {why}")
     return True
+
+
+def same_padding_reason(conv) -> str | None:
+    """Why ``conv``'s ``padding='same'`` has no symmetric explicit form (an even dilated kernel pads one
+    more on one side), or None (including for explicit / ``'valid'`` padding)."""
+    if conv.padding != "same":
+        return None
+    if any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+        return "padding='same' with an even dilated kernel (asymmetric padding); give explicit padding"
+    return None
+
+
+def explicit_padding(conv) -> tuple[int, int]:
+    """``conv``'s padding as a pair of ints (``'valid'``: 0; ``'same'``: half the dilated kernel, for the
+    convs :func:`same_padding_reason` accepts)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)

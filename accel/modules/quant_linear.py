@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..ops.int8 import check_conv_geometry, forget_plans, module_conv2d, module_linear
 from ..quant import ACTIVATIONS, dequantize_weight, quantize_weight
-from ._common import refuse_weight, weight_view
+from ._common import explicit_padding, refuse_weight, same_padding_reason, weight_view
 
 LINEAR_MODES = ("auto", "dynamic", "static", "weight_only")
 CONV_MODES = ("auto", "dynamic", "static")
@@ -267,9 +267,7 @@ class QuantConv2d(_QuantBase):
             return f"groups={conv.groups} (the int8 conv serves groups=1 only)"
         if conv.padding_mode != "zeros":
             return f"padding_mode={conv.padding_mode!r} (only zero padding)"
-        if isinstance(conv.padding, str) and conv.padding != "valid":
-            return f"padding={conv.padding!r} (give explicit padding)"
-        return None
+        return same_padding_reason(conv)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, mode: str = "dynamic", *, act_scale=None, activation: str = "none",
@@ -282,7 +280,7 @@ class QuantConv2d(_QuantBase):
         if act_scale is not None and mode != "static":
             raise ValueError(f"QuantConv2d.from_float: act_scale is used only by mode 'static', got mode {mode!r}")
         w = conv.weight
-        padding = (0, 0) if conv.padding == "valid" else conv.padding
+        padding = explicit_padding(conv)
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
                 bias=conv.bias is not None, mode=mode, activation=activation, act_qmax=act_qmax, device=w.device,
                 dtype=w.dtype)

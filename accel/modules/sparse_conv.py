@@ -19,7 +19,15 @@ from ..formats import (
 from ..ops._dispatch import as_conv_output
 from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
 from ._bsr_state import bsr_state_error, load_bsr_state
-from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, weight_view
+from ._common import (
+    autocast_dtype,
+    cast_param,
+    explicit_padding,
+    normal_tensor,
+    refuse_weight,
+    same_padding_reason,
+    weight_view,
+)
 
 MODES = ("auto", "sparse", "dense")
 
@@ -111,19 +119,7 @@ class SparseConv2d(nn.Module):
             return f"groups={conv.groups} (the block-sparse conv serves groups=1 only)"
         if conv.padding_mode != "zeros":
             return f"padding_mode={conv.padding_mode!r} (only zero padding)"
-        if conv.padding == "same":
-            odd = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation) if d * (k - 1) % 2]
-            if odd:
-                return "padding='same' with an even dilated kernel (asymmetric padding); give explicit padding"
-        return None
-
-    @staticmethod
-    def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
-        if conv.padding == "valid":
-            return (0, 0)
-        if conv.padding == "same":
-            return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
-        return tuple(conv.padding)
+        return same_padding_reason(conv)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,7 +169,7 @@ class SparseConv2d(nn.Module):
         else:
             block_mask = None
         bsr = BSRMatrix.from_dense(w2, block, block_mask)
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, cls._explicit_padding(conv),
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
                 conv.dilation, bias=conv.bias is not None, block_size=block, device=w.device, dtype=w.dtype)
         if conv.bias is not None:
             m.bias.data.copy_(conv.bias.detach())

@@ -535,6 +535,13 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
 
     if masks is None and not selected and rows:  # every layer chosen is one that cannot be pruned: say why
         return rows
+    if masks is None and not selected:
+        subs = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules() if base_kind(m) is None and
+                isinstance(m, kinds) and not isinstance(m, ACCEL_TYPES) and (filter_fn is None or filter_fn(m, n))]
+        raise ValueError("sparsify_: no layer to prune: the filter selected no nn.Linear / Conv1D"
+                         + (" / nn.Conv2d" if config.convs else " (convs: SparsityConfig(convs=True))")
+                         + (f"; these subclass them with their own forward and are not converted: "
+                            f"{', '.join(subs[:6])}" + (f" (+{len(subs) - 6})" if len(subs) > 6 else "") if subs else ""))
     if masks is None:
         if config.scope == "sensitivity" and example_inputs is None:
             raise ValueError("sparsify_: scope 'sensitivity' needs example_inputs (the output error is measured on them)")

@@ -1000,8 +1000,15 @@ def plan_shrink(model: nn.Module, example_inputs, ratio: float, *, scope: str = 
             "channels_after": after,
             "per_layer": {tracer.spaces[s][0]: [int(sizes[s]), int(remaining[s])] for s in ss},
             "status": "pruned" if after < before else ("kept" if prunable else "fixed"),
-            "reason": "; ".join(reasons[g][:4]),
+            "reason": "; ".join(reasons[g][:4]) or ("" if prunable else _JOINED_FIXED),
         })
+    named = {n for r in report for n in r["layers"] + r["coupled"]}
+    for name, m in model.named_modules():  # weighted layers the planner does not cut: reported, not skipped silently
+        if name not in named and (why := _not_cut(m)) is not None:
+            out = next((getattr(m, a) for a in ("out_channels", "out_features", "num_features") if hasattr(m, a)), 0)
+            report.append({"group": len(report), "layers": [name], "coupled": [], "channels_before": int(out),
+                           "channels_after": int(out), "per_layer": {name: [int(out), int(out)]}, "status": "fixed",
+                           "reason": why})
     train_shapes = _train_run(model, args, kwargs) if cuts else None
     return ShrinkPlan(cuts, report, tracer.events, kept, _shapes(model_out), train_shapes)
 
@@ -1277,6 +1284,24 @@ def shrink_(model: nn.Module, example_inputs, ratio: float, *, scope: str = "lay
                        floor=floor, round_to=round_to, ignore=ignore)
     apply_plan(model, plan, example_inputs if verify and plan.cuts else None)
     return plan.report
+
+
+#: the reason of a fixed group no block was recorded on: joined to fixed channels through an elementwise op
+_JOINED_FIXED = ("joined (elementwise op, concatenation or a shared input) to channels that stay: a fixed layer, "
+                 "the model's output, or values the tracer cannot attribute to a layer")
+
+
+def _not_cut(m: nn.Module) -> str | None:
+    """Why shrink leaves the weighted layer ``m`` alone when it is not a layer the planner follows: an accel
+    layer (shrink before converting) or a subclass of a stock layer with its own forward; None otherwise."""
+    from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
+
+    if isinstance(m, (QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear)):
+        return f"{type(m).__name__} is an accel layer: shrink_ before sparsify_ / quantize_"
+    for stock in (*_CONV, *_CONVT, nn.Linear):
+        if isinstance(m, stock) and type(m) is not stock and type(m).forward is not stock.forward:
+            return f"{type(m).__name__} subclasses {stock.__name__} with its own forward: shrink cuts stock layers only"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ shapes

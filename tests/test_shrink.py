@@ -741,3 +741,38 @@ def test_state_dict_reload_and_pickle(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ref)
+
+
+class _WSConv(nn.Conv2d):
+    """A weight-standardized conv (BiT-style): a Conv2d subclass with its own forward."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_layers_shrink_does_not_cut_are_reported():
+    """Subclasses with their own forward and accel layers are rows ("fixed", with the reason), never a silent
+    empty report; a group fixed only by being joined to fixed channels says so."""
+    x = torch.randn(1, 3, 8, 8)
+    ws = nn.Sequential(_WSConv(3, 8, 3, padding=1), nn.ReLU(), _WSConv(8, 8, 3, padding=1))
+    rows = shrink_(ws, (x,), 0.5)
+    assert [(r["layers"], r["status"]) for r in rows] == [(["0"], "fixed"), (["2"], "fixed")]
+    assert all("_WSConv subclasses Conv2d" in r["reason"] for r in rows)
+    q = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    accel.quantize_(q, accel.QuantConfig(keep_float=False))
+    rows = shrink_(q, (x,), 0.5)
+    assert rows and all(r["status"] == "fixed" and "accel layer" in r["reason"] for r in rows)
+
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    rows = shrink_(Sum(), (x,), 0.5)
+    assert rows and all(r["status"] == "fixed" and r["reason"] for r in rows)
+    with pytest.raises(ValueError, match=r"not converted: .0. \(_WSConv\)"):
+        accel.sparsify_(nn.Sequential(_WSConv(3, 32, 1)), accel.SparsityConfig(convs=True))

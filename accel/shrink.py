@@ -537,12 +537,17 @@ class _Tracer(TorchFunctionMode):
         x = args[0]
         info = self.info(x)
         k = _SPATIAL[name]
+        pad = None
         if k < 0:
             k = x.dim() + k
         elif k == 0:  # F.pad
             pad = args[1] if len(args) > 1 else kwargs.get("pad", ())
             k = len(pad) // 2
         loc = _locate(tuple(x.shape), info)
+        if loc is not None and pad is not None and loc[0] >= x.dim() - k:
+            p = x.dim() - 1 - loc[0]  # F.pad's pairs run from the last dimension: a zero pair leaves it alone
+            if pad[2 * p] == 0 and pad[2 * p + 1] == 0:
+                k = x.dim() - 1 - loc[0]
         if loc is None or loc[0] >= x.dim() - k:
             return self._unknown(name, args, kwargs, out, f"{name} works over the channel dimension")
         j, r = loc

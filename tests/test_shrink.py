@@ -776,3 +776,33 @@ def test_layers_shrink_does_not_cut_are_reported():
     assert rows and all(r["status"] == "fixed" and r["reason"] for r in rows)
     with pytest.raises(ValueError, match=r"not converted: .0. \(_WSConv\)"):
         accel.sparsify_(nn.Sequential(_WSConv(3, 32, 1)), accel.SparsityConfig(convs=True))
+
+
+def test_zero_pad_on_the_channel_dim_is_not_a_barrier():
+    """Swin-style F.pad of a channels-last (B, H, W, C) stream pads H and W with a zero pair for C: the
+    channels stay prunable, and the cut equals zeroing them; a real pad of C still fixes them."""
+    class M(nn.Module):
+        def __init__(self, pad):
+            super().__init__()
+            self.a, self.b, self.pad = nn.Linear(4, 16), nn.Linear(16, 2), pad
+
+        def forward(self, x):
+            h = F.pad(F.relu(self.a(x)), self.pad)
+            return self.b(h) if self.pad[:2] == (0, 0) else h.sum(-1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 7, 4)
+    m = M((0, 0, 0, 1, 0, 1)).eval()
+    plan = plan_shrink(m, (x,), 0.5)
+    keep = plan.cuts["a"]["out"]
+    assert len(keep) == 8
+    ref = M((0, 0, 0, 1, 0, 1)).eval()
+    ref.load_state_dict(m.state_dict())
+    gone = [i for i in range(16) if i not in keep]
+    with torch.no_grad():
+        ref.a.weight[gone] = 0
+        ref.a.bias[gone] = 0
+        apply_plan(m, plan, (x,))
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+    rows = shrink_(M((0, 1)).eval(), (x,), 0.5)
+    assert rows[0]["status"] == "fixed" and "pad works over the channel dimension" in rows[0]["reason"]

@@ -487,6 +487,7 @@ class _Tracer(TorchFunctionMode):
             return self._unknown(name, args, kwargs, out)
         y = outs[0]
         ops = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        ops = self._drop_broadcast_single(name, ops, y)
         placed = []
         for t in ops:
             if (info := self.info(t)) is None:
@@ -508,6 +509,28 @@ class _Tracer(TorchFunctionMode):
                 self.block(info0.base, f"{name} combines it with a tensor not traced to a layer (a constant or a "
                                        "free parameter of the channel size)")
         self.set(y, _Info(info0.base, r0 * _inner(y.shape, jo)))
+
+    def _drop_broadcast_single(self, name, ops: list, y: torch.Tensor) -> list:
+        """``ops`` without the operands holding the single channel of a 1-channel layer broadcast across the other
+        operands' channels (an attention gate ``h * sigmoid(conv_C->1(h))``): such a channel cannot be cut anyway,
+        and broadcasting it does not couple the other channels. Its layer is fixed."""
+        traced = [t for t in ops if self.info(t) is not None]
+        multi = [t for t in traced if len(self.info(t).base) > 1]
+        if not multi or len(multi) == len(traced):
+            return ops
+        loc = _locate(tuple(multi[0].shape), self.info(multi[0]))
+        if loc is None:
+            return ops
+        jo = loc[0] + y.dim() - multi[0].dim()
+        keep = []
+        for t in ops:
+            info = self.info(t)
+            k = jo - (y.dim() - t.dim())
+            if info is not None and len(info.base) == 1 and (k < 0 or t.shape[k] == 1):
+                self.block(info.base, f"a single channel (broadcast by {name})")
+                continue
+            keep.append(t)
+        return keep
 
     def _reduce(self, name, args, kwargs, out) -> None:
         x = args[0]
@@ -610,7 +633,8 @@ class _Tracer(TorchFunctionMode):
         locs = []
         for t in ts:
             info = self.info(t)
-            loc = None if info is None else _locate(tuple(t.shape), info)
+            # channels found on the concatenated dimension first (a 1-channel operand fits any size-1 dimension)
+            loc = None if info is None else _locate(tuple(t.shape), info, None if stack else dim)
             if info is not None and loc is None:
                 return self._unknown(name, args, kwargs, out)
             locs.append((t, info, loc))

@@ -806,3 +806,47 @@ def test_zero_pad_on_the_channel_dim_is_not_a_barrier():
         torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
     rows = shrink_(M((0, 1)).eval(), (x,), 0.5)
     assert rows[0]["status"] == "fixed" and "pad works over the channel dimension" in rows[0]["reason"]
+
+
+class _Gate(nn.Module):
+    """An attention gate: features times the sigmoid of a 1-channel conv of them (broadcast over channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.p, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(h * torch.sigmoid(self.p(h)))
+
+
+class _CatMask(nn.Module):
+    """Features concatenated with a 1-channel mask predicted from them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1), nn.Conv2d(17, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(torch.cat([h, torch.sigmoid(self.m(h))], 1))
+
+
+@pytest.mark.parametrize("make", [_Gate, _CatMask])
+def test_single_channel_layer_does_not_fix_the_features_it_meets(make):
+    """A 1-channel layer's output (broadcast by a gate, or concatenated) leaves the features prunable, and
+    the cut equals zeroing the removed channels."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    m = make().eval()
+    ref = make().eval()
+    ref.load_state_dict(m.state_dict())
+    plan = plan_shrink(m, (x,), 0.5)
+    keep = plan.cuts["a"]["out"]
+    assert len(keep) == 8
+    gone = [i for i in range(16) if i not in keep]
+    with torch.no_grad():
+        ref.a.weight[gone] = 0
+        ref.a.bias[gone] = 0
+        apply_plan(m, plan, (x,))
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import accel
 from accel import engines
 
-from .common import compare, format_table, save_results
+from .common import compare, format_table, ratio, save_results
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
 
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
                 row[f"cos_{n}"] = cos.get(n)
             best = min(("fp32", "bf16", "torch_dynamic_int8"), key=lambda n: row[f"ms_{n}"])
             for n in ("accel_int8", "accel_int8_bf16"):
-                row[f"{n}_vs_best"] = row[f"ms_{best}"] / row[f"ms_{n}"]
+                row[f"{n}_vs_best"] = ratio(res, best, n)  # median of per-round ratios, as the x columns
             row["best_baseline"] = best
             rows.append(row)
             print(f"batch {b}: " + "  ".join(f"{n} {row[f'ms_{n}']:.1f} ms ({row[f'x_{n}']:.2f}x)" for n in res)

@@ -28,7 +28,7 @@ from accel import QuantConv2d, QuantLinear, engines
 from accel.cpu.int8 import act_qmax
 from accel.quant import sqnr
 
-from .common import compare, format_table, save_results
+from .common import compare, format_table, ratio, save_results
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
@@ -79,7 +79,15 @@ def _run_row(providers: dict, base: str, device: str, budget: float, inner: int,
         row[f"{name}_timed_once"] = True
     row.update({f"sqnr_{n}": sqnr(ref_out, out) for n, out in outputs.items()})
     row["rounds"] = res[base].rounds
-    return row
+    return row, res
+
+
+def _vs(res, row, base: str, mine: str) -> float:
+    """How many times faster ``mine`` ran than ``base``: the median of per-round ratios (both timed in the same
+    rounds), or the ratio of medians for a provider timed once."""
+    if base in res and mine in res:
+        return ratio(res, base, mine)
+    return row[f"ms_{base}"] / row[f"ms_{mine}"]
 
 
 def _int_mm_quant(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -137,14 +145,14 @@ def linear_rows(n, k, ms, device, budget, inner, slow_cutoff):
                        "accel_auto": q_auto(x), "accel_auto_bf16": q_auto_bf16(x16).float(), "bf16": lin_bf16(x16)}
             if torch_dyn is not None:
                 outputs["torch_dynamic_int8"] = torch_dyn(x)
-            row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref, outputs)
+            row, res = _run_row(providers, base, device, budget, inner, slow_cutoff, ref, outputs)
         best_fp32_in = [b for b in (base, "bf16", "torch_dynamic_int8", "torch_int_mm_quant") if f"ms_{b}" in row]
         best = min(best_fp32_in, key=lambda b: row[f"ms_{b}"])
         row.update(layer="linear", shape=f"{n}x{k}", m=m, auto_mode=q_auto.resolved_mode(x),
                    auto_mode_bf16=q_auto_bf16.resolved_mode(x16), best_baseline=best,
-                   x_auto_vs_best=row[f"ms_{best}"] / row["ms_accel_auto"],
-                   x_auto_bf16_vs_bf16=row["ms_bf16"] / row["ms_accel_auto_bf16"],
-                   x_weight_only_vs_fp32=row[f"ms_{base}"] / row["ms_accel_weight_only"])
+                   x_auto_vs_best=_vs(res, row, best, "accel_auto"),
+                   x_auto_bf16_vs_bf16=_vs(res, row, "bf16", "accel_auto_bf16"),
+                   x_weight_only_vs_fp32=_vs(res, row, base, "accel_weight_only"))
         rows.append(row)
         print(f"linear {n}x{k} M={m:<4} auto ({row['auto_mode']}) {row['x_auto_vs_best']:.2f}x best ({best}); "
               + " ".join(f"{key[2:]}={val:.2f}x" for key, val in row.items() if key.startswith("x_")), flush=True)
@@ -191,7 +199,7 @@ def conv_rows(batches, device, budget, inner, slow_cutoff):
                     "accel_auto_channels_last": lambda: q_auto(xq_cl),
                     "accel_auto_bf16_in": lambda: q_auto_bf16(x16),
                 }
-                row = _run_row(providers, base, device, budget, inner, slow_cutoff, ref,
+                row, res = _run_row(providers, base, device, budget, inner, slow_cutoff, ref,
                                {"accel_int8": q(x), "accel_auto": q_auto(x), "bf16_channels_last": conv_bf16(x16)})
             baselines = (base, f"{base}_channels_last", "bf16_channels_last")
             best = min(baselines, key=lambda p: row[f"ms_{p}"])
@@ -203,10 +211,10 @@ def conv_rows(batches, device, budget, inner, slow_cutoff):
                 q_auto_bf16(x16)
                 form_bf16 = _conv_form()
             row.update(layer="conv", shape=f"{c_in}->{c_out} {hw}x{hw} k{k} s{s}", m=b, best_baseline=best,
-                       x_auto_vs_best=row[f"ms_{best}"] / row[f"ms_{mine}"],
-                       x_auto_vs_best_fp32=row[f"ms_{best_fp32}"] / row[f"ms_{mine}"],
-                       x_auto_bf16_in_vs_bf16=row["ms_bf16_channels_last"] / row["ms_accel_auto_bf16_in"],
-                       x_int8_vs_best=row[f"ms_{best}"] / min(row["ms_accel_int8"], row["ms_accel_int8_channels_last"]),
+                       x_auto_vs_best=_vs(res, row, best, mine),
+                       x_auto_vs_best_fp32=_vs(res, row, best_fp32, mine),
+                       x_auto_bf16_in_vs_bf16=_vs(res, row, "bf16_channels_last", "accel_auto_bf16_in"),
+                       x_int8_vs_best=max(_vs(res, row, best, "accel_int8"), _vs(res, row, best, "accel_int8_channels_last")),
                        auto_form=form, auto_form_bf16=form_bf16)
             rows.append(row)
             print(f"conv {row['shape']} B={b} auto ({row['auto_form']}) {row['x_auto_vs_best']:.2f}x best ({best}); "

@@ -133,3 +133,29 @@ def test_plans_are_not_saved_copied_or_kept_by_a_move():
         q.bfloat16()  # _apply: the plan holds the tensors being replaced
         assert q not in ops._PLANS
         assert q(x.bfloat16()).dtype == torch.bfloat16 and q.bias.dtype == torch.bfloat16
+
+
+def test_settled_fast_path_still_refuses_other_inputs():
+    """A settled layer skips its checks only for the kind of input its plan was made for: another channel
+    or feature count, dtype, rank or an empty batch goes through the checked path (accel's own errors)."""
+    q = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "auto")
+    lin = QuantLinear.from_float(nn.Linear(40, 24), "auto")
+    with torch.no_grad():
+        for _ in range(2):
+            assert q(torch.randn(2, 8, 9, 9)).shape == (2, 16, 9, 9)
+            assert lin(torch.randn(5, 40)).shape == (5, 24)
+        with pytest.raises(ValueError, match=r"x must be \[B, 8, H, W\]"):
+            q(torch.randn(2, 4, 9, 9))
+        with pytest.raises(TypeError, match="float64"):
+            q(torch.randn(2, 8, 9, 9, dtype=torch.float64))
+        assert q(torch.randn(0, 8, 9, 9)).shape == (0, 16, 9, 9)
+        with pytest.raises(ValueError, match="40"):
+            lin(torch.randn(5, 20))
+        assert lin(torch.randn(40)).shape == (24,)  # unbatched: its own kind
+        assert lin(torch.randn(0, 40)).shape == (0, 24)
+        y = lin(torch.randn(2, 3, 40))
+        assert y.shape == (2, 3, 24)
+        x = torch.randn(5, 40, requires_grad=True)
+    y = lin(x)  # autograd records the call: the checked op path
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -441,6 +441,12 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     """:func:`int8_linear` for a ``QuantLinear``'s own buffers (validated when they were set or loaded):
     only ``x`` is checked, so a call costs a few microseconds more than its engine. ``owner`` (the
     module) keeps the resolved call per input dtype and bucket of rows (:func:`_planned`)."""
+    shape = x.shape
+    settled = _settled(owner, x, shape, (w_q, w_scale, bias, act_scale), (activation, mode, act_qmax))
+    if settled is not None:  # a kind of input this layer has run (and checked) before: its plan, nothing else
+        x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
+        y = settled.fn(x2)
+        return y if len(shape) == 2 else y.view(*shape[:-1], w_q.shape[0])
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() == 0 or \
             x.shape[-1] != w_q.shape[1]:
         return int8_linear(x, w_q, w_scale, bias, activation=activation, act_scale=act_scale, mode=mode,
@@ -448,7 +454,7 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if owner is not None and x2.device.type == "cpu" and x2.shape[0] and x2.shape[1] and w_q.shape[0] and \
             engines.env("ACCEL_FORCE_TRITON") != "1":
-        y = _planned(owner, (x2.dtype, engines.m_bucket(x2.shape[0])), (w_q, w_scale, bias, act_scale),
+        y = _planned(owner, _plan_key(x, shape, False), (w_q, w_scale, bias, act_scale),
                      (activation, mode, act_qmax), (),
                      lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax), x2)
     else:
@@ -490,6 +496,36 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def forget_plans(owner: object) -> None:
     """Drop ``owner``'s resolved calls (its tensors are being moved or replaced)."""
     _PLANS.pop(owner, None)
+
+
+def _plan_key(x: torch.Tensor, shape, image: bool) -> tuple:
+    """The kind of input a plan serves: everything the module's checks looked at (dtype, device, rank, the
+    feature / channel count), the bucket of rows, and for images their size and layout. A plan exists only
+    for a kind that passed those checks, so finding one stands for them."""
+    if image:
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return (x.dtype, x.device, 4, shape[1], engines.m_bucket(shape[0]), shape[2], shape[3], cl)
+    rows = math.prod(shape[:-1]) if len(shape) != 2 else shape[0]
+    return (x.dtype, x.device, len(shape), shape[-1], engines.m_bucket(rows))
+
+
+def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, image: bool = False):
+    """``owner``'s valid plan for ``x``'s kind of input (its notes recorded), or None: the fast path of a
+    settled layer, which skips the checks a plan already passed. Never under torch.compile or when autograd
+    must record the call, never for empty inputs (which take the checked path)."""
+    if owner is None:
+        return None
+    plans = _PLANS.get(owner)
+    if not plans or not len(shape) or not math.prod(shape) or needs_op(x):
+        return None
+    if image and len(shape) != 4:
+        return None
+    plan = plans.get(_plan_key(x, shape, image))
+    if plan is None or not plan.valid(tensors, settings):
+        return None
+    for op, k in plan.notes:
+        engines.note_key(op, k)
+    return plan
 
 
 def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str, ...], resolve, x) -> torch.Tensor:
@@ -584,6 +620,10 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
                   act_qmax: int, owner: object | None = None) -> torch.Tensor:
     """:func:`int8_conv2d` for a ``QuantConv2d``'s own buffers and geometry (validated at construction and
     load): only ``x`` is checked. ``owner`` (the module) keeps the resolved call per kind of input."""
+    settings = (tuple(stride), tuple(padding), tuple(dilation), activation, mode, act_qmax)
+    settled = _settled(owner, x, x.shape, (w_q, w_scale, bias, act_scale), settings, image=True)
+    if settled is not None:  # a kind of input this layer has run (and checked) before: its plan, nothing else
+        return settled.fn(x)
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() != 4 or \
             x.shape[1] != w_q.shape[1] or x.shape[0] == 0:
         return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
@@ -593,10 +633,7 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
         return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
                            mode=mode, act_qmax=act_qmax)  # raises the clear error
     if owner is not None and x.device.type == "cpu" and engines.env("ACCEL_FORCE_TRITON") != "1":
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        key = (x.dtype, engines.m_bucket(x.shape[0]), x.shape[2], x.shape[3], cl)
-        settings = (tuple(stride), tuple(padding), tuple(dilation), activation, mode, act_qmax)
-        return _planned(owner, key, (w_q, w_scale, bias, act_scale), settings, ("int8_conv2d",),
+        return _planned(owner, _plan_key(x, x.shape, True), (w_q, w_scale, bias, act_scale), settings, ("int8_conv2d",),
                         lambda: _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation,
                                               mode, act_qmax), x)
     return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)

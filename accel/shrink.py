@@ -1034,7 +1034,8 @@ def plan_shrink(model: nn.Module, example_inputs, ratio: float, *, scope: str = 
     named = {n for r in report for n in r["layers"] + r["coupled"]}
     for name, m in model.named_modules():  # weighted layers the planner does not cut: reported, not skipped silently
         if name not in named and (why := _not_cut(m)) is not None:
-            out = next((getattr(m, a) for a in ("out_channels", "out_features", "num_features") if hasattr(m, a)), 0)
+            out = next((getattr(m, a) for a in ("out_channels", "out_features", "num_features", "embedding_dim")
+                        if hasattr(m, a)), 0)
             report.append({"group": len(report), "layers": [name], "coupled": [], "channels_before": int(out),
                            "channels_after": int(out), "per_layer": {name: [int(out), int(out)]}, "status": "fixed",
                            "reason": why})
@@ -1328,8 +1329,9 @@ def _not_cut(m: nn.Module) -> str | None:
     if isinstance(m, (QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear)):
         return f"{type(m).__name__} is an accel layer: shrink_ before sparsify_ / quantize_"
     for stock in (*_CONV, *_CONVT, nn.Linear):
-        if isinstance(m, stock) and type(m) is not stock and type(m).forward is not stock.forward:
-            return f"{type(m).__name__} subclasses {stock.__name__} with its own forward: shrink cuts stock layers only"
+        if isinstance(m, stock) and type(m) is not stock:
+            own = " with its own forward" if type(m).forward is not stock.forward else ""
+            return f"{type(m).__name__} subclasses {stock.__name__}{own}: shrink cuts the stock layers only"
     return None
 
 

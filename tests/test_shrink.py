@@ -758,7 +758,13 @@ def test_layers_shrink_does_not_cut_are_reported():
     ws = nn.Sequential(_WSConv(3, 8, 3, padding=1), nn.ReLU(), _WSConv(8, 8, 3, padding=1))
     rows = shrink_(ws, (x,), 0.5)
     assert [(r["layers"], r["status"]) for r in rows] == [(["0"], "fixed"), (["2"], "fixed")]
-    assert all("_WSConv subclasses Conv2d" in r["reason"] for r in rows)
+    assert all("_WSConv subclasses Conv2d with its own forward" in r["reason"] for r in rows)
+
+    class Plain(nn.Conv2d):  # keeps the stock forward: still not a layer shrink cuts, and reported
+        pass
+
+    rows = shrink_(nn.Sequential(Plain(3, 8, 3)), (x,), 0.5)
+    assert len(rows) == 1 and rows[0]["status"] == "fixed" and "Plain subclasses Conv2d:" in rows[0]["reason"]
     q = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     accel.quantize_(q, accel.QuantConfig(keep_float=False))
     rows = shrink_(q, (x,), 0.5)

@@ -513,10 +513,10 @@ def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, ima
     """``owner``'s valid plan for ``x``'s kind of input (its notes recorded), or None: the fast path of a
     settled layer, which skips the checks a plan already passed. Never under torch.compile or when autograd
     must record the call, never for empty inputs (which take the checked path)."""
-    if owner is None:
+    if owner is None or needs_op(x):  # first: under torch.compile nothing here is traced
         return None
     plans = _PLANS.get(owner)
-    if not plans or not len(shape) or not math.prod(shape) or needs_op(x):
+    if not plans or not len(shape) or not math.prod(shape):
         return None
     if image and len(shape) != 4:
         return None

@@ -13,7 +13,8 @@ def measuring(monkeypatch, accel_env):
     accel_env(ACCEL_ENGINE_MEASURE="1")
     monkeypatch.setattr(accel.engines, "BUDGET_S", 0.02)
     monkeypatch.setattr(accel.engines, "MIN_ROUNDS", 2)
-    accel.engines.clear()
+    monkeypatch.setattr(accel.engines, "_contended", lambda mark=None: False)  # the suite may share the machine: these
+    accel.engines.clear()                                                      # tests check choices made by measuring
     yield
     accel.engines.clear()
 

@@ -32,7 +32,7 @@ from .formats import check_block_size
 from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .modules._common import explicit_padding
-from .prune import as_linear, as_plain, base_kind, block_masks, is_conv1d, weight_source
+from .prune import as_linear, as_plain, base_kind, block_masks, is_conv1d, tied_weights, weight_source
 
 __all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
            "linearize_kept_dense_", "load", "quantize_", "replace_module", "replace_modules", "save", "sparsify_"]
@@ -438,25 +438,15 @@ def _last_key(op: str) -> str | None:
     return engines.last_key(op)
 
 
-def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
-    """``id(module) -> names of the other layers`` for every module whose weight Parameter another module
-    object also holds (tied weights: a language model's output head and its token embeddings). A module
-    registered under several names is one module, not a tie."""
-    owners: dict[int, list[tuple[int, str]]] = {}
-    seen = set()
-    for name, m in model.named_modules():
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        w = m._parameters.get("weight")
-        if isinstance(w, torch.Tensor):
-            owners.setdefault(id(w), []).append((id(m), name))
-    tied: dict[int, list[str]] = {}
-    for group in owners.values():
-        if len(group) > 1:
-            for mid, _ in group:
-                tied[mid] = [n for other, n in group if other != mid]
-    return tied
+def _block_hint(mask, shape, block: int) -> str:
+    """A hint naming the block size a block mask of the wrong grid was made for (``SparsityConfig.block`` must
+    be the pruner's), or ""."""
+    from .formats import BLOCK_SIZES
+
+    grid = tuple(torch.as_tensor(mask).shape)
+    fits = [b for b in BLOCK_SIZES if b != block and grid == (math.ceil(shape[0] / b), math.ceil(shape[1] / b))]
+    return f" (a block mask for block size {fits[0]}: pass SparsityConfig(block={fits[0]}), the pruner's block)" \
+        if fits else ""
 
 
 def _tied_reason(tied: dict[int, list[str]], m: nn.Module) -> str | None:
@@ -525,10 +515,11 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     rows = []
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     selected = {n for n, m in model.named_modules() if base_kind(m) in kinds and (filter_fn is None or filter_fn(m, n))}
-    tied = _tied_weights(model)
+    tied = tied_weights(model)
     for n in sorted(selected):  # convs SparseConv2d cannot serve are not pruned: they stay dense, reported
         m = model.get_submodule(n)
-        why = _tied_reason(tied, m) or (SparseConv2d.unsupported_reason(m) if base_kind(m) is nn.Conv2d else None)
+        why = (_tied_reason(tied, m) if masks is None else None) or \
+            (SparseConv2d.unsupported_reason(m) if base_kind(m) is nn.Conv2d else None)  # (masks: their own loop)
         if why is not None:
             selected.discard(n)
             rows.append(_row(n, m, None, "dense", f"not converted: {why}"))
@@ -570,7 +561,11 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
                 rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
             continue
         if kind is nn.Linear:
-            new = SparseLinear.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+            try:
+                new = SparseLinear.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+            except ValueError as e:
+                hint = _block_hint(mask, as_plain(m).weight.shape, config.block)
+                raise ValueError(f"sparsify_: mask for {given!r}: {e}{hint}") from None
             if (tmpl := _conv1d_template(m)) is not None:  # kept dense later: a Conv1D again (linearize_kept_dense_)
                 object.__setattr__(new, "_dense_template", tmpl)
         else:
@@ -579,7 +574,12 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
                 if name not in {r["layer"] for r in rows}:
                     rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
                 continue
-            new = SparseConv2d.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+            try:
+                new = SparseConv2d.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
+            except ValueError as e:
+                w = as_plain(m).weight
+                raise ValueError(f"sparsify_: mask for {given!r}: {e}"
+                                 f"{_block_hint(mask, (w.shape[0], w[0].numel()), config.block)}") from None
         modules[name], news[name] = m, new
     per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes, "sparsify_") \
         if config.measure else []

@@ -71,6 +71,9 @@ def _validate(args) -> None:
     need(0.0 <= args.min_density <= 1.0, f"--min-density must be in [0, 1], got {args.min_density}")
     for flag in ("epochs", "kd_epochs", "qat_epochs"):
         need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    need(args.kd_epochs >= 1 or args.prune == "channels",
+         f"--prune {args.prune} prunes blocks gradually during the distillation epochs: --kd-epochs must be >= 1, "
+         f"got {args.kd_epochs} (or use --prune channels)")
     need(args.block in BLOCK_SIZES, f"--block must be one of {BLOCK_SIZES}, got {args.block}")
     need(all(b >= 1 for b in args.batches), f"--batches must all be >= 1, got {args.batches}")
     need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
@@ -124,9 +127,16 @@ def _setup(args):
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     try:
         with torch.no_grad():
-            dense.eval()(example[:2])
+            out = dense.eval()(example[:2])
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"the model cannot run on a batch of the data ({type(e).__name__}: {e})") from None
+        raise UserError(f"the model cannot run on a batch of the data ({type(e).__name__}: {e}); accel compress "
+                        f"calls the model with each batch's input tensor as its one positional argument") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(example[:2]) or \
+            not out.is_floating_point():
+        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else \
+            f"a {out.dtype} tensor of shape {tuple(out.shape)}"
+        raise UserError(f"--model must return class logits [batch, classes] (trained with cross-entropy against the "
+                        f"labels), got {got} for a batch of {len(example[:2])}")
     return dense, train_loader, test_loader, example
 
 
@@ -153,16 +163,18 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _latency(dense: nn.Module, compressed: nn.Module, shape: tuple, budget_s: float) -> dict:
+def _latency(dense: nn.Module, compressed: nn.Module, example: torch.Tensor, batch: int, budget_s: float) -> dict:
+    """Both models timed side by side on ``batch`` inputs taken from the data (its dtype and values: token
+    ids stay ids), repeated when the example batch is smaller."""
     from .timing import compare
 
-    x = torch.randn(shape)
+    x = example[torch.arange(batch) % len(example)].contiguous()
     with torch.no_grad():  # the compressed model is fed channels_last images, the conversion timed with it
         res = compare({"dense": lambda: dense(x), "compressed": lambda: compressed(_fast_layout(x))}, "dense",
                       budget_s=budget_s)
     d, c = res["dense"].median_s, res["compressed"].median_s
     # the speedup shown is the ratio of the two medians shown (the per-round paired median is kept too)
-    return {"batch": shape[0], "dense_ms": d * 1e3, "compressed_ms": c * 1e3, "speedup": d / c,
+    return {"batch": batch, "dense_ms": d * 1e3, "compressed_ms": c * 1e3, "speedup": d / c,
             "speedup_paired_median": res["compressed"].speedup, "rounds": res["dense"].rounds}
 
 
@@ -210,7 +222,6 @@ def compress(args) -> dict:
     progress = not args.no_progress
     log = print
     dense, train_loader, test_loader, example = _setup(args)
-    input_shape = tuple(example.shape[1:])
 
     t0 = time.time()
     if args.pretrained:
@@ -294,7 +305,7 @@ def compress(args) -> dict:
     dense_path, comp_path = os.path.join(args.out, "dense.safetensors"), os.path.join(args.out, "compressed.safetensors")
     api.save(dense, dense_path)
     api.save(compressed, comp_path)
-    latency = [_latency(dense, compressed, (b, *input_shape), args.budget) for b in args.batches]
+    latency = [_latency(dense, compressed, example, b, args.budget) for b in args.batches]
     report = {
         "title": f"{type(dense).__name__}: {_title(args)} + int8 vs dense fp32 (CPU)",
         "accuracy": {"dense": acc_dense, "pruned_distilled": acc_pruned, "qat": acc_qat, "compressed": acc_final,

@@ -144,11 +144,40 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> names of the other layers`` for every module whose weight Parameter another module
+    object also holds (tied weights: a language model's output head and its token embeddings). A module
+    registered under several names is one module, not a tie."""
+    owners: dict[int, list[tuple[int, str]]] = {}
+    seen = set()
+    for name, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        w = m._parameters.get("weight")
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append((id(m), name))
+    tied: dict[int, list[str]] = {}
+    for group in owners.values():
+        if len(group) > 1:
+            for mid, _ in group:
+                tied[mid] = [n for other, n in group if other != mid]
+    return tied
+
+
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """The Linear (``Conv1D`` included) and Conv2d layers ``filter_fn`` (default: Linear layers) selects."""
+    """The Linear (``Conv1D`` included) and Conv2d layers ``filter_fn`` (default: Linear layers) selects, less
+    the layers whose weight another layer holds (tied weights, e.g. an output head tied to the token
+    embeddings: zeros written into it would prune the embeddings too), which a warning names."""
     filter_fn = filter_fn or default_filter
-    return {name: m for name, m in model.named_modules()
-            if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m)) and filter_fn(m, name)}
+    chosen = {name: m for name, m in model.named_modules()
+              if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m)) and filter_fn(m, name)}
+    tied = tied_weights(model) if chosen else {}
+    skipped = [f"{n!r} (tied to {', '.join(repr(o) for o in tied[id(m)])})" for n, m in chosen.items() if id(m) in tied]
+    if skipped:
+        warnings.warn(f"pruning leaves out {len(skipped)} layer(s) whose weight another layer holds (tied weights: "
+                      f"pruning would change that layer too): {', '.join(skipped)}", stacklevel=3)
+    return {n: m for n, m in chosen.items() if id(m) not in tied}
 
 
 def _refuse_computed(what: str, layers: dict[str, nn.Module]) -> None:

@@ -23,3 +23,41 @@ def not_a_model():
 
 def one_loader():
     return tiny_data()[0]
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        y = self.net(x)
+        return y, y.detach()
+
+
+def tuple_model():
+    return _TupleOut()
+
+
+class _Tokens(nn.Module):
+    """Token ids in, class logits out (an Embedding first: the inputs are integers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.fc1, self.fc2 = nn.Linear(32 * 6, 128), nn.Linear(128, 2)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).flatten(1))))
+
+
+def token_model():
+    torch.manual_seed(0)
+    return _Tokens()
+
+
+def token_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (96, 6), generator=g)
+    y = (x[:, 0] % 2)
+    return DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16), DataLoader(TensorDataset(x[64:], y[64:]), batch_size=8)

@@ -89,6 +89,10 @@ BAD = [
     (["--sparsity", "nan"], "--sparsity must be a finite number, got nan"),
     (["--min-density", "inf"], "--min-density must be a finite number, got inf"),
     (["--channel-ratio", "nan"], "--channel-ratio must be a finite number, got nan"),
+    # the block pruner steps during distillation: with no distillation epoch nothing would be pruned
+    (["--kd-epochs", "0"], "--kd-epochs must be >= 1, got 0 (or use --prune channels)"),
+    (["--model", "tests.cli_fixtures:tuple_model", "--data", "tests.cli_fixtures:tiny_data"],
+     "--model must return class logits [batch, classes]"),
 ]
 
 
@@ -147,3 +151,14 @@ def test_diverging_training_is_a_user_error(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "diverged at learning rate 1e+30" in err and "try a smaller --lr" in err and len(err.splitlines()) == 1, err
+
+
+def test_compress_a_model_taking_token_ids(tmp_path):
+    """The latency step feeds the data's own inputs (integer token ids stay ids), repeated up to the batch."""
+    out = tmp_path / "tok"
+    rc = main(["compress", "--out", str(out), "--model", "tests.cli_fixtures:token_model", "--data",
+               "tests.cli_fixtures:token_data", "--epochs", "1", "--kd-epochs", "1", "--qat-epochs", "0",
+               "--batches", "1", "16", "--budget", "0.05", "--no-progress"])
+    assert rc in (0, None)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["batch"] for r in report["latency"]] == [1, 16]

@@ -135,3 +135,34 @@ def test_errors():
         GradualPruner(_mlp(), 0.5, begin=10, end=5)
     with pytest.raises(ValueError, match="structure must be"):
         prune_(_mlp(), 0.5, structure="unstructured")
+
+
+def test_pruning_leaves_out_tied_layers():
+    """An output head tied to the token embeddings is not pruned by the pruners (zeros written into it would
+    land in the embedding table), with a warning naming it; sparsify_ says to pass the pruner's block size
+    when masks of another grid are given."""
+    import accel
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, 32)
+            self.body = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 64, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.body(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model = LM()
+    table = model.emb.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"'head' \(tied to 'emb'\)"):
+        pruner = GradualPruner(model, 0.5, begin=0, end=1, block=16)
+    pruner.step()
+    assert set(pruner.masks) == {"body"} and torch.equal(model.emb.weight, table)
+    assert float((model.body.weight == 0).float().mean()) >= 0.45
+    with pytest.raises(ValueError, match=r"pass SparsityConfig\(block=16\)"):
+        accel.sparsify_(model, masks=pruner.masks)
+    rows = accel.sparsify_(model, accel.SparsityConfig(block=16), masks=pruner.masks)
+    assert [r["layer"] for r in rows] == ["body"]

@@ -159,3 +159,26 @@ def test_settled_fast_path_still_refuses_other_inputs():
     y = lin(x)  # autograd records the call: the checked op path
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_random_sequences_of_inputs_match_the_dispatch_path():
+    """A layer fed a random sequence of kinds of input (dtypes, layouts, batch sizes, ranks, sizes) gives, call
+    after call, exactly what the checked dispatch path gives: a settled plan never serves the wrong kind."""
+    g = torch.Generator().manual_seed(0)
+    q = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "auto")
+    lin = QuantLinear.from_float(nn.Linear(40, 24), "auto", activation="gelu")
+    with torch.no_grad():
+        for _ in range(60):
+            b = int(torch.randint(1, 5, (), generator=g))
+            dt = (torch.float32, torch.bfloat16)[int(torch.randint(0, 2, (), generator=g))]
+            hw = (5, 9)[int(torch.randint(0, 2, (), generator=g))]
+            x = torch.randn(b, 8, hw, hw, generator=g).to(dt)
+            if torch.randint(0, 2, (), generator=g):
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = q(x)
+            assert torch.equal(y, _unplanned_conv(q, x)) and y.is_contiguous(memory_format=torch.channels_last) == \
+                (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            shape = [(b, 40), (b, 3, 40), (40,), (b, 2, 2, 40)][int(torch.randint(0, 4, (), generator=g))]
+            xl = torch.randn(*shape, generator=g).to(dt)
+            yl = lin(xl)
+            assert yl.shape == (*shape[:-1], 24) and torch.equal(yl, _unplanned_linear(lin, xl))

@@ -108,6 +108,18 @@ def test_decoder_quantize_logits(make, projections):
     assert _cos(ref, out) > 0.99
 
 
+def _reloads_exactly(model, make, ids, path: str):
+    """``accel.save`` ``model`` to ``path``, ``accel.load`` it into ``make()``: the logits on ``ids`` are equal.
+    Returns the loaded model."""
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    accel.save(model, path)
+    fresh = accel.load(make(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)
+    return fresh
+
+
 def _opt():
     torch.manual_seed(0)
     cfg = transformers.OPTConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
@@ -138,13 +150,7 @@ def test_tied_output_head_is_not_pruned_and_reloads_exactly(make, tmp_path):
     rows = accel.sparsify_(masked, accel.SparsityConfig(block=16), masks={"lm_head": mask[:, :]})
     assert [r["decision"] for r in rows] == ["dense"] and "tied" in rows[0]["reason"]
     assert masked.lm_head.weight is masked.get_input_embeddings().weight
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
-    path = str(tmp_path / "tied.safetensors")
-    accel.save(model, path)
-    fresh = accel.load(make(), path)
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, out)
+    fresh = _reloads_exactly(model, make, ids, str(tmp_path / "tied.safetensors"))
     assert fresh.lm_head.weight is fresh.get_input_embeddings().weight
 
 
@@ -156,18 +162,13 @@ def test_tied_tables_quantized_once_saved_once(tmp_path):
     head, emb = model.lm_head, model.model.decoder.embed_tokens
     assert isinstance(head, QuantLinear) and isinstance(emb, QuantEmbedding)
     assert head.weight_q is emb.weight_q and head.weight_scale is emb.weight_scale
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
     path = str(tmp_path / "q.safetensors")
-    accel.save(model, path)
+    fresh = _reloads_exactly(model, _opt, ids, path)
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
     assert "model.decoder.embed_tokens.weight_q" in keys and "lm_head.weight_q" not in keys  # written once
-    fresh = accel.load(_opt(), path)
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, out)
     assert fresh.lm_head.weight_q is fresh.model.decoder.embed_tokens.weight_q
 
 
@@ -199,14 +200,7 @@ def test_conv1d_kept_dense_keeps_its_type_and_reloads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x), sparse(x), rtol=1e-5, atol=1e-5)
     model.transformer.h[0].mlp.c_fc = back
-    ids = torch.randint(0, 500, (1, 8))
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
-    path = str(tmp_path / "gpt2.safetensors")
-    accel.save(model, path)
-    fresh = accel.load(_decoder(), path)
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, out)
+    _reloads_exactly(model, _decoder, torch.randint(0, 500, (1, 8)), str(tmp_path / "gpt2.safetensors"))
 
 
 def test_quantize_reports_layers_without_an_int8_form():
@@ -262,11 +256,7 @@ def test_conv1d_stored_dense_linearizes_to_conv1d(tmp_path):
     with torch.no_grad():
         out = model(input_ids=ids).logits
     torch.testing.assert_close(out, sparse_out, rtol=1e-4, atol=1e-4)
-    path = str(tmp_path / "lin.safetensors")
-    accel.save(model, path)
-    fresh = accel.load(_decoder(), path)
-    with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, out)
+    _reloads_exactly(model, _decoder, ids, str(tmp_path / "lin.safetensors"))
 
 
 def test_tied_table_split_by_a_device_move_is_saved_once(tmp_path):
@@ -279,12 +269,8 @@ def test_tied_table_split_by_a_device_move_is_saved_once(tmp_path):
         head._buffers[key] = head._buffers[key].clone()
     assert head.weight_q is not emb.weight_q and torch.equal(head.weight_q, emb.weight_q)
     path = str(tmp_path / "moved.safetensors")
-    accel.save(model, path)
+    _reloads_exactly(model, _opt, torch.randint(0, 500, (2, 12)), path)
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         assert sum(k.endswith("weight_q") and ("lm_head" in k or "embed_tokens" in k) for k in f.keys()) == 1
-    ids = torch.randint(0, 500, (2, 12))
-    with torch.no_grad():
-        out = model(input_ids=ids).logits
-        assert torch.equal(accel.load(_opt(), path)(input_ids=ids).logits, out)

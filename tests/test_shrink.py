@@ -38,6 +38,18 @@ def zero_rows(m: nn.Module, idx: list[int]) -> None:
         m.bias[idx] = 0
 
 
+def assert_cut_is_zeroing(model: nn.Module, ref: nn.Module, x: torch.Tensor, layer: str, kept: int) -> None:
+    """Plan ``model`` at ratio 0.5: ``layer`` keeps ``kept`` outputs, and the shrunk model equals ``ref`` (the
+    same weights) with the removed output rows of ``layer`` zeroed."""
+    plan = plan_shrink(model, (x,), 0.5)
+    keep = plan.cuts[layer]["out"]
+    assert len(keep) == kept
+    zero_rows(ref.get_submodule(layer), [i for i in range(ref.get_submodule(layer).weight.shape[0]) if i not in keep])
+    apply_plan(model, plan, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
 @torch.no_grad()
 def zero_norm(m: nn.Module, idx: list[int]) -> None:
     m.weight[idx] = 0
@@ -799,17 +811,9 @@ def test_zero_pad_on_the_channel_dim_is_not_a_barrier():
     torch.manual_seed(0)
     x = torch.randn(2, 7, 7, 4)
     m = M((0, 0, 0, 1, 0, 1)).eval()
-    plan = plan_shrink(m, (x,), 0.5)
-    keep = plan.cuts["a"]["out"]
-    assert len(keep) == 8
     ref = M((0, 0, 0, 1, 0, 1)).eval()
     ref.load_state_dict(m.state_dict())
-    gone = [i for i in range(16) if i not in keep]
-    with torch.no_grad():
-        ref.a.weight[gone] = 0
-        ref.a.bias[gone] = 0
-        apply_plan(m, plan, (x,))
-        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert_cut_is_zeroing(m, ref, x, "a", 8)
     rows = shrink_(M((0, 1)).eval(), (x,), 0.5)
     assert rows[0]["status"] == "fixed" and "pad works over the channel dimension" in rows[0]["reason"]
 
@@ -847,12 +851,4 @@ def test_single_channel_layer_does_not_fix_the_features_it_meets(make):
     m = make().eval()
     ref = make().eval()
     ref.load_state_dict(m.state_dict())
-    plan = plan_shrink(m, (x,), 0.5)
-    keep = plan.cuts["a"]["out"]
-    assert len(keep) == 8
-    gone = [i for i in range(16) if i not in keep]
-    with torch.no_grad():
-        ref.a.weight[gone] = 0
-        ref.a.bias[gone] = 0
-        apply_plan(m, plan, (x,))
-        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert_cut_is_zeroing(m, ref, x, "a", 8)

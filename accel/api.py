@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 
 from . import engines
-from .formats import check_block_size
+from .formats import BLOCK_SIZES, check_block_size
 from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .modules._common import explicit_padding
-from .prune import as_linear, as_plain, base_kind, block_masks, is_conv1d, tied_weights, weight_source
+from .prune import _weight_matrix, as_linear, as_plain, base_kind, block_masks, is_conv1d, tied_weights, weight_source
 
 __all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
            "linearize_kept_dense_", "load", "quantize_", "replace_module", "replace_modules", "save", "sparsify_"]
@@ -441,8 +441,6 @@ def _last_key(op: str) -> str | None:
 def _block_hint(mask, shape, block: int) -> str:
     """A hint naming the block size a block mask of the wrong grid was made for (``SparsityConfig.block`` must
     be the pruner's), or ""."""
-    from .formats import BLOCK_SIZES
-
     grid = tuple(torch.as_tensor(mask).shape)
     fits = [b for b in BLOCK_SIZES if b != block and grid == (math.ceil(shape[0] / b), math.ceil(shape[1] / b))]
     return f" (a block mask for block size {fits[0]}: pass SparsityConfig(block={fits[0]}), the pruner's block)" \
@@ -556,30 +554,21 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
                                  f"different masks")
             continue
         by_id[id(m)] = (given, mask)
-        if (why := _tied_reason(tied, m)) is not None:  # masks given for a tied layer: not pruned, reported
+        # a tied layer, or a conv SparseConv2d cannot serve: not pruned, reported
+        why = _tied_reason(tied, m) or (SparseConv2d.unsupported_reason(m) if kind is nn.Conv2d else None)
+        if why is not None:
             if name not in {r["layer"] for r in rows}:
                 rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
             continue
-        if kind is nn.Linear:
-            try:
-                new = SparseLinear.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
-            except ValueError as e:
-                hint = _block_hint(mask, as_plain(m).weight.shape, config.block)
-                raise ValueError(f"sparsify_: mask for {given!r}: {e}{hint}") from None
-            if (tmpl := _conv1d_template(m)) is not None:  # kept dense later: a Conv1D again (linearize_kept_dense_)
-                object.__setattr__(new, "_dense_template", tmpl)
-        else:
-            why = SparseConv2d.unsupported_reason(m)
-            if why is not None:
-                if name not in {r["layer"] for r in rows}:
-                    rows.append(_row(name, m, None, "dense", f"not converted: {why}"))
-                continue
-            try:
-                new = SparseConv2d.from_dense(as_plain(m), mask=mask, block=config.block, mode=config.mode)
-            except ValueError as e:
-                w = as_plain(m).weight
-                raise ValueError(f"sparsify_: mask for {given!r}: {e}"
-                                 f"{_block_hint(mask, (w.shape[0], w[0].numel()), config.block)}") from None
+        plain = as_plain(m)
+        try:
+            new = (SparseLinear if kind is nn.Linear else SparseConv2d).from_dense(plain, mask=mask, block=config.block,
+                                                                                   mode=config.mode)
+        except ValueError as e:
+            hint = _block_hint(mask, _weight_matrix(plain).shape, config.block)
+            raise ValueError(f"sparsify_: mask for {given!r}: {e}{hint}") from None
+        if (tmpl := _conv1d_template(m)) is not None:  # kept dense later: a Conv1D again (linearize_kept_dense_)
+            object.__setattr__(new, "_dense_template", tmpl)
         modules[name], news[name] = m, new
     per_batch = _inputs_per_batch(model, list(news), example_inputs, config.batch_sizes, "sparsify_") \
         if config.measure else []

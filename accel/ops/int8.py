@@ -477,6 +477,11 @@ class _Plan:
         self.fn, self.stamp, self.tensors, self.settings, self.notes = fn, stamp, tensors, settings, notes
         self.versions = _versions(tensors)
 
+    def note(self) -> None:
+        """Record the decision keys the call uses, as a call deciding them would (for reports)."""
+        for op, k in self.notes:
+            engines.note_key(op, k)
+
     def valid(self, tensors, settings) -> bool:
         mine = self.tensors
         return (self.stamp == engines.stamp() and self.settings == settings and mine[0] is tensors[0]
@@ -523,8 +528,7 @@ def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, ima
     plan = plans.get(_plan_key(x, shape, image))
     if plan is None or not plan.valid(tensors, settings):
         return None
-    for op, k in plan.notes:
-        engines.note_key(op, k)
+    plan.note()
     return plan
 
 
@@ -545,8 +549,7 @@ def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str,
         stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
         fn = resolve()
         plan = plans[key] = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops))
-    for op, k in plan.notes:
-        engines.note_key(op, k)
+    plan.note()
     return plan.fn(x)
 
 

@@ -119,6 +119,13 @@ def stamp() -> int:
     return _stamp
 
 
+def settled_stamp() -> int | None:
+    """:func:`stamp` when no busy-machine decision awaits its second measurement (then nothing can make it
+    change without a call through this module), else None: the cheap check of a settled layer call, which
+    leaves the other case to the full path."""
+    return _stamp if _retry_at == math.inf else None
+
+
 #: a decision made on a busy machine is measured again by the first call for its key at least this many
 #: seconds later, if the machine is quiet then (else it waits as long again)
 RETRY_S = 60.0
@@ -850,10 +857,15 @@ def last_key(op: str) -> str | None:
 def note_key(op: str, key: str | None) -> None:
     """Record ``key`` as ``op``'s last key (a caller that memoized a :func:`choose` result)."""
     if key is not None:
-        keys = getattr(_last, "keys", None)
-        if keys is None:
-            keys = _last.keys = {}
-        keys[op] = key
+        note_keys({op: key})
+
+
+def note_keys(keys_by_op: dict[str, str]) -> None:
+    """:func:`note_key` for several ops at once (a settled layer call: one dictionary update)."""
+    try:
+        _last.keys.update(keys_by_op)
+    except AttributeError:  # this thread's first
+        _last.keys = dict(keys_by_op)
 
 
 def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]] | dict, *, default: str,

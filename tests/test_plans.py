@@ -182,3 +182,57 @@ def test_random_sequences_of_inputs_match_the_dispatch_path():
             xl = torch.randn(*shape, generator=g).to(dt)
             yl = lin(xl)
             assert yl.shape == (*shape[:-1], 24) and torch.equal(yl, _unplanned_linear(lin, xl))
+
+
+def test_the_settled_check_finds_the_plan_each_kind_of_input_made():
+    """``_settled`` computes the plan key inline (the fast path of a settled call): for every kind of input it
+    must find the plan the first call made under ``_plan_key`` — and no plan for another bucket of rows."""
+    lin = QuantLinear.from_float(nn.Linear(12, 6), "auto")
+    conv = QuantConv2d.from_float(nn.Conv2d(3, 4, 3, padding=1), "auto")
+    lb, cb = lin._buffers, conv._buffers
+    lt = (lb["weight_q"], lb["weight_scale"], lb["bias"], None)
+    ct = (cb["weight_q"], cb["weight_scale"], cb["bias"], None)
+    ls = (lin.activation, lin.mode, lin.act_qmax)
+    cs = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.activation, conv.mode, conv.act_qmax)
+    with torch.no_grad():
+        seen = set()
+        for shape in [(1, 12), (3, 12), (12,), (2, 5, 12), (1, 1, 1, 12), (9, 12), (300, 12)]:
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(*shape).to(dt)
+                other = torch.randn(x.numel() // 12 * 2 + 1, 12).to(dt)  # another bucket of rows
+                if (dt, engines.m_bucket(other.shape[0])) not in seen:
+                    assert ops._settled(lin, other, other.shape, lt, ls) is None
+                lin(x), lin(x)  # (a first call's decisions may make its plan stale at once)
+                assert ops._settled(lin, x, x.shape, lt, ls) is not None, (shape, dt)
+                if len(shape) == 2:
+                    seen.add((dt, engines.m_bucket(shape[0])))
+        for b, hw, cl in [(1, 5, False), (2, 5, True), (3, 7, False), (1, 1, True)]:
+            x = torch.randn(b, 3, hw, hw)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            conv(x), conv(x)
+            assert ops._settled(conv, x, x.shape, ct, cs, image=True) is not None, (b, hw, cl)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert ops._settled(conv, x, x.shape, ct, cs, image=True) is None  # autocast: its own kind
+
+
+def test_strided_and_autocast_inputs_of_a_float_plan_match_the_dispatch_path():
+    """A float plan calls F.linear / F.conv2d directly; on a strided N-D half-precision input F.linear rounds
+    differently from the 2-D view the dispatch path takes, and under autocast it computes in bf16: both must
+    still give what the dispatch path gives (the input's dtype, the same values)."""
+    lin = QuantLinear.from_float(nn.Linear(40, 24), "auto")
+    conv = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "auto")
+    with torch.no_grad(), engines.force(quant_linear_form="float", int8_conv2d="float"):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            base = torch.randn(5, 3, 80).to(dt)
+            for x in (base[..., ::2], base.transpose(0, 1)[..., :40], base[..., :40].contiguous()):
+                for _ in range(2):
+                    assert torch.equal(lin(x), _unplanned_linear(lin, x))
+        img = torch.randn(2, 8, 9, 9)
+        for x in (img, img.contiguous(memory_format=torch.channels_last), img[:, :, 1:, 1:]):
+            for _ in range(2):
+                assert torch.equal(conv(x), _unplanned_conv(conv, x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for _ in range(2):
+                    y = conv(x)
+                    assert y.dtype == torch.float32 and torch.equal(y, _unplanned_conv(conv, x))

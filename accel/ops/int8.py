@@ -26,10 +26,12 @@ such a layer raises when a gradient is needed. To train int8 layers, use ``accel
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .. import engines
 from ..cpu import int8 as cpu_int8
@@ -444,9 +446,9 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     shape = x.shape
     settled = _settled(owner, x, shape, (w_q, w_scale, bias, act_scale), (activation, mode, act_qmax))
     if settled is not None:  # a kind of input this layer has run (and checked) before: its plan, nothing else
-        x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])
-        y = settled.fn(x2)
-        return y if len(shape) == 2 else y.view(*shape[:-1], w_q.shape[0])
+        if len(shape) == 2 or (settled.any_rank and x.is_contiguous()):  # (F.linear on a strided N-D
+            return settled.fn(x)  # half-precision input rounds differently from the 2-D view)
+        return settled.fn(x.reshape(-1, shape[-1])).view(*shape[:-1], w_q.shape[0])
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() == 0 or \
             x.shape[-1] != w_q.shape[1]:
         return int8_linear(x, w_q, w_scale, bias, activation=activation, act_scale=act_scale, mode=mode,
@@ -454,9 +456,12 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if owner is not None and x2.device.type == "cpu" and x2.shape[0] and x2.shape[1] and w_q.shape[0] and \
             engines.env("ACCEL_FORCE_TRITON") != "1":
-        y = _planned(owner, _plan_key(x, shape, False), (w_q, w_scale, bias, act_scale),
-                     (activation, mode, act_qmax), (),
-                     lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax), x2)
+        plan = _planned(owner, _plan_key(x, shape, False), (w_q, w_scale, bias, act_scale),
+                        (activation, mode, act_qmax), (),
+                        lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax))
+        if plan.any_rank and x.is_contiguous():
+            return plan.fn(x)
+        y = plan.fn(x2)
     else:
         y = _int8_linear_impl(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], w_q.shape[0])
@@ -467,31 +472,30 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
 # ---------------------------------------------------------------------------------------------
 class _Plan:
     """One layer's resolved call for one kind of input (dtype, bucket of rows, ...): the form and engine
-    decided, the derived weight fetched, and the function that runs them. Valid while the layer's tensors
-    are the same objects at the same versions, its settings are unchanged and no engine decision changed.
-    ``notes``: the decision keys the call used, noted again on every call (``accel.engines.last_key``)."""
+    decided, the derived weight fetched, and the function that runs them (``any_rank``: it takes the
+    layer's input as given, else its 2-D ``[rows, features]`` view). Valid while the layer's tensors are
+    the same objects at the same versions and storages, its settings are unchanged and no engine decision
+    changed. ``notes``: the decision keys the call used, noted again on every call (``accel.engines.last_key``)."""
 
-    __slots__ = ("fn", "stamp", "tensors", "versions", "settings", "notes")
+    __slots__ = ("fn", "any_rank", "stamp", "tensors", "checks", "settings", "notes")
 
-    def __init__(self, fn, stamp, tensors, settings, notes):
-        self.fn, self.stamp, self.tensors, self.settings, self.notes = fn, stamp, tensors, settings, notes
-        self.versions = _versions(tensors)
+    def __init__(self, fn, stamp, tensors, settings, notes, any_rank=False):
+        self.fn, self.any_rank, self.stamp, self.tensors, self.settings = fn, any_rank, stamp, tensors, settings
+        self.notes = {op: k for op, k in notes if k is not None}
+        # (tensor, version or None for an inference tensor (no counter), storage): ``t.data = other`` keeps
+        # the object and its version
+        self.checks = tuple((t, None if t.is_inference() else t._version, t.data_ptr()) for t in tensors
+                            if t is not None)
 
-    def note(self) -> None:
-        """Record the decision keys the call uses, as a call deciding them would (for reports)."""
-        for op, k in self.notes:
-            engines.note_key(op, k)
-
-    def valid(self, tensors, settings) -> bool:
+    def valid(self, tensors, settings, stamp) -> bool:
         mine = self.tensors
-        return (self.stamp == engines.stamp() and self.settings == settings and mine[0] is tensors[0]
-                and mine[1] is tensors[1] and mine[2] is tensors[2] and mine[3] is tensors[3]
-                and self.versions == _versions(tensors))
-
-
-def _versions(tensors) -> tuple:
-    """Version and storage of each tensor (``t.data = other`` keeps the object and its version)."""
-    return tuple([None if t is None else (-1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors])
+        if self.stamp != stamp or self.settings != settings or mine[0] is not tensors[0] or \
+                mine[1] is not tensors[1] or mine[2] is not tensors[2] or mine[3] is not tensors[3]:
+            return False
+        for t, version, ptr in self.checks:
+            if (version is not None and t._version != version) or t.data_ptr() != ptr:
+                return False
+        return True
 
 
 #: module -> {input kind: _Plan}; weak, so plans die with their layer (and are never pickled or copied)
@@ -506,67 +510,98 @@ def forget_plans(owner: object) -> None:
 def _plan_key(x: torch.Tensor, shape, image: bool) -> tuple:
     """The kind of input a plan serves: everything the module's checks looked at (dtype, device, rank, the
     feature / channel count), the bucket of rows, and for images their size and layout. A plan exists only
-    for a kind that passed those checks, so finding one stands for them."""
+    for a kind that passed those checks, so finding one stands for them. (:func:`_settled` computes the
+    same key inline.)"""
+    autocast = torch.is_autocast_enabled("cpu")  # F.linear / F.conv2d then compute in another dtype
     if image:
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return (x.dtype, x.device, 4, shape[1], engines.m_bucket(shape[0]), shape[2], shape[3], cl)
+        return (x.dtype, x.device, 4, shape[1], engines.m_bucket(shape[0]), shape[2], shape[3], cl, autocast)
     rows = math.prod(shape[:-1]) if len(shape) != 2 else shape[0]
-    return (x.dtype, x.device, len(shape), shape[-1], engines.m_bucket(rows))
+    return (x.dtype, x.device, len(shape), shape[-1], engines.m_bucket(rows), autocast)
+
+
+_is_compiling = torch.compiler.is_compiling
 
 
 def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, image: bool = False):
     """``owner``'s valid plan for ``x``'s kind of input (its notes recorded), or None: the fast path of a
     settled layer, which skips the checks a plan already passed. Never under torch.compile or when autograd
-    must record the call, never for empty inputs (which take the checked path)."""
-    if owner is None or needs_op(x):  # first: under torch.compile nothing here is traced
+    must record the call, never for empty inputs (which take the checked path), never while a busy-machine
+    decision awaits its second measurement.
+
+    Written flat (the key and the validity checks inline): between a model's large GEMMs this runs with
+    cold caches, where each Python call level costs microseconds (measured: ~60 us per layer call before,
+    ~15 us after, next to a bare ``F.linear``)."""
+    if owner is None or _is_compiling():  # first: under torch.compile nothing here is traced
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
         return None
     plans = _PLANS.get(owner)
-    if not plans or not len(shape) or not math.prod(shape):
+    stamp = engines.settled_stamp()
+    if not plans or stamp is None:
         return None
-    if image and len(shape) != 4:
+    nd = len(shape)
+    if image:
+        if nd != 4 or not shape[0] or not shape[1] or not shape[2] or not shape[3]:
+            return None
+        m = shape[0]
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        key = (x.dtype, x.device, 4, shape[1], m if m <= 1 else min(1 << (m - 1).bit_length(), 8192),
+               shape[2], shape[3], cl, torch.is_autocast_enabled("cpu"))
+    else:
+        if not nd:
+            return None
+        m = shape[0] if nd == 2 else math.prod(shape[:-1])
+        if not m or not shape[-1]:
+            return None
+        key = (x.dtype, x.device, nd, shape[-1], m if m <= 1 else min(1 << (m - 1).bit_length(), 8192),
+               torch.is_autocast_enabled("cpu"))
+    plan = plans.get(key)
+    if plan is None or not plan.valid(tensors, settings, stamp):
         return None
-    plan = plans.get(_plan_key(x, shape, image))
-    if plan is None or not plan.valid(tensors, settings):
-        return None
-    plan.note()
+    if plan.notes:
+        engines.note_keys(plan.notes)
     return plan
 
 
-def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str, ...], resolve, x) -> torch.Tensor:
-    """``x`` through ``owner``'s resolved call for inputs like ``x`` (``key``), made by ``resolve()`` when
-    missing or stale.
+def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str, ...], resolve) -> _Plan:
+    """``owner``'s resolved call for inputs of kind ``key``, made by ``resolve()`` (which returns
+    ``(fn, any_rank)``) when missing or stale.
 
     A settled call then costs a dictionary lookup and identity/version checks before the engine runs,
-    instead of the dispatch chain (form, engine, derived-weight cache lookups): ~10-15 us on the CPU,
-    which a small layer at batch 1 feels."""
+    instead of the dispatch chain (form, engine, derived-weight cache lookups)."""
     plans = _PLANS.get(owner)
     if plans is None:
         plans = _PLANS[owner] = {}
     plan = plans.get(key)
-    if plan is None or not plan.valid(tensors, settings):
+    stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
+    if plan is None or not plan.valid(tensors, settings, stamp):
         if plan is not None:  # the layer changed: every kind's plan is stale, and holds the old tensors
             plans.clear()
-        stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
-        fn = resolve()
-        plan = plans[key] = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops))
-    plan.note()
-    return plan.fn(x)
+        fn, any_rank = resolve()
+        plan = plans[key] = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops),
+                                  any_rank)
+    engines.note_keys(plan.notes)
+    return plan
 
 
 def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
-    """The function running ``x``'s call as :func:`_linear_body` would (deciding form and engine now)."""
+    """``(fn, any_rank)``: the function running ``x``'s call as :func:`_linear_body` would (deciding form and
+    engine now), and whether it takes any rank of input (else the 2-D view)."""
     qmax = _qmax(act_qmax)
     if mode == "auto":
         mode = _auto_form(x, w_q, w_scale, bias, activation, qmax, "cpu")
-    if mode in ("float", "float_bf16"):
+    if mode in ("float", "float_bf16"):  # any rank: F.linear takes [..., K]
         w = cpu_int8.dequantized(w_q, w_scale, torch.bfloat16 if mode == "float_bf16" else x.dtype)
         b = _bias_in(bias, w.dtype)
-        return lambda x: cpu_int8.linear_float_with(x, w, b, activation)
+        if w.dtype == x.dtype and activation == "none" and not torch.is_autocast_enabled("cpu"):  # nn.Linear's call
+            return functools.partial(F.linear, weight=w, bias=b), True
+        return (lambda x: cpu_int8.linear_float_with(x, w, b, activation)), True
     if mode == "weight_only":
         engine = _weight_only_engine(x, w_q, w_scale, bias, activation)
-        return lambda x: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, engine)
+        return (lambda x: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, engine)), False
     engine = _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax)
-    return lambda x: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)
+    return (lambda x: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)), False
 
 
 def check_conv_geometry(what: str, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
@@ -637,8 +672,8 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
                            mode=mode, act_qmax=act_qmax)  # raises the clear error
     if owner is not None and x.device.type == "cpu" and engines.env("ACCEL_FORCE_TRITON") != "1":
         return _planned(owner, _plan_key(x, x.shape, True), (w_q, w_scale, bias, act_scale), settings, ("int8_conv2d",),
-                        lambda: _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation,
-                                              mode, act_qmax), x)
+                        lambda: (_resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation,
+                                               mode, act_qmax), True)).fn(x)
     return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
 
 
@@ -652,8 +687,18 @@ def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, a
     dt, layout = _float_conv_form(engine)
     w = cpu_int8.dequantized(w_q, w_scale, dt or x.dtype, layout)
     b = _bias_in(bias, w.dtype)
-    return lambda x: as_conv_output(cpu_int8.conv2d_float_with(x, w, b, stride, padding, dilation, activation,
-                                                               layout), x)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+
+    def general(x):
+        return as_conv_output(cpu_int8.conv2d_float_with(x, w, b, stride, padding, dilation, activation, layout), x)
+
+    if w.dtype == x.dtype and activation == "none" and not torch.is_autocast_enabled("cpu") and \
+            cpu_int8.onednn_conv_ok(x.shape[1], x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding,
+                                    dilation):  # (the same for every input of the plan's kind: C, H, W are)
+        conv = functools.partial(F.conv2d, weight=w, bias=b, stride=stride, padding=padding, dilation=dilation)
+        # what conv2d_float_with does for an input already in the compute layout
+        return lambda x: as_conv_output(conv(x), x) if x.is_contiguous(memory_format=layout) else general(x)
+    return general
 
 
 def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

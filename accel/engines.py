@@ -119,13 +119,6 @@ def stamp() -> int:
     return _stamp
 
 
-def settled_stamp() -> int | None:
-    """:func:`stamp` when no busy-machine decision awaits its second measurement (then nothing can make it
-    change without a call through this module), else None: the cheap check of a settled layer call, which
-    leaves the other case to the full path."""
-    return _stamp if _retry_at == math.inf else None
-
-
 #: a decision made on a busy machine is measured again by the first call for its key at least this many
 #: seconds later, if the machine is quiet then (else it waits as long again)
 RETRY_S = 60.0

@@ -32,7 +32,17 @@ from .formats import BLOCK_SIZES, check_block_size
 from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .modules._common import explicit_padding
-from .prune import _weight_matrix, as_linear, as_plain, base_kind, block_masks, is_conv1d, tied_weights, weight_source
+from .prune import (
+    _weight_matrix,
+    as_linear,
+    as_plain,
+    base_kind,
+    block_masks,
+    is_conv1d,
+    own_forward_reason,
+    tied_weights,
+    weight_source,
+)
 
 __all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
            "linearize_kept_dense_", "load", "quantize_", "replace_module", "replace_modules", "save", "sparsify_"]
@@ -238,6 +248,28 @@ def _row(name, module, x, decision, reason="", timing=None, batch=None):
     if timing is not None:
         row.update(ms_before=timing[0], ms_after=timing[1], speedup=None if math.isnan(timing[2]) else timing[2])
     return row
+
+
+#: a module's own matrix parameters this large (or larger) that no converted layer holds are reported
+FOREIGN_MIN_NUMEL = 4096
+
+
+def _foreign_weight_rows(model: nn.Module, filter_fn) -> list[dict]:
+    """Rows for the matrix weights the model uses through its own code rather than a Linear / Conv2d /
+    Embedding layer (fused mixture-of-experts tables ``[experts, out, in]``, a router's bare weight, ...):
+    accel leaves them float, and says so rather than skipping them silently. Not with a ``filter_fn`` (which
+    chose the layers; it may expect layers only)."""
+    rows = []
+    for name, m in model.named_modules() if filter_fn is None else ():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding) + ACCEL_TYPES) or is_conv1d(m) or \
+                type(m).__module__.split(".")[0] == "accel":
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dim() >= 2 and p.numel() >= FOREIGN_MIN_NUMEL:
+                rows.append(_row(f"{name}.{pname}" if name else pname, m, None, "float",
+                                 f"not converted: a {list(p.shape)} parameter {type(m).__name__} uses in its own "
+                                 "forward (accel converts nn.Linear / Conv1D / nn.Conv2d / nn.Embedding layers)"))
+    return rows
 
 
 def _inputs_per_batch(model, names, example_inputs, batch_sizes, what: str) -> list[tuple[int | None, tuple, dict, dict]]:
@@ -522,11 +554,18 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
             selected.discard(n)
             rows.append(_row(n, m, None, "dense", f"not converted: {why}"))
 
+    subs = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and own_forward_reason(m) is not None
+            and (filter_fn is None or filter_fn(m, n))}
+    if masks is None and (selected or rows):  # layers it cannot convert are reported, not silently left out
+        rows += [_row(n, m, None, "dense", f"not converted: {own_forward_reason(m)}") for n, m in sorted(subs.items())]
     if masks is None and not selected and rows:  # every layer chosen is one that cannot be pruned: say why
         return rows
     if masks is None and not selected:
-        subs = [f"{n!r} ({type(m).__name__})" for n, m in model.named_modules() if base_kind(m) is None and
-                isinstance(m, kinds) and not isinstance(m, ACCEL_TYPES) and (filter_fn is None or filter_fn(m, n))]
+        subs = [f"{n!r} ({type(m).__name__})" for n, m in subs.items()]
+        if any(isinstance(m, ACCEL_TYPES) for m in model.modules()):
+            raise ValueError("sparsify_: no layer to prune: the model's Linear layers are already converted by accel "
+                             "(SparseLinear / QuantLinear ...); to prune further, prune the dense model (or revert "
+                             "with linearize_kept_dense_ / to_linear) and convert once")
         raise ValueError("sparsify_: no layer to prune: the filter selected no nn.Linear / Conv1D"
                          + (" / nn.Conv2d" if config.convs else " (convs: SparsityConfig(convs=True))")
                          + (f"; these subclass them with their own forward and are not converted: "
@@ -602,7 +641,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
         dense = {n: _dense_like(replaced[n], m) for n, m in ((n, model.get_submodule(n)) for n in replaced)
                  if isinstance(m, (SparseLinear, SparseConv2d))}
         _in_model_check(model, dense, calls, config.budget_s * max(1, len(dense)), rows, "kept dense")
-    return rows
+    return rows + _foreign_weight_rows(model, filter_fn)
 
 
 def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:
@@ -678,6 +717,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
         elif isinstance(m, SparseLinear) and m.storage == "dense":
             rows.append(_row(name, m, None, "sparse float", "stored dense (mode 'dense'): accel.api."
                                                             "linearize_kept_dense_ makes it an nn.Linear for int8"))
+        elif isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding, SparseQuantLinear)):
+            rows.append(_row(name, m, None, "int8", "already int8 (converted by accel): kept"))
     for name, m in list(candidates.items()):
         w = next((t for t in m.parameters(recurse=False) if t.is_floating_point()), None)
         if w is not None and w.dtype == torch.float64:  # the int8 layers take fp32/bf16/fp16 inputs only
@@ -730,7 +771,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
         _in_model_check(model, {n: old for n, old in replaced.items()
                                 if not isinstance(model.get_submodule(n), QuantEmbedding)}, calls,
                         config.budget_s * max(1, len(replaced)), rows, "kept float")
-    return rows
+    return rows + _foreign_weight_rows(model, filter_fn)
 
 
 #: stock layers with weights that have no int8 form (reported by quantize_, not skipped silently)
@@ -742,10 +783,8 @@ def _no_int8_form(m: nn.Module, embeddings: bool) -> str | None:
     if type(m) in _NO_INT8:
         return f"no int8 form for {type(m).__name__}: kept"
     kinds = (nn.Linear, nn.Conv2d) + ((nn.Embedding,) if embeddings else ())
-    if base_kind(m) is None and isinstance(m, kinds) and not isinstance(m, ACCEL_TYPES):
-        stock = next(k for k in kinds if isinstance(m, k))
-        if type(m).forward is not stock.forward:  # (a subclass keeping the stock forward, e.g. an attention's
-            return f"{type(m).__name__} subclasses {stock.__name__} with its own forward: kept"  # out_proj: not reported)
+    if isinstance(m, kinds) and (why := own_forward_reason(m)) is not None:
+        return f"{why}: kept"
     return None
 
 

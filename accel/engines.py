@@ -128,7 +128,8 @@ _made_at: dict[str, float] = {}  # key -> monotonic time its busy-machine decisi
 
 def _retry_due() -> None:
     global _retry_at
-    _retry_at = math.inf
+    now = time.monotonic()  # the busy-machine decisions not yet due keep their turn
+    _retry_at = min((t + RETRY_S for t in _made_at.values() if t + RETRY_S > now), default=math.inf)
     _bump()
 
 
@@ -137,6 +138,13 @@ def _schedule_retry(key: str) -> None:
     now = time.monotonic()
     _made_at[key] = now
     _retry_at = min(_retry_at, now + RETRY_S)
+
+
+def _undecided() -> None:
+    """A call ran its default without deciding its key: memos and plans made from it go stale at the next
+    :func:`stamp` (so the next call decides)."""
+    global _retry_at
+    _retry_at = -math.inf
 
 
 def _measure_again(key: str, dec: "Decision") -> bool:
@@ -462,12 +470,27 @@ def cache_dir() -> str:
     return os.path.join(base, "accel")
 
 
+_OFF = ("0", "off", "false", "no")
+_ON = ("", "1", "on", "true", "yes")
+
+
+def _switch(name: str) -> bool:
+    """An on/off variable (unset: on): ``0 off false no`` / ``1 on true yes`` in any case; anything else
+    raises :class:`ConfigError` rather than silently meaning one of them."""
+    v = (_env(name) or "").strip().lower()
+    if v in _OFF:
+        return False
+    if v in _ON:
+        return True
+    raise ConfigError(f"{name}={_env(name)!r}: expected one of {_OFF} (off) or {_ON[1:]} (on), in any case")
+
+
 def _disk_enabled() -> bool:
-    return (_env("ACCEL_ENGINE_CACHE") or "1") not in ("0", "off", "false", "no")
+    return _switch("ACCEL_ENGINE_CACHE")
 
 
 def measuring_enabled() -> bool:
-    return (_env("ACCEL_ENGINE_MEASURE") or "1") not in ("0", "off", "false", "no")
+    return _switch("ACCEL_ENGINE_MEASURE")
 
 
 @dataclass
@@ -653,6 +676,7 @@ def decisions() -> dict[str, Decision]:
 # ------------------------------------------------------------------------------------------------ keys
 def m_bucket(m: int) -> int:
     """Calls are grouped by rows (tokens, images): 0, 1, 2, 4, 8, ... (next power of two), 8192 and up one."""
+    m = int(m)  # (a 0-d tensor under torch.jit.trace)
     if m <= 1:
         return max(m, 0)
     return min(1 << (m - 1).bit_length(), 8192)
@@ -741,6 +765,21 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(20 * torch.log10(ref.norm().clamp_min(1e-30) / noise))
 
 
+class Undecidable(Exception):
+    """A call that cannot decide its key (its reference output is not finite): :func:`choose` runs the default
+    for it, caches nothing, and the next call measures."""
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    """Autocast off (CPU, and CUDA where present) for a measurement: candidates and references compute in the
+    dtypes the op gives them, as the decision's key says."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
+
+
 def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, device: str = "cpu",
             reference: Callable[[], torch.Tensor] | None = None, min_sqnr: float | None = None,
             budget_s: float | None = None, seed: int = 0) -> Decision:
@@ -759,9 +798,12 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
     ref = None
     contended = _contended()
     mark = wait_mark()
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast():  # an enclosing autocast would turn fp32 references into bf16 ones
         if reference is not None:
             ref = reference()
+            if isinstance(ref, torch.Tensor) and ref.is_floating_point() and not bool(torch.isfinite(ref).all()):
+                raise Undecidable("the reference output holds NaN/inf (the call's input does, or overflows): "
+                                  "its accuracy decides nothing")
         for name, fn in candidates.items():
             try:
                 fn()  # warm-up: packs weights, faults in buffers
@@ -795,7 +837,7 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
 
     def rounds(pool: list[str], n_min: int, n_max: int, budget: float) -> int:
         start, done = time.perf_counter(), 0
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast():
             while done < n_max and (done < n_min or time.perf_counter() - start < budget):
                 order = pool[:]
                 rng.shuffle(order)
@@ -898,8 +940,12 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
             dec = Decision(engine=next(iter(cands)), measured=False, note="only candidate",
                            when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         else:
-            dec = measure(cands, incumbent=default if default in cands else next(iter(cands)), device=device,
-                          reference=reference, min_sqnr=min_sqnr, budget_s=budget_s)
+            try:
+                dec = measure(cands, incumbent=default if default in cands else next(iter(cands)), device=device,
+                              reference=reference, min_sqnr=min_sqnr, budget_s=budget_s)
+            except Undecidable:
+                _undecided()
+                return default if default in cands else next(iter(cands))
         _CACHE.put(key, dec)
         if dec.contended:
             _schedule_retry(key)

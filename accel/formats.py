@@ -72,7 +72,11 @@ _CHECKED: dict = {}
 def check_bsr_cached(crow: torch.Tensor, col: torch.Tensor, nnz: int, shape: tuple[int, int], block_size: int,
                      what: str = "BSR") -> None:
     """:func:`check_bsr`, skipped when these very index tensors (same objects, versions and data) were
-    already checked for this shape: the per-call cost of validation stays a few microseconds."""
+    already checked for this shape: the per-call cost of validation stays a few microseconds. Skipped while
+    traced (torch.compile, torch.jit.trace: data-dependent, and a trace must record the same ops every run)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+
     def state(t):
         return (id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
 

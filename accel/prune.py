@@ -65,6 +65,20 @@ def base_kind(m: nn.Module) -> type | None:
     return None
 
 
+def own_forward_reason(m: nn.Module) -> str | None:
+    """Why ``m`` is not converted though it is an ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``: a subclass
+    with its own forward (Hugging Face ``FalconLinear``, a custom layer), which a converted layer would drop.
+    None for the stock layers, accel's own layers, and subclasses keeping the stock forward (an attention's
+    ``out_proj``, whose owner reads its weight directly). The one reading shared by pruning, ``sparsify_``,
+    ``quantize_`` and QAT."""
+    if base_kind(m) is not None or not isinstance(m, _PLAIN) or type(m).__module__.split(".")[0] == "accel":
+        return None
+    stock = next(k for k in _PLAIN if isinstance(m, k))
+    if type(m).forward is stock.forward:
+        return None
+    return f"{type(m).__name__} subclasses {stock.__name__} with its own forward, which a converted layer would drop"
+
+
 def weight_source(m: nn.Module) -> str | None:
     """How ``m``'s weight (or bias) is computed when it is not a stored parameter: a parametrization
     (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or an old-style hook
@@ -169,7 +183,14 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
     """The Linear (``Conv1D`` included) and Conv2d layers ``filter_fn`` (default: Linear layers) selects, less
     the layers whose weight another layer holds (tied weights, e.g. an output head tied to the token
     embeddings: zeros written into it would prune the embeddings too), which a warning names."""
-    filter_fn = filter_fn or default_filter
+    if filter_fn is None:  # the default leaves out layers accel cannot convert: their zeros would buy no speed
+        own = {n: r for n, m in model.named_modules() if default_filter(m, n) and (r := own_forward_reason(m))}
+        if own:
+            warnings.warn(f"pruning leaves out {len(own)} layer(s) accel cannot convert (pass a filter_fn selecting "
+                          f"them to prune them anyway): " + "; ".join(f"{n!r}: {r}" for n, r in list(own.items())[:6])
+                          + (f" (+{len(own) - 6})" if len(own) > 6 else ""), stacklevel=3)
+        def filter_fn(m, n, own=own):
+            return default_filter(m, n) and n not in own
     chosen = {name: m for name, m in model.named_modules()
               if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m)) and filter_fn(m, name)}
     tied = tied_weights(model) if chosen else {}
@@ -178,6 +199,26 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
         warnings.warn(f"pruning leaves out {len(skipped)} layer(s) whose weight another layer holds (tied weights: "
                       f"pruning would change that layer too): {', '.join(skipped)}", stacklevel=3)
     return {n: m for n, m in chosen.items() if id(m) not in tied}
+
+
+def nothing_to_prune(model: nn.Module, filter_fn: FilterFn | None) -> str:
+    """The error of a pruning call that found no layer, with what the model holds instead."""
+    why = []
+    accel_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("accel.modules")]
+    if accel_layers:
+        why.append(f"{len(accel_layers)} layer(s) are already converted by accel (e.g. {accel_layers[0]!r}): prune "
+                   "the dense model and convert once")
+    own = [n for n, m in model.named_modules() if own_forward_reason(m) is not None]
+    if own:
+        why.append(f"{len(own)} subclass their layer with their own forward (e.g. {own[0]!r}; "
+                   f"{type(model.get_submodule(own[0])).__name__}), which accel cannot convert")
+    tied = tied_weights(model)
+    if tied:
+        why.append(f"{len(tied)} share a tied weight")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not accel_layers]
+    if filter_fn is None and convs:
+        why.append(f"the {len(convs)} nn.Conv2d layer(s) are pruned only when a filter_fn selects them")
+    return "no layer to prune: the filter selected no nn.Linear / nn.Conv2d" + (f" ({'; '.join(why)})" if why else "")
 
 
 def _refuse_computed(what: str, layers: dict[str, nn.Module]) -> None:
@@ -231,7 +272,7 @@ def block_masks(model: nn.Module, sparsity: float, block: int = 32, norm: int = 
         raise ValueError(f"need 0 <= min_density <= max_density <= 1, got {min_density}, {max_density}")
     layers = prunable_layers(model, filter_fn)
     if not layers:
-        raise ValueError("no layer to prune: the filter selected no nn.Linear / nn.Conv2d")
+        raise ValueError(nothing_to_prune(model, filter_fn))
     scores = {name: block_norms(_weight_matrix(m), block, p=norm) for name, m in layers.items()}
     bounds = {name: _layer_bounds(s.numel(), min_density, max_density) for name, s in scores.items()}
     if scope == "layer":
@@ -489,9 +530,12 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
                 return output_sqnr(ref, _flat_output(m(*args, **kwargs)))
     else:
         was_training = model.training
+    layers = prunable_layers(model, filter_fn)
+    if not layers:
+        raise ValueError("sensitivity_scan: " + nothing_to_prune(model, filter_fn))
     try:
         rows = [{"layer": None, "sparsity": 0.0, "metric": evaluate(model)}]
-        for name, m in prunable_layers(model, filter_fn).items():
+        for name, m in layers.items():
             if weight_source(m) is not None:
                 rows += _scan_computed(model, name, m, evaluate, sparsities, block, norm)
                 continue

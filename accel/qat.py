@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .api import replace_module
 from .inputs import loader_batch_call
 from .modules.quant_linear import QuantConv2d, QuantLinear
-from .prune import base_kind, is_conv1d, weight_source
+from .prune import base_kind, is_conv1d, own_forward_reason, weight_source
 from .quant import QMAX, ieee_div
 
 SAMPLE = 1 << 20
@@ -224,6 +224,11 @@ def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -
     selected = [(name, m) for name, m in model.named_modules()
                 if (base_kind(m) is nn.Linear or base_kind(m) is nn.Conv2d and QuantConv2d.unsupported_reason(m) is None)
                 and (filter_fn is None or filter_fn(m, name))]
+    own = [f"{n!r}: {r}" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+           and (r := own_forward_reason(m)) and (filter_fn is None or filter_fn(m, n))]
+    if own:
+        warnings.warn(f"prepare_qat leaves out {len(own)} layer(s) it cannot convert: {'; '.join(own[:6])}"
+                      + (f" (+{len(own) - 6})" if len(own) > 6 else ""), stacklevel=2)
     computed = [f"{n!r} ({src})" for n, m in selected if (src := weight_source(m)) is not None]
     if computed:
         raise ValueError(f"prepare_qat: {len(computed)} layer(s) compute their weight, which a fake-quantized twin "
@@ -251,6 +256,9 @@ def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -
         new.train(m.training)
         replace_module(model, name, new)
         swapped.append(name)
+    if not swapped and (done := [n for n, m in model.named_modules() if type(m).__module__.startswith("accel.modules")]):
+        warnings.warn(f"prepare_qat swapped no layer: {len(done)} layer(s) are already converted by accel (e.g. "
+                      f"{done[0]!r}); QAT runs on the float model, before conversion", stacklevel=2)
     return swapped
 
 

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 QMAX = 127
+#: largest K (input features, or C*KH*KW of a conv) whose int32 accumulation of int8 x int8 products cannot
+#: overflow for any inputs
+INT32_MAX_K = (2**31 - 1) // (128 * 128)
 ACTIVATIONS = ("none", "relu", "gelu")
 
 

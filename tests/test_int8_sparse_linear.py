@@ -152,6 +152,7 @@ def test_measured_choice_is_exact(accel_env, monkeypatch):
     accel_env(ACCEL_ENGINE_MEASURE="1")
     monkeypatch.setattr(engines, "BUDGET_S", 0.01)
     monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)  # a busy machine would decide nothing
     engines.clear()
     v, ws, crow, col, bias = make(256, 256, 32, 0.25)
     x = torch.randn(4, 256)

@@ -159,7 +159,7 @@ def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
     blk_of = torch.zeros(nbr, p_max, dtype=torch.int64)
     col_of = torch.full((nbr, p_max), nbc, dtype=torch.int64)
     blk_of[rows, pos] = block_index if block_index is not None else torch.arange(nnz)
-    col_of[rows, pos] = col
+    col_of[rows, pos] = col.to(torch.int64)  # int32 structures are valid too
     # x^T with one extra zero block: [nbc + 1, bs, M]; gathering whole [bs, M] slabs of it is the
     # cheapest gather (contiguous rows of M elements)
     xt = scratch("panels.xt", (nbc + 1) * bs * m, x.dtype).view((nbc + 1) * bs, m)

@@ -46,6 +46,8 @@ STRATEGIES = ("rows", "stacked", "float")
 ROWS_CHUNK_BYTES = 1 << 20
 #: ``stacked``: about ``n * n * M`` of this (the wasted multiply-adds grow as n^2 * M, calls fall as 1/n)
 STACK_WORK = 256
+#: a token scale past this may overflow ``acc * scale`` (|acc| < 2**31) in fp32: the epilogue takes those rows in fp64
+HUGE_SCALE = 2.0 ** 96
 #: ``stacked`` is offered up to this many tokens (beyond, n = 1: the ``rows`` strategy)
 STACK_MAX_M = 64
 
@@ -106,6 +108,12 @@ def epilogue(acc: torch.Tensor, scale: torch.Tensor, w_scale: torch.Tensor, bias
         torch.addcmul(bias if bias.dtype == torch.float32 else bias.float(), y, w_scale, out=y)
     else:
         y.mul_(w_scale)
+    big = scale > HUGE_SCALE  # acc * scale may overflow fp32 before w_scale brings it back: those rows in fp64
+    if bool(big.any()):
+        r = big.nonzero().flatten()
+        a = (acc.reshape(m, -1)[:, :n] if acc.dim() == 3 else acc).index_select(0, r).double()
+        yr = (a * scale.index_select(0, r).double()[:, None]) * w_scale.double()
+        y[r] = (yr if bias is None else yr + bias.double()).float()
     y = activate(y, activation, inplace=True)
     if not y.is_contiguous():  # N not a multiple of B
         y = y.contiguous()

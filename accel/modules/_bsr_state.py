@@ -75,3 +75,19 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
         module.mode = saved[2]
     elif module.storage == "sparse" and module.crow_indices.dtype != torch.int64:
         module.crow_indices = module.crow_indices.long()
+
+
+def masked_outside_autograd(w: torch.Tensor, block_mask: torch.Tensor, mask_like_w) -> torch.Tensor:
+    """``w`` with its pruned blocks zero, for a call autograd does not record (dense storage): ``w`` itself
+    while it holds zeros there, else a masked copy; checked (and the copy made) once per version of ``w``
+    and the mask. Training masks in the graph; a weight loaded or edited in place with values in pruned
+    blocks must give the same output in every grad mode (``mask_like_w()``: the mask expanded to ``w``)."""
+    from ..cpu.packcache import cached
+
+    def build():
+        m = mask_like_w().to(w.dtype)
+        wd = w.detach()
+        return None if not bool(wd.masked_select(m == 0).ne(0).any()) else wd * m  # None: w is clean
+
+    masked = cached("dense_storage_masked", (w, block_mask), (), build)
+    return w if masked is None else masked

@@ -20,7 +20,16 @@ def weight_view(sources: tuple[torch.Tensor, ...], dtype: torch.dtype, build: Ca
     assigning ``layer.weight`` raises (:func:`refuse_weight`). Writes that bypass those checks (through
     ``.data``, or inside ``torch.inference_mode``) reach only this cached copy, never the layer: change a
     converted layer through its own tensors (``weight_q``, ``values``) or convert again. Reading it
-    materializes a float copy of the weight for as long as the layer lives."""
+    materializes a float copy of the weight for as long as the layer lives. Inside ``torch.compile`` /
+    ``torch.export`` tracing, and in a forward autograd records when the sources are trainable (a
+    SparseLinear's values), it is computed in the graph instead (differentiable in those sources)."""
+    if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): part of the graph, no cache
+        return build().to(dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        # a forward autograd records (a decoder tied to a SparseLinear's weight): the weight as a function of
+        # the layer's trainable tensors, so gradients reach them (they change every step: nothing to cache)
+        return build().to(dtype)
+
     def make():
         with torch.inference_mode():
             return build().to(dtype)
@@ -41,9 +50,13 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` asks a Linear/Conv2d to compute in for ``x`` (None when off): a
     converted layer follows it as ``nn.Linear`` does (custom ops get no autocast handling of their own)."""
     dev = x.device.type
-    if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
+    if not x.is_floating_point() or x.dtype == torch.float64:  # autocast leaves fp64 alone
         return None
-    return torch.get_autocast_dtype(dev)
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except RuntimeError:  # a device autocast does not know (meta, ...): the op's own device check speaks
+        return None
+    return torch.get_autocast_dtype(dev) if on else None
 
 
 def cast_param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

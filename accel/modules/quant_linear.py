@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.int8 import check_conv_geometry, forget_plans, module_conv2d, module_linear
+from ..ops.int8 import check_conv_geometry, check_int32_k, forget_plans, module_conv2d, module_linear
 from ..quant import ACTIVATIONS, dequantize_weight, quantize_weight
 from ._common import explicit_padding, refuse_weight, same_padding_reason, weight_view
 
@@ -48,6 +48,8 @@ class _QuantBase(nn.Module):
             raise ValueError(f"{name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"{name}: dtype must be a floating dtype, got {dtype}")
+        if mode in ("dynamic", "static"):
+            check_int32_k(f"{name} ({mode})", torch.empty(weight_shape, dtype=torch.int8, device="meta"))
         self.mode = mode
         self.activation = activation
         self.act_qmax = _check_qmax(name, act_qmax)
@@ -109,13 +111,7 @@ class _QuantBase(nn.Module):
             if mode not in self.MODES or (isinstance(extra, dict) and extra.get("activation") not in ACTIVATIONS):
                 error_msgs.append(f"{type(self).__name__} {prefix!r}: bad _extra_state {extra!r}")
                 return
-        w = state_dict.get(prefix + "weight_scale")
-        if w is not None and (not w.is_floating_point() or not torch.isfinite(w).all() or (w < 0).any()):
-            error_msgs.append(f"{type(self).__name__} {prefix!r}: weight_scale must be finite and >= 0")
-            return
-        q = state_dict.get(prefix + "weight_q")
-        if q is not None and q.dtype != torch.int8:
-            error_msgs.append(f"{type(self).__name__} {prefix!r}: weight_q must be int8, got {q.dtype}")
+        if _tables_error(self, state_dict, prefix, error_msgs):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -153,6 +149,31 @@ class _QuantBase(nn.Module):
             return weight_view((b["weight_q"], b["weight_scale"]), self.float_dtype,
                                lambda: dequantize_weight(b["weight_q"], b["weight_scale"]))
         return super().__getattr__(name)
+
+
+def _tables_error(module: nn.Module, state_dict, prefix: str, error_msgs: list) -> bool:
+    """Check every buffer of ``module`` that ``state_dict`` holds (shape, dtype, scale values) before a load
+    copies any of them (``nn.Module`` copies one by one and only then reports a bad shape: a failed load
+    would leave the layer half changed). Appends the errors; True if there were any."""
+    name = type(module).__name__
+    errors = []
+    for key, cur in module._buffers.items():
+        t = state_dict.get(prefix + key)
+        if cur is None or t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            errors.append(f"{key} is a {type(t).__name__}, not a tensor")
+        elif tuple(t.shape) != tuple(cur.shape):
+            errors.append(f"{key} of shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
+        elif key == "weight_q" and t.dtype != torch.int8:
+            errors.append(f"weight_q must be int8, got {t.dtype}")
+        elif key != "weight_q" and not t.is_floating_point():
+            errors.append(f"{key} must be floating point, got {t.dtype}")
+        elif key == "weight_scale" and not t.is_meta and not (bool(torch.isfinite(t).all()) and bool((t >= 0).all())):
+            errors.append("weight_scale must be finite and >= 0")
+    for e in errors:
+        error_msgs.append(f"{name} {prefix!r}: {e} (nothing of this layer was loaded)")
+    return bool(errors)
 
 
 def _after_load(module, incompatible_keys) -> None:
@@ -355,6 +376,9 @@ class QuantEmbedding(nn.Module):
     def set_extra_state(self, state) -> None:
         # the saved dtype is checked, not applied: like nn.Embedding.load_state_dict, a load keeps this
         # module's dtype (a file saved from an fp32 model loads into a bf16 model as bf16)
+        self.padding_idx = self._saved_padding_idx(state)
+
+    def _saved_padding_idx(self, state):
         dt = getattr(torch, str(state.get("out_dtype", "float32")), None) if isinstance(state, dict) else None
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             raise ValueError(f"QuantEmbedding: bad saved state {state!r}")
@@ -362,7 +386,22 @@ class QuantEmbedding(nn.Module):
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or
                                 not -self.num_embeddings <= pad < self.num_embeddings):
             raise ValueError(f"QuantEmbedding: bad saved padding_idx {pad!r} for {self.num_embeddings} rows")
-        self.padding_idx = pad
+        return pad
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # validate everything before anything changes: a failed load leaves the module as it was
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            try:
+                self._saved_padding_idx(extra)
+            except ValueError as e:
+                error_msgs.append(f"QuantEmbedding {prefix!r}: {e} (nothing of this layer was loaded)")
+                return
+        if _tables_error(self, state_dict, prefix, error_msgs):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight" and "weight_q" in self.__dict__.get("_buffers", {}):

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cpu.bsr_conv import conv_weight_from_bsr
 from ..cpu.int8 import float_conv2d_cpu
 from ..formats import (
     BSRMatrix,
@@ -18,7 +19,7 @@ from ..formats import (
 )
 from ..ops._dispatch import as_conv_output
 from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
-from ._bsr_state import bsr_state_error, load_bsr_state
+from ._bsr_state import bsr_state_error, load_bsr_state, masked_outside_autograd
 from ._common import (
     autocast_dtype,
     cast_param,
@@ -243,10 +244,18 @@ class SparseConv2d(nn.Module):
             return module_bsr_conv2d(x, values, b["crow_indices"], b["col_indices"], self.weight_shape,
                                      bias, self.stride, self.padding, self.dilation, self.mode == "auto")
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+
+        def mask_like_w():
             mask = expand_block_mask(self.block_mask, self.block_size, self._matrix_shape())
             o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
-            w = w * mask.reshape(o, kh, kw, c).permute(0, 3, 1, 2).to(w.dtype)
+            return mask.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
+
+        if torch.is_grad_enabled() and w.requires_grad:
+            w = w * mask_like_w().to(w.dtype)
+        else:
+            w = masked_outside_autograd(w, self.block_mask, mask_like_w)
+        if x.dim() not in (3, 4):
+            raise ValueError(f"SparseConv2d: expected a [B, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
         if x.is_cuda or autocast_dtype(x) is not None:
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
         # torch's CPU conv crashes or returns garbage on some geometries: routed (accel.cpu.int8.float_conv2d_cpu)
@@ -265,7 +274,8 @@ class SparseConv2d(nn.Module):
             # sparse storage: model code reading layer.weight gets the dense (pruned) weight, read-only
             p, b = self.__dict__["_parameters"], self.__dict__["_buffers"]
             return weight_view((p["values"], b["crow_indices"], b["col_indices"]), p["values"].dtype,
-                               lambda: self.dense_weight())
+                               lambda: conv_weight_from_bsr(p["values"], b["crow_indices"], b["col_indices"],
+                                                            self.weight_shape).contiguous())  # differentiable
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ state

@@ -11,12 +11,13 @@ from ..formats import (
     as_block_mask,
     block_grid,
     block_norms,
+    bsr_to_dense,
     check_block_size,
     expand_block_mask,
     topk_block_mask,
 )
 from ..ops.bsr_linear import module_bsr_linear
-from ._bsr_state import bsr_state_error, load_bsr_state
+from ._bsr_state import bsr_state_error, load_bsr_state, masked_outside_autograd
 from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, weight_view
 
 MODES = ("auto", "sparse", "dense")
@@ -181,6 +182,9 @@ class SparseLinear(nn.Module):
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             w = w * expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)).to(w.dtype)
+        else:
+            w = masked_outside_autograd(w, self.block_mask,
+                                        lambda: expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)))
         return F.linear(x, w, self.bias)
 
     def __setattr__(self, name: str, value) -> None:
@@ -193,7 +197,8 @@ class SparseLinear(nn.Module):
             # sparse storage: model code reading layer.weight gets the dense (pruned) weight, read-only
             p, b = self.__dict__["_parameters"], self.__dict__["_buffers"]
             return weight_view((p["values"], b["crow_indices"], b["col_indices"]), p["values"].dtype,
-                               lambda: self.dense_weight())
+                               lambda: bsr_to_dense(p["values"], b["crow_indices"], b["col_indices"],
+                                                    (self.out_features, self.in_features)))  # differentiable
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ state

@@ -35,7 +35,7 @@ def needs_op(*tensors: torch.Tensor | None) -> bool:
     """Whether to call the registered custom op rather than its implementation directly: under
     torch.compile (so the graph holds one opaque node) and when autograd must record the call.
     Eager inference skips the op dispatch, which costs ~0.1 ms a call on CPU."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # (torch.jit.trace records the op as one node)
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

@@ -34,7 +34,7 @@ from ..cpu.int8 import float_conv2d_cpu
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
-from .bsr_linear import MIN_SQNR, transposed_structure
+from .bsr_linear import MIN_SQNR, any_nonfinite, transposed_structure
 
 #: block sizes of the conv kernels (``accel.kernels.bsr_conv.SUPPORTED_BLOCK_SIZES``)
 BLOCK_SIZES = (16, 32, 64)
@@ -145,14 +145,28 @@ def default_engine(c: int, bs: int, m: int) -> str:
 @torch.no_grad()  # the engines are not differentiable: autograd comes from the op's registered backward
 def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, padding, dilation) -> torch.Tensor:
     """Run one CPU engine (see :func:`cpu_engines`)."""
-    if engine == "gather":
-        return cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
     if engine == "dense":
         return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
-    if engine.startswith("im2col_"):
-        return cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
-                                          engine[len("im2col_"):])
-    raise ValueError(f"bsr_conv2d: unknown CPU engine {engine!r}")
+    if engine == "gather":
+        y = cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    elif engine.startswith("im2col_"):
+        y = cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
+                                       engine[len("im2col_"):])
+    else:
+        raise ValueError(f"bsr_conv2d: unknown CPU engine {engine!r}")
+    return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation)
+
+
+def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation) -> torch.Tensor:
+    """``y`` with the finite outputs whose window reads a NaN/inf input pixel made NaN (the conv analogue of
+    ``accel.ops.bsr_linear.nonfinite_rows_like_dense``): the dense conv multiplies that pixel by the pruned
+    zeros too, so every output channel there is NaN or inf; a sparse engine reaches only stored blocks."""
+    if not x.numel() or not y.numel() or not any_nonfinite(x):
+        return y
+    kh, kw = weight_shape[2:]
+    bad = (~torch.isfinite(x)).any(dim=1, keepdim=True).float()  # [N, 1, H, W]
+    windows = float_conv2d_cpu(bad, torch.ones(1, 1, kh, kw), None, stride, padding, dilation)  # [N, 1, OH, OW]
+    return y.masked_fill_((windows > 0) & torch.isfinite(y), float("nan"))
 
 
 def _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense) -> str:

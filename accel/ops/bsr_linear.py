@@ -107,7 +107,28 @@ def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Te
                 w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
                 return torch.nn.functional.linear(x, w, bias)
             kwargs["strategy"] = strategy
+            return nonfinite_rows_like_dense(x, cpu_bsr.bsr_dense_mm_cpu(*args, **kwargs))
     return getattr(cpu_bsr, name + "_cpu")(*args, **kwargs)
+
+
+def any_nonfinite(x: torch.Tensor) -> bool:
+    """Whether ``x`` (non-empty, floating) may hold a NaN or inf: one sum (the cheapest full reduction, about
+    a read of ``x``) and one sync. NaN and inf propagate through it; a sum of finite values overflowing gives a
+    false alarm, which the callers' exact per-row / per-pixel check then clears."""
+    return not math.isfinite(x.sum().item())
+
+
+def nonfinite_rows_like_dense(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (a sparse strategy's ``[M, N]`` output for ``x [M, K]``) with the finite outputs of rows of ``x``
+    holding NaN/inf made NaN, in place: a sparse strategy skips the pruned blocks, so a NaN/inf in ``x``
+    reaches only the outputs of stored blocks, while the dense layer (and the "dense" strategy: ``0 * inf``
+    is NaN) makes every output of that row NaN or inf. Every strategy then agrees on which outputs are finite."""
+    if not any_nonfinite(x):
+        return y
+    bad = ~torch.isfinite(x).all(dim=1)
+    rows = y[bad]
+    y[bad] = torch.where(torch.isfinite(rows), torch.full_like(rows, float("nan")), rows)
+    return y
 
 
 def _check_fake(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, out_features: int):

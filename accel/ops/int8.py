@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import engines
 from ..cpu import int8 as cpu_int8
-from ..quant import ACTIVATIONS, QMAX, dequantize_weight
+from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, dequantize_weight
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,10 +67,11 @@ def _float_conv(form, x, w_q, w_scale, bias, stride, padding, dilation, activati
                                      *_float_conv_form(form))
 
 
-def _auto_forms(x: torch.Tensor) -> tuple[str, ...]:
+def _auto_forms(x: torch.Tensor, k: int) -> tuple[str, ...]:
     """The forms an ``auto`` layer may run for ``x``: an fp32 input may also compute in bf16 ("float_bf16",
-    AMX / AVX512-BF16 tensor cores; at least as accurate as the int8 forms)."""
-    base = ("dynamic", "weight_only", "float")
+    AMX / AVX512-BF16 tensor cores; at least as accurate as the int8 forms); int8 activations only where
+    ``K`` cannot overflow the int32 accumulator."""
+    base = ("dynamic", "weight_only", "float") if k <= INT32_MAX_K else ("weight_only", "float")
     return base + ("float_bf16",) if x.dtype == torch.float32 and not x.is_cuda else base
 
 
@@ -146,7 +147,9 @@ def _choose_auto_form(x, w_q, w_scale, bias, activation, qmax, device: str) -> s
     else:  # the incumbent a challenger must beat by the margin: a half-precision input's own dense GEMM
         default = "float" if x.dtype in (torch.bfloat16, torch.float16) else "dynamic"
 
-    forms = _auto_forms(x)
+    forms = _auto_forms(x, k)
+    if default not in forms:
+        default = "float"
 
     def candidates():
         return {f: (lambda f=f: _linear_body(x, w_q, w_scale, bias, None, activation, f, qmax)) for f in forms}
@@ -174,6 +177,8 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
     allowed = list(cpu_int8.conv_engines(qmax))
     if not cpu_int8.onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
         allowed = [e for e in allowed if not e.startswith("onednn")]  # wrong numbers there (accel.cpu.int8.onednn_conv_ok)
+    if c * kh * kw > INT32_MAX_K:  # the int32 accumulator could overflow: float forms only (auto)
+        allowed = []
     if mode == "auto":
         allowed += ["float", "float_nchw"]
         if x.dtype == torch.float32:
@@ -377,6 +382,15 @@ _int8_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
 # ---------------------------------------------------------------------------------------------
 # public functions: validate, then call the op (compile / autograd) or its body (eager)
 # ---------------------------------------------------------------------------------------------
+def check_int32_k(what: str, w_q: torch.Tensor) -> None:
+    """int8 activations need ``K`` (C*KH*KW for a conv) small enough that int32 sums cannot overflow."""
+    k = math.prod(w_q.shape[1:])
+    if k > INT32_MAX_K:
+        raise ValueError(f"{what}: K={k} (weight {tuple(w_q.shape)}) exceeds {INT32_MAX_K}, where the int32 "
+                         "accumulation of int8 activations may overflow; use mode 'auto' (float or weight-only "
+                         "forms there)" + (" or 'weight_only'" if w_q.dim() == 2 else ""))
+
+
 def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dims, act_qmax):
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: x dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
@@ -389,6 +403,13 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
     if act_scale is not None and (act_scale.numel() != 1 or act_scale.dtype != torch.float32):
         raise ValueError(f"{what}: act_scale must be a one-element float32 tensor, got {tuple(act_scale.shape)} "
                          f"{act_scale.dtype}")
+    values = not torch.compiler.is_compiling() and not w_scale.is_meta  # (traced: no data-dependent checks)
+    if values and act_scale is not None and not (bool(torch.isfinite(act_scale).all()) and bool((act_scale > 0).all())):
+        raise ValueError(f"{what}: act_scale must be finite and > 0, got {act_scale.flatten().tolist()}")
+    if values and not (bool(torch.isfinite(w_scale).all()) and bool((w_scale >= 0).all())):
+        bad = w_scale[~(torch.isfinite(w_scale) & (w_scale >= 0))]
+        raise ValueError(f"{what}: weight scales must be finite and >= 0, got {bad.numel()} others, e.g. "
+                         f"{bad[:4].tolist()}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if act_qmax not in (0, 63, 127):
@@ -425,6 +446,8 @@ def int8_linear(
         raise ValueError(f"int8_linear: mode must be one of {LINEAR_MODES}, got {mode!r}")
     what = f"int8_linear ({mode})"
     _check_common(what, x, w_q, w_scale, bias, act_scale, activation, 2, act_qmax)
+    if mode in ("dynamic", "static"):
+        check_int32_k(what, w_q)
     if (mode == "static") != (act_scale is not None):
         raise ValueError(f"{what}: act_scale is needed by mode 'static' and only by it, got "
                          f"{'none' if act_scale is None else 'one'}")
@@ -531,8 +554,8 @@ def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, ima
     Written flat (the key and the validity checks inline): between a model's large GEMMs this runs with
     cold caches, where each Python call level costs microseconds (measured: ~60 us per layer call before,
     ~15 us after, next to a bare ``F.linear``)."""
-    if owner is None or _is_compiling():  # first: under torch.compile nothing here is traced
-        return None
+    if owner is None or _is_compiling() or torch.jit.is_tracing():  # first: under torch.compile nothing here is
+        return None  # traced (and torch.jit.trace gives sizes as tensors)
     if x.requires_grad and torch.is_grad_enabled():
         return None
     plans = _PLANS.get(owner)
@@ -590,6 +613,8 @@ def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
     qmax = _qmax(act_qmax)
     if mode == "auto":
         mode = _auto_form(x, w_q, w_scale, bias, activation, qmax, "cpu")
+    elif mode in ("dynamic", "static"):
+        check_int32_k(f"QuantLinear ({mode})", w_q)
     if mode in ("float", "float_bf16"):  # any rank: F.linear takes [..., K]
         w = cpu_int8.dequantized(w_q, w_scale, torch.bfloat16 if mode == "float_bf16" else x.dtype)
         b = _bias_in(bias, w.dtype)
@@ -638,6 +663,8 @@ def int8_conv2d(
     if mode not in CONV_MODES:
         raise ValueError(f"{what}: mode must be one of {CONV_MODES}, got {mode!r}")
     _check_common(what, x, w_q, w_scale, bias, act_scale, activation, 4, act_qmax)
+    if mode == "int8":
+        check_int32_k(what, w_q)
     if x.dim() != 4 or x.shape[1] != w_q.shape[1]:
         raise ValueError(f"{what}: x must be [B, {w_q.shape[1]}, H, W] for weight {tuple(w_q.shape)}, got {tuple(x.shape)}")
     stride, padding, dilation = check_conv_geometry(what, stride, padding, dilation)
@@ -679,6 +706,8 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
 def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax):
     """The function running ``x``'s call as :func:`_int8_conv2d_impl` does on the CPU (deciding the engine now)."""
     qmax = _qmax(act_qmax)
+    if mode == "int8":
+        check_int32_k("QuantConv2d", w_q)
     engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
     if engine not in FLOAT_CONV_FORMS:
         return lambda x: as_conv_output(cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation,

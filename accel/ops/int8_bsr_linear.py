@@ -31,12 +31,11 @@ from .. import engines
 from ..cpu import int8_bsr as cpu_int8_bsr
 from ..cpu.packcache import cached
 from ..formats import BLOCK_SIZES, block_grid, bsr_row_indices, check_bsr_cached
-from ..quant import ACTIVATIONS, QMAX, activate
+from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate
 from ._dispatch import needs_op, use_triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: largest K whose int32 accumulation cannot overflow for any int8 inputs
-MAX_K = (2**31 - 1) // (128 * 128)
+MAX_K = INT32_MAX_K
 #: SQNR (dB) a CPU strategy must reach against the exact reference (rounded to the output dtype)
 EXACT_SQNR = {torch.float32: 60.0, torch.bfloat16: 40.0, torch.float16: 50.0}
 

@@ -1,0 +1,167 @@
+"""Regressions for defects a workflow prober found on real architectures (each test failed before its fix):
+tracing converted models (torch.jit.trace, torch.export of a forward reading ``layer.weight``), a weight read
+inside a forward autograd records, Linear subclasses with their own forward, calls on already converted models,
+and weights a model uses through its own code (fused mixture-of-experts tables)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import accel
+from accel import prune
+from accel.formats import bsr_to_dense
+
+
+def _models():
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(64, 48), nn.Conv2d(16, 32, 3, padding=1)
+    return {
+        "QuantLinear dynamic": (accel.QuantLinear.from_float(lin, "dynamic"), torch.randn(4, 64), torch.randn(9, 64)),
+        "QuantLinear auto 3-D": (accel.QuantLinear.from_float(lin, "auto"), torch.randn(2, 3, 64),
+                                 torch.randn(5, 7, 64)),
+        "QuantConv2d": (accel.QuantConv2d.from_float(conv), torch.randn(2, 16, 8, 8), torch.randn(3, 16, 8, 8)),
+        "SparseLinear": (accel.SparseLinear.from_dense(lin, sparsity=0.5, block=16), torch.randn(4, 64),
+                         torch.randn(9, 64)),
+        "SparseQuantLinear": (accel.SparseQuantLinear.from_sparse(accel.SparseLinear.from_dense(lin, sparsity=0.5,
+                                                                                                 block=16)),
+                              torch.randn(4, 64), torch.randn(9, 64)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_models()))
+def test_jit_trace_of_converted_layers(kind):
+    m, x, other = _models()[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        traced = torch.jit.trace(m.eval(), (x,))
+    with torch.no_grad():
+        assert torch.equal(traced(x), m(x))
+        assert torch.equal(traced(other), m(other))  # another batch size: the op, not a frozen path
+
+
+class _ReadsWeight(nn.Module):
+    """Casts its input to a layer's weight dtype, as Hugging Face ViT / T5 / CLIP do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 32)
+
+    def forward(self, x):
+        y = self.conv(x.to(self.conv.weight.dtype)).mean((2, 3))
+        return self.fc(y.to(self.fc.weight.dtype))
+
+
+@pytest.mark.parametrize("how", ["quantize", "sparsify"])
+def test_torch_export_of_a_forward_reading_the_weight(how):
+    torch.manual_seed(0)
+    m = _ReadsWeight().eval()
+    if how == "quantize":
+        accel.quantize_(m, accel.QuantConfig(linear_mode="dynamic", conv_mode="dynamic", measure=False))
+    else:
+        accel.sparsify_(m, accel.SparsityConfig(block=16, sparsity=0.5, convs=True, measure=False))
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        y = m(x)
+    exported = torch.export.export(m, (x,)).module()
+    with torch.no_grad():
+        assert torch.allclose(exported(x), y, atol=1e-6)
+
+
+def test_a_decoder_tied_to_a_sparse_layers_weight_trains_it():
+    """``F.linear(z, enc.weight.t())`` inside a forward autograd records: the weight is differentiable in the
+    SparseLinear's values (it was an inference tensor: 'cannot be saved for backward')."""
+    torch.manual_seed(0)
+    enc = accel.SparseLinear.from_dense(nn.Linear(32, 16), sparsity=0.5, block=16)
+    dense = nn.Linear(32, 16)
+    with torch.no_grad():
+        dense.weight.copy_(enc.dense_weight())
+        dense.bias.copy_(enc.bias)
+    x = torch.randn(4, 32)
+    out = nn.functional.linear(enc(x), enc.weight.t())
+    out.square().sum().backward()
+    ref = nn.functional.linear(dense(x), dense.weight.t())
+    ref.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    kept = bsr_to_dense(torch.ones_like(enc.values), enc.crow_indices, enc.col_indices, (16, 32))  # stored blocks
+    assert enc.values.grad is not None
+    assert torch.allclose(bsr_to_dense(enc.values.grad, enc.crow_indices, enc.col_indices, (16, 32)),
+                          dense.weight.grad * kept, atol=1e-4)
+
+
+class _MyLinear(nn.Linear):  # like transformers' FalconLinear
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 64)
+        self.fc1, self.fc2, self.plain = _MyLinear(64, 256), _MyLinear(256, 64), nn.Linear(64, 64)
+        self.head = nn.Linear(64, 100, bias=False)
+        self.head.weight = self.emb.weight  # tied output head
+
+    def forward(self, ids):
+        return self.head(self.plain(self.fc2(torch.relu(self.fc1(self.emb(ids))))))
+
+
+def test_linear_subclasses_with_their_own_forward_are_left_out_and_said_so():
+    torch.manual_seed(0)
+    m = _LM()
+    with pytest.warns(UserWarning, match="cannot convert.*'fc1'.*_MyLinear subclasses Linear with its own forward"):
+        masks = prune.prune_(m, 0.5, block=32)
+    assert sorted(masks) == ["plain"]
+    accel.sparsify_(m, masks=masks)  # the documented flow goes through
+    assert isinstance(m.plain, accel.SparseLinear) and type(m.fc1) is _MyLinear
+    m = _LM()
+    rows = accel.sparsify_(m, accel.SparsityConfig(measure=False))
+    why = {r["layer"]: r["reason"] for r in rows}
+    assert "subclasses Linear with its own forward" in why["fc1"] and "subclasses" in why["fc2"]
+    assert "tied" in why["head"] and isinstance(m.plain, accel.SparseLinear)
+    with pytest.warns(UserWarning, match="prepare_qat leaves out 2 layer"):
+        accel.prepare_qat(_LM())
+    only_subclasses = nn.Sequential(_MyLinear(8, 8))
+    with pytest.raises(ValueError, match="subclass their layer with their own forward"):
+        prune.prune_(only_subclasses, 0.5, block=8)
+
+
+def test_calls_on_an_already_converted_model_say_so():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    accel.sparsify_(m, accel.SparsityConfig(block=16, sparsity=0.5, measure=False))
+    with pytest.raises(ValueError, match="already converted"):
+        accel.sparsify_(m, accel.SparsityConfig(block=16, sparsity=0.75, measure=False))
+    with pytest.raises(ValueError, match="already converted"):
+        prune.GradualPruner(m, 0.75, begin=0, end=2, block=16).step()
+    with pytest.raises(ValueError, match="already converted"):
+        prune.sensitivity_scan(m, example_inputs=(torch.randn(4, 64),))
+    with pytest.warns(UserWarning, match="already converted"):
+        assert accel.prepare_qat(m) == []
+    q = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    accel.quantize_(q, accel.QuantConfig(measure=False))
+    rows = accel.quantize_(q, accel.QuantConfig(measure=False))
+    assert [r["layer"] for r in rows] == ["0", "2"] and all("already int8" in r["reason"] for r in rows)
+
+
+class _Experts(nn.Module):
+    """Fused expert tables, as transformers 5 stores a mixture of experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(4, 64, 32) / 8)
+        self.router = nn.Linear(32, 4)
+
+    def forward(self, x):
+        w = self.router(x).softmax(-1)
+        return torch.einsum("be,eoi,bi->bo", w, self.gate_up, x)
+
+
+def test_weights_used_through_a_models_own_code_are_reported():
+    for fn in (lambda m: accel.quantize_(m, accel.QuantConfig(measure=False)),
+               lambda m: accel.sparsify_(m, accel.SparsityConfig(block=16, measure=False))):
+        m = nn.Sequential(nn.Linear(32, 32), _Experts())
+        rows = fn(m)
+        row = next(r for r in rows if r["layer"] == "1.gate_up")
+        assert row["decision"] == "float" and "[4, 64, 32] parameter _Experts uses in its own forward" in row["reason"]

@@ -255,9 +255,10 @@ FOREIGN_MIN_NUMEL = 4096
 
 
 def _foreign_weight_rows(model: nn.Module, filter_fn) -> list[dict]:
-    """Rows for the matrix weights the model uses through its own code rather than a Linear / Conv2d /
-    Embedding layer (fused mixture-of-experts tables ``[experts, out, in]``, a router's bare weight, ...):
-    accel leaves them float, and says so rather than skipping them silently. Not with a ``filter_fn`` (which
+    """Rows for the stacks of matrices a model uses through its own code rather than Linear / Conv2d /
+    Embedding layers (fused mixture-of-experts tables ``[experts, out, in]``): accel leaves them float, and says
+    so rather than skipping them silently. (2-D parameters are too often something else, e.g. position
+    embeddings, to call them weights.) Not with a ``filter_fn`` (which
     chose the layers; it may expect layers only)."""
     rows = []
     for name, m in model.named_modules() if filter_fn is None else ():
@@ -265,7 +266,7 @@ def _foreign_weight_rows(model: nn.Module, filter_fn) -> list[dict]:
                 type(m).__module__.split(".")[0] == "accel":
             continue
         for pname, p in m.named_parameters(recurse=False):
-            if p.is_floating_point() and p.dim() >= 2 and p.numel() >= FOREIGN_MIN_NUMEL:
+            if p.is_floating_point() and p.dim() >= 3 and p.shape[0] > 1 and p.numel() >= FOREIGN_MIN_NUMEL:
                 rows.append(_row(f"{name}.{pname}" if name else pname, m, None, "float",
                                  f"not converted: a {list(p.shape)} parameter {type(m).__name__} uses in its own "
                                  "forward (accel converts nn.Linear / Conv1D / nn.Conv2d / nn.Embedding layers)"))
@@ -559,7 +560,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     if masks is None and (selected or rows):  # layers it cannot convert are reported, not silently left out
         rows += [_row(n, m, None, "dense", f"not converted: {own_forward_reason(m)}") for n, m in sorted(subs.items())]
     if masks is None and not selected and rows:  # every layer chosen is one that cannot be pruned: say why
-        return rows
+        return rows + _foreign_weight_rows(model, filter_fn)
     if masks is None and not selected:
         subs = [f"{n!r} ({type(m).__name__})" for n, m in subs.items()]
         if any(isinstance(m, ACCEL_TYPES) for m in model.modules()):

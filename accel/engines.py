@@ -126,25 +126,34 @@ _retry_at = math.inf  # monotonic time at which the earliest such decision of th
 _made_at: dict[str, float] = {}  # key -> monotonic time its busy-machine decision was made (or last postponed)
 
 
+_retry_lock = threading.Lock()  # _retry_at and _made_at change from any thread's layer call
+
+
 def _retry_due() -> None:
     global _retry_at
-    now = time.monotonic()  # the busy-machine decisions not yet due keep their turn
-    _retry_at = min((t + RETRY_S for t in _made_at.values() if t + RETRY_S > now), default=math.inf)
+    with _retry_lock:
+        now = time.monotonic()  # the busy-machine decisions not yet due keep their turn
+        _retry_at = min((t + RETRY_S for t in tuple(_made_at.values()) if t + RETRY_S > now), default=math.inf)
     _bump()
 
 
 def _schedule_retry(key: str) -> None:
     global _retry_at
-    now = time.monotonic()
-    _made_at[key] = now
-    _retry_at = min(_retry_at, now + RETRY_S)
+    with _retry_lock:
+        now = time.monotonic()
+        _made_at[key] = now
+        _retry_at = min(_retry_at, now + RETRY_S)
 
 
-def _undecided() -> None:
-    """A call ran its default without deciding its key: memos and plans made from it go stale at the next
-    :func:`stamp` (so the next call decides)."""
-    global _retry_at
-    _retry_at = -math.inf
+#: counts the calls that ran a default without deciding (:class:`Undecidable`): a memo or plan made across one
+#: is not kept, so the next call decides (see :func:`undecided_count`)
+_undecided = 0
+
+
+def undecided_count() -> int:
+    """Read before resolving a call and compare after: a change means some choice in between was not decided
+    (its input held NaN/inf), so what was resolved must not be memoized."""
+    return _undecided
 
 
 def _measure_again(key: str, dec: "Decision") -> bool:
@@ -915,6 +924,7 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
     validate a forced engine: one outside it raises :class:`ForcedEngineError` (which a measurement
     enclosing this call lets through). A bad ``ACCEL_ENGINE`` raises :class:`ConfigError`.
     """
+    global _undecided
     keys = getattr(_last, "keys", None)
     if keys is None:
         keys = _last.keys = {}
@@ -944,7 +954,7 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
                 dec = measure(cands, incumbent=default if default in cands else next(iter(cands)), device=device,
                               reference=reference, min_sqnr=min_sqnr, budget_s=budget_s)
             except Undecidable:
-                _undecided()
+                _undecided += 1
                 return default if default in cands else next(iter(cands))
         _CACHE.put(key, dec)
         if dec.contended:
@@ -969,10 +979,12 @@ def memo(op: str, parts: tuple, decide: Callable[[], str]) -> str:
     if hit is not None and hit[0] == stamp():
         note_key(op, hit[2])
         return hit[1]
+    undecided = _undecided
     value = decide()
     if len(_MEMO) > 4096:
         _MEMO.clear()
-    _MEMO[key] = (_stamp, value, last_key(op))
+    if _undecided == undecided:  # (a default run for an undecidable call is not remembered)
+        _MEMO[key] = (_stamp, value, last_key(op))
     return value
 
 

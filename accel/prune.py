@@ -71,12 +71,19 @@ def own_forward_reason(m: nn.Module) -> str | None:
     None for the stock layers, accel's own layers, and subclasses keeping the stock forward (an attention's
     ``out_proj``, whose owner reads its weight directly). The one reading shared by pruning, ``sparsify_``,
     ``quantize_`` and QAT."""
-    if base_kind(m) is not None or not isinstance(m, _PLAIN) or type(m).__module__.split(".")[0] == "accel":
+    if base_kind(m) is not None or not isinstance(m, _PLAIN) or type(m).__module__.startswith("accel.modules"):
         return None
     stock = next(k for k in _PLAIN if isinstance(m, k))
     if type(m).forward is stock.forward:
         return None
+    if is_qat_layer(m):
+        return f"{type(m).__name__} is a fake-quantized QAT layer: accel.convert(model) makes it int8"
     return f"{type(m).__name__} subclasses {stock.__name__} with its own forward, which a converted layer would drop"
+
+
+def is_qat_layer(m: nn.Module) -> bool:
+    """One of ``accel.qat``'s fake-quantized twins (pruned during QAT like the layers they stand for)."""
+    return type(m).__module__ == "accel.qat"
 
 
 def weight_source(m: nn.Module) -> str | None:
@@ -184,7 +191,8 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
     the layers whose weight another layer holds (tied weights, e.g. an output head tied to the token
     embeddings: zeros written into it would prune the embeddings too), which a warning names."""
     if filter_fn is None:  # the default leaves out layers accel cannot convert: their zeros would buy no speed
-        own = {n: r for n, m in model.named_modules() if default_filter(m, n) and (r := own_forward_reason(m))}
+        own = {n: r for n, m in model.named_modules()
+               if default_filter(m, n) and not is_qat_layer(m) and (r := own_forward_reason(m))}
         if own:
             warnings.warn(f"pruning leaves out {len(own)} layer(s) accel cannot convert (pass a filter_fn selecting "
                           f"them to prune them anyway): " + "; ".join(f"{n!r}: {r}" for n, r in list(own.items())[:6])
@@ -208,7 +216,7 @@ def nothing_to_prune(model: nn.Module, filter_fn: FilterFn | None) -> str:
     if accel_layers:
         why.append(f"{len(accel_layers)} layer(s) are already converted by accel (e.g. {accel_layers[0]!r}): prune "
                    "the dense model and convert once")
-    own = [n for n, m in model.named_modules() if own_forward_reason(m) is not None]
+    own = [n for n, m in model.named_modules() if own_forward_reason(m) is not None and not is_qat_layer(m)]
     if own:
         why.append(f"{len(own)} subclass their layer with their own forward (e.g. {own[0]!r}; "
                    f"{type(model.get_submodule(own[0])).__name__}), which accel cannot convert")

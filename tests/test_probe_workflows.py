@@ -165,3 +165,50 @@ def test_weights_used_through_a_models_own_code_are_reported():
         rows = fn(m)
         row = next(r for r in rows if r["layer"] == "1.gate_up")
         assert row["decision"] == "float" and "[4, 64, 32] parameter _Experts uses in its own forward" in row["reason"]
+
+
+def test_the_weight_of_an_eval_sparse_layer_stays_cached_and_read_only():
+    """Only a training forward builds the weight in the graph: in eval (even with grad enabled) a read is the
+    cached, read-only view (a write raises rather than silently changing nothing)."""
+    s = accel.SparseLinear.from_dense(nn.Linear(32, 16), sparsity=0.5, block=16).eval()
+    assert s.weight is s.weight
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        s.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        nn.init.zeros_(s.weight)
+    s.train()
+    w = s.weight
+    assert w.requires_grad and w.grad_fn is not None
+
+
+def test_qat_layers_are_reported_by_quantize_and_still_pruned():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    accel.prepare_qat(m)
+    masks = prune.block_masks(m, 0.5, block=16)
+    assert sorted(masks) == ["0", "2"]  # the CLI prunes during QAT
+    rows = accel.quantize_(m, accel.QuantConfig(measure=False))
+    assert [r["layer"] for r in rows] == ["0", "2"]
+    assert all("fake-quantized QAT layer: accel.convert(model)" in r["reason"] for r in rows)
+
+
+def test_dense_storage_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    m = accel.SparseLinear.from_dense(nn.Linear(32, 32), sparsity=0.5, block=16, mode="dense")
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = m(x)
+        y = torch.compile(m, backend="eager", fullgraph=True)(x)
+    assert torch.allclose(y, ref, atol=1e-6)
+
+
+def test_a_bad_saved_act_qmax_leaves_the_layer_unchanged():
+    q = accel.QuantLinear.from_float(nn.Linear(16, 8), "dynamic")
+    before = {k: v.clone() for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}
+    sd = q.state_dict()
+    sd["weight_q"] = torch.ones(8, 16, dtype=torch.int8)
+    sd["_extra_state"] = {"mode": "dynamic", "activation": "none", "act_qmax": 5}
+    with pytest.raises(RuntimeError, match="act_qmax must be 63, 127"):
+        q.load_state_dict(sd)
+    assert all(torch.equal(v, q.state_dict()[k]) or v.isnan().all() for k, v in before.items())
+    assert q.act_qmax == 0 and not torch.equal(q.weight_q, sd["weight_q"])

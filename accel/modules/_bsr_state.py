@@ -84,10 +84,14 @@ def masked_outside_autograd(w: torch.Tensor, block_mask: torch.Tensor, mask_like
     blocks must give the same output in every grad mode (``mask_like_w()``: the mask expanded to ``w``)."""
     from ..cpu.packcache import cached
 
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # traced: the mask in the graph, no data checks
+        return w * mask_like_w().to(w.dtype)
+
     def build():
-        m = mask_like_w().to(w.dtype)
-        wd = w.detach()
-        return None if not bool(wd.masked_select(m == 0).ne(0).any()) else wd * m  # None: w is clean
+        with torch.inference_mode(False):  # (a later call may need it saved for backward)
+            m = mask_like_w().to(w.dtype)
+            wd = w.detach()
+            return None if not bool(wd.masked_select(m == 0).ne(0).any()) else wd * m  # None: w is clean
 
     masked = cached("dense_storage_masked", (w, block_mask), (), build)
     return w if masked is None else masked

@@ -9,7 +9,8 @@ import torch
 from ..cpu.packcache import cached
 
 
-def weight_view(sources: tuple[torch.Tensor, ...], dtype: torch.dtype, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+def weight_view(sources: tuple[torch.Tensor, ...], dtype: torch.dtype, build: Callable[[], torch.Tensor],
+                training: bool = False) -> torch.Tensor:
     """The ``.weight`` a converted layer shows to model code: its effective float weight in ``dtype`` (the
     dtype the layer computes and returns), as ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` would hold it.
 
@@ -21,13 +22,14 @@ def weight_view(sources: tuple[torch.Tensor, ...], dtype: torch.dtype, build: Ca
     ``.data``, or inside ``torch.inference_mode``) reach only this cached copy, never the layer: change a
     converted layer through its own tensors (``weight_q``, ``values``) or convert again. Reading it
     materializes a float copy of the weight for as long as the layer lives. Inside ``torch.compile`` /
-    ``torch.export`` tracing, and in a forward autograd records when the sources are trainable (a
-    SparseLinear's values), it is computed in the graph instead (differentiable in those sources)."""
+    ``torch.export`` tracing, and (``training``: the layer is in train mode) in a forward autograd records when
+    the sources are trainable (a SparseLinear's values), it is computed in the graph instead (differentiable
+    in those sources)."""
     if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): part of the graph, no cache
         return build().to(dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-        # a forward autograd records (a decoder tied to a SparseLinear's weight): the weight as a function of
-        # the layer's trainable tensors, so gradients reach them (they change every step: nothing to cache)
+    if training and torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        # a training forward (a decoder tied to a SparseLinear's weight): the weight as a function of the
+        # layer's trainable tensors, so gradients reach them (they change every step: nothing to cache)
         return build().to(dtype)
 
     def make():

@@ -95,21 +95,25 @@ class _QuantBase(nn.Module):
         return {"mode": self.mode, "activation": self.activation, "act_qmax": self.act_qmax}
 
     def set_extra_state(self, state) -> None:
+        self.mode, self.activation, self.act_qmax = self._saved_settings(state)
+
+    def _saved_settings(self, state) -> tuple[str, str, int]:
         name = type(self).__name__
         if not isinstance(state, dict) or state.get("mode") not in self.MODES or \
                 state.get("activation") not in ACTIVATIONS:
             raise ValueError(f"{name}: bad saved state {state!r}")
-        qmax = _check_qmax(name, state.get("act_qmax", 0))
-        self.mode, self.activation, self.act_qmax = state["mode"], state["activation"], qmax
+        return state["mode"], state["activation"], _check_qmax(name, state.get("act_qmax", 0))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # validate everything before anything changes: a failed load leaves the module as it was
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
-            mode = extra.get("mode") if isinstance(extra, dict) else None
-            if mode not in self.MODES or (isinstance(extra, dict) and extra.get("activation") not in ACTIVATIONS):
-                error_msgs.append(f"{type(self).__name__} {prefix!r}: bad _extra_state {extra!r}")
+            try:
+                self._saved_settings(extra)
+            except ValueError as e:
+                error_msgs.append(f"{type(self).__name__} {prefix!r}: bad _extra_state: {e} (nothing of this layer "
+                                  "was loaded)")
                 return
         if _tables_error(self, state_dict, prefix, error_msgs):
             return

@@ -275,7 +275,8 @@ class SparseConv2d(nn.Module):
             p, b = self.__dict__["_parameters"], self.__dict__["_buffers"]
             return weight_view((p["values"], b["crow_indices"], b["col_indices"]), p["values"].dtype,
                                lambda: conv_weight_from_bsr(p["values"], b["crow_indices"], b["col_indices"],
-                                                            self.weight_shape).contiguous())  # differentiable
+                                                            self.weight_shape).contiguous(),  # differentiable
+                               self.training)
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ state

@@ -197,8 +197,8 @@ class SparseLinear(nn.Module):
             # sparse storage: model code reading layer.weight gets the dense (pruned) weight, read-only
             p, b = self.__dict__["_parameters"], self.__dict__["_buffers"]
             return weight_view((p["values"], b["crow_indices"], b["col_indices"]), p["values"].dtype,
-                               lambda: bsr_to_dense(p["values"], b["crow_indices"], b["col_indices"],
-                                                    (self.out_features, self.in_features)))  # differentiable
+                               lambda: bsr_to_dense(p["values"], b["crow_indices"], b["col_indices"],  # differentiable
+                                                    (self.out_features, self.in_features)), self.training)
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ state

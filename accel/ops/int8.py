@@ -382,6 +382,21 @@ _int8_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
 # ---------------------------------------------------------------------------------------------
 # public functions: validate, then call the op (compile / autograd) or its body (eager)
 # ---------------------------------------------------------------------------------------------
+_CHECKED_SCALES: dict[int, tuple] = {}  # id -> (weak reference, state) of a scale tensor whose values passed
+
+
+def _scale_state(t: torch.Tensor) -> tuple:
+    return (weakref.ref(t), t.data_ptr(), -1 if t.is_inference() else t._version, t.device, t.numel())
+
+
+def _unchecked(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values must be checked: not this very tensor (a live weak reference, so a new tensor at
+    a freed one's address is not taken for it) at this version before; an inference tensor (no version
+    counter) every time."""
+    hit = _CHECKED_SCALES.get(id(t))
+    return t.is_inference() or hit is None or hit[0]() is not t or hit[1:] != _scale_state(t)[1:]
+
+
 def check_int32_k(what: str, w_q: torch.Tensor) -> None:
     """int8 activations need ``K`` (C*KH*KW for a conv) small enough that int32 sums cannot overflow."""
     k = math.prod(w_q.shape[1:])
@@ -403,13 +418,20 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
     if act_scale is not None and (act_scale.numel() != 1 or act_scale.dtype != torch.float32):
         raise ValueError(f"{what}: act_scale must be a one-element float32 tensor, got {tuple(act_scale.shape)} "
                          f"{act_scale.dtype}")
-    values = not torch.compiler.is_compiling() and not w_scale.is_meta  # (traced: no data-dependent checks)
-    if values and act_scale is not None and not (bool(torch.isfinite(act_scale).all()) and bool((act_scale > 0).all())):
-        raise ValueError(f"{what}: act_scale must be finite and > 0, got {act_scale.flatten().tolist()}")
-    if values and not (bool(torch.isfinite(w_scale).all()) and bool((w_scale >= 0).all())):
-        bad = w_scale[~(torch.isfinite(w_scale) & (w_scale >= 0))]
-        raise ValueError(f"{what}: weight scales must be finite and >= 0, got {bad.numel()} others, e.g. "
-                         f"{bad[:4].tolist()}")
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not w_scale.is_meta:
+        # (traced: no data-dependent checks) once per version of each scale tensor: a sync each, on CUDA
+        if act_scale is not None and _unchecked(act_scale) and \
+                not (bool(torch.isfinite(act_scale).all()) and bool((act_scale > 0).all())):
+            raise ValueError(f"{what}: act_scale must be finite and > 0, got {act_scale.flatten().tolist()}")
+        if _unchecked(w_scale) and not (bool(torch.isfinite(w_scale).all()) and bool((w_scale >= 0).all())):
+            bad = w_scale[~(torch.isfinite(w_scale) & (w_scale >= 0))]
+            raise ValueError(f"{what}: weight scales must be finite and >= 0, got {bad.numel()} bad values, e.g. "
+                             f"{bad[:4].tolist()}")
+        _CHECKED_SCALES[id(w_scale)] = _scale_state(w_scale)
+        if act_scale is not None:
+            _CHECKED_SCALES[id(act_scale)] = _scale_state(act_scale)
+        if len(_CHECKED_SCALES) > 4096:
+            _CHECKED_SCALES.clear()
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if act_qmax not in (0, 63, 127):
@@ -600,9 +622,11 @@ def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str,
     if plan is None or not plan.valid(tensors, settings, stamp):
         if plan is not None:  # the layer changed: every kind's plan is stale, and holds the old tensors
             plans.clear()
+        undecided = engines.undecided_count()
         fn, any_rank = resolve()
-        plan = plans[key] = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops),
-                                  any_rank)
+        plan = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops), any_rank)
+        if engines.undecided_count() == undecided:  # (a call that could not decide its engine runs, unkept)
+            plans[key] = plan
     engines.note_keys(plan.notes)
     return plan
 

@@ -18,6 +18,8 @@ Measurement (:func:`measure`) is built to give the same answer on a noisy shared
   call keeps the same answer on every run; close calls get extra rounds between the two;
 * candidates are checked against a reference output first: one that is wrong (below
   ``min_sqnr`` dB against the reference, or raises) is never chosen, and the reason is recorded;
+  a call whose reference output holds NaN/inf (its input does) decides nothing: it runs the default
+  and the next call measures; measurements run with autocast off (the key names the dtypes);
 * on a busy machine the timings decide nothing (a multi-threaded op whose threads lose their CPUs
   runs anywhere from 1x to 100x its quiet time, round to round): the incumbent is kept and the key
   is flagged ``contended``. It is measured again by the next process, and in this one by the first

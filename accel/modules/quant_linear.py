@@ -104,21 +104,8 @@ class _QuantBase(nn.Module):
             raise ValueError(f"{name}: bad saved state {state!r}")
         return state["mode"], state["activation"], _check_qmax(name, state.get("act_qmax", 0))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # validate everything before anything changes: a failed load leaves the module as it was
-        extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None:
-            try:
-                self._saved_settings(extra)
-            except ValueError as e:
-                error_msgs.append(f"{type(self).__name__} {prefix!r}: bad _extra_state: {e} (nothing of this layer "
-                                  "was loaded)")
-                return
-        if _tables_error(self, state_dict, prefix, error_msgs):
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        _load_checked(self, super()._load_from_state_dict, self._saved_settings, state_dict, prefix, *args)
 
     def _apply(self, fn, recurse=True):
         forget_plans(self)  # the resolved calls hold the tensors (and weights derived from them) being replaced
@@ -153,6 +140,23 @@ class _QuantBase(nn.Module):
             return weight_view((b["weight_q"], b["weight_scale"]), self.float_dtype,
                                lambda: dequantize_weight(b["weight_q"], b["weight_scale"]))
         return super().__getattr__(name)
+
+
+def _load_checked(module: nn.Module, base_load, check_extra, state_dict, prefix: str, local_metadata, strict,
+                  missing_keys, unexpected_keys, error_msgs) -> None:
+    """``nn.Module._load_from_state_dict`` (``base_load``) after checking everything it would copy (the saved
+    settings with ``check_extra``, the buffers with :func:`_tables_error`): a failed load leaves the layer as it
+    was."""
+    extra = state_dict.get(prefix + "_extra_state")
+    if extra is not None:
+        try:
+            check_extra(extra)
+        except ValueError as e:
+            error_msgs.append(f"{type(module).__name__} {prefix!r}: bad _extra_state: {e} (nothing of this layer "
+                              "was loaded)")
+            return
+    if not _tables_error(module, state_dict, prefix, error_msgs):
+        base_load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 def _tables_error(module: nn.Module, state_dict, prefix: str, error_msgs: list) -> bool:
@@ -392,20 +396,8 @@ class QuantEmbedding(nn.Module):
             raise ValueError(f"QuantEmbedding: bad saved padding_idx {pad!r} for {self.num_embeddings} rows")
         return pad
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # validate everything before anything changes: a failed load leaves the module as it was
-        extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None:
-            try:
-                self._saved_padding_idx(extra)
-            except ValueError as e:
-                error_msgs.append(f"QuantEmbedding {prefix!r}: {e} (nothing of this layer was loaded)")
-                return
-        if _tables_error(self, state_dict, prefix, error_msgs):
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        _load_checked(self, super()._load_from_state_dict, self._saved_padding_idx, state_dict, prefix, *args)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight" and "weight_q" in self.__dict__.get("_buffers", {}):

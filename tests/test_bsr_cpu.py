@@ -133,3 +133,26 @@ def test_errors_name_the_values():
         bsr_dense_mm_cpu(torch.ones(2, 64), bsr.values, bsr.crow_indices, bsr.col_indices, 100)
     with pytest.raises(ValueError, match="unknown CPU BSR strategy 'magic'"):
         bsr_dense_mm_cpu(torch.ones(2, 64), *args, strategy="magic")
+
+
+def test_panels_follow_every_change_of_the_weight():
+    """The panels strategy lays each weight's blocks out once (cached): an in-place edit, an optimizer step or a
+    new structure must show in the next call."""
+    import torch.nn as nn
+
+    from accel import SparseLinear, engines
+
+    torch.manual_seed(0)
+    s = SparseLinear.from_dense(nn.Linear(96, 80), sparsity=0.5, block=16, mode="sparse")
+    x = torch.randn(70, 96)
+    opt = torch.optim.SGD(s.parameters(), lr=0.1)
+    with engines.force(bsr_linear="panels"):
+        for step in range(3):
+            with torch.no_grad():
+                assert torch.allclose(s(x), nn.functional.linear(x, s.dense_weight(), s.bias), atol=1e-5), step
+            s(x).square().mean().backward()  # a training step changes the values in place
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            s.values.mul_(-2.0)
+            assert torch.allclose(s(x), nn.functional.linear(x, s.dense_weight(), s.bias), atol=1e-5)

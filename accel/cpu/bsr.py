@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import bsr_row_indices
-from .packcache import cached
+from .packcache import cached, drop
 from .workspace import scratch
 
 # (largest M, strategy): see the module docstring
@@ -112,7 +112,7 @@ def bsr_dense_mm_cpu(
     if m == 0 or nnz == 0 or k == 0:
         y = x.new_zeros(m, out_features)
     elif strategy == "panels":
-        y = _panels(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
+        y = _panels(x, values, blocks_transposed, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
     elif strategy == "rows":
         y = _rows(x, blocks, crow_indices, col_indices, block_index, nbr, nbc, bs, out_features)
     elif strategy == "mkl":
@@ -145,8 +145,10 @@ def bsr_dense_mm_cpu(
     return y
 
 
-def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
-    m, k = x.shape
+def _panels_plan(crow, col, block_index, nbr, nbc):
+    """Block rows by descending block count, in groups of similar count (each at least :data:`PANEL_FILL` of
+    the group's first): ``(order, counts, [(first, end, p)], [nbr, p_max] block and column tables, empty rows)``.
+    A padding slot takes block 0 (zeroed in the panel) and the zero block of x at column ``nbc``."""
     counts = crow[1:] - crow[:-1]
     order = torch.argsort(counts, descending=True, stable=True)
     sorted_counts = counts[order].tolist()
@@ -154,12 +156,51 @@ def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
     rows = bsr_row_indices(crow, col)
     nnz = col.numel()
     pos = torch.arange(nnz) - crow[rows]
-    # [nbr, p_max] position tables. A padding slot multiplies a zeroed copy of block 0 with the zero
-    # block of x at column nbc, so non-finite values elsewhere never leak into padded rows.
     blk_of = torch.zeros(nbr, p_max, dtype=torch.int64)
     col_of = torch.full((nbr, p_max), nbc, dtype=torch.int64)
     blk_of[rows, pos] = block_index if block_index is not None else torch.arange(nnz)
     col_of[rows, pos] = col.to(torch.int64)  # int32 structures are valid too
+    groups, s = [], 0
+    while s < nbr and sorted_counts[s] > 0:
+        p = sorted_counts[s]
+        floor = math.ceil(PANEL_FILL * p)
+        e = s + 1
+        while e < nbr and sorted_counts[e] >= floor:
+            e += 1
+        groups.append((s, e, p))
+        s = e
+    return order, counts, groups, blk_of, col_of, (order[s:] if s < nbr else None)
+
+
+def _panel_weights(blocks, plan, bs):
+    """Per group: its block rows, the panel ``[n, out, p*in]`` of their blocks side by side (padding slots
+    zero), and the flat x-block column of every slot ``[n * p]`` (laid out once per weight)."""
+    order, counts, groups, blk_of, col_of, _ = plan
+    out = []
+    for s, e, p in groups:
+        r = order[s:e]
+        n = e - s
+        slots = blocks.index_select(0, blk_of[r, :p].reshape(-1))
+        pad = (torch.arange(p)[None, :] >= counts[r][:, None]).reshape(-1).nonzero().squeeze(1)
+        if pad.numel():
+            slots.index_fill_(0, pad, 0)
+        panel = slots.view(n, p, bs, bs).permute(0, 2, 1, 3).reshape(n, bs, p * bs).contiguous()
+        out.append((r, panel, col_of[r, :p].contiguous()))
+    return out
+
+
+def drop_panels(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, nbr: int, nbc: int) -> None:
+    """Free the panel layout of a forward weight (measured with "panels", which was not chosen)."""
+    drop("bsr_panels", (values, crow, col), (False, nbr, nbc))
+
+
+def _panels(x, values, blocks_transposed, crow, col, block_index, nbr, nbc, bs, out_features):
+    m, k = x.shape
+    keys = (crow, col) if block_index is None else (crow, col, block_index)
+    plan = cached("bsr_panels_plan", keys, (nbr, nbc), lambda: _panels_plan(crow, col, block_index, nbr, nbc))
+    blocks = values.transpose(1, 2) if blocks_transposed else values  # [*, out, in]
+    panels = cached("bsr_panels", (values,) + keys, (blocks_transposed, nbr, nbc),
+                    lambda: _panel_weights(blocks.detach(), plan, bs))
     # x^T with one extra zero block: [nbc + 1, bs, M]; gathering whole [bs, M] slabs of it is the
     # cheapest gather (contiguous rows of M elements)
     xt = scratch("panels.xt", (nbc + 1) * bs * m, x.dtype).view((nbc + 1) * bs, m)
@@ -168,30 +209,18 @@ def _panels(x, blocks, crow, col, block_index, nbr, nbc, bs, out_features):
     xt = xt.view(nbc + 1, bs, m)
     yt = x.new_empty(nbr, bs, m)
     row_bytes = bs * m * x.element_size()
-    s = 0
-    while s < nbr and sorted_counts[s] > 0:
-        p = sorted_counts[s]
+    for r, panel, cols in panels:  # in chunks of block rows whose gathered x fits PANEL_CHUNK_BYTES
+        n, p = cols.shape
         cap = max(1, PANEL_CHUNK_BYTES // (p * row_bytes))
-        floor = math.ceil(PANEL_FILL * p)
-        e = s + 1
-        while e < nbr and e - s < cap and sorted_counts[e] >= floor:
-            e += 1
-        r = order[s:e]
-        n = e - s
-        slots = scratch("panels.blocks", n * p * bs * bs, x.dtype).view(n * p, bs, bs)
-        torch.index_select(blocks, 0, blk_of[r, :p].reshape(-1), out=slots)
-        if sorted_counts[e - 1] < p:
-            pad = (torch.arange(p)[None, :] >= counts[r][:, None]).reshape(-1).nonzero().squeeze(1)
-            slots.index_fill_(0, pad, 0)
-        panel = slots.view(n, p, bs, bs).permute(0, 2, 1, 3).reshape(n, bs, p * bs)  # [n, out, p*in]
-        xg = scratch("panels.xg", n * p * bs * m, x.dtype).view(n * p, bs, m)
-        torch.index_select(xt, 0, col_of[r, :p].reshape(-1), out=xg)
-        res = scratch("panels.out", n * bs * m, x.dtype).view(n, bs, m)
-        torch.bmm(panel, xg.view(n, p * bs, m), out=res)
-        yt.index_copy_(0, r, res)
-        s = e
-    if s < nbr:  # block rows without stored blocks
-        yt.index_fill_(0, order[s:], 0)
+        for c0 in range(0, n, cap):
+            c1 = min(n, c0 + cap)
+            xg = scratch("panels.xg", (c1 - c0) * p * bs * m, x.dtype).view((c1 - c0) * p, bs, m)
+            torch.index_select(xt, 0, cols[c0:c1].reshape(-1), out=xg)
+            res = scratch("panels.out", (c1 - c0) * bs * m, x.dtype).view(c1 - c0, bs, m)
+            torch.bmm(panel[c0:c1], xg.view(c1 - c0, p * bs, m), out=res)
+            yt.index_copy_(0, r[c0:c1], res)
+    if plan[5] is not None:  # block rows without stored blocks
+        yt.index_fill_(0, plan[5], 0)
     return yt.view(nbr * bs, m)[:out_features].t()
 
 

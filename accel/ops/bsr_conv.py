@@ -201,6 +201,8 @@ def _choose_cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding
                             min_sqnr=MIN_SQNR.get(x.dtype), allowed=allowed)
     if allow_dense and choice != "dense":
         drop("bsr_conv_dense", (values, crow, col), (tuple(weight_shape), x.dtype))  # measured, not kept
+    if choice != "im2col_panels":
+        cpu_bsr.drop_panels(values, crow, col, nbr, nbc)
     return choice
 
 

@@ -89,6 +89,8 @@ def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: 
                             min_sqnr=MIN_SQNR.get(x.dtype), allowed=allowed)
     if allow_dense and choice != "dense":
         drop("bsr_dense", (values, crow, col), (out_features, k, x.dtype))  # measured, not kept: free it
+    if choice != "panels":
+        cpu_bsr.drop_panels(values, crow, col, nbr, nbc)
     return choice
 
 

@@ -112,13 +112,8 @@ def _setup(args):
     dense = _call_factory(_load_factory(args.model, "--model"), args.model, "--model") if args.model else SeedCNN()
     if not isinstance(dense, nn.Module):
         raise UserError(f"--model {args.model!r} must return an nn.Module, got {type(dense).__name__}")
-    try:
-        batch = next(iter(test_loader))
-        example = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(example, torch.Tensor) or example.dim() < 2:
-            raise TypeError(f"batches must be (inputs, labels) with a batched tensor input, got {type(batch).__name__}")
-    except (StopIteration, TypeError) as e:
-        raise UserError(f"--data: the test loader gives no usable batch ({e or 'empty'})") from None
+    _first_batch(train_loader, "training")
+    example = _first_batch(test_loader, "test")[0]
     if args.pretrained:
         try:
             dense.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True))
@@ -138,6 +133,31 @@ def _setup(args):
         raise UserError(f"--model must return class logits [batch, classes] (trained with cross-entropy against the "
                         f"labels), got {got} for a batch of {len(example[:2])}")
     return dense, train_loader, test_loader, example
+
+
+def _first_batch(loader, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loader's first batch, checked to be what training and evaluation unpack: ``(inputs, labels)`` with a
+    batched tensor input and integer class labels ``[batch]`` (cross-entropy's targets)."""
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise UserError(f"--data: the {which} loader is empty") from None
+    except TypeError as e:
+        raise UserError(f"--data: the {which} loader cannot be iterated ({e})") from None
+    what = f"--data: {which} batches must be (inputs, labels) with a batched tensor input and integer class labels " \
+           "[batch]"
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise UserError(f"{what}, got {got}")
+    x, y = batch
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise UserError(f"{what}, got inputs {type(x).__name__}" + (f" of shape {tuple(x.shape)}"
+                                                                     if isinstance(x, torch.Tensor) else ""))
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or \
+            y.dtype == torch.bool or y.shape[0] != x.shape[0]:
+        got = f"{y.dtype} labels of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise UserError(f"{what}, got {got} for {x.shape[0]} inputs")
+    return x, y
 
 
 def _check_trained(model: nn.Module, phase: str, lr: float) -> None:

@@ -442,6 +442,12 @@ def forced(op: str) -> str | None:
     return env_forced.get(op)
 
 
+def forcing_here() -> bool:
+    """Whether this thread is inside :func:`force`: its choices must not be memoized for (or taken from) other
+    threads, which :func:`memo` and the layers' resolved calls share."""
+    return bool(getattr(_forced_local, "stack", None))
+
+
 @contextlib.contextmanager
 def force(**engines: str):
     """``with accel.engines.force(int8_linear="onednn"): ...`` pins engines in this thread.
@@ -652,9 +658,15 @@ class _Cache:
                 return  # another process measured this key on a quiet machine: a busy default must not replace it
             decisions[key] = asdict(dec)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engines-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"machine": machine(), "decisions": decisions}, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"machine": machine(), "decisions": decisions}, f, indent=1, sort_keys=True)
+                os.chmod(tmp, 0o644)  # mkstemp makes it 0600: others sharing the cache directory may read it
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):  # no half-written temp files left behind
+                    os.unlink(tmp)
+                raise
 
     def clear(self, disk: bool = False) -> None:
         with self.lock:
@@ -976,6 +988,8 @@ _MEMO: dict = {}
 def memo(op: str, parts: tuple, decide: Callable[[], str]) -> str:
     """``decide()`` (a :func:`choose` for ``op``) memoized per ``(op, parts)`` until :func:`stamp`
     changes: the per-call cost of a settled decision is one dictionary lookup, not a key string."""
+    if forcing_here():  # this thread's pins are its own: decide now, keep nothing
+        return decide()
     key = (op,) + parts
     hit = _MEMO.get(key)
     if hit is not None and hit[0] == stamp():

@@ -67,15 +67,16 @@ def base_kind(m: nn.Module) -> type | None:
 
 def own_forward_reason(m: nn.Module) -> str | None:
     """Why ``m`` is not converted though it is an ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``: a subclass
-    with its own forward (Hugging Face ``FalconLinear``, a custom layer), which a converted layer would drop.
-    None for the stock layers, accel's own layers, and subclasses keeping the stock forward (an attention's
-    ``out_proj``, whose owner reads its weight directly). The one reading shared by pruning, ``sparsify_``,
+    with its own forward (Hugging Face ``FalconLinear``, a custom layer), which a converted layer would drop,
+    or one keeping the stock forward (an attention's ``out_proj``, whose owner reads its weight directly).
+    None for the stock layers and accel's own layers. The one reading shared by pruning, ``sparsify_``,
     ``quantize_`` and QAT."""
     if base_kind(m) is not None or not isinstance(m, _PLAIN) or type(m).__module__.startswith("accel.modules"):
         return None
     stock = next(k for k in _PLAIN if isinstance(m, k))
-    if type(m).forward is stock.forward:
-        return None
+    if type(m).forward is stock.forward:  # e.g. nn.MultiheadAttention's out_proj, whose owner reads its weight
+        return (f"{type(m).__name__} subclasses {stock.__name__} (accel converts the stock layer only: an owner "
+                "may use its weight directly, as nn.MultiheadAttention does with out_proj)")
     if is_qat_layer(m):
         return f"{type(m).__name__} is a fake-quantized QAT layer: accel.convert(model) makes it int8"
     return f"{type(m).__name__} subclasses {stock.__name__} with its own forward, which a converted layer would drop"
@@ -91,6 +92,8 @@ def weight_source(m: nn.Module) -> str | None:
     (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or an old-style hook
     (``torch.nn.utils.weight_norm`` / ``spectral_norm``) that recomputes it before every forward. None when
     the layer stores its weight. Zeros written into a computed weight do not stick."""
+    if type(m).__module__.startswith("accel.modules"):  # accel's own layers derive .weight from their tables
+        return None
     if parametrize.is_parametrized(m):
         return "parametrized (" + "; ".join(f"{t}: {', '.join(type(p).__name__ for p in plist)}"
                                             for t, plist in m.parametrizations.items()) + ")"
@@ -481,6 +484,15 @@ class GradualPruner:
         if not 0 <= begin < end or frequency < 1:
             raise ValueError(f"need 0 <= begin < end and frequency >= 1, got begin={begin}, end={end}, "
                              f"frequency={frequency}")
+        for what, v in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:  # (NaN fails too)
+                raise ValueError(f"GradualPruner: {what} must be in [0, 1], got {v!r}")
+        if initial_sparsity > final_sparsity:
+            raise ValueError(f"GradualPruner: initial_sparsity {initial_sparsity} exceeds final_sparsity "
+                             f"{final_sparsity}")
+        if not 0.0 <= min_density <= max_density <= 1.0:
+            raise ValueError(f"GradualPruner: need 0 <= min_density <= max_density <= 1, got {min_density}, "
+                             f"{max_density}")
         self.model, self.final, self.initial = model, final_sparsity, initial_sparsity
         self.begin, self.end, self.frequency = begin, end, frequency
         self.block, self.norm, self.scope, self.filter_fn = block, norm, scope, filter_fn

@@ -61,3 +61,21 @@ def token_data():
     x = torch.randint(0, 50, (96, 6), generator=g)
     y = (x[:, 0] % 2)
     return DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16), DataLoader(TensorDataset(x[64:], y[64:]), batch_size=8)
+
+
+def _loaders(train_batches):
+    return train_batches, tiny_data()[1]
+
+
+def triples_data():  # (x, y, w) batches: training used to die mid-run unpacking them
+    x, y = next(iter(tiny_data()[0]))
+    return _loaders([(x, y, torch.ones(len(y)))])
+
+
+def float_label_data():  # float labels: cross_entropy used to fail mid-run
+    x, y = next(iter(tiny_data()[0]))
+    return _loaders([(x, y.float())])
+
+
+def empty_train_data():  # nothing to train on: the run used to finish "compressing" an untrained model
+    return _loaders([])

@@ -93,6 +93,13 @@ BAD = [
     (["--kd-epochs", "0"], "--kd-epochs must be >= 1, got 0 (or use --prune channels)"),
     (["--model", "tests.cli_fixtures:tuple_model", "--data", "tests.cli_fixtures:tiny_data"],
      "--model must return class logits [batch, classes]"),
+    # training batches are checked before training, as the test loader's are
+    (["--model", "tests.cli_fixtures:tiny_model", "--data", "tests.cli_fixtures:triples_data"],
+     "training batches must be (inputs, labels)"),
+    (["--model", "tests.cli_fixtures:tiny_model", "--data", "tests.cli_fixtures:float_label_data"],
+     "got torch.float32 labels of shape (16,) for 16 inputs"),
+    (["--model", "tests.cli_fixtures:tiny_model", "--data", "tests.cli_fixtures:empty_train_data"],
+     "the training loader is empty"),
 ]
 
 

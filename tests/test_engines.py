@@ -356,3 +356,17 @@ def test_measured_sparse_strategy_for_every_dtype(cache, dtype):
     ref = x.double() @ s.dense_weight().double().t() + s.bias.double()
     assert (y.double() - ref).abs().max() < {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.1}[dtype]
     assert any(k.startswith("bsr_linear|") and f"dt={str(dtype)[6:]}" in k for k in engines.decisions())
+
+
+def test_a_cache_write_that_cannot_land_leaves_no_temp_file(tmp_path, accel_env):
+    """The final rename failing (the cache path is a directory) must not leave a temp file per decision."""
+    from accel import engines
+
+    accel_env(ACCEL_CACHE_DIR=str(tmp_path), ACCEL_ENGINE_CACHE="1", ACCEL_ENGINE_MEASURE="1")
+    engines.clear()
+    os.makedirs(engines._CACHE.path())  # where the file should go: a directory
+    for i in range(3):
+        engines.choose("bsr_linear", f"bsr_linear|probe={i}", {"dense": lambda: None, "rows": lambda: None},
+                       default="dense")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".engines-")]
+    engines.clear()

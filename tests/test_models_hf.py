@@ -219,8 +219,9 @@ def test_quantize_reports_layers_without_an_int8_form():
     assert why["conv1d"]["decision"] == "float" and "Conv1d" in why["conv1d"]["reason"]
     assert why["pos"]["decision"] == "float" and "subclasses Embedding" in why["pos"]["reason"]
     assert isinstance(dict(Net().named_children())["fc"], nn.Linear) and "fc" in why
-    mha = nn.TransformerEncoderLayer(16, 2, 32)  # out_proj keeps the stock forward (read by its parent): no row
-    assert not [r for r in accel.quantize_(mha) if r["layer"] == "self_attn.out_proj"]
+    mha = nn.TransformerEncoderLayer(16, 2, 32)  # out_proj keeps the stock forward (its parent reads the weight):
+    row = next(r for r in accel.quantize_(mha) if r["layer"] == "self_attn.out_proj")  # kept, and said so
+    assert row["decision"] == "float" and "as nn.MultiheadAttention does with out_proj" in row["reason"]
     with pytest.raises(ValueError, match="SparsityConfig.block"):
         accel.SparsityConfig(block=8)
 

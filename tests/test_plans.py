@@ -236,3 +236,40 @@ def test_strided_and_autocast_inputs_of_a_float_plan_match_the_dispatch_path():
                 for _ in range(2):
                     y = conv(x)
                     assert y.dtype == torch.float32 and torch.equal(y, _unplanned_conv(conv, x))
+
+
+def test_a_threads_forced_engine_stays_in_that_thread():
+    """engines.force pins engines in its thread only: the memoized choices and the layers' resolved calls are
+    shared between threads, so neither may carry one thread's pins to another (it did, in most calls)."""
+    import threading
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(64, 64), "auto")
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        want_free = q(x).clone()  # the suite's unmeasured default form
+        with engines.force(quant_linear_form="float" if q.resolved_mode(x) != "float" else "dynamic"):
+            want_forced = q(x).clone()
+            pins = {"quant_linear_form": q.resolved_mode(x)}
+    assert not torch.equal(want_free, want_forced)
+    wrong = {"free": 0, "forced": 0}
+    barrier = threading.Barrier(2)
+
+    def run(name, pins, want):
+        barrier.wait()
+        with torch.no_grad(), engines.force(**pins):
+            for _ in range(300):
+                if not torch.equal(q(x), want):
+                    wrong[name] += 1
+
+    threads = [threading.Thread(target=run, args=("free", {}, want_free)),
+               threading.Thread(target=run, args=("forced", pins, want_forced))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == {"free": 0, "forced": 0}
+    with torch.no_grad():
+        q(x), q(x)  # outside force a layer still settles (its plans kept)
+        assert ops._settled(q, x, x.shape, (q.weight_q, q.weight_scale, q.bias, None),
+                            (q.activation, q.mode, q.act_qmax)) is not None

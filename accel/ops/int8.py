@@ -581,7 +581,7 @@ def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, ima
     if x.requires_grad and torch.is_grad_enabled():
         return None
     plans = _PLANS.get(owner)
-    if not plans:
+    if not plans or engines.forcing_here():  # (a thread's engines.force is not for the others' plans)
         return None
     stamp = engines.stamp()
     nd = len(shape)
@@ -614,11 +614,14 @@ def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str,
 
     A settled call then costs a dictionary lookup and identity/version checks before the engine runs,
     instead of the dispatch chain (form, engine, derived-weight cache lookups)."""
+    stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
+    if engines.forcing_here():  # this thread's pinned engines: resolved for this call, shared with no one
+        fn, any_rank = resolve()
+        return _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops), any_rank)
     plans = _PLANS.get(owner)
     if plans is None:
         plans = _PLANS[owner] = {}
     plan = plans.get(key)
-    stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
     if plan is None or not plan.valid(tensors, settings, stamp):
         if plan is not None:  # the layer changed: every kind's plan is stale, and holds the old tensors
             plans.clear()

@@ -1106,6 +1106,12 @@ def save(model: nn.Module, path: str) -> None:
     once and recorded as an alias of it."""
     from safetensors.torch import save_file
 
+    from .prune import is_qat_layer
+
+    qat = [n for n, m in model.named_modules() if is_qat_layer(m)]
+    if qat:
+        warnings.warn(f"accel.save: {len(qat)} layer(s) are fake-quantized QAT layers (e.g. {qat[0]!r}), saved as their "
+                      "float weights; run accel.convert(model) first to save int8 layers", stacklevel=2)
     sd = model.state_dict()
     tensors, aliases, first = {}, {}, {}
     for k, v in sd.items():

@@ -327,7 +327,8 @@ def compress(args) -> dict:
     api.save(compressed, comp_path)
     latency = [_latency(dense, compressed, example, b, args.budget) for b in args.batches]
     report = {
-        "title": f"{type(dense).__name__}: {_title(args)} + int8 vs dense fp32 (CPU)",
+        "title": f"{type(dense).__name__}: {_title(args)} + int8 vs dense "
+                 f"{str(next((p.dtype for p in dense.parameters()), torch.float32)).removeprefix('torch.')} (CPU)",
         "accuracy": {"dense": acc_dense, "pruned_distilled": acc_pruned, "qat": acc_qat, "compressed": acc_final,
                      "drop_points": acc_dense - acc_final},
         "parameters": {"dense": _count_params(dense), "compressed": _count_params(compressed)},
@@ -387,6 +388,10 @@ def render(report: dict) -> str:
     for r in report["latency"]:
         lines.append(f"  batch {r['batch']:<4} dense {r['dense_ms']:8.3f} ms   compressed {r['compressed_ms']:8.3f} ms   "
                      f"speedup {r['speedup']:.2f}x")
+    busy = [r for r in report.get("layers", []) if "not timed" in str(r.get("reason", ""))]
+    if busy:
+        lines.append(f"note: {len(busy)} layer decision(s) were not timed (the machine was busy while measuring): they "
+                     "kept the defaults, which can be slower than dense; run again on a quiet machine")
     return "\n".join(lines)
 
 

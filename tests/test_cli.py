@@ -169,3 +169,18 @@ def test_compress_a_model_taking_token_ids(tmp_path):
     assert rc in (0, None)
     report = json.loads((out / "report.json").read_text())
     assert [r["batch"] for r in report["latency"]] == [1, 16]
+
+
+def test_the_summary_says_when_decisions_were_not_timed():
+    from accel.cli import render
+
+    report = {"title": "t", "accuracy": {"dense": 90.0, "compressed": 89.0, "drop_points": 1.0},
+              "parameters": {"dense": {"elements": 10, "bytes": 40}, "compressed": {"elements": 10, "bytes": 10}},
+              "size_on_disk_bytes": {"dense": 4096, "compressed": 1024},
+              "latency": [{"batch": 1, "dense_ms": 1.0, "compressed_ms": 2.0, "speedup": 0.5}],
+              "layers": [{"layer": "fc", "reason": "not timed (the machine was busy while measuring, or one side could "
+                                                   "not run): the default"}, {"layer": "fc2", "reason": "1.20x float"}]}
+    text = render(report)
+    assert "note: 1 layer decision(s) were not timed" in text
+    report["layers"] = report["layers"][1:]
+    assert "not timed" not in render(report)

@@ -212,3 +212,10 @@ def test_a_bad_saved_act_qmax_leaves_the_layer_unchanged():
         q.load_state_dict(sd)
     assert all(torch.equal(v, q.state_dict()[k]) or v.isnan().all() for k, v in before.items())
     assert q.act_qmax == 0 and not torch.equal(q.weight_q, sd["weight_q"])
+
+
+def test_saving_an_unconverted_qat_model_warns(tmp_path):
+    m = nn.Sequential(nn.Linear(8, 8))
+    accel.prepare_qat(m)
+    with pytest.warns(UserWarning, match="fake-quantized QAT layers.*accel.convert"):
+        accel.save(m, str(tmp_path / "m.safetensors"))

@@ -3,6 +3,7 @@ tracing converted models (torch.jit.trace, torch.export of a forward reading ``l
 inside a forward autograd records, Linear subclasses with their own forward, calls on already converted models,
 and weights a model uses through its own code (fused mixture-of-experts tables)."""
 
+import copy
 import warnings
 
 import pytest
@@ -219,3 +220,36 @@ def test_saving_an_unconverted_qat_model_warns(tmp_path):
     accel.prepare_qat(m)
     with pytest.warns(UserWarning, match="fake-quantized QAT layers.*accel.convert"):
         accel.save(m, str(tmp_path / "m.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "auto", "dense"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_resume_keeps_the_parameters_the_optimizer_holds(mode, conv):
+    """Build model and optimizer, then load a checkpoint of the same layer (the usual resume order): the
+    layer must keep training. The load used to replace the Parameter objects, silently freezing the layer."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(16, 16, 3, padding=1) if conv else nn.Linear(32, 32)
+    cls = accel.SparseConv2d if conv else accel.SparseLinear
+    x = torch.randn(2, 16, 5, 5) if conv else torch.randn(4, 32)
+
+    def make():
+        return cls.from_dense(base, sparsity=0.5, block=16, mode=mode)
+
+    def train(m, opt, steps):
+        for _ in range(steps):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    ref = make()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    train(ref, ref_opt, 2)
+    ckpt, opt_ckpt = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+    train(ref, ref_opt, 2)
+    resumed = make()
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)  # built before the load
+    resumed.load_state_dict(ckpt)
+    opt.load_state_dict(opt_ckpt)
+    train(resumed, opt, 2)
+    with torch.no_grad():
+        assert torch.allclose(resumed(x), ref(x), atol=1e-6)

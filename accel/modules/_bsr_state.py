@@ -48,7 +48,9 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
     """``_load_from_state_dict`` of a block-sparse module: the whole incoming state is validated first
     (``module._incoming_error``), so a failed load leaves the module exactly as it was; the number of
     stored blocks and the mode are data, so the module is shaped like the incoming state (placeholders
-    in its dtype/device) before the parent loader copies into it, and restored if that fails."""
+    in its dtype/device) before the parent loader copies into it, and restored if that fails. A state with the
+    layer's own storage shapes (a checkpoint of the same layer) is copied in place: its Parameters stay the
+    objects an optimizer built earlier holds."""
     if load_refused(module, state_dict, prefix, missing_keys, error_msgs):
         return
     mode = state_dict[prefix + "_extra_state"]["mode"]
@@ -63,7 +65,13 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
         matrix_shape, bs,
     )
     saved = (dict(module._parameters), dict(module._buffers), module.mode)
-    module._set_structure(placeholder, mode)
+    names = ("weight", "block_mask") if mode == "dense" else ("values", "crow_indices", "col_indices")
+    current = {**module._parameters, **module._buffers}
+    if all(current.get(n) is not None and tuple(current[n].shape) == tuple(state_dict[prefix + n].shape)
+           for n in names):  # the same storage: copied in place, so the Parameters stay the objects an optimizer holds
+        module.mode = mode
+    else:
+        module._set_structure(placeholder, mode)
     n_errors = len(error_msgs)
     nn.Module._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                     error_msgs)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
             temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
     """Distillation loss; ``labels=None`` means soft targets only (``alpha`` is then ignored)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if student_logits.shape != teacher_logits.shape:
@@ -115,6 +116,8 @@ def train(model: nn.Module, loader, epochs: int, lr: float = 1e-3, *, teacher: n
     Returns the mean loss of each epoch."""
     from tqdm.auto import tqdm
 
+    if features is not None and teacher is None:  # its teacher-side features come from running the teacher
+        raise ValueError("train: features (a FeatureDistiller) needs the teacher it was built with (teacher=...)")
     params = list(model.parameters()) + (list(features.parameters()) if features is not None else [])
     opt = torch.optim.Adam(params, lr=lr)
     if teacher is not None:

@@ -523,6 +523,35 @@ class GradualPruner:
             apply_masks_(self.model, self.masks, self.block)
         return self.sparsity
 
+    def state_dict(self) -> dict:
+        """The schedule's progress (step, enforced sparsity, masks): save it with the model and optimizer."""
+        return {"step_count": self.step_count, "sparsity": self.sparsity,
+                "masks": {k: v.clone() for k, v in self.masks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume a schedule saved by :meth:`state_dict` (after loading the model): the masks are enforced again
+        at once, so an optimizer's momentum cannot revive pruned blocks. Masks must name this pruner's layers
+        with its block grid; nothing changes on a bad state."""
+        try:
+            step, sparsity, masks = int(state["step_count"]), float(state["sparsity"]), dict(state["masks"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"GradualPruner.load_state_dict: not a GradualPruner state ({type(e).__name__}: {e})") \
+                from None
+        layers = prunable_layers(self.model, self.filter_fn)
+        for name, mask in masks.items():
+            m = layers.get(name)
+            if m is None:
+                raise ValueError(f"GradualPruner.load_state_dict: mask for {name!r}, which this pruner does not prune "
+                                 f"(its layers: {sorted(layers)[:6]})")
+            grid = tuple(-(-d // self.block) for d in _weight_matrix(m).shape)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != grid:
+                raise ValueError(f"GradualPruner.load_state_dict: mask for {name!r} must be a bool {grid} block grid, "
+                                 f"got {getattr(mask, 'dtype', type(mask).__name__)} "
+                                 f"{tuple(getattr(mask, 'shape', ()))}")
+        self.step_count, self.sparsity, self.masks = step, sparsity, {k: v.clone() for k, v in masks.items()}
+        if self.masks:
+            apply_masks_(self.model, self.masks, self.block)
+
 
 def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | None = None, *,
                      example_inputs=None, sparsities: tuple[float, ...] = (0.5, 0.75, 0.9), block: int = 32,

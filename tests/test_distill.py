@@ -28,7 +28,7 @@ def test_temperature_squared_keeps_gradient_scale():
 
 
 def test_kd_loss_errors():
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="temperature must be a finite positive number"):
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0)
     with pytest.raises(ValueError, match=r"\(2, 3\) and teacher logits \(2, 4\)"):
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))

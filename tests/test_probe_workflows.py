@@ -253,3 +253,24 @@ def test_a_resume_keeps_the_parameters_the_optimizer_holds(mode, conv):
     train(resumed, opt, 2)
     with torch.no_grad():
         assert torch.allclose(resumed(x), ref(x), atol=1e-6)
+
+
+def test_double_backward_through_a_sparse_layer_is_refused_in_one_line():
+    for layer, x in ((accel.SparseLinear.from_dense(nn.Linear(32, 32), sparsity=0.5, block=16, mode="sparse"),
+                      torch.randn(4, 32, requires_grad=True)),
+                     (accel.SparseConv2d.from_dense(nn.Conv2d(16, 16, 3), sparsity=0.5, block=16, mode="sparse"),
+                      torch.randn(1, 16, 5, 5, requires_grad=True))):
+        (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="no double backward through a block-sparse layer"):
+            g.square().sum().backward()
+
+
+def test_distillation_arguments_are_checked():
+    from accel.distill import kd_loss, train
+
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            kd_loss(s, t, temperature=bad)
+    with pytest.raises(ValueError, match="needs the teacher it was built with"):
+        train(nn.Linear(4, 2), [], 1, features=object(), progress=False)

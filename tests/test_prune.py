@@ -166,3 +166,40 @@ def test_pruning_leaves_out_tied_layers():
         accel.sparsify_(model, masks=pruner.masks)
     rows = accel.sparsify_(model, accel.SparsityConfig(block=16), masks=pruner.masks)
     assert [r["layer"] for r in rows] == ["body"]
+
+
+def test_a_gradual_pruner_resumes_from_its_state_dict():
+    """A checkpoint of model, optimizer and pruner resumes at the pruned sparsity (a fresh pruner started
+    with no masks, and the restored momentum revived the pruned blocks)."""
+    import torch.nn.functional as F
+
+    from accel.prune import GradualPruner, sparsity_of
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+
+    def step(m, o, p):
+        o.zero_grad()
+        F.mse_loss(m(torch.randn(8, 64)), torch.randn(8, 32)).backward()
+        o.step()
+        p.step()
+
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = GradualPruner(model, 0.75, begin=5, end=20, block=16)
+    for _ in range(30):
+        step(model, opt, pruner)
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "pruner": pruner.state_dict()}
+    model2 = build()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    pruner2 = GradualPruner(model2, 0.75, begin=5, end=20, block=16)
+    pruner2.load_state_dict(ckpt["pruner"])
+    for _ in range(3):
+        step(model2, opt2, pruner2)
+    assert abs(sparsity_of(model2) - 0.75) < 0.02 and pruner2.step_count == 33
+    bad = dict(ckpt["pruner"], masks={"0": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"mask for '0' must be a bool \(4, 4\) block grid"):
+        pruner2.load_state_dict(bad)

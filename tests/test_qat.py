@@ -86,3 +86,17 @@ def test_strip_returns_plain_layers_with_the_trained_weights():
     w = model[0].weight
     strip(model)
     assert type(model[0]) is nn.Linear and model[0].weight is w
+
+
+def test_prepare_qat_keeps_the_layers_hooks():
+    """A forward hook on a layer (a feature distiller capturing its output) must still fire after prepare_qat
+    swaps the layer for its fake-quantized twin, and its handle must still remove it."""
+    m = nn.Sequential(nn.Linear(8, 8))
+    seen = []
+    handle = m[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    prepare_qat(m)
+    m(torch.randn(2, 8))
+    assert seen == [(2, 8)] and type(m[0]).__name__ == "FakeQuantLinear"
+    handle.remove()
+    m(torch.randn(2, 8))
+    assert len(seen) == 1

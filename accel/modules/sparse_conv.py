@@ -137,8 +137,9 @@ class SparseConv2d(nn.Module):
         """Convert ``conv``. Blocks of the ``[O, KH*KW*C]`` matrix to keep come from exactly one of:
 
         * ``sparsity``: drop that fraction of blocks with the smallest L``norm`` block norm;
-        * ``mask``: a binary elementwise mask shaped like the weight ``[O, C, KH, KW]`` (zeroed elements
-          stay zero; a block is kept if any element is) or a ``[ceil(O/B), ceil(KH*KW*C/B)]`` block
+        * ``mask``: a binary elementwise mask shaped like the weight ``[O, C, KH, KW]`` (zeroed elements are
+          zero in the kept blocks at conversion; only the block mask is stored, so training may make them
+          nonzero again; a block is kept if any element is) or a ``[ceil(O/B), ceil(KH*KW*C/B)]`` block
           mask (what ``accel.prune`` makes for a Conv2d);
         * neither: the blocks of the weight that hold any nonzero.
         """

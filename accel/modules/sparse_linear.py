@@ -86,8 +86,9 @@ class SparseLinear(nn.Module):
         """Convert ``linear``. Blocks to keep come from exactly one of:
 
         * ``sparsity``: drop that fraction of blocks with the smallest L``norm`` block norm;
-        * ``mask``: a binary (bool, or only 0/1) elementwise ``[N, K]`` mask (zeroed elements stay
-          zero; a block is kept if any element is) or a ``[ceil(N/B), ceil(K/B)]`` block mask;
+        * ``mask``: a binary (bool, or only 0/1) elementwise ``[N, K]`` mask (zeroed elements are zero in
+          the kept blocks at conversion; only the block mask is stored, so training may make them nonzero
+          again; a block is kept if any element is) or a ``[ceil(N/B), ceil(K/B)]`` block mask;
         * neither: the blocks of ``linear.weight`` that hold any nonzero.
         """
         if not isinstance(linear, nn.Linear):

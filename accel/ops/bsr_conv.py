@@ -34,7 +34,7 @@ from ..cpu.int8 import float_conv2d_cpu
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
-from .bsr_linear import MIN_SQNR, any_nonfinite, transposed_structure
+from .bsr_linear import MIN_SQNR, any_nonfinite, refuse_double_backward, transposed_structure
 
 #: block sizes of the conv kernels (``accel.kernels.bsr_conv.SUPPORTED_BLOCK_SIZES``)
 BLOCK_SIZES = (16, 32, 64)
@@ -315,6 +315,8 @@ def _backward(ctx, dy):
 
 
 _bsr_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_bsr_conv2d_dx_op, "SparseConv2d")
+refuse_double_backward(_bsr_conv2d_dw_op, "SparseConv2d")
 
 
 # ------------------------------------------------------------------------------------------------ public

@@ -229,6 +229,23 @@ def _backward(ctx, dy):
 _bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def refuse_double_backward(op, what: str) -> None:
+    """Give a backward op (``dx``, ``dvalues``) an autograd formula that refuses, in one clear line, to be
+    differentiated again (``create_graph=True``: gradient penalties, higher-order gradients)."""
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{what}: no double backward through a block-sparse layer (create_graph=True); for "
+                           "gradient penalties train it with mode='dense' (a masked dense weight)")
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+refuse_double_backward(_bsr_linear_dx_op, "SparseLinear")
+refuse_double_backward(_bsr_sddmm_op, "SparseLinear")
+
+
 def bsr_linear(
     x: torch.Tensor,
     values: torch.Tensor,

@@ -569,8 +569,9 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
                              "with linearize_kept_dense_ / to_linear) and convert once")
         raise ValueError("sparsify_: no layer to prune: the filter selected no nn.Linear / Conv1D"
                          + (" / nn.Conv2d" if config.convs else " (convs: SparsityConfig(convs=True))")
-                         + (f"; these subclass them with their own forward and are not converted: "
-                            f"{', '.join(subs[:6])}" + (f" (+{len(subs) - 6})" if len(subs) > 6 else "") if subs else ""))
+                         + (f"; these cannot be converted (subclasses of them: accel converts the stock layers "
+                            f"only): {', '.join(subs[:6])}" + (f" (+{len(subs) - 6})" if len(subs) > 6 else "")
+                            if subs else ""))
     if masks is None:
         if config.scope == "sensitivity" and example_inputs is None:
             raise ValueError("sparsify_: scope 'sensitivity' needs example_inputs (the output error is measured on them)")
@@ -930,9 +931,9 @@ def _sparse_form(name: str, old: SparseLinear, new: SparseQuantLinear, per_batch
         old(x), forms[chosen](x)  # so the report names the engines this batch runs
         ms = ", ".join(f"{f} {times[f]:.3f} ms" for f in SPARSE_FORMS if f in times)
         note = "" if winner == chosen else f"; {winner} at this batch"
-        if busy:  # the timings decided nothing (the default form was kept): no speedup claimed from them
-            note += "; not timed (the machine was busy): the default form"
-            timing = (times.get("sparse float", math.nan), times.get(chosen, math.nan), math.nan)
+        if busy or chosen not in times or "sparse float" not in times:  # the timings decided nothing here
+            note += "; not timed (the machine was busy): the default form" if busy else ""
+            timing = None  # (no speedup claimed from them)
         else:
             timing = (times["sparse float"], times[chosen], times["sparse float"] / times[chosen])
         rows.append(_row(name, old, x, shown[chosen](x), f"density {new.density:.3f}; {ms}{note}", timing, batch))

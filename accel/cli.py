@@ -112,7 +112,8 @@ def _setup(args):
     dense = _call_factory(_load_factory(args.model, "--model"), args.model, "--model") if args.model else SeedCNN()
     if not isinstance(dense, nn.Module):
         raise UserError(f"--model {args.model!r} must return an nn.Module, got {type(dense).__name__}")
-    _first_batch(train_loader, "training")
+    if args.data:  # a user's loaders (the built-in one is known good: not drawn from, so a seed's run stays as it was)
+        _first_batch(train_loader, "training")
     example = _first_batch(test_loader, "test")[0]
     if args.pretrained:
         try:
@@ -133,6 +134,9 @@ def _setup(args):
         raise UserError(f"--model must return class logits [batch, classes] (trained with cross-entropy against the "
                         f"labels), got {got} for a batch of {len(example[:2])}")
     return dense, train_loader, test_loader, example
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def _first_batch(loader, which: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +332,7 @@ def compress(args) -> dict:
     latency = [_latency(dense, compressed, example, b, args.budget) for b in args.batches]
     report = {
         "title": f"{type(dense).__name__}: {_title(args)} + int8 vs dense "
-                 f"{str(next((p.dtype for p in dense.parameters()), torch.float32)).removeprefix('torch.')} (CPU)",
+                 f"{_DTYPE_NAMES.get(next((p.dtype for p in dense.parameters()), torch.float32), 'float')} (CPU)",
         "accuracy": {"dense": acc_dense, "pruned_distilled": acc_pruned, "qat": acc_qat, "compressed": acc_final,
                      "drop_points": acc_dense - acc_final},
         "parameters": {"dense": _count_params(dense), "compressed": _count_params(compressed)},

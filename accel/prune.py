@@ -221,8 +221,7 @@ def nothing_to_prune(model: nn.Module, filter_fn: FilterFn | None) -> str:
                    "the dense model and convert once")
     own = [n for n, m in model.named_modules() if own_forward_reason(m) is not None and not is_qat_layer(m)]
     if own:
-        why.append(f"{len(own)} subclass their layer with their own forward (e.g. {own[0]!r}; "
-                   f"{type(model.get_submodule(own[0])).__name__}), which accel cannot convert")
+        why.append(f"{len(own)} cannot be converted (e.g. {own[0]!r}: {own_forward_reason(model.get_submodule(own[0]))})")
     tied = tied_weights(model)
     if tied:
         why.append(f"{len(tied)} share a tied weight")
@@ -233,7 +232,12 @@ def nothing_to_prune(model: nn.Module, filter_fn: FilterFn | None) -> str:
 
 
 def _refuse_computed(what: str, layers: dict[str, nn.Module]) -> None:
-    """Pruning writes zeros into the weight: refuse (before anything changes) layers whose weight is computed."""
+    """Pruning writes zeros into the weight: refuse (before anything changes) layers whose weight is computed,
+    and accel's converted layers (whose ``.weight`` is a read-only view of their tables)."""
+    done = [n for n, m in layers.items() if type(m).__module__.startswith("accel.modules")]
+    if done:
+        raise ValueError(f"{what}: {len(done)} layer(s) are already converted by accel (e.g. {done[0]!r}): prune the "
+                         "dense model and convert once")
     bad = [f"{n!r} ({src})" for n, m in layers.items() if (src := weight_source(m)) is not None]
     if bad:
         raise ValueError(
@@ -537,6 +541,9 @@ class GradualPruner:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"GradualPruner.load_state_dict: not a GradualPruner state ({type(e).__name__}: {e})") \
                 from None
+        if step < 0 or not 0.0 <= sparsity <= 1.0:  # (NaN fails too)
+            raise ValueError(f"GradualPruner.load_state_dict: need step_count >= 0 and sparsity in [0, 1], got "
+                             f"{step}, {sparsity}")
         layers = prunable_layers(self.model, self.filter_fn)
         for name, mask in masks.items():
             m = layers.get(name)

@@ -256,7 +256,7 @@ def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -
         new.train(m.training)
         # the layer's hooks (a FeatureDistiller capturing its output, ...) go with it: the same dicts, so
         # their handles still remove them
-        new.__dict__.update({k: v for k, v in m.__dict__.items() if k.startswith("_") and "hooks" in k})
+        new.__dict__.update({k: v for k, v in m.__dict__.items() if k.startswith("_") and "hook" in k})
         replace_module(model, name, new)
         swapped.append(name)
     if not swapped and (done := [n for n, m in model.named_modules() if type(m).__module__.startswith("accel.modules")]):

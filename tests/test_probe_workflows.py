@@ -124,7 +124,7 @@ def test_linear_subclasses_with_their_own_forward_are_left_out_and_said_so():
     with pytest.warns(UserWarning, match="prepare_qat leaves out 2 layer"):
         accel.prepare_qat(_LM())
     only_subclasses = nn.Sequential(_MyLinear(8, 8))
-    with pytest.raises(ValueError, match="subclass their layer with their own forward"):
+    with pytest.raises(ValueError, match="cannot be converted.*subclasses Linear with its own forward"):
         prune.prune_(only_subclasses, 0.5, block=8)
 
 
@@ -274,3 +274,33 @@ def test_distillation_arguments_are_checked():
             kd_loss(s, t, temperature=bad)
     with pytest.raises(ValueError, match="needs the teacher it was built with"):
         train(nn.Linear(4, 2), [], 1, features=object(), progress=False)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_failed_in_place_load_restores_the_contents(conv):
+    """A checkpoint of the same storage loads in place; when a later entry is bad (a bias of the wrong size)
+    the load fails and the layer must hold exactly what it held before (its tables were overwritten)."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(16, 16, 3) if conv else nn.Linear(64, 64)
+    cls = accel.SparseConv2d if conv else accel.SparseLinear
+    a, b = cls.from_dense(base, sparsity=0.5, block=16), cls.from_dense(type(base)(*(
+        (16, 16, 3) if conv else (64, 64))), sparsity=0.5, block=16)
+    before = copy.deepcopy(a.state_dict())
+    sd = b.state_dict()
+    sd["bias"] = torch.zeros(17 if conv else 65)
+    with pytest.raises(RuntimeError):
+        a.load_state_dict(sd)
+    after = a.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
+
+
+def test_prepare_qat_keeps_full_backward_hooks_and_apply_masks_refuses_converted_layers():
+    m = nn.Sequential(nn.Linear(8, 8))
+    calls = []
+    m[0].register_full_backward_hook(lambda mod, gi, go: calls.append(1))
+    accel.prepare_qat(m)
+    m(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    assert calls == [1]
+    s = nn.Sequential(accel.SparseLinear.from_dense(nn.Linear(32, 32), sparsity=0.5, block=16))
+    with pytest.raises(ValueError, match="already converted by accel"):
+        prune.apply_masks_(s, {"0": torch.ones(2, 2, dtype=torch.bool)}, block=16)

@@ -67,20 +67,27 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
     saved = (dict(module._parameters), dict(module._buffers), module.mode)
     names = ("weight", "block_mask") if mode == "dense" else ("values", "crow_indices", "col_indices")
     current = {**module._parameters, **module._buffers}
-    if all(current.get(n) is not None and tuple(current[n].shape) == tuple(state_dict[prefix + n].shape)
-           for n in names):  # the same storage: copied in place, so the Parameters stay the objects an optimizer holds
+    in_place = all(current.get(n) is not None and tuple(current[n].shape) == tuple(state_dict[prefix + n].shape)
+                   for n in names)
+    if in_place:  # the same storage: copied in place, so the Parameters stay the objects an optimizer holds
+        with torch.no_grad():
+            contents = {n: t.detach().clone() for n, t in current.items() if t is not None}
         module.mode = mode
     else:
         module._set_structure(placeholder, mode)
     n_errors = len(error_msgs)
     nn.Module._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                     error_msgs)
-    if len(error_msgs) > n_errors:  # restore the old structure
+    if len(error_msgs) > n_errors:  # restore the old structure (and, loaded in place, the old contents)
         module._parameters.clear()
         module._parameters.update(saved[0])
         module._buffers.clear()
         module._buffers.update(saved[1])
         module.mode = saved[2]
+        if in_place:
+            with torch.no_grad():
+                for n, t in contents.items():
+                    current[n].copy_(t)
     elif module.storage == "sparse" and module.crow_indices.dtype != torch.int64:
         module.crow_indices = module.crow_indices.long()
 

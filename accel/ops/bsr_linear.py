@@ -242,7 +242,7 @@ def refuse_double_backward(op, what: str) -> None:
     op.register_autograd(backward, setup_context=setup)
 
 
-refuse_double_backward(_bsr_linear_dx_op, "SparseLinear")
+refuse_double_backward(_bsr_linear_dx_op, "SparseLinear / SparseQuantLinear")
 refuse_double_backward(_bsr_sddmm_op, "SparseLinear")
 
 

@@ -1036,6 +1036,9 @@ def _compatible(desc: dict, target: nn.Module | None) -> str | None:
     if kind == "QuantEmbedding":
         if not isinstance(target, (nn.Embedding, QuantEmbedding)):
             return f"the file has a QuantEmbedding there, the model has {type(target).__name__}"
+        if isinstance(target, nn.Embedding) and (target.max_norm is not None or target.sparse):
+            return ("the model's nn.Embedding there renormalizes (max_norm) or has sparse gradients, which the "
+                    "QuantEmbedding in the file would drop")
         mine = (target.num_embeddings, target.embedding_dim)
         want = (desc.get("num_embeddings"), desc.get("embedding_dim"))
         return None if mine == want else f"embedding (rows, dim): file {want}, model {mine}"
@@ -1198,7 +1201,11 @@ def load(model: nn.Module, path: str) -> nn.Module:
     for name, desc in layers.items():
         target = modules[name]
         if id(target) not in built:
-            built[id(target)] = (name, desc, _build(desc, target))
+            try:
+                built[id(target)] = (name, desc, _build(desc, target))
+            except (KeyError, TypeError, ValueError) as e:  # a hand-edited / corrupt entry: name it, change nothing
+                raise ValueError(f"accel.load: {path} has corrupt accel metadata for layer {name!r} "
+                                 f"({type(e).__name__}: {e}): {desc}") from None
         first, first_desc, new = built[id(target)]
         if first_desc != desc:
             raise ValueError(f"accel.load: {path} does not fit this model: {first!r} and {name!r} are one shared module "

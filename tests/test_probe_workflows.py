@@ -304,3 +304,36 @@ def test_prepare_qat_keeps_full_backward_hooks_and_apply_masks_refuses_converted
     s = nn.Sequential(accel.SparseLinear.from_dense(nn.Linear(32, 32), sparsity=0.5, block=16))
     with pytest.raises(ValueError, match="already converted by accel"):
         prune.apply_masks_(s, {"0": torch.ones(2, 2, dtype=torch.bool)}, block=16)
+
+
+def test_load_names_corrupt_entries_and_refuses_embeddings_it_would_change(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+
+    m = model()
+    accel.quantize_(m, accel.QuantConfig(measure=False))
+    path = str(tmp_path / "m.safetensors")
+    accel.save(m, path)
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["accel"]) if "accel" in meta else None
+    if layers is not None:  # a hand-edited entry: a missing field is named, with the layer
+        entry = next(v for v in (layers.get("layers", layers)).values() if isinstance(v, dict) and "type" in v)
+        entry.pop("in_features", None) or entry.pop("num_embeddings", None)
+        bad = str(tmp_path / "bad.safetensors")
+        save_file(tensors, bad, metadata={**meta, "accel": json.dumps(layers)})
+        with pytest.raises(ValueError, match="accel.load"):
+            accel.load(model(), bad)
+    target = model()
+    target[0] = nn.Embedding(10, 8, max_norm=1.0)
+    with pytest.raises(ValueError, match="renormalizes \\(max_norm\\)"):
+        accel.load(target, path)
+    assert accel.QuantEmbedding(10, 4, padding_idx=-3).padding_idx == 7  # as nn.Embedding stores it

@@ -343,6 +343,8 @@ class QuantEmbedding(nn.Module):
         self.embedding_dim = _check_size("QuantEmbedding", "embedding_dim", embedding_dim)
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"QuantEmbedding: padding_idx {padding_idx} out of range for {num_embeddings} rows")
+        if padding_idx is not None and padding_idx < 0:  # as nn.Embedding stores it
+            padding_idx += num_embeddings
         self.padding_idx = padding_idx
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"QuantEmbedding: dtype must be a floating dtype, got {dtype}")
@@ -394,7 +396,7 @@ class QuantEmbedding(nn.Module):
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or
                                 not -self.num_embeddings <= pad < self.num_embeddings):
             raise ValueError(f"QuantEmbedding: bad saved padding_idx {pad!r} for {self.num_embeddings} rows")
-        return pad
+        return pad + self.num_embeddings if pad is not None and pad < 0 else pad
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         _load_checked(self, super()._load_from_state_dict, self._saved_padding_idx, state_dict, prefix, *args)

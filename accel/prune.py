@@ -71,7 +71,7 @@ def own_forward_reason(m: nn.Module) -> str | None:
     or one keeping the stock forward (an attention's ``out_proj``, whose owner reads its weight directly).
     None for the stock layers and accel's own layers. The one reading shared by pruning, ``sparsify_``,
     ``quantize_`` and QAT."""
-    if base_kind(m) is not None or not isinstance(m, _PLAIN) or type(m).__module__.startswith("accel.modules"):
+    if base_kind(m) is not None or not isinstance(m, _PLAIN) or is_accel_layer(m):
         return None
     stock = next(k for k in _PLAIN if isinstance(m, k))
     if type(m).forward is stock.forward:  # e.g. nn.MultiheadAttention's out_proj, whose owner reads its weight
@@ -80,6 +80,11 @@ def own_forward_reason(m: nn.Module) -> str | None:
     if is_qat_layer(m):
         return f"{type(m).__name__} is a fake-quantized QAT layer: accel.convert(model) makes it int8"
     return f"{type(m).__name__} subclasses {stock.__name__} with its own forward, which a converted layer would drop"
+
+
+def is_accel_layer(m: nn.Module) -> bool:
+    """One of accel's converted layers (``accel.modules``: SparseLinear, QuantLinear, ...)."""
+    return type(m).__module__.startswith("accel.modules")
 
 
 def is_qat_layer(m: nn.Module) -> bool:
@@ -92,7 +97,7 @@ def weight_source(m: nn.Module) -> str | None:
     (``torch.nn.utils.parametrize``, e.g. ``parametrizations.weight_norm``) or an old-style hook
     (``torch.nn.utils.weight_norm`` / ``spectral_norm``) that recomputes it before every forward. None when
     the layer stores its weight. Zeros written into a computed weight do not stick."""
-    if type(m).__module__.startswith("accel.modules"):  # accel's own layers derive .weight from their tables
+    if is_accel_layer(m):  # accel's own layers derive .weight from their tables
         return None
     if parametrize.is_parametrized(m):
         return "parametrized (" + "; ".join(f"{t}: {', '.join(type(p).__name__ for p in plist)}"
@@ -215,7 +220,7 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
 def nothing_to_prune(model: nn.Module, filter_fn: FilterFn | None) -> str:
     """The error of a pruning call that found no layer, with what the model holds instead."""
     why = []
-    accel_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("accel.modules")]
+    accel_layers = [n for n, m in model.named_modules() if is_accel_layer(m)]
     if accel_layers:
         why.append(f"{len(accel_layers)} layer(s) are already converted by accel (e.g. {accel_layers[0]!r}): prune "
                    "the dense model and convert once")
@@ -234,7 +239,7 @@ def nothing_to_prune(model: nn.Module, filter_fn: FilterFn | None) -> str:
 def _refuse_computed(what: str, layers: dict[str, nn.Module]) -> None:
     """Pruning writes zeros into the weight: refuse (before anything changes) layers whose weight is computed,
     and accel's converted layers (whose ``.weight`` is a read-only view of their tables)."""
-    done = [n for n, m in layers.items() if type(m).__module__.startswith("accel.modules")]
+    done = [n for n, m in layers.items() if is_accel_layer(m)]
     if done:
         raise ValueError(f"{what}: {len(done)} layer(s) are already converted by accel (e.g. {done[0]!r}): prune the "
                          "dense model and convert once")

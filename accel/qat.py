@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .api import replace_module
 from .inputs import loader_batch_call
 from .modules.quant_linear import QuantConv2d, QuantLinear
-from .prune import base_kind, is_conv1d, own_forward_reason, weight_source
+from .prune import base_kind, is_accel_layer, is_conv1d, own_forward_reason, weight_source
 from .quant import QMAX, ieee_div
 
 SAMPLE = 1 << 20
@@ -259,7 +259,7 @@ def prepare_qat(model: nn.Module, filter_fn=None, act_qmax: int | None = None) -
         new.__dict__.update({k: v for k, v in m.__dict__.items() if k.startswith("_") and "hook" in k})
         replace_module(model, name, new)
         swapped.append(name)
-    if not swapped and (done := [n for n, m in model.named_modules() if type(m).__module__.startswith("accel.modules")]):
+    if not swapped and (done := [n for n, m in model.named_modules() if is_accel_layer(m)]):
         warnings.warn(f"prepare_qat swapped no layer: {len(done)} layer(s) are already converted by accel (e.g. "
                       f"{done[0]!r}); QAT runs on the float model, before conversion", stacklevel=2)
     return swapped

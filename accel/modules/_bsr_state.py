@@ -54,16 +54,6 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
     if load_refused(module, state_dict, prefix, missing_keys, error_msgs):
         return
     mode = state_dict[prefix + "_extra_state"]["mode"]
-    ref = module.values if module.storage == "sparse" else module.weight
-    bs = module.block_size
-    nbr, _ = block_grid(matrix_shape, bs)
-    nnz = state_dict[prefix + "values"].shape[0] if mode != "dense" else 0
-    placeholder = BSRMatrix(
-        torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
-        torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
-        torch.zeros(nnz, dtype=torch.int64, device=ref.device),
-        matrix_shape, bs,
-    )
     saved = (dict(module._parameters), dict(module._buffers), module.mode)
     names = ("weight", "block_mask") if mode == "dense" else ("values", "crow_indices", "col_indices")
     current = {**module._parameters, **module._buffers}
@@ -73,8 +63,15 @@ def load_bsr_state(module: nn.Module, state_dict, prefix, local_metadata, strict
         with torch.no_grad():
             contents = {n: t.detach().clone() for n, t in current.items() if t is not None}
         module.mode = mode
-    else:
-        module._set_structure(placeholder, mode)
+    else:  # shaped like the incoming state: placeholders in the layer's dtype and device
+        ref = module.values if module.storage == "sparse" else module.weight
+        bs = module.block_size
+        nbr, _ = block_grid(matrix_shape, bs)
+        nnz = state_dict[prefix + "values"].shape[0] if mode != "dense" else 0
+        module._set_structure(BSRMatrix(torch.zeros(nnz, bs, bs, device=ref.device, dtype=ref.dtype),
+                                        torch.zeros(nbr + 1, dtype=torch.int64, device=ref.device),
+                                        torch.zeros(nnz, dtype=torch.int64, device=ref.device), matrix_shape, bs),
+                              mode)
     n_errors = len(error_msgs)
     nn.Module._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                     error_msgs)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .. import engines
 from ..cpu import int8 as cpu_int8
+from ..cpu.packcache import cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, dequantize_weight
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
 
@@ -382,19 +383,26 @@ _int8_conv2d_op.register_autograd(_backward_conv, setup_context=_setup_conv)
 # ---------------------------------------------------------------------------------------------
 # public functions: validate, then call the op (compile / autograd) or its body (eager)
 # ---------------------------------------------------------------------------------------------
-_CHECKED_SCALES: dict[int, tuple] = {}  # id -> (weak reference, state) of a scale tensor whose values passed
+def _checked_once(t: torch.Tensor, check) -> None:
+    """``check()`` (which raises on bad values) once per version of ``t``, remembered like a derived weight
+    (``accel.cpu.packcache``: identity, storage and version, dropped with ``t``); an inference tensor, which has no
+    version counter, every time."""
+    if t.is_inference():
+        check()
+    else:
+        cached("values_checked", (t,), (), lambda: check() or True)
 
 
-def _scale_state(t: torch.Tensor) -> tuple:
-    return (weakref.ref(t), t.data_ptr(), -1 if t.is_inference() else t._version, t.device, t.numel())
+def _check_act_scale(what: str, act_scale: torch.Tensor) -> None:
+    if not (bool(torch.isfinite(act_scale).all()) and bool((act_scale > 0).all())):
+        raise ValueError(f"{what}: act_scale must be finite and > 0, got {act_scale.flatten().tolist()}")
 
 
-def _unchecked(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values must be checked: not this very tensor (a live weak reference, so a new tensor at
-    a freed one's address is not taken for it) at this version before; an inference tensor (no version
-    counter) every time."""
-    hit = _CHECKED_SCALES.get(id(t))
-    return t.is_inference() or hit is None or hit[0]() is not t or hit[1:] != _scale_state(t)[1:]
+def _check_w_scale(what: str, w_scale: torch.Tensor) -> None:
+    if not (bool(torch.isfinite(w_scale).all()) and bool((w_scale >= 0).all())):
+        bad = w_scale[~(torch.isfinite(w_scale) & (w_scale >= 0))]
+        raise ValueError(f"{what}: weight scales must be finite and >= 0, got {bad.numel()} bad values, e.g. "
+                         f"{bad[:4].tolist()}")
 
 
 def check_int32_k(what: str, w_q: torch.Tensor) -> None:
@@ -420,18 +428,9 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
                          f"{act_scale.dtype}")
     if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not w_scale.is_meta:
         # (traced: no data-dependent checks) once per version of each scale tensor: a sync each, on CUDA
-        if act_scale is not None and _unchecked(act_scale) and \
-                not (bool(torch.isfinite(act_scale).all()) and bool((act_scale > 0).all())):
-            raise ValueError(f"{what}: act_scale must be finite and > 0, got {act_scale.flatten().tolist()}")
-        if _unchecked(w_scale) and not (bool(torch.isfinite(w_scale).all()) and bool((w_scale >= 0).all())):
-            bad = w_scale[~(torch.isfinite(w_scale) & (w_scale >= 0))]
-            raise ValueError(f"{what}: weight scales must be finite and >= 0, got {bad.numel()} bad values, e.g. "
-                             f"{bad[:4].tolist()}")
-        _CHECKED_SCALES[id(w_scale)] = _scale_state(w_scale)
         if act_scale is not None:
-            _CHECKED_SCALES[id(act_scale)] = _scale_state(act_scale)
-        if len(_CHECKED_SCALES) > 4096:
-            _CHECKED_SCALES.clear()
+            _checked_once(act_scale, lambda: _check_act_scale(what, act_scale))
+        _checked_once(w_scale, lambda: _check_w_scale(what, w_scale))
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if act_qmax not in (0, 63, 127):

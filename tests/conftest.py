@@ -7,7 +7,8 @@ Set ``ACCEL_TEST_NO_INTERPRET=1`` to run the suite against real Triton (on a GPU
 
 Engine decisions (``accel.engines``): the suite does not measure (``ACCEL_ENGINE_MEASURE=0``, so
 every call takes the documented default and results do not depend on how busy the machine is)
-and keeps its cache in a temporary directory; the engine tests turn measuring on themselves.
+and keeps its cache in a temporary directory, emptied before every test (a decision one test measured
+never decides another's); the engine tests turn measuring on themselves.
 """
 
 import os
@@ -25,6 +26,14 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engine_cache():
+    from accel import engines
+
+    engines.clear(disk=True)
     yield
 
 

@@ -153,7 +153,7 @@ def test_measured_choice_is_exact(accel_env, monkeypatch):
     monkeypatch.setattr(engines, "BUDGET_S", 0.01)
     monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
     monkeypatch.setattr(engines, "_contended", lambda mark=None: False)  # a busy machine would decide nothing
-    engines.clear()
+    engines.clear(disk=True)
     v, ws, crow, col, bias = make(256, 256, 32, 0.25)
     x = torch.randn(4, 256)
     y = int8_bsr_linear(x, v, ws, crow, col, (256, 256), bias, act_qmax=127)
@@ -162,7 +162,7 @@ def test_measured_choice_is_exact(accel_env, monkeypatch):
     assert dec is not None and dec.measured and dec.engine in cpu_int8_bsr.strategies(127)
     assert not [r for r in dec.rejected.values() if not r.startswith("too slow")]  # (timing rejections: load)
     close(y, reference(x, v, ws, crow, col, 256, bias, "none", 127))
-    engines.clear()
+    engines.clear(disk=True)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -319,7 +319,7 @@ def measuring(monkeypatch, accel_env):
     monkeypatch.setattr(engines, "_contended", lambda mark=None: False)  # the suite may share the machine: these
     engines.clear()                                                      # tests check choices made by measuring
     yield
-    engines.clear()
+    engines.clear(disk=True)
 
 
 def _mlp():
@@ -371,7 +371,7 @@ def test_quantize_keeps_the_fastest_sparse_form(measuring, monkeypatch):
     assert "int8 block-sparse" in by["0"]["reason"] and "sparse float" in by["0"]["reason"]
     assert not by["0"]["decision"].startswith("int8 block-sparse") and by["0"]["ms_after"] > 0
     monkeypatch.setattr(SparseQuantLinear, "forward", real)
-    engines.clear()
+    engines.clear(disk=True)
     model2 = _mlp()
     accel.sparsify_(model2, accel.SparsityConfig(sparsity=0.9, scope="layer", mode="sparse"),
                     filter_fn=lambda m, n: m.out_features > 10)

@@ -362,7 +362,7 @@ _OPS: dict[str, tuple[str, ...]] = {
     "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "float", "float_nchw", "float_bf16"),
     "bsr_linear": _BSR_STRATEGIES + ("dense",),  # accel.ops.bsr_linear
     "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense",),  # accel.ops.bsr_conv
-    "int8_bsr_linear": ("rows", "stacked", "float"),  # accel.cpu.int8_bsr.STRATEGIES
+    "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float"),  # accel.cpu.int8_bsr.STRATEGIES
     "replace": ("old", "new", "sparse float", "int8 dense", "int8 block-sparse"),  # accel.api (SPARSE_FORMS)
 }
 _ops_lock = threading.Lock()

@@ -104,6 +104,20 @@ def test_half_inputs_return_their_dtype(dtype):
         torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
 
 
+def test_strategies_across_token_counts_and_layers():
+    """A strategy's per-call plans (bound to the token count and to buffers shared by every layer) stay right
+    when token counts change and two layers take turns, including the stack sizes of both stacked strategies."""
+    a = make(200, 130, 32, 0.3, (0, 3))
+    b = make(96, 70, 16, 0.5, (2,))
+    for s in cpu_int8_bsr.strategies(127):
+        for m in (1, 5, 1, 33, 16, 5, 2):
+            for (v, ws, crow, col, bias), n, k in ((a, 200, 130), (b, 96, 70)):
+                x = torch.randn(m, k)
+                y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, bias, "none", 127, s)
+                close(y, reference(x, v, ws, crow, col, n, bias, "none", 127), msg=f"{s} m={m} n={n}")
+    assert cpu_int8_bsr.stack_size(1, wide=True) == 2 * cpu_int8_bsr.stack_size(1)
+
+
 def test_nan_tokens_give_nan_rows():
     v, ws, crow, col, bias = make(70, 90, 16, 0.5)
     x = torch.randn(6, 90)

@@ -19,7 +19,9 @@ Strategies (which one serves a call is measured by ``accel.engines`` in ``accel.
   ``n`` block rows of similar block count (padded with zero blocks that read a zero activation
   block) are stacked into one ``[n*M, P*B] x [P*B, n*B]`` product whose ``n`` diagonal ``[M, B]``
   tiles are the outputs: ``n`` times the multiply-adds (free at small M) for one call instead of
-  ``n``. ``n`` is about ``sqrt(STACK_WORK / M)``.
+  ``n``. ``n`` is about ``sqrt(STACK_WORK / M)`` (``stacked_wide``: twice that). A call is one gather of
+  every group's activation blocks (rows ordered token-major, which makes each group's operand a contiguous
+  slice: no transpose), the GEMMs into slices of one buffer, and one gather of the diagonal tiles.
 * ``float``: the same integers through accel's fp32 block-sparse path (``accel.cpu.bsr``): exact
   products, fp32 sums (~1e-7 relative). The strategy of CPUs whose int8 dot products saturate
   (no VNNI, where ``torch._int_mm`` is a slow reference loop; see ``accel.cpu.int8``).
@@ -41,21 +43,19 @@ from . import int8 as cpu_int8
 from .packcache import cached
 from .workspace import scratch
 
-STRATEGIES = ("rows", "stacked", "float")
+STRATEGIES = ("rows", "stacked", "stacked_wide", "float")
 #: bytes of gathered int8 activation per chunk of block rows (about an L2 slice)
 ROWS_CHUNK_BYTES = 1 << 20
 #: ``stacked``: about ``n * n * M`` of this (the wasted multiply-adds grow as n^2 * M, calls fall as 1/n)
 STACK_WORK = 256
 #: a token scale past this may overflow ``acc * scale`` (|acc| < 2**31) in fp32: the epilogue takes those rows in fp64
 HUGE_SCALE = 2.0 ** 96
-#: ``stacked`` is offered up to this many tokens (beyond, n = 1: the ``rows`` strategy)
-STACK_MAX_M = 64
 
 
 def strategies(qmax: int) -> tuple[str, ...]:
     """The strategies exact for activation range ``qmax`` on this machine (the int8 ones need
     ``torch._int_mm`` to be an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16)."""
-    int8 = ("rows", "stacked") if "int_mm" in cpu_int8.exact_engines(qmax, 16) else ()
+    int8 = ("rows", "stacked", "stacked_wide") if "int_mm" in cpu_int8.exact_engines(qmax, 16) else ()
     return int8 + ("float",)
 
 
@@ -67,10 +67,11 @@ def default_strategy(qmax: int, m: int) -> str:
     return "stacked" if m <= 16 else "rows"
 
 
-def stack_size(m: int) -> int:
-    """Block rows per stacked GEMM at ``m`` tokens: a power of two near ``sqrt(STACK_WORK / m)``."""
+def stack_size(m: int, wide: bool = False) -> int:
+    """Block rows per stacked GEMM at ``m`` tokens: a power of two near ``sqrt(STACK_WORK / m)``, twice that for
+    ``stacked_wide`` (half the GEMM calls for twice the wasted multiply-adds: which pays is measured)."""
     n = max(1, round(math.sqrt(STACK_WORK / max(1, m))))
-    return 1 << (n.bit_length() - 1)
+    return (2 if wide else 1) << (n.bit_length() - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,13 +98,14 @@ def epilogue(acc: torch.Tensor, scale: torch.Tensor, w_scale: torch.Tensor, bias
     ``acc``: ``[M, N]``, or ``[M, R, B]`` (any strides) for block rows of ``B`` outputs, ``R * B >= N``."""
     n = w_scale.shape[0]
     m = acc.shape[0]
+    # (int32 -> fp32, then the scale: a mixed int32 x fp32 mul takes a slow casting loop, ~1.3x these two)
     if acc.dim() == 3:
         y = torch.empty(m, acc.shape[1] * acc.shape[2], dtype=torch.float32)
-        torch.mul(acc, scale[:, None, None], out=y.view(acc.shape))
+        y.view(acc.shape).copy_(acc).mul_(scale[:, None, None])
         y = y[:, :n]
     else:
         y = torch.empty(acc.shape, dtype=torch.float32)
-        torch.mul(acc, scale[:, None], out=y)
+        y.copy_(acc).mul_(scale[:, None])
     if bias is not None:  # one pass: bias + y * w_scale
         torch.addcmul(bias if bias.dtype == torch.float32 else bias.float(), y, w_scale, out=y)
     else:
@@ -151,7 +153,7 @@ def _rows_plan(crow: torch.Tensor, col: torch.Tensor, cap_blocks: int):
 
 
 #: bound views kept per plan (one per recent (M, buffers) combination)
-BOUND_KEEP = 4
+BOUND_KEEP = 8
 
 
 class _Bound:
@@ -208,7 +210,8 @@ def _rows(q, values_q, crow, col, nbr, bs) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def _stack_plan(values_q: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, nbc: int, n: int):
     """Groups of ``n`` block rows by descending block count, each padded to its longest row with zero
-    blocks at the zero activation column ``nbc``: ``([(rows, cols [n_g * P], W^T [P*B, n_g*B])], empty rows)``."""
+    blocks at the zero activation column ``nbc``: ``[(rows, cols [n_g * P], W^T [P*B, n_g*B])]`` (rows without
+    blocks are in no group)."""
     bs = values_q.shape[1]
     counts = crow[1:] - crow[:-1]
     order = torch.argsort(counts, descending=True, stable=True)
@@ -232,49 +235,62 @@ def _stack_plan(values_q: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n
         blocks = blocks.masked_fill(pad[:, :, None, None], 0)
         w = blocks.permute(0, 2, 1, 3).reshape(ng * bs, p * bs).contiguous()  # [ng*B out, P*B in]
         groups.append((rows, cols.flatten().contiguous(), w.t()))
-    return groups, (counts == 0).nonzero().flatten()
+    return groups
 
 
-def _stacked(q, values_q, crow, col, nbr, bs) -> torch.Tensor:
+def _stack_bind(groups, m: int, nbc: int, nbr: int, bs: int):
+    """The per-``m`` index plan of :func:`_stacked`: ``(gather index [m * slots], slots, diag index [m * nbr],
+    result rows)``. Group ``g``'s GEMM operand is the contiguous ``[m, n_g * P_g, B]`` slice of one gather
+    (rows ordered (token, block row), so no transpose), its ``[m * n_g, n_g * B]`` result a contiguous slice
+    of one buffer, and the outputs (the diagonal tiles) come out of it in one ``index_select`` of ``B``-wide
+    rows; rows with no blocks read the zero row after the results."""
+    tok = torch.arange(m, dtype=torch.int64)
+    gather, diag_of_row = [], {}
+    slots = res_rows = 0
+    for rows, cols, _ in groups:
+        ng = rows.numel()
+        gather.append((tok * (nbc + 1))[:, None] + cols[None, :])  # [m, n_g * P]
+        i = torch.arange(ng, dtype=torch.int64)
+        # B-row of result tile (t, i, i): row t * ng + i of [m * ng, ng * B], tile column i
+        base = res_rows + (tok[:, None] * ng + i[None, :]) * ng + i[None, :]  # [m, ng]
+        for j, r in enumerate(rows.tolist()):
+            diag_of_row[r] = base[:, j]
+        slots += cols.numel()
+        res_rows += m * ng * ng
+    zero_row = res_rows
+    diag = torch.full((m, nbr), zero_row, dtype=torch.int64)
+    for r, idx in diag_of_row.items():
+        diag[:, r] = idx
+    return torch.cat([g.flatten() for g in gather]), slots, diag.flatten(), res_rows + 1
+
+
+def _stacked(q, values_q, crow, col, nbr, bs, wide: bool = False) -> torch.Tensor:
     m, width = q.shape
     nbc = width // bs - 1  # the last block column of q is the zero block the padding reads
-    n = stack_size(m)
-    groups, empty, bound = cached("int8_bsr_stack_plan", (values_q, crow, col), (nbc, n),
-                                  lambda: _stack_plan(values_q, crow, col, nbc, n) + (_Bound(),))
-    acc = scratch("int8_bsr.acc", nbr * m * bs, torch.int32).view(m, nbr, bs)
-    most_cols = max((cols.numel() for _, cols, _ in groups), default=0)
-    most_out = max((rows.numel() ** 2 for rows, _, _ in groups), default=0)
-    g = scratch("int8_bsr.sg", m * most_cols * bs, torch.int8)
-    t = scratch("int8_bsr.st", m * most_cols * bs, torch.int8)
-    res = scratch("int8_bsr.sres", m * most_out * bs, torch.int32)
+    n = stack_size(m, wide)
+    groups, bound = cached("int8_bsr_stack_plan", (values_q, crow, col), (nbc, n),
+                           lambda: (_stack_plan(values_q, crow, col, nbc, n), _Bound()))
+    gidx, slots, didx, res_rows = bound.get(("index", m), lambda: _stack_bind(groups, m, nbc, nbr, bs))
+    g = scratch("int8_bsr.sg", m * slots * bs, torch.int8).view(m * slots, bs)
+    res = scratch("int8_bsr.sres", res_rows * bs, torch.int32).view(res_rows, bs)
 
     def build():
-        x3 = q.view(m, nbc + 1, bs)
-        work = []
+        work, off, roff = [], 0, 0
         for rows, cols, wt in groups:
             ng, kb = rows.numel(), wt.shape[0]
-            g3 = g[:m * cols.numel() * bs].view(m, cols.numel(), bs)
-            src = g3.view(m, ng, kb)
-            if m == 1:
-                a, move = src.view(ng, kb), None
-            else:  # [ng, M, P*B]: each row's tokens together
-                a = t[:ng * m * kb].view(ng * m, kb)
-                move = (a.view(ng, m, kb), src.transpose(0, 1))
-            out = res[:ng * m * ng * bs].view(ng * m, ng * bs)
-            diag = out.view(ng, m, ng, bs).diagonal(0, 0, 2).permute(0, 2, 1)  # [M, ng, B]
-            work.append((x3, cols, g3, move, a, wt, out, rows, diag))
+            a = g[off * m:(off + cols.numel()) * m].view(m * ng, kb)  # rows (token, block row)
+            out = res[roff:roff + m * ng * ng].view(m * ng, ng * bs)
+            work.append((a, wt, out))
+            off += cols.numel()
+            roff += m * ng * ng
         return work
 
-    work = bound.get((m, width, q.data_ptr(), g.data_ptr(), t.data_ptr(), res.data_ptr()), build)
-    if empty.numel():
-        acc.index_fill_(1, empty, 0)
-    for x3, cols, g3, move, a, wt, out, rows, diag in work:
-        torch.index_select(x3, 1, cols, out=g3)
-        if move is not None:
-            move[0].copy_(move[1])
+    work = bound.get((m, width, q.data_ptr(), g.data_ptr(), res.data_ptr()), build)
+    torch.index_select(q.view(-1, bs), 0, gidx, out=g)  # every group's activation blocks, in one gather
+    for a, wt, out in work:
         torch._int_mm(a, wt, out=out)  # [ng*M, ng*B]: the diagonal tiles are the outputs
-        acc.index_copy_(1, rows, diag)
-    return acc
+    res[-1].zero_()
+    return res.index_select(0, didx).view(m, nbr, bs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +333,7 @@ def int8_bsr_linear_cpu(
     if col.numel() == 0:  # every block pruned: 0 * x_scale, so tokens holding NaN/inf still give NaN rows
         scale, _ = cpu_int8.act_scale_inv(x if x.dtype == torch.float32 else x.float(), qmax, None)
         return epilogue(torch.zeros(m, out_features, dtype=torch.int32), scale, w_scale, bias, activation, x.dtype)
-    pad = bs if strategy == "stacked" else 0  # a zero block column for the padding slots
+    pad = bs if strategy in ("stacked", "stacked_wide") else 0  # a zero block column for the padding slots
     v, q, scale = quantize_padded(x, qmax, nbc * bs + pad)
     if strategy == "float":
         acc = cpu_bsr.bsr_dense_mm_cpu(v, _float_values(values_q), crow, col, out_features,
@@ -325,7 +341,7 @@ def int8_bsr_linear_cpu(
     elif strategy == "rows":
         acc = _rows(q, values_q, crow, col, nbr, bs)
     else:
-        acc = _stacked(q, values_q, crow, col, nbr, bs)
+        acc = _stacked(q, values_q, crow, col, nbr, bs, strategy == "stacked_wide")
     return epilogue(acc, scale, w_scale, bias, activation, x.dtype)
 
 

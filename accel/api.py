@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import engines
 from .formats import BLOCK_SIZES, check_block_size
-from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, resized_inputs
+from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, eval_mode, resized_inputs
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .modules._common import explicit_padding
 from .prune import (
@@ -158,6 +158,31 @@ def replace_modules(model: nn.Module, news: dict[str, nn.Module], aliases: dict[
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (the layer replacing ``old``) with ``old``'s training flag and forward/backward hooks: the same
+    hook dictionaries, so a feature-extraction hook keeps firing and its handle still removes it. Returns
+    ``new``."""
+    new.train(old.training)
+    for k, v in old.__dict__.items():
+        if isinstance(v, dict) and k.startswith("_") and ("forward" in k or "backward" in k) and "hook" in k and v:
+            users = {i: h for i, h in v.items() if not _weight_hook(h)}
+            mine = new.__dict__.get(k)
+            if mine or len(users) != len(v):  # (own hooks, or the old weight's: a copy, which old's handles miss)
+                new.__dict__[k] = type(v)(mine or {})
+                new.__dict__[k].update(users)
+            else:
+                new.__dict__[k] = v
+    if old.__dict__.get("_is_full_backward_hook") is not None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
+    return new
+
+
+def _weight_hook(hook) -> bool:
+    """A hook computing the old layer's weight (``weight_norm``, ``spectral_norm``): it belongs to the weight accel
+    converted from, not to the layer that replaces it."""
+    return type(hook).__module__.startswith("torch.nn.utils")
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is, and under every other name of
     that module (:func:`replace_modules`)."""
@@ -192,14 +217,12 @@ def capture_inputs(model: nn.Module, names: list[str], example_inputs) -> dict[s
     for name in names:
         hooks.append(modules[name].register_forward_pre_hook(
             lambda m, a, name=name: seen.setdefault(name, a[0].detach().clone()) if a else None))
-    was_training = model.training
-    model.eval()
     try:
-        model(*args, **kwargs)
+        with eval_mode(model):
+            model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return seen
 
 
@@ -254,6 +277,18 @@ def _row(name, module, x, decision, reason="", timing=None, batch=None):
 FOREIGN_MIN_NUMEL = 4096
 
 
+#: stock layers with weights accel has no int8 or block-sparse form for (reported, not skipped silently)
+_NO_INT8 = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def _no_sparse_rows(model: nn.Module, filter_fn, convs: bool) -> list[dict]:
+    """Rows for the stock weighted layers sparsify_ has no block-sparse form for (the convolutions among them
+    only when it was asked for convs)."""
+    return [_row(n, m, None, "dense", f"not converted: no block-sparse form for {type(m).__name__}")
+            for n, m in model.named_modules() if type(m) in _NO_INT8 and (convs or type(m) is nn.Bilinear)
+            and (filter_fn is None or filter_fn(m, n))]
+
+
 def _foreign_weight_rows(model: nn.Module, filter_fn) -> list[dict]:
     """Rows for the stacks of matrices a model uses through its own code rather than Linear / Conv2d /
     Embedding layers (fused mixture-of-experts tables ``[experts, out, in]``): accel leaves them float, and says
@@ -262,8 +297,8 @@ def _foreign_weight_rows(model: nn.Module, filter_fn) -> list[dict]:
     chose the layers; it may expect layers only)."""
     rows = []
     for name, m in model.named_modules() if filter_fn is None else ():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding) + ACCEL_TYPES) or is_conv1d(m) or \
-                type(m).__module__.split(".")[0] == "accel":
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding) + ACCEL_TYPES) or is_conv1d(m) or type(m) in _NO_INT8 \
+                or type(m).__module__.split(".")[0] == "accel":  # (_NO_INT8: reported as such by sparsify_ / quantize_)
             continue
         for pname, p in m.named_parameters(recurse=False):
             if p.is_floating_point() and p.dim() >= 3 and p.shape[0] > 1 and p.numel() >= FOREIGN_MIN_NUMEL:
@@ -350,31 +385,30 @@ def _in_model_check(model: nn.Module, fallbacks: dict[str, nn.Module], calls: li
                 h.remove()
         return acc
 
-    was_training = model.training
-    model.eval()
     slower: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     try:
-        for _batch, args, kwargs in calls:
-            t0 = time.perf_counter()
-            run(fallbacks, args, kwargs)  # warm both (and time one forward)
-            run(converted, args, kwargs)
-            per_forward = max((time.perf_counter() - t0) / 2, 1e-6)
-            rounds = max(3, min(15, int(min(budget_s, IN_MODEL_BUDGET_S) / (2 * per_forward))))
-            best_new = {n: math.inf for n in names}
-            best_old = {n: math.inf for n in names}
-            for r in range(rounds):
-                order = (("new", converted), ("old", fallbacks)) if r % 2 == 0 else (("old", fallbacks), ("new", converted))
-                for which, mods in order:
-                    times = run(mods, args, kwargs)
-                    best = best_new if which == "new" else best_old
-                    for n in names:
-                        if n in times:
-                            best[n] = min(best[n], times[n])
-            for n in names:
-                slower[n].append((best_new[n], best_old[n]))
+        with eval_mode(model, *(fallbacks[n] for n in names)):  # (the fallbacks too: they take turns in the model)
+            for _batch, args, kwargs in calls:
+                t0 = time.perf_counter()
+                run(fallbacks, args, kwargs)  # warm both (and time one forward)
+                run(converted, args, kwargs)
+                per_forward = max((time.perf_counter() - t0) / 2, 1e-6)
+                rounds = max(3, min(15, int(min(budget_s, IN_MODEL_BUDGET_S) / (2 * per_forward))))
+                best_new = {n: math.inf for n in names}
+                best_old = {n: math.inf for n in names}
+                for r in range(rounds):
+                    order = (("new", converted), ("old", fallbacks)) if r % 2 == 0 else \
+                        (("old", fallbacks), ("new", converted))
+                    for which, mods in order:
+                        times = run(mods, args, kwargs)
+                        best = best_new if which == "new" else best_old
+                        for n in names:
+                            if n in times:
+                                best[n] = min(best[n], times[n])
+                for n in names:
+                    slower[n].append((best_new[n], best_old[n]))
     finally:
         replace_modules(model, converted)
-        model.train(was_training)
     if engines._contended(mark):  # the machine got busy while timing: as above, nothing is changed
         return {}
     revert = {}
@@ -398,31 +432,25 @@ def _check_converted(model: nn.Module, what: str, replaced: dict[str, nn.Module]
     model exactly as before) and raise a RuntimeError naming the replacements and the error."""
     if not replaced or not calls:
         return
-    was_training = model.training
-    model.eval()
     failure = None
-    try:
+    with eval_mode(model):
         for batch, args, kwargs in calls:
             try:
                 model(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any error of the converted model is reported and undone
                 failure = (batch, e)
                 break
-    finally:
-        model.train(was_training)
     if failure is None:
         return
     batch, err = failure
     kinds = Counter(f"{type(old).__name__} -> {type(model.get_submodule(n)).__name__}" for n, old in replaced.items())
     replace_modules(model, replaced)
     before = None
-    model.eval()
-    try:
-        model(*calls[0][1], **calls[0][2])
-    except Exception as e:  # noqa: BLE001
-        before = e
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            model(*calls[0][1], **calls[0][2])
+        except Exception as e:  # noqa: BLE001
+            before = e
     changed = ", ".join(f"{k} (x{c})" for k, c in sorted(kinds.items()))
     at = f" at batch size {batch}" if batch is not None else ""
     if before is not None:
@@ -519,9 +547,9 @@ def _dense_like(orig: nn.Module | None, new: nn.Module) -> nn.Module:
         return dense
     out = _layer_copy(tmpl)
     out.__dict__.pop("_accel_template", None)
-    out.weight = nn.Parameter(dense.weight.detach().t().contiguous())
+    out.weight = nn.Parameter(dense.weight.detach().t().contiguous(), requires_grad=dense.weight.requires_grad)
     if dense.bias is not None:
-        out.bias = nn.Parameter(dense.bias.detach().clone())
+        out.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=dense.bias.requires_grad)
     return out
 
 
@@ -560,7 +588,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     if masks is None and (selected or rows):  # layers it cannot convert are reported, not silently left out
         rows += [_row(n, m, None, "dense", f"not converted: {own_forward_reason(m)}") for n, m in sorted(subs.items())]
     if masks is None and not selected and rows:  # every layer chosen is one that cannot be pruned: say why
-        return rows + _foreign_weight_rows(model, filter_fn)
+        return rows + _no_sparse_rows(model, filter_fn, config.convs) + _foreign_weight_rows(model, filter_fn)
     if masks is None and not selected:
         subs = [f"{n!r} ({type(m).__name__})" for n, m in subs.items()]
         if any(isinstance(m, ACCEL_TYPES) for m in model.modules()):
@@ -632,7 +660,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
             if not measured:
                 layer_rows.append(_row(name, lin, None, new.mode, f"density {new.density:.3f} (not measured)"))
             rows += _with_note(layer_rows, _origin_note(lin, name, aliases))
-            replace_modules(model, {name: new}, aliases)
+            replace_modules(model, {name: carry_over(lin, new)}, aliases)
             replaced[name] = lin
     except Exception as e:  # noqa: BLE001 - the model goes back exactly as it was, and the error names the layer
         replace_modules(model, replaced)
@@ -640,10 +668,10 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     calls = _calls(per_batch, example_inputs)
     _check_converted(model, "sparsify_", replaced, calls)
     if per_batch and config.in_model:  # the pruned layer stays, dense (masked weight), where sparse slows the model
-        dense = {n: _dense_like(replaced[n], m) for n, m in ((n, model.get_submodule(n)) for n in replaced)
+        dense = {n: carry_over(m, _dense_like(replaced[n], m)) for n, m in ((n, model.get_submodule(n)) for n in replaced)
                  if isinstance(m, (SparseLinear, SparseConv2d))}
         _in_model_check(model, dense, calls, config.budget_s * max(1, len(dense)), rows, "kept dense")
-    return rows + _foreign_weight_rows(model, filter_fn)
+    return rows + _no_sparse_rows(model, filter_fn, config.convs) + _foreign_weight_rows(model, filter_fn)
 
 
 def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:
@@ -657,7 +685,7 @@ def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[s
                    and isinstance(model.get_submodule(n), (SparseLinear, SparseConv2d)))
     for name in names:
         m = model.get_submodule(name)
-        replace_module(model, name, _dense_like(getattr(m, "_dense_template", None), m))
+        replace_module(model, name, carry_over(m, _dense_like(getattr(m, "_dense_template", None), m)))
     return names
 
 
@@ -776,10 +804,6 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     return rows + _foreign_weight_rows(model, filter_fn)
 
 
-#: stock layers with weights that have no int8 form (reported by quantize_, not skipped silently)
-_NO_INT8 = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
-
-
 def _no_int8_form(m: nn.Module, embeddings: bool) -> str | None:
     """Why quantize_ leaves ``m`` float when it is a weighted layer it has no int8 form for; None otherwise."""
     if type(m) in _NO_INT8:
@@ -839,7 +863,7 @@ def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, 
     if isinstance(new, SparseQuantLinear):
         chosen, layer_rows = _sparse_form(name, m, new, [(b, x) for b, _, _, x in per_batch], config)
         if chosen is not m:
-            replace_modules(model, {name: chosen}, aliases)
+            replace_modules(model, {name: carry_over(m, chosen)}, aliases)
             replaced[name] = m
         rows += _with_note(layer_rows, note)
         return
@@ -862,7 +886,7 @@ def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, 
         for r in layer_rows:
             r["decision"], r["reason"] = "float", f"kept float: the int8 layer is slower here ({r['reason']})"
     else:
-        replace_modules(model, {name: new}, aliases)
+        replace_modules(model, {name: carry_over(m, new)}, aliases)
         replaced[name] = m
     rows += _with_note(layer_rows, note)
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .inputs import eval_mode
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
             temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
@@ -96,14 +98,12 @@ class FeatureDistiller(nn.Module):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: str = "cpu") -> float:
     """Top-1 accuracy in percent."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(-1)
-        correct += int((pred.cpu() == y).sum())
-        total += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader:
+            pred = model(x.to(device)).argmax(-1)
+            correct += int((pred.cpu() == y).sum())
+            total += len(y)
     return 100.0 * correct / max(1, total)
 
 

@@ -827,6 +827,7 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
             if isinstance(ref, torch.Tensor) and ref.is_floating_point() and not bool(torch.isfinite(ref).all()):
                 raise Undecidable("the reference output holds NaN/inf (the call's input does, or overflows): "
                                   "its accuracy decides nothing")
+        errors: dict[str, Exception] = {}
         for name, fn in candidates.items():
             try:
                 fn()  # warm-up: packs weights, faults in buffers
@@ -839,13 +840,20 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
                 raise
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run this call is not chosen
                 rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                errors[name] = e
                 continue
+            if ref is not None and isinstance(out, torch.Tensor) and out.is_floating_point() and \
+                    isinstance(ref, torch.Tensor) and ref.dtype != out.dtype and \
+                    not bool(torch.isfinite(ref.to(out.dtype)).all()):  # e.g. an fp16 output past 65504
+                raise Undecidable(f"the reference output overflows the call's {out.dtype}: its accuracy decides nothing")
             if ref is not None and min_sqnr is not None and isinstance(out, torch.Tensor):
                 s = _sqnr(ref, out)
                 if s < min_sqnr:
                     rejected[name] = f"inaccurate: {s:.1f} dB against the reference (< {min_sqnr:.0f})"
                     del first[name]
     if not first:
+        if len(errors) == len(candidates) and incumbent in errors:  # nothing runs this call: the error the
+            raise errors[incumbent]  # default (what runs unmeasured) gives, not a different one when measuring
         raise RuntimeError(f"no engine could run this call: {rejected}")
     fastest = min(first.values())
     for name, t in list(first.items()):

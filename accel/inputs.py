@@ -5,9 +5,11 @@ One interpretation, used by ``sparsify_``, ``quantize_``, ``calibrate``, ``sensi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
+import torch.nn as nn
 
 
 def as_call(example_inputs, what: str = "example_inputs") -> tuple[tuple, dict]:
@@ -76,7 +78,10 @@ def at_batch(example_inputs, batch: int) -> tuple[tuple, dict]:
     def resize(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != b0:
             return t
-        return t.index_select(0, torch.arange(batch, device=t.device) % b0)
+        r = t.index_select(0, torch.arange(batch, device=t.device) % b0)
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            r = r.contiguous(memory_format=torch.channels_last)  # the layout the model is fed (and is decided for)
+        return r
 
     return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
 
@@ -103,3 +108,18 @@ def loader_batch_call(batch) -> tuple[tuple, dict]:
         return (batch,), {}
     raise TypeError(f"calibration batches must be tensors, (inputs, labels) tuples, dicts of keyword inputs or "
                     f"(args, kwargs), got {type(batch).__name__}")
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module, train: bool = False):
+    """``m.train(train)`` for each of ``modules`` for the block, then every submodule's own training flag as
+    it was (a frozen BatchNorm kept in eval inside a training model stays in eval; ``model.train(was)`` would
+    set them all to the model's flag)."""
+    flags = {id(m): (m, m.training) for root in modules for m in root.modules()}
+    for root in modules:
+        root.train(train)
+    try:
+        yield
+    finally:
+        for m, f in flags.values():
+            m.training = f

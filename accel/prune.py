@@ -19,6 +19,7 @@ them with a ValueError naming them, since zeros written into a computed weight d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .formats import block_norms, expand_block_mask, topk_block_mask
-from .inputs import as_call
+from .inputs import as_call, eval_mode
 from .shrink import ShrinkError, ShrinkPlan, apply_plan, layer_shapes, plan_shrink, resize_, shrink_  # noqa: F401
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -579,22 +580,19 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
     """
     if (evaluate is None) == (example_inputs is None):
         raise ValueError("sensitivity_scan: pass exactly one of evaluate or example_inputs")
-    if evaluate is None:
-        args, kwargs = as_call(example_inputs)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            ref = _flat_output(model(*args, **kwargs))
-
-        def evaluate(m):  # noqa: F811
+    with contextlib.ExitStack() as modes:  # (example inputs: eval mode, every module's own flag restored after)
+        if evaluate is None:
+            args, kwargs = as_call(example_inputs)
+            modes.enter_context(eval_mode(model))
             with torch.no_grad():
-                return output_sqnr(ref, _flat_output(m(*args, **kwargs)))
-    else:
-        was_training = model.training
-    layers = prunable_layers(model, filter_fn)
-    if not layers:
-        raise ValueError("sensitivity_scan: " + nothing_to_prune(model, filter_fn))
-    try:
+                ref = _flat_output(model(*args, **kwargs))
+
+            def evaluate(m):  # noqa: F811
+                with torch.no_grad():
+                    return output_sqnr(ref, _flat_output(m(*args, **kwargs)))
+        layers = prunable_layers(model, filter_fn)
+        if not layers:
+            raise ValueError("sensitivity_scan: " + nothing_to_prune(model, filter_fn))
         rows = [{"layer": None, "sparsity": 0.0, "metric": evaluate(model)}]
         for name, m in layers.items():
             if weight_source(m) is not None:
@@ -610,8 +608,6 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
                 finally:
                     with torch.no_grad():
                         m.weight.copy_(saved)
-    finally:
-        model.train(was_training)
     return rows
 
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .api import replace_module
-from .inputs import loader_batch_call
+from .api import carry_over, replace_module
+from .inputs import eval_mode, loader_batch_call
 from .modules.quant_linear import QuantConv2d, QuantLinear
 from .prune import base_kind, is_accel_layer, is_conv1d, own_forward_reason, weight_source
 from .quant import QMAX, ieee_div
@@ -115,19 +115,17 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
             hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: observers[name].observe(args[0])))
     if not observers:
         raise ValueError("calibrate: no Linear/Conv1D/Conv2d layer selected")
-    was_training = model.training
-    model.eval()
     try:
-        for i, batch in enumerate(loader):
-            if num_batches is not None and i >= num_batches:
-                break
-            args, kwargs = loader_batch_call(batch)
-            move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)  # noqa: E731
-            model(*(move(a) for a in args), **{k: move(v) for k, v in kwargs.items()})
+        with eval_mode(model):
+            for i, batch in enumerate(loader):
+                if num_batches is not None and i >= num_batches:
+                    break
+                args, kwargs = loader_batch_call(batch)
+                move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)  # noqa: E731
+                model(*(move(a) for a in args), **{k: move(v) for k, v in kwargs.items()})
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     empty = {name: "no input" if obs.seen == 0 else "only zeros" for name, obs in observers.items() if obs.absmax == 0.0}
     if empty:
         warnings.warn(f"calibrate: left out {len(empty)} layer(s) that saw no input (never ran) or only zeros, so have "
@@ -290,12 +288,13 @@ def convert(model: nn.Module, linear_mode: str = "dynamic", conv_mode: str = "dy
     converted = []
     for name, m in list(model.named_modules()):
         if isinstance(m, FakeQuantLinear):
-            replace_module(model, name, QuantLinear.from_float(m, linear_mode, act_qmax=m.act_qmax))
+            new = QuantLinear.from_float(m, linear_mode, act_qmax=m.act_qmax)
         elif isinstance(m, FakeQuantConv1D):
-            replace_module(model, name, QuantLinear.from_float(m.to_linear(), linear_mode, act_qmax=m.act_qmax))
+            new = QuantLinear.from_float(m.to_linear(), linear_mode, act_qmax=m.act_qmax)
         elif isinstance(m, FakeQuantConv2d):
-            replace_module(model, name, QuantConv2d.from_float(m, conv_mode, act_qmax=m.act_qmax))
+            new = QuantConv2d.from_float(m, conv_mode, act_qmax=m.act_qmax)
         else:
             continue
+        replace_module(model, name, carry_over(m, new))
         converted.append(name)
     return converted

@@ -81,7 +81,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .inputs import as_call
+from .inputs import as_call, eval_mode
 
 ImportanceFn = Callable[[str, nn.Module], torch.Tensor]
 
@@ -780,25 +780,10 @@ def _check_args(ratio, scope, importance, min_channels, floor, round_to) -> None
         raise ValueError(f"shrink: round_to must be None or an int >= 1, got {round_to!r}")
 
 
-class _TrainFlags:
-    """Eval mode for the trace, with every module's own training flag restored afterwards."""
-
-    def __init__(self, model: nn.Module, train: bool = False) -> None:
-        self.model, self.train = model, train
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.train)
-
-    def __exit__(self, *exc):
-        for m, f in self.flags:
-            m.training = f
-
-
 def _trace(model: nn.Module, args: tuple, kwargs: dict, labels: bool = True) -> tuple[_Tracer, object]:
     tracer = _Tracer(model, labels)
     try:
-        with torch.no_grad(), _TrainFlags(model):
+        with torch.no_grad(), eval_mode(model):
             out = tracer.run(args, kwargs)
     except ShrinkError:
         raise
@@ -1225,7 +1210,7 @@ def _train_run(model: nn.Module, args: tuple, kwargs: dict) -> list | Exception:
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({t.device.index or 0 for t in _tensors((args, kwargs)) if t.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), _TrainFlags(model, train=True):
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(model, train=True):
             return _shapes(model(*args, **kwargs))
     except Exception as e:
         return e
@@ -1250,7 +1235,7 @@ def apply_plan(model: nn.Module, plan: ShrinkPlan | dict, example_inputs=None) -
     if example_inputs is not None:
         args, kwargs = _split_inputs(example_inputs)
         if plan._events is None or plan._out_shapes is None:
-            with torch.no_grad(), _TrainFlags(model):
+            with torch.no_grad(), eval_mode(model):
                 try:
                     expected = _shapes(model(*args, **kwargs))
                 except Exception as e:

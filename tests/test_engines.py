@@ -61,8 +61,11 @@ def test_measure_rejects_wrong_raising_and_far_too_slow_candidates(monkeypatch, 
     assert d.engine == "ref"
     assert d.rejected["wrong"].startswith("inaccurate") and "no kernel for this shape" in d.rejected["boom"]
     assert d.rejected["crawl"].startswith("too slow")
-    with pytest.raises(RuntimeError, match="no engine could run this call"):
-        engines.measure({"boom": boom}, incumbent="boom")
+    with pytest.raises(RuntimeError, match="no kernel for this shape"):  # every candidate raises: the default's error,
+        engines.measure({"boom": boom}, incumbent="boom")                 # as when nothing is measured
+    with pytest.raises(RuntimeError, match="no engine could run this call"):  # none raises alike: accel says so
+        engines.measure({"boom": boom, "wrong": _sleeper(0.0, value=2.0)}, incumbent="boom",
+                        reference=lambda: torch.ones(4), min_sqnr=60)
 
 
 def test_choose_caches_on_disk_for_the_next_process(cache):

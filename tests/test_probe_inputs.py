@@ -237,6 +237,6 @@ def test_the_functional_int8_ops_refuse_bad_scales():
 def test_a_dense_storage_conv_names_a_wrong_input_rank():
     m = SparseConv2d.from_dense(nn.Conv2d(16, 16, 3), sparsity=0.5, block=16, mode="dense")
     for x in (torch.randn(3, 32), torch.tensor(1.0)):
-        with pytest.raises(ValueError, match=r"expected a \[B, C, H, W\] or \[C, H, W\] input, got shape"):
+        with pytest.raises(ValueError, match=r"expected a \[B, 16, H, W\] or \[16, H, W\] input, got shape"):
             with torch.no_grad():
                 m(x)

@@ -121,3 +121,13 @@ def explicit_padding(conv) -> tuple[int, int]:
     if conv.padding == "same":
         return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
     return tuple(conv.padding)
+
+
+def same_grad(dense, sparse) -> None:
+    """``dense`` (the stock layer a block-sparse one converts back to) takes the sparse layer's ``requires_grad``
+    per parameter: a frozen layer stays frozen."""
+    src = sparse.values if sparse.storage == "sparse" else sparse.weight
+    dense.weight.requires_grad_(src.requires_grad)
+    if dense.bias is not None:
+        dense.bias.requires_grad_(sparse.bias.requires_grad)
+

@@ -18,6 +18,7 @@ from ..formats import (
     topk_block_mask,
 )
 from ..ops._dispatch import as_conv_output
+from ..ops._plans import forget_plans
 from ..ops.bsr_conv import BLOCK_SIZES, check_geometry, conv_pair, module_bsr_conv2d
 from ._bsr_state import bsr_state_error, load_bsr_state, masked_outside_autograd
 from ._common import (
@@ -26,6 +27,7 @@ from ._common import (
     explicit_padding,
     normal_tensor,
     refuse_weight,
+    same_grad,
     same_padding_reason,
     weight_view,
 )
@@ -176,9 +178,15 @@ class SparseConv2d(nn.Module):
         if conv.bias is not None:
             m.bias.data.copy_(conv.bias.detach())
         m._set_structure(bsr, mode)
+        m.requires_grad_(False)  # frozen stays frozen: each parameter as the source layer's
+        (m.values if m.storage == "sparse" else m.weight).requires_grad_(conv.weight.requires_grad)
+        if m.bias is not None:
+            m.bias.requires_grad_(conv.bias.requires_grad)
         return m
 
     def _set_structure(self, bsr: BSRMatrix, mode: str) -> None:
+        prev = self._parameters.get("values", self._parameters.get("weight"))
+        grad = True if prev is None else prev.requires_grad  # a frozen layer stays frozen
         for name in ("values", "weight"):
             if name in self._parameters:
                 del self._parameters[name]
@@ -188,16 +196,16 @@ class SparseConv2d(nn.Module):
         self.mode = mode
         with torch.inference_mode(False):
             if mode != "dense":
-                self.values = nn.Parameter(normal_tensor(bsr.values.contiguous()))
+                self.values = nn.Parameter(normal_tensor(bsr.values.contiguous()), requires_grad=grad)
                 self.register_buffer("crow_indices", normal_tensor(bsr.crow_indices))
                 self.register_buffer("col_indices", normal_tensor(bsr.col_indices))
             else:
                 o, kh, kw, c = self.out_channels, *self.kernel_size, self.in_channels
                 w = bsr.to_dense().reshape(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
-                self.weight = nn.Parameter(normal_tensor(w))
+                self.weight = nn.Parameter(normal_tensor(w), requires_grad=grad)
                 self.register_buffer("block_mask", normal_tensor(bsr.block_mask()))
             if self.bias is not None and self.bias.is_inference():
-                self.bias = nn.Parameter(normal_tensor(self.bias.detach()))
+                self.bias = nn.Parameter(normal_tensor(self.bias.detach()), requires_grad=self.bias.requires_grad)
 
     @property
     def storage(self) -> str:
@@ -226,12 +234,15 @@ class SparseConv2d(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d`` (pruned blocks zero)."""
         w = self.dense_weight()
+        # built on the meta device: no random init, so the global random state is not drawn from
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+                         self.dilation, bias=self.bias is not None, device="meta", dtype=w.dtype).to_empty(device=w.device)
         with torch.no_grad():
             conv.weight.copy_(w)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        same_grad(conv, self)
+        conv.train(self.training)
         return conv
 
     # ------------------------------------------------------------------ forward
@@ -240,11 +251,21 @@ class SparseConv2d(nn.Module):
             p, b = self._parameters, self._buffers
             values, bias = p["values"], p.get("bias")
             dt = autocast_dtype(x)
-            if dt is not None:  # torch.autocast: compute in its dtype, as nn.Conv2d does
+            if dt is not None:  # torch.autocast: compute in its dtype, as nn.Conv2d does (fresh casts: no plan)
                 x, values, bias = x.to(dt), cast_param(values, dt), cast_param(bias, dt)
             return module_bsr_conv2d(x, values, b["crow_indices"], b["col_indices"], self.weight_shape,
-                                     bias, self.stride, self.padding, self.dilation, self.mode == "auto")
+                                     bias, self.stride, self.padding, self.dilation, self.mode == "auto",
+                                     None if dt is not None else self)
         w = self.weight
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"SparseConv2d: expected a [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W] "
+                             f"input, got shape {tuple(x.shape)}")
+        if x.dtype != w.dtype and autocast_dtype(x) is None:  # (the sparse storage's errors, not torch's)
+            raise TypeError(f"SparseConv2d: x dtype {x.dtype} must equal the layer's dtype {w.dtype}")
+        if any((n + 2 * p - d * (k - 1) - 1) < 0 for n, p, d, k in
+               zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size)):
+            raise ValueError(f"SparseConv2d: input {tuple(x.shape[-2:])} with padding {tuple(self.padding)} is smaller "
+                             f"than the dilated kernel {tuple(self.kernel_size)} (dilation {tuple(self.dilation)})")
 
         def mask_like_w():
             mask = expand_block_mask(self.block_mask, self.block_size, self._matrix_shape())
@@ -255,8 +276,6 @@ class SparseConv2d(nn.Module):
             w = w * mask_like_w().to(w.dtype)
         else:
             w = masked_outside_autograd(w, self.block_mask, mask_like_w)
-        if x.dim() not in (3, 4):
-            raise ValueError(f"SparseConv2d: expected a [B, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
         if x.is_cuda or autocast_dtype(x) is not None:
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
         # torch's CPU conv crashes or returns garbage on some geometries: routed (accel.cpu.int8.float_conv2d_cpu)
@@ -264,6 +283,10 @@ class SparseConv2d(nn.Module):
         x4 = x.unsqueeze(0) if squeeze else x
         y = as_conv_output(float_conv2d_cpu(x4, w, self.bias, self.stride, self.padding, self.dilation), x4)
         return y.squeeze(0) if squeeze else y
+
+    def _apply(self, fn, recurse=True):
+        forget_plans(self)  # the resolved calls hold the tensors (and weights derived from them) being replaced
+        return super()._apply(fn, recurse)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):

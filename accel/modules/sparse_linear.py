@@ -16,9 +16,10 @@ from ..formats import (
     expand_block_mask,
     topk_block_mask,
 )
+from ..ops._plans import forget_plans
 from ..ops.bsr_linear import module_bsr_linear
 from ._bsr_state import bsr_state_error, load_bsr_state, masked_outside_autograd
-from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, weight_view
+from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, same_grad, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -119,9 +120,15 @@ class SparseLinear(nn.Module):
         if linear.bias is not None:
             m.bias.data.copy_(linear.bias.detach())
         m._set_structure(bsr, mode)
+        m.requires_grad_(False)  # frozen stays frozen: each parameter as the source layer's
+        (m.values if m.storage == "sparse" else m.weight).requires_grad_(linear.weight.requires_grad)
+        if m.bias is not None:
+            m.bias.requires_grad_(linear.bias.requires_grad)
         return m
 
     def _set_structure(self, bsr: BSRMatrix, mode: str) -> None:
+        prev = self._parameters.get("values", self._parameters.get("weight"))
+        grad = True if prev is None else prev.requires_grad  # a frozen layer stays frozen
         for name in ("values", "weight"):
             if name in self._parameters:
                 del self._parameters[name]
@@ -131,14 +138,14 @@ class SparseLinear(nn.Module):
         self.mode = mode
         with torch.inference_mode(False):
             if mode != "dense":
-                self.values = nn.Parameter(normal_tensor(bsr.values.contiguous()))
+                self.values = nn.Parameter(normal_tensor(bsr.values.contiguous()), requires_grad=grad)
                 self.register_buffer("crow_indices", normal_tensor(bsr.crow_indices))
                 self.register_buffer("col_indices", normal_tensor(bsr.col_indices))
             else:
-                self.weight = nn.Parameter(normal_tensor(bsr.to_dense().contiguous()))
+                self.weight = nn.Parameter(normal_tensor(bsr.to_dense().contiguous()), requires_grad=grad)
                 self.register_buffer("block_mask", normal_tensor(bsr.block_mask()))
             if self.bias is not None and self.bias.is_inference():
-                self.bias = nn.Parameter(normal_tensor(self.bias.detach()))
+                self.bias = nn.Parameter(normal_tensor(self.bias.detach()), requires_grad=self.bias.requires_grad)
 
     @property
     def storage(self) -> str:
@@ -163,11 +170,15 @@ class SparseLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         w = self.dense_weight()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        # built on the meta device: no random init, so the global random state is not drawn from
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                        dtype=w.dtype).to_empty(device=w.device)
         with torch.no_grad():
             lin.weight.copy_(w)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
+        same_grad(lin, self)
+        lin.train(self.training)
         return lin
 
     # ------------------------------------------------------------------ forward
@@ -176,17 +187,27 @@ class SparseLinear(nn.Module):
             p, b = self._parameters, self._buffers
             values, bias = p["values"], p.get("bias")
             dt = autocast_dtype(x)
-            if dt is not None:  # torch.autocast: compute in its dtype, as nn.Linear does
+            if dt is not None:  # torch.autocast: compute in its dtype, as nn.Linear does (fresh casts: no plan)
                 x, values, bias = x.to(dt), cast_param(values, dt), cast_param(bias, dt)
             return module_bsr_linear(x, values, b["crow_indices"], b["col_indices"],
-                                     (self.out_features, self.in_features), bias, self.mode == "auto")
+                                     (self.out_features, self.in_features), bias, self.mode == "auto",
+                                     None if dt is not None else self)
         w = self.weight
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: x must have shape [..., {self.in_features}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype != w.dtype and autocast_dtype(x) is None:  # (the sparse storage's errors, not torch's)
+            raise TypeError(f"SparseLinear: x dtype {x.dtype} must equal the layer's dtype {w.dtype}")
         if torch.is_grad_enabled() and w.requires_grad:
             w = w * expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)).to(w.dtype)
         else:
             w = masked_outside_autograd(w, self.block_mask,
                                         lambda: expand_block_mask(self.block_mask, self.block_size, tuple(w.shape)))
         return F.linear(x, w, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        forget_plans(self)  # the resolved calls hold the tensors (and weights derived from them) being replaced
+        return super()._apply(fn, recurse)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):

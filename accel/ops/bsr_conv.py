@@ -23,17 +23,20 @@ structure, with ``accel.formats.check_bsr``, cached per index tensor): a bad cal
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import engines
 from ..cpu import bsr as cpu_bsr
 from ..cpu import bsr_conv as cpu_conv
-from ..cpu.int8 import float_conv2d_cpu
+from ..cpu.int8 import float_conv2d_cpu, onednn_conv_ok
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
+from ._plans import _plan_key, _planned, _settled
 from .bsr_linear import MIN_SQNR, any_nonfinite, refuse_double_backward, transposed_structure
 
 #: block sizes of the conv kernels (``accel.kernels.bsr_conv.SUPPORTED_BLOCK_SIZES``)
@@ -355,10 +358,18 @@ def bsr_conv2d(
 
 
 def module_bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,
-                      allow_dense: bool) -> torch.Tensor:
+                      allow_dense: bool, owner: object | None = None) -> torch.Tensor:
     """:func:`bsr_conv2d` for a ``SparseConv2d``'s own (already validated) parameters and geometry: only
     ``x`` and the (cached) structure check are validated, so a call costs a few microseconds more
-    than its engine."""
+    than its engine. ``owner`` (the module) keeps the resolved call per kind of input for CPU inference
+    (``accel.ops._plans``)."""
+    tensors = (values, crow_indices, col_indices, bias)
+    settings = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), allow_dense)
+    if owner is not None and not (torch.is_grad_enabled() and (values.requires_grad or
+                                                               (bias is not None and bias.requires_grad))):
+        settled = _settled(owner, x, x.shape, tensors, settings, image=True)
+        if settled is not None:
+            return settled.fn(x)
     o, c, kh, kw = weight_shape
     if needs_op(x, values, bias) or x.dim() != 4 or x.dtype != values.dtype or x.device != values.device or \
             x.shape[1] != c or x.is_cuda:
@@ -369,5 +380,23 @@ def module_bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, 
         return bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,
                           allow_dense=allow_dense)
     check_bsr_cached(crow_indices, col_indices, values.shape[0], (o, kh * kw * c), values.shape[1], "bsr_conv2d")
+    if owner is not None and x.shape[0] and values.shape[0] and not use_triton(x, "bsr_conv2d"):
+        return _planned(owner, _plan_key(x, x.shape, True), tensors, settings, ("bsr_conv2d",),
+                        lambda: _resolve_cpu(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding,
+                                             dilation, allow_dense)).fn(x)
     return _dispatch(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation, False,
                      allow_dense)
+
+
+def _resolve_cpu(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense):
+    """``(fn, True)``: the CPU call :func:`_dispatch` makes for ``x``'s kind of input (deciding the engine now)."""
+    engine = _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if engine == "dense" and conv_out_format(x) == torch.channels_last and not torch.is_autocast_enabled("cpu") and \
+            onednn_conv_ok(x.shape[1], x.shape[2], x.shape[3], weight_shape[2], weight_shape[3], stride,
+                                    padding, dilation):  # (the same for every input of the plan's kind)
+        # what _run_dense does for a channels_last input: torch's conv of the densified (channels_last) weight
+        w = _dense_weight(values, crow, col, weight_shape, x.dtype)
+        return functools.partial(F.conv2d, weight=w, bias=bias, stride=stride, padding=padding, dilation=dilation), True
+    return (lambda x: as_conv_output(run_cpu(engine, x, values, crow, col, weight_shape, bias, stride, padding,
+                                             dilation), x)), True

@@ -20,7 +20,9 @@ is cached per index tensor (identity, version), so it costs microseconds after t
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import torch
 
@@ -36,6 +38,7 @@ from ..formats import (
     check_bsr_cached,
 )
 from ._dispatch import needs_op, use_triton
+from ._plans import _plan_key, _planned, _settled
 
 #: SQNR (dB) a CPU strategy must reach against the fp32 dense product before it can be chosen
 #: (the strategies differ only in summation order: fp32 > 100 dB, bf16/fp16 ~45-50 dB)
@@ -103,6 +106,8 @@ def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Te
     kwargs.pop("allow_tf32", None)
     if name == "bsr_dense_mm" and "strategy" not in kwargs and "block_index" not in kwargs:
         x, values, crow, col, out_features, bias = args[:6]
+        if x.shape[0] and not values.shape[0] and x.shape[1]:  # every block pruned: zeros that still multiply NaN
+            return nonfinite_rows_like_dense(x, cpu_bsr.bsr_dense_mm_cpu(*args, **kwargs))
         if x.shape[0] and values.shape[0] and x.shape[1]:
             strategy = _cpu_strategy(x, values, crow, col, out_features, bias, allow_dense)
             if strategy == "dense":
@@ -131,6 +136,19 @@ def nonfinite_rows_like_dense(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     rows = y[bad]
     y[bad] = torch.where(torch.isfinite(rows), torch.full_like(rows, float("nan")), rows)
     return y
+
+
+def check_shape(shape, what: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` as ints >= 0 (anything with ``__index__``: a float is refused, not truncated)."""
+    try:
+        if isinstance(shape, (str, bytes)) or len(shape) != 2 or any(isinstance(v, bool) for v in shape):
+            raise TypeError
+        n, k = (operator.index(v) for v in shape)
+    except TypeError:
+        raise ValueError(f"{what}: shape must be (out_features, in_features), two ints >= 0, got {shape!r}") from None
+    if n < 0 or k < 0:
+        raise ValueError(f"{what}: shape must be (out_features, in_features), two ints >= 0, got {shape!r}")
+    return n, k
 
 
 def _check_fake(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, out_features: int):
@@ -261,12 +279,19 @@ def bsr_linear(
     ``allow_dense``: on the CPU, run the densified weight where that measures faster (``auto``).
     Raises ``TypeError``/``ValueError`` naming the offending dtype, device, shape or broken index.
     """
-    out_features, in_features = shape
+    for name, t in (("x", x), ("values", values), ("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bsr_linear: {name} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bsr_linear: bias must be a tensor or None, got {type(bias).__name__}")
+    out_features, in_features = check_shape(shape, "bsr_linear")
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"bsr_linear: values must be [nnz, B, B], got shape {tuple(values.shape)}")
     bs = check_block_size(int(values.shape[1]), "bsr_linear: block size (values.shape[1])")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"bsr_linear: x must have shape [..., {in_features}], got {tuple(x.shape)}")
+    if x.dtype not in cpu_bsr.SUPPORTED_DTYPES:
+        raise TypeError(f"bsr_linear: x dtype must be one of {cpu_bsr.SUPPORTED_DTYPES}, got {x.dtype}")
     if x.dtype != values.dtype:
         raise TypeError(f"bsr_linear: x dtype {x.dtype} must equal weight dtype {values.dtype}")
     if bias is not None and bias.dtype != x.dtype:
@@ -294,16 +319,48 @@ def bsr_linear(
 
 
 def module_bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-                      shape: tuple[int, int], bias: torch.Tensor | None, allow_dense: bool) -> torch.Tensor:
+                      shape: tuple[int, int], bias: torch.Tensor | None, allow_dense: bool,
+                      owner: object | None = None) -> torch.Tensor:
     """:func:`bsr_linear` for a ``SparseLinear``'s own parameters: ``x`` and the (cached) structure check
-    only, so a call costs a few microseconds more than its strategy."""
+    only, so a call costs a few microseconds more than its strategy. ``owner`` (the module) keeps the
+    resolved call per kind of input for CPU inference (``accel.ops._plans``): a settled call then costs a
+    lookup and identity/version checks before its strategy (or the dense ``F.linear``) runs."""
     out_features, in_features = shape
+    tensors = (values, crow_indices, col_indices, bias)
+    if owner is not None and not (torch.is_grad_enabled() and (values.requires_grad or
+                                                               (bias is not None and bias.requires_grad))):
+        settled = _settled(owner, x, x.shape, tensors, (shape, allow_dense))
+        if settled is not None:
+            if x.dim() == 2 or (settled.any_rank and x.is_contiguous()):
+                return settled.fn(x)
+            return settled.fn(x.reshape(-1, in_features)).view(*x.shape[:-1], out_features)
     if needs_op(x, values, bias) or x.dtype != values.dtype or x.device != values.device or x.dim() == 0 or \
             x.shape[-1] != in_features:
         return bsr_linear(x, values, crow_indices, col_indices, shape, bias, allow_dense=allow_dense)
     check_bsr_cached(crow_indices, col_indices, values.shape[0], shape, values.shape[1], "bsr_linear")
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), in_features)
-    y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
-                  allow_dense=allow_dense)
+    if owner is not None and not use_triton(x2, "bsr_linear") and x2.shape[0] and x2.shape[1] and values.shape[0]:
+        plan = _planned(owner, _plan_key(x, x.shape, False), tensors, (shape, allow_dense), ("bsr_linear",),
+                        lambda: _resolve_cpu(x2, values, crow_indices, col_indices, out_features, bias, allow_dense))
+        if plan.any_rank and x.is_contiguous():
+            return plan.fn(x)
+        y = plan.fn(x2)
+    else:
+        y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
+                      allow_dense=allow_dense)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+
+
+def _resolve_cpu(x, values, crow, col, out_features, bias, allow_dense):
+    """``(fn, any_rank)``: the CPU call :func:`_dispatch` makes for ``x``'s kind of input (deciding the strategy
+    now), and whether it takes any rank of input (else the 2-D view)."""
+    strategy = _cpu_strategy(x, values, crow, col, out_features, bias, allow_dense)
+    if strategy == "dense":
+        w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
+        return functools.partial(torch.nn.functional.linear, weight=w, bias=bias), True
+
+    def run(x2):
+        return nonfinite_rows_like_dense(x2, cpu_bsr.bsr_dense_mm_cpu(x2, values, crow, col, out_features, bias,
+                                                                      strategy=strategy))
+    return run, False

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +35,9 @@ import torch.nn.functional as F
 from .. import engines
 from ..cpu import int8 as cpu_int8
 from ..cpu.packcache import cached
-from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, dequantize_weight
+from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate, dequantize_weight
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
+from ._plans import _PLANS, _Plan, _plan_key, _planned, _settled, forget_plans  # noqa: F401  (layers, tests)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LINEAR_MODES = ("dynamic", "static", "weight_only", "auto")
@@ -209,8 +209,6 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
             y = cpu_int8.float_conv2d_cpu(v, w_q.float(), None, stride, padding, dilation)
             y = y * w_scale[None, :, None, None] * scale[:, None, None, None]
             y = y if bias is None else y + bias.float()[None, :, None, None]
-            from ..quant import activate
-
             return activate(y, activation).to(x.dtype)
 
     default = allowed[0]  # oneDNN's direct conv where it is correct, else im2col
@@ -239,8 +237,6 @@ def _triton_linear(x, w_q, w_scale, bias, act_scale, activation, mode, qmax):
     if mode == "float":
         w = cpu_int8.dequantized(w_q, w_scale, x.dtype)
         out = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-        from ..quant import activate
-
         return activate(out, activation)
     if mode == "weight_only":
         return int8_mm(x, w_q, None, w_scale, bias, activation=activation, out_dtype=x.dtype,
@@ -257,8 +253,6 @@ def _int8_linear_impl(x, w_q, w_scale, bias, act_scale, activation, mode, act_qm
         y = x.new_zeros(m, n)
         if bias is not None:
             y += bias.to(y.dtype)
-        from ..quant import activate
-
         return activate(y, activation)
     if mode == "auto":
         if triton and not x.is_cuda:  # the interpreter: no timing
@@ -511,128 +505,6 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     return y if x.dim() == 2 else y.view(*x.shape[:-1], w_q.shape[0])
 
 
-# ---------------------------------------------------------------------------------------------
-# resolved calls of a layer (CPU eager inference): the per-call cost of a settled decision
-# ---------------------------------------------------------------------------------------------
-class _Plan:
-    """One layer's resolved call for one kind of input (dtype, bucket of rows, ...): the form and engine
-    decided, the derived weight fetched, and the function that runs them (``any_rank``: it takes the
-    layer's input as given, else its 2-D ``[rows, features]`` view). Valid while the layer's tensors are
-    the same objects at the same versions and storages, its settings are unchanged and no engine decision
-    changed. ``notes``: the decision keys the call used, noted again on every call (``accel.engines.last_key``)."""
-
-    __slots__ = ("fn", "any_rank", "stamp", "tensors", "checks", "settings", "notes")
-
-    def __init__(self, fn, stamp, tensors, settings, notes, any_rank=False):
-        self.fn, self.any_rank, self.stamp, self.tensors, self.settings = fn, any_rank, stamp, tensors, settings
-        self.notes = {op: k for op, k in notes if k is not None}
-        # (tensor, version or None for an inference tensor (no counter), storage): ``t.data = other`` keeps
-        # the object and its version
-        self.checks = tuple((t, None if t.is_inference() else t._version, t.data_ptr()) for t in tensors
-                            if t is not None)
-
-    def valid(self, tensors, settings, stamp) -> bool:
-        mine = self.tensors
-        if self.stamp != stamp or self.settings != settings or mine[0] is not tensors[0] or \
-                mine[1] is not tensors[1] or mine[2] is not tensors[2] or mine[3] is not tensors[3]:
-            return False
-        for t, version, ptr in self.checks:
-            if (version is not None and t._version != version) or t.data_ptr() != ptr:
-                return False
-        return True
-
-
-#: module -> {input kind: _Plan}; weak, so plans die with their layer (and are never pickled or copied)
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def forget_plans(owner: object) -> None:
-    """Drop ``owner``'s resolved calls (its tensors are being moved or replaced)."""
-    _PLANS.pop(owner, None)
-
-
-def _plan_key(x: torch.Tensor, shape, image: bool) -> tuple:
-    """The kind of input a plan serves: everything the module's checks looked at (dtype, device, rank, the
-    feature / channel count), the bucket of rows, and for images their size and layout. A plan exists only
-    for a kind that passed those checks, so finding one stands for them. (:func:`_settled` computes the
-    same key inline.)"""
-    autocast = torch.is_autocast_enabled("cpu")  # F.linear / F.conv2d then compute in another dtype
-    if image:
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return (x.dtype, x.device, 4, shape[1], engines.m_bucket(shape[0]), shape[2], shape[3], cl, autocast)
-    rows = math.prod(shape[:-1]) if len(shape) != 2 else shape[0]
-    return (x.dtype, x.device, len(shape), shape[-1], engines.m_bucket(rows), autocast)
-
-
-_is_compiling = torch.compiler.is_compiling
-
-
-def _settled(owner, x: torch.Tensor, shape, tensors: tuple, settings: tuple, image: bool = False):
-    """``owner``'s valid plan for ``x``'s kind of input (its notes recorded), or None: the fast path of a
-    settled layer, which skips the checks a plan already passed. Never under torch.compile or when autograd
-    must record the call, never for empty inputs (which take the checked path).
-
-    Written flat (the key and the validity checks inline): between a model's large GEMMs this runs with
-    cold caches, where each Python call level costs microseconds (measured: ~60 us per layer call before,
-    ~15 us after, next to a bare ``F.linear``)."""
-    if owner is None or _is_compiling() or torch.jit.is_tracing():  # first: under torch.compile nothing here is
-        return None  # traced (and torch.jit.trace gives sizes as tensors)
-    if x.requires_grad and torch.is_grad_enabled():
-        return None
-    plans = _PLANS.get(owner)
-    if not plans or engines.forcing_here():  # (a thread's engines.force is not for the others' plans)
-        return None
-    stamp = engines.stamp()
-    nd = len(shape)
-    if image:
-        if nd != 4 or not shape[0] or not shape[1] or not shape[2] or not shape[3]:
-            return None
-        m = shape[0]
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        key = (x.dtype, x.device, 4, shape[1], m if m <= 1 else min(1 << (m - 1).bit_length(), 8192),
-               shape[2], shape[3], cl, torch.is_autocast_enabled("cpu"))
-    else:
-        if not nd:
-            return None
-        m = shape[0] if nd == 2 else math.prod(shape[:-1])
-        if not m or not shape[-1]:
-            return None
-        key = (x.dtype, x.device, nd, shape[-1], m if m <= 1 else min(1 << (m - 1).bit_length(), 8192),
-               torch.is_autocast_enabled("cpu"))
-    plan = plans.get(key)
-    if plan is None or not plan.valid(tensors, settings, stamp):
-        return None
-    if plan.notes:
-        engines.note_keys(plan.notes)
-    return plan
-
-
-def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str, ...], resolve) -> _Plan:
-    """``owner``'s resolved call for inputs of kind ``key``, made by ``resolve()`` (which returns
-    ``(fn, any_rank)``) when missing or stale.
-
-    A settled call then costs a dictionary lookup and identity/version checks before the engine runs,
-    instead of the dispatch chain (form, engine, derived-weight cache lookups)."""
-    stamp = engines.stamp()  # before deciding: a decision changed meanwhile makes the plan stale at once
-    if engines.forcing_here():  # this thread's pinned engines: resolved for this call, shared with no one
-        fn, any_rank = resolve()
-        return _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops), any_rank)
-    plans = _PLANS.get(owner)
-    if plans is None:
-        plans = _PLANS[owner] = {}
-    plan = plans.get(key)
-    if plan is None or not plan.valid(tensors, settings, stamp):
-        if plan is not None:  # the layer changed: every kind's plan is stale, and holds the old tensors
-            plans.clear()
-        undecided = engines.undecided_count()
-        fn, any_rank = resolve()
-        plan = _Plan(fn, stamp, tensors, settings, tuple((op, engines.last_key(op)) for op in ops), any_rank)
-        if engines.undecided_count() == undecided:  # (a call that could not decide its engine runs, unkept)
-            plans[key] = plan
-    engines.note_keys(plan.notes)
-    return plan
-
-
 def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
     """``(fn, any_rank)``: the function running ``x``'s call as :func:`_linear_body` would (deciding form and
     engine now), and whether it takes any rank of input (else the 2-D view)."""
@@ -701,6 +573,12 @@ def int8_conv2d(
     if x.shape[0] == 0 or w_q.shape[0] == 0:
         return torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
                            device=x.device).contiguous(memory_format=conv_out_format(x))
+    if w_q.shape[1] == 0:  # no input channels, nothing to multiply: the bias at every pixel (through the activation)
+        y = torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=torch.float32,
+                        device=x.device)
+        if bias is not None:
+            y += bias.float()[None, :, None, None]
+        return activate(y, activation).to(x.dtype).contiguous(memory_format=conv_out_format(x))
     args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
     return _int8_conv2d_op(*args) if needs_op(x) else _int8_conv2d_impl(*args)
 
@@ -715,7 +593,7 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     if settled is not None:  # a kind of input this layer has run (and checked) before: its plan, nothing else
         return settled.fn(x)
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() != 4 or \
-            x.shape[1] != w_q.shape[1] or x.shape[0] == 0:
+            x.shape[1] != w_q.shape[1] or x.shape[0] == 0 or not x.shape[1]:
         return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
                            mode=mode, act_qmax=act_qmax)
     kh, kw = w_q.shape[2:]

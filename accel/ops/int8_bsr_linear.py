@@ -33,6 +33,8 @@ from ..cpu.packcache import cached
 from ..formats import BLOCK_SIZES, block_grid, bsr_row_indices, check_bsr_cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate
 from ._dispatch import needs_op, use_triton
+from .bsr_linear import check_shape
+from .int8 import _check_w_scale, _checked_once
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = INT32_MAX_K
@@ -178,6 +180,7 @@ def check_weight(what: str, values_q: torch.Tensor, w_scale: torch.Tensor, crow:
     bs = values_q.shape[1]
     if not torch.compiler.is_compiling():
         check_bsr_cached(crow, col, values_q.shape[0], shape, bs, what)
+        _checked_once(w_scale, lambda: _check_w_scale(what, w_scale))  # (negative / NaN scales: wrong outputs)
     return bs
 
 
@@ -197,7 +200,11 @@ def int8_bsr_linear(
     (see the module docstring). Raises ``TypeError`` / ``ValueError`` naming the offending dtype,
     device, shape, activation or broken index."""
     what = "int8_bsr_linear"
-    out_features, in_features = (int(v) for v in shape)
+    for name, t in (("x", x), ("values_q", values_q), ("w_scale", w_scale), ("crow_indices", crow_indices),
+                    ("col_indices", col_indices)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    out_features, in_features = check_shape(shape, what)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: x dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:

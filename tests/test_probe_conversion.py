@@ -1,0 +1,151 @@
+"""What a conversion must leave as it was (found by a prober on CNN workflows): every module's own training flag,
+frozen parameters, the user's hooks on a converted layer, the global random state, and one truthful report row
+for layers accel has no form for. Also: inputs resized for other batch sizes keep their memory format."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import accel
+from accel import SparseConv2d, SparseLinear, engines
+from accel.inputs import at_batch
+
+
+@pytest.fixture
+def measuring(monkeypatch, accel_env):
+    accel_env(ACCEL_ENGINE_MEASURE="1")
+    monkeypatch.setattr(engines, "BUDGET_S", 0.01)
+    monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                      nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, 10))
+    m.train()
+    m[1].eval()  # a frozen BatchNorm inside a model being fine-tuned
+    return m
+
+
+X = torch.randn(2, 3, 8, 8)
+CONVERSIONS = {
+    "quantize_": lambda m, **kw: accel.quantize_(m, accel.QuantConfig(budget_s=0.01), **kw),
+    "sparsify_": lambda m, **kw: accel.sparsify_(m, accel.SparsityConfig(sparsity=0.5, block=16, convs=True,
+                                                                         budget_s=0.01), **kw),
+}
+
+
+@pytest.mark.parametrize("what", list(CONVERSIONS))
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_conversion_keeps_each_modules_training_flag(what, with_inputs, measuring):
+    m = _cnn()
+    flags = {n: s.training for n, s in m.named_modules()}
+    CONVERSIONS[what](m, **({"example_inputs": (X,)} if with_inputs else {}))
+    assert {n: s.training for n, s in m.named_modules()} == flags  # the converted layers take their originals'
+
+
+def test_calibrate_and_sensitivity_scan_keep_each_modules_training_flag():
+    m = _cnn()
+    flags = {n: s.training for n, s in m.named_modules()}
+    accel.calibrate(m, [(X,)])
+    assert {n: s.training for n, s in m.named_modules()} == flags
+    accel.prune.sensitivity_scan(m, example_inputs=(X,), sparsities=(0.5,), block=16)
+    assert {n: s.training for n, s in m.named_modules()} == flags
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_sparsify_keeps_frozen_parameters_frozen(with_inputs, measuring):
+    m = _cnn()
+    for layer in (m[0], m[5]):
+        layer.requires_grad_(False)
+    m[7].bias.requires_grad_(False)
+    CONVERSIONS["sparsify_"](m, **({"example_inputs": (X,)} if with_inputs else {}))
+    for i in (0, 5):
+        assert not any(p.requires_grad for p in m[i].parameters()), type(m[i]).__name__
+    assert all(p.requires_grad for p in m[3].parameters())
+    last = m[7]
+    assert not last.bias.requires_grad and (last.values if isinstance(last, SparseLinear) else last.weight).requires_grad
+
+
+def test_stock_layers_back_from_sparse_keep_grad_flags_and_the_random_state():
+    lin = nn.Linear(64, 32)
+    lin.weight.requires_grad_(False)
+    s = SparseLinear.from_dense(lin, sparsity=0.5, block=16)
+    conv = nn.Conv2d(32, 32, 3)
+    conv.bias.requires_grad_(False)
+    c = SparseConv2d.from_dense(conv, sparsity=0.5, block=16)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    back, back_c = s.to_linear(), c.to_dense()
+    assert torch.equal(torch.rand(3), expected)  # no random init drawn
+    assert not back.weight.requires_grad and back.bias.requires_grad
+    assert back_c.weight.requires_grad and not back_c.bias.requires_grad
+    assert torch.equal(back.weight, s.dense_weight()) and torch.equal(back_c.weight, c.dense_weight())
+
+
+@pytest.mark.parametrize("what", list(CONVERSIONS))
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_conversion_leaves_the_random_state_alone(what, with_inputs, measuring):
+    m = _cnn()
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    CONVERSIONS[what](m, **({"example_inputs": (X,)} if with_inputs else {}))
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("what", list(CONVERSIONS))
+def test_users_hooks_on_a_converted_layer_keep_firing(what):
+    m = _cnn().eval()
+    fired = []
+    h1 = m[3].register_forward_pre_hook(lambda mod, a: fired.append("pre"))
+    h2 = m[3].register_forward_hook(lambda mod, a, o: fired.append(("out", tuple(o.shape))))
+    CONVERSIONS[what](m)
+    assert type(m[3]) is not nn.Conv2d
+    with torch.no_grad():
+        m(X)
+    assert fired == ["pre", ("out", (2, 32, 8, 8))]
+    h1.remove()
+    h2.remove()  # the handles still remove them
+    fired.clear()
+    with torch.no_grad():
+        m(X)
+    assert fired == []
+
+
+def test_qat_convert_keeps_hooks_and_flags():
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    fired = []
+    m[2].register_forward_hook(lambda mod, a, o: fired.append(type(mod).__name__))
+    accel.prepare_qat(m)
+    m.eval()
+    accel.convert(m)
+    with torch.no_grad():
+        m(torch.randn(3, 16))
+    assert fired == ["QuantLinear"] and not m[2].training
+
+
+def test_layers_without_a_form_get_one_truthful_row():
+    m = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ConvTranspose2d(32, 32, 2, 2), nn.Flatten(), nn.Linear(32 * 28 * 28, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = accel.sparsify_(m, accel.SparsityConfig(sparsity=0.5, block=16, convs=True))
+    mine = [r for r in rows if r["layer"] == "1"]
+    assert len(mine) == 1 and "no block-sparse form for ConvTranspose2d" in mine[0]["reason"]
+    m = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ConvTranspose2d(32, 32, 2, 2), nn.Flatten(), nn.Linear(32 * 28 * 28, 10))
+    rows = accel.quantize_(m)
+    mine = [r for r in rows if r["layer"] == "1"]
+    assert len(mine) == 1 and "no int8 form for ConvTranspose2d" in mine[0]["reason"]
+
+
+def test_inputs_resized_for_another_batch_keep_channels_last():
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    (y,), _ = at_batch((x,), 5)
+    assert y.shape == (5, 8, 5, 5) and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y[2:4], x)
+    (z,), _ = at_batch((torch.randn(2, 8, 5, 5),), 3)
+    assert z.is_contiguous()

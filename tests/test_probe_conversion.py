@@ -149,3 +149,11 @@ def test_inputs_resized_for_another_batch_keep_channels_last():
     assert torch.equal(y[2:4], x)
     (z,), _ = at_batch((torch.randn(2, 8, 5, 5),), 3)
     assert z.is_contiguous()
+
+
+def test_a_conv_mask_of_the_wrong_shape_names_the_shapes_it_takes():
+    conv = nn.Conv2d(3, 16, 3)
+    with pytest.raises(ValueError, match=r"like the weight \(16, 3, 3, 3\).*matrix \(16, 27\).*block mask \(1, 2\)"):
+        SparseConv2d.from_dense(conv, mask=torch.ones(16, dtype=torch.bool), block=16)
+    s = SparseConv2d.from_dense(conv, mask=torch.ones(16, 3, 3, 3, dtype=torch.bool), block=16)
+    assert s.density == 1.0

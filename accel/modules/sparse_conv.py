@@ -167,7 +167,13 @@ class SparseConv2d(nn.Module):
                 block_mask = as_block_mask(m2, shape, block)
                 w2 = torch.where(m2, w2, torch.zeros((), dtype=w.dtype, device=w.device))
             else:
-                block_mask = as_block_mask(mask, shape, block)
+                try:
+                    block_mask = as_block_mask(mask, shape, block)
+                except ValueError:
+                    raise ValueError(f"SparseConv2d.from_dense: mask must be elementwise like the weight "
+                                     f"{tuple(w.shape)}, elementwise over its [O, KH*KW*C] matrix {shape}, or a block "
+                                     f"mask {block_grid(shape, block)} for block size {block}, got shape "
+                                     f"{tuple(mask.shape)}") from None
         elif sparsity is not None:
             block_mask = topk_block_mask(block_norms(w2, block, p=norm), sparsity)
         else:

@@ -160,18 +160,28 @@ def replace_modules(model: nn.Module, news: dict[str, nn.Module], aliases: dict[
 
 def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     """``new`` (the layer replacing ``old``) with ``old``'s training flag and forward/backward hooks: the same
-    hook dictionaries, so a feature-extraction hook keeps firing and its handle still removes it. Returns
-    ``new``."""
+    hook dictionaries (each family whole: ``_forward_hooks`` with its ``_with_kwargs`` / ``_always_called``
+    companions), so a feature-extraction hook keeps firing and its handle still removes it. Hooks computing
+    the old weight (``weight_norm``) stay behind, and a ``new`` with hooks of its own gets copies (which the
+    old handles then miss). Returns ``new``."""
     new.train(old.training)
+    families: dict[str, list[str]] = {}
     for k, v in old.__dict__.items():
-        if isinstance(v, dict) and k.startswith("_") and ("forward" in k or "backward" in k) and "hook" in k and v:
-            users = {i: h for i, h in v.items() if not _weight_hook(h)}
-            mine = new.__dict__.get(k)
-            if mine or len(users) != len(v):  # (own hooks, or the old weight's: a copy, which old's handles miss)
-                new.__dict__[k] = type(v)(mine or {})
-                new.__dict__[k].update(users)
-            else:
-                new.__dict__[k] = v
+        if isinstance(v, dict) and k.startswith("_") and "hook" in k and ("forward" in k or "backward" in k):
+            fam = next(f for f in ("_forward_pre", "_forward", "_backward_pre", "_backward") if k.startswith(f))
+            families.setdefault(fam, []).append(k)
+    for keys in families.values():
+        if not any(old.__dict__[k] for k in keys):
+            continue
+        users = {k: {i: h for i, h in old.__dict__[k].items() if not _weight_hook(h)} for k in keys}
+        if any(new.__dict__.get(k) for k in keys) or any(len(users[k]) != len(old.__dict__[k]) for k in keys):
+            for k in keys:
+                mine = type(old.__dict__[k])(new.__dict__.get(k) or {})
+                mine.update(users[k])
+                new.__dict__[k] = mine
+        else:
+            for k in keys:
+                new.__dict__[k] = old.__dict__[k]
     if old.__dict__.get("_is_full_backward_hook") is not None:
         new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
     return new
@@ -532,6 +542,9 @@ def _conv1d_template(m: nn.Module) -> nn.Module | None:
     t = _layer_copy(m)
     t.__dict__["_parameters"] = {}
     t.__dict__["_accel_template"] = True
+    for k, v in t.__dict__.items():  # hooks go with the live layer (carry_over), never from a stale template
+        if isinstance(v, dict) and "hook" in k:
+            v.clear()
     return t
 
 
@@ -574,6 +587,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     rows = []
     kinds = (nn.Linear, nn.Conv2d) if config.convs else (nn.Linear,)
     selected = {n for n, m in model.named_modules() if base_kind(m) in kinds and (filter_fn is None or filter_fn(m, n))}
+    no_form = _no_sparse_rows(model, filter_fn, config.convs)  # (filter_fn sees the model as it was given)
     tied = tied_weights(model)
     for n in sorted(selected):  # convs SparseConv2d cannot serve are not pruned: they stay dense, reported
         m = model.get_submodule(n)
@@ -588,7 +602,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
     if masks is None and (selected or rows):  # layers it cannot convert are reported, not silently left out
         rows += [_row(n, m, None, "dense", f"not converted: {own_forward_reason(m)}") for n, m in sorted(subs.items())]
     if masks is None and not selected and rows:  # every layer chosen is one that cannot be pruned: say why
-        return rows + _no_sparse_rows(model, filter_fn, config.convs) + _foreign_weight_rows(model, filter_fn)
+        return rows + no_form + _foreign_weight_rows(model, filter_fn)
     if masks is None and not selected:
         subs = [f"{n!r} ({type(m).__name__})" for n, m in subs.items()]
         if any(isinstance(m, ACCEL_TYPES) for m in model.modules()):
@@ -671,7 +685,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None, filter_fn:
         dense = {n: carry_over(m, _dense_like(replaced[n], m)) for n, m in ((n, model.get_submodule(n)) for n in replaced)
                  if isinstance(m, (SparseLinear, SparseConv2d))}
         _in_model_check(model, dense, calls, config.budget_s * max(1, len(dense)), rows, "kept dense")
-    return rows + _no_sparse_rows(model, filter_fn, config.convs) + _foreign_weight_rows(model, filter_fn)
+    return rows + no_form + _foreign_weight_rows(model, filter_fn)
 
 
 def linearize_kept_dense_(model: nn.Module, sparsify_rows: list[dict]) -> list[str]:

@@ -357,7 +357,7 @@ _BSR_STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows", "mkl")  # acc
 _OPS: dict[str, tuple[str, ...]] = {
     "int8_linear": ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split"),  # accel.cpu.int8.LINEAR_ENGINES
     "int8_weight_only_linear": ("panels", "int8pack"),  # accel.cpu.int8.WEIGHT_ONLY_ENGINES
-    "quant_linear_form": ("dynamic", "weight_only", "float", "float_bf16"),  # accel.ops.int8._auto_forms
+    "quant_linear_form": ("dynamic", "dynamic_fused", "weight_only", "float", "float_bf16"),  # accel.ops.int8._auto_forms
     # accel.cpu.int8.CONV_ENGINES + accel.ops.int8.FLOAT_CONV_FORMS (auto layers)
     "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "float", "float_nchw", "float_bf16"),
     "bsr_linear": _BSR_STRATEGIES + ("dense",),  # accel.ops.bsr_linear

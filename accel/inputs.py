@@ -111,12 +111,13 @@ def loader_batch_call(batch) -> tuple[tuple, dict]:
 
 
 @contextlib.contextmanager
-def eval_mode(*modules: nn.Module, train: bool = False):
-    """``m.train(train)`` for each of ``modules`` for the block, then every submodule's own training flag as
-    it was (a frozen BatchNorm kept in eval inside a training model stays in eval; ``model.train(was)`` would
-    set them all to the model's flag)."""
+def eval_mode(*modules: nn.Module, train: bool | None = False):
+    """``m.train(train)`` for each of ``modules`` for the block (``train=None``: left as they are, e.g. to a
+    user's ``evaluate`` that sets them), then every submodule's own training flag as it was (a frozen BatchNorm
+    kept in eval inside a training model stays in eval; ``model.train(was)`` would set them all to the model's
+    flag)."""
     flags = {id(m): (m, m.training) for root in modules for m in root.modules()}
-    for root in modules:
+    for root in modules if train is not None else ():
         root.train(train)
     try:
         yield

@@ -19,7 +19,6 @@ them with a ValueError naming them, since zeros written into a computed weight d
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -580,10 +579,10 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float] | 
     """
     if (evaluate is None) == (example_inputs is None):
         raise ValueError("sensitivity_scan: pass exactly one of evaluate or example_inputs")
-    with contextlib.ExitStack() as modes:  # (example inputs: eval mode, every module's own flag restored after)
+    # eval mode for example inputs (a user's evaluate sets its own); every module's own flag restored after
+    with eval_mode(model, train=False if evaluate is None else None):
         if evaluate is None:
             args, kwargs = as_call(example_inputs)
-            modes.enter_context(eval_mode(model))
             with torch.no_grad():
                 ref = _flat_output(model(*args, **kwargs))
 

@@ -104,9 +104,13 @@ def test_half_inputs_return_their_dtype(dtype):
         torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.skipif(not int8_strategies(127), reason="no exact int8 strategy on this CPU (torch._int_mm needs VNNI)")
 def test_strategies_across_token_counts_and_layers():
     """A strategy's per-call plans (bound to the token count and to buffers shared by every layer) stay right
-    when token counts change and two layers take turns, including the stack sizes of both stacked strategies."""
+    when token counts change and two layers take turns, including the stack sizes of both stacked strategies;
+    the stacked ones are candidates only while they stack rows."""
+    assert "stacked" in cpu_int8_bsr.strategies(127, 16) and "stacked" not in cpu_int8_bsr.strategies(127, 4096)
+    assert cpu_int8_bsr.strategies(127, 4096)[0] == "rows"
     a = make(200, 130, 32, 0.3, (0, 3))
     b = make(96, 70, 16, 0.5, (2,))
     for s in cpu_int8_bsr.strategies(127):

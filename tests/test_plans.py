@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 from accel import QuantConv2d, QuantLinear, engines
+from accel.cpu import int8 as cpu_int8
 from accel.ops import int8 as ops
+from accel.quant import sqnr as accel_sqnr
 
 LINEAR_FORMS = ("dynamic", "weight_only", "float", "float_bf16")
 CONV_FORMS = ("onednn", "im2col", "float", "float_nchw", "float_bf16")
@@ -273,3 +275,31 @@ def test_a_threads_forced_engine_stays_in_that_thread():
         q(x), q(x)  # outside force a layer still settles (its plans kept)
         assert ops._settled(q, x, x.shape, (q.weight_q, q.weight_scale, q.bias, None),
                             (q.activation, q.mode, q.act_qmax)) is not None
+
+
+@pytest.mark.skipif(not cpu_int8.fused_dynamic_ok(64), reason="FBGEMM is not exact for full-range uint8 here (no VNNI)")
+def test_the_fused_one_row_form():
+    """``dynamic_fused`` (FBGEMM's dynamic linear in one call) serves one fp32 row: as accurate as the per-token
+    int8 form there, NaN rows as the float layer gives them, the same through a plan; other inputs cannot force it."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    for bias, act in ((True, "none"), (False, "relu"), (True, "gelu")):
+        q = QuantLinear.from_float(nn.Linear(64, 48, bias=bias), "auto", activation=act)
+        ref_layer = QuantLinear.from_float(lin, "auto", activation=act)
+        q.load_state_dict(ref_layer.state_dict()) if bias else None
+        x = torch.randn(1, 64)
+        with engines.force(quant_linear_form="dynamic_fused"), torch.no_grad():
+            y = q(x)
+            assert q.resolved_mode(x) == "dynamic_fused" and y.shape == (1, 48) and y.dtype == torch.float32
+            assert torch.equal(y, _unplanned_linear(q, x)) and torch.equal(q(x[0]), y[0])  # 1-D input: one row
+            with engines.force(quant_linear_form="float"):
+                ref = q(x)
+            with engines.force(quant_linear_form="dynamic"):
+                per_token = q(x)
+            assert accel_sqnr(ref, y) > min(35.0, accel_sqnr(ref, per_token) - 1.0)
+            bad = x.clone()
+            bad[0, 3] = float("nan")
+            assert torch.isnan(q(bad)).all()
+            for other in (torch.randn(2, 64), x.bfloat16()):
+                with pytest.raises(engines.ForcedEngineError, match="dynamic_fused"):
+                    q(other)

@@ -4,6 +4,7 @@ layer), so a settled inference call skips the dispatch chain. The settled call m
 dispatch path gives, and the plan must never outlive the layer's tensors, settings or engine decisions."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -69,15 +70,23 @@ def test_settled_sparse_conv_equals_the_op(engine, channels_last, dtype, accel_e
                 assert torch.equal(y, _op_conv(s, x)), (engine, b, hw)
 
 
-def test_a_plan_follows_the_layer_and_the_decisions(accel_env):
-    """In-place edits, an in-place load, a mode change, a move and a changed engine decision each take effect
-    on the next call; training calls (autograd) never take a plan; a copy has none."""
+def test_a_plan_follows_the_layer_and_the_decisions(accel_env, monkeypatch):
+    """A settled call resolves nothing; in-place edits, an in-place load, a mode change, a move and a changed
+    engine decision each make the next call resolve again; training calls (autograd) never take a plan; a copy
+    has none."""
+    linear_ops = importlib.import_module("accel.ops.bsr_linear")  # (accel.ops.bsr_linear is also the op)
+    resolved = []
+    real = linear_ops._resolve_cpu
+    monkeypatch.setattr(linear_ops, "_resolve_cpu", lambda *a: resolved.append(1) or real(*a))
     accel_env(ACCEL_ENGINE="bsr_linear=dense")
     s = _linear()
     x = torch.randn(4, 96)
     with torch.no_grad():
         y0 = s(x)
         s(x)
+        s(x.view(2, 2, 96))  # another rank: its own kind of input
+        s(x.view(2, 2, 96))
+        assert len(resolved) == 2
         s.values.mul_(2)  # in place: the densified weight the plan holds is stale
         assert torch.allclose(s(x) - s.bias, 2 * (y0 - s.bias), rtol=1e-5, atol=1e-5)
         assert torch.equal(s(x), _op_linear(s, x))
@@ -89,9 +98,12 @@ def test_a_plan_follows_the_layer_and_the_decisions(accel_env):
         assert twin not in _plans._PLANS and torch.equal(twin(x), s(x))
     accel_env(ACCEL_ENGINE="bsr_linear=gather_bmm")  # a decision changed: the plan is stale
     with torch.no_grad():
-        assert torch.equal(s(x), _op_linear(s, x))
+        n = len(resolved)
+        assert torch.equal(s(x), _op_linear(s, x)) and len(resolved) == n + 1
         s.mode = "sparse"
-        assert torch.equal(s(x), _op_linear(s, x))
+        assert torch.equal(s(x), _op_linear(s, x)) and len(resolved) == n + 2
+        s(x)
+        assert len(resolved) == n + 2
     y = s(x.requires_grad_())  # autograd: the op path, gradients reach the stored blocks
     y.sum().backward()
     assert s.values.grad is not None and x.grad is not None

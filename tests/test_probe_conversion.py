@@ -157,3 +157,56 @@ def test_a_conv_mask_of_the_wrong_shape_names_the_shapes_it_takes():
         SparseConv2d.from_dense(conv, mask=torch.ones(16, dtype=torch.bool), block=16)
     s = SparseConv2d.from_dense(conv, mask=torch.ones(16, 3, 3, 3, dtype=torch.bool), block=16)
     assert s.density == 1.0
+
+
+def test_sensitivity_scan_with_a_users_evaluate_restores_every_flag():
+    m = _cnn()
+    flags = {n: s.training for n, s in m.named_modules()}
+
+    def evaluate(model):
+        model.eval()  # the usual evaluate
+        with torch.no_grad():
+            return float(model(X).square().mean())
+
+    accel.prune.sensitivity_scan(m, evaluate, sparsities=(0.5,), block=16)
+    assert {n: s.training for n, s in m.named_modules()} == flags
+
+
+def test_hooks_of_a_conv1d_come_back_as_they_are_now():
+    """A Hugging Face Conv1D made sparse and later stored dense again (its type restored from a template) has the
+    hooks the layer has then: a hook removed meanwhile stays removed, one kept still fires and still removes."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    from accel.api import linearize_kept_dense_
+
+    m = nn.Sequential(Conv1D(32, 64))
+    fired = []
+    gone = m[0].register_forward_hook(lambda mod, a, o: fired.append("gone"))
+    kept = m[0].register_forward_hook(lambda mod, a, o: fired.append(type(mod).__name__))
+    accel.sparsify_(m, accel.SparsityConfig(sparsity=0.5, block=16), filter_fn=lambda mod, n: True)
+    assert isinstance(m[0], SparseLinear)
+    gone.remove()
+    linearize_kept_dense_(m, [{"layer": "0", "decision": "dense"}])
+    assert type(m[0]) is Conv1D
+    with torch.no_grad():
+        m(torch.randn(2, 64))
+    assert fired == ["Conv1D"]
+    kept.remove()
+    fired.clear()
+    with torch.no_grad():
+        m(torch.randn(2, 64))
+    assert fired == []
+
+
+def test_sparsify_asks_filter_fn_about_the_model_as_given():
+    seen = []
+
+    def filter_fn(mod, name):
+        seen.append(type(mod).__name__)
+        return isinstance(mod, nn.Linear)
+
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    bil = nn.Bilinear(8, 8, 4)
+    m.add_module("bil", bil)
+    accel.sparsify_(m, accel.SparsityConfig(sparsity=0.5, block=16), filter_fn=filter_fn)
+    assert "SparseLinear" not in seen and "Bilinear" in seen
+

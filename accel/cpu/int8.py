@@ -246,12 +246,15 @@ def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Linear: the GEMM engines. Each returns fp32 ``(q @ w_q^T) * w_scale`` for ``q = round(v)`` (``v`` already
 # rounded, except where only oneDNN takes it: :func:`_to_uint8` rounds).
 # ---------------------------------------------------------------------------------------------
-def _fbgemm_pack(w_q, w_scale):
+def _per_channel_qweight(w_q, w_scale):
     zero = torch.zeros(w_q.shape[0], dtype=torch.int64)
     with warnings.catch_warnings():  # quantized dtypes are deprecated in torch 2.13; the other engines use int8
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        qw = torch._make_per_channel_quantized_tensor(w_q.contiguous(), w_scale.double(), zero, 0)
-    return torch.ops.quantized.linear_prepack(qw, None)
+        return torch._make_per_channel_quantized_tensor(w_q.contiguous(), w_scale.double(), zero, 0)
+
+
+def _fbgemm_pack(w_q, w_scale):
+    return torch.ops.quantized.linear_prepack(_per_channel_qweight(w_q, w_scale), None)
 
 
 def _onednn_pack(w_q):
@@ -409,6 +412,30 @@ def _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, s
         y.mul_(scale)
     y = activate(y, activation, inplace=True)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def fused_dynamic_ok(k: int) -> bool:
+    """Whether :func:`linear_dynamic_fused_cpu` can run here: FBGEMM's dynamic linear takes full-range uint8
+    activations (``reduce_range=False``), which it multiplies exactly where FBGEMM is an exact engine for
+    activation range 127 (VNNI: no int16 saturation)."""
+    return "fbgemm" in exact_engines(127, k)
+
+
+def linear_dynamic_fused_cpu(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias=None,
+                             activation: str = "none", engine: str = "fbgemm") -> torch.Tensor:
+    """The ``dynamic_fused`` form of an ``auto`` layer for one fp32 row ``x [1, K]``: FBGEMM's dynamic linear
+    in one call (the row quantized per tensor, asymmetric uint8 with a zero point: for one row at least as
+    fine as accel's symmetric per-token rule; the int8 weights per channel; dequantization and bias fused).
+    A row holding NaN/inf (FBGEMM would quantize it to finite garbage) takes accel's dynamic path, which gives
+    NaN outputs as the float layer does."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"dynamic_fused: takes one fp32 row [1, K], got {x.dtype} {tuple(x.shape)}")
+    if not math.isfinite(x.sum().item()):
+        return linear_int8_cpu(x, w_q, w_scale, bias, activation, None, 127, engine)
+    packed = _cached("fbgemm_dynamic", (w_q, w_scale) + (() if bias is None else (bias,)), (),
+                     lambda: torch.ops.quantized.linear_prepack(_per_channel_qweight(w_q, w_scale),
+                                                                None if bias is None else _f32(bias).contiguous()))
+    return activate(torch.ops.quantized.linear_dynamic(x, packed, False), activation, inplace=True)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

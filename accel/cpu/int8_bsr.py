@@ -52,16 +52,20 @@ STACK_WORK = 256
 HUGE_SCALE = 2.0 ** 96
 
 
-def strategies(qmax: int) -> tuple[str, ...]:
+def strategies(qmax: int, m: int | None = None) -> tuple[str, ...]:
     """The strategies exact for activation range ``qmax`` on this machine (the int8 ones need
-    ``torch._int_mm`` to be an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16)."""
-    int8 = ("rows", "stacked", "stacked_wide") if "int_mm" in cpu_int8.exact_engines(qmax, 16) else ()
-    return int8 + ("float",)
+    ``torch._int_mm`` to be an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16). With ``m`` (tokens
+    per call): the stacked ones only while they stack rows (:func:`stack_size` > 1): beyond, ``rows`` does the
+    same work, and their one gather of every group's activations would grow with ``m``."""
+    if "int_mm" not in cpu_int8.exact_engines(qmax, 16):
+        return ("float",)
+    stacked = ("stacked", "stacked_wide") if m is None or stack_size(m) > 1 else ()
+    return ("rows",) + stacked + ("float",)
 
 
 def default_strategy(qmax: int, m: int) -> str:
     """The unmeasured choice (``ACCEL_ENGINE_MEASURE=0``, tracing)."""
-    allowed = strategies(qmax)
+    allowed = strategies(qmax, m)
     if "rows" not in allowed:
         return "float"
     return "stacked" if m <= 16 else "rows"
@@ -268,9 +272,9 @@ def _stacked(q, values_q, crow, col, nbr, bs, wide: bool = False) -> torch.Tenso
     m, width = q.shape
     nbc = width // bs - 1  # the last block column of q is the zero block the padding reads
     n = stack_size(m, wide)
-    groups, bound = cached("int8_bsr_stack_plan", (values_q, crow, col), (nbc, n),
-                           lambda: (_stack_plan(values_q, crow, col, nbc, n), _Bound()))
-    gidx, slots, didx, res_rows = bound.get(("index", m), lambda: _stack_bind(groups, m, nbc, nbr, bs))
+    groups, bound, indexes = cached("int8_bsr_stack_plan", (values_q, crow, col), (nbc, n),
+                                    lambda: (_stack_plan(values_q, crow, col, nbc, n), _Bound(), _Bound()))
+    gidx, slots, didx, res_rows = indexes.get(m, lambda: _stack_bind(groups, m, nbc, nbr, bs))
     g = scratch("int8_bsr.sg", m * slots * bs, torch.int8).view(m * slots, bs)
     res = scratch("int8_bsr.sres", res_rows * bs, torch.int32).view(res_rows, bs)
 

@@ -6,6 +6,10 @@ fetched. :func:`_settled` finds it (the checks the first call passed stand for t
 makes it. Plans are valid while the layer's tensors are the same objects at the same versions and storages,
 its settings are unchanged and no engine decision changed (``accel.engines.stamp``). Used by the int8 layers
 (``accel.ops.int8``) and the block-sparse layers (``accel.ops.bsr_linear``, ``accel.ops.bsr_conv``).
+
+As the derived-weight cache (``accel.cpu.packcache``), a plan cannot see writes that bypass version counters:
+``layer.weight.data = other`` reusing the same storage address, or in-place writes to inference tensors (no
+counter); call ``accel.cpu.int8.clear_cache()`` and :func:`forget_plans` after such edits.
 """
 
 from __future__ import annotations

@@ -71,9 +71,13 @@ def _float_conv(form, x, w_q, w_scale, bias, stride, padding, dilation, activati
 def _auto_forms(x: torch.Tensor, k: int) -> tuple[str, ...]:
     """The forms an ``auto`` layer may run for ``x``: an fp32 input may also compute in bf16 ("float_bf16",
     AMX / AVX512-BF16 tensor cores; at least as accurate as the int8 forms); int8 activations only where
-    ``K`` cannot overflow the int32 accumulator."""
+    ``K`` cannot overflow the int32 accumulator; one fp32 row on the CPU also "dynamic_fused" (FBGEMM's dynamic
+    linear: one call, the row quantized per tensor with a zero point, as fine as per token for one row)."""
     base = ("dynamic", "weight_only", "float") if k <= INT32_MAX_K else ("weight_only", "float")
-    return base + ("float_bf16",) if x.dtype == torch.float32 and not x.is_cuda else base
+    if x.dtype != torch.float32 or x.is_cuda:
+        return base
+    fused = ("dynamic_fused",) if x.shape[0] == 1 and k <= INT32_MAX_K and cpu_int8.fused_dynamic_ok(k) else ()
+    return base + fused + ("float_bf16",)
 
 
 def _pair(v) -> list[int]:
@@ -227,6 +231,8 @@ def _linear_body(x, w_q, w_scale, bias, act_scale, activation, mode, qmax):
     if mode == "weight_only":
         return cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation,
                                                _weight_only_engine(x, w_q, w_scale, bias, activation))
+    if mode == "dynamic_fused":
+        return cpu_int8.linear_dynamic_fused_cpu(x, w_q, w_scale, bias, activation)
     engine = _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax)
     return cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)
 
@@ -522,6 +528,8 @@ def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
     if mode == "weight_only":
         engine = _weight_only_engine(x, w_q, w_scale, bias, activation)
         return (lambda x: cpu_int8.linear_weight_only_cpu(x, w_q, w_scale, bias, activation, engine)), False
+    if mode == "dynamic_fused":  # (a plan of the one-row bucket: every input of its kind is one fp32 row)
+        return (lambda x: cpu_int8.linear_dynamic_fused_cpu(x, w_q, w_scale, bias, activation)), False
     engine = _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax)
     return (lambda x: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)), False
 

@@ -63,7 +63,7 @@ def _choose_strategy(x, values_q, w_scale, crow, col, out_features, bias, activa
     density = nnz / (nbr * nbc) if nbr * nbc else 1.0
     key = engines.make_key("int8_bsr_linear", n=out_features, k=k, b=bs, d=f"{round(density * 40) / 40:.3f}",
                            m=engines.m_bucket(m), dt=str(x.dtype)[6:], q=qmax)
-    allowed = cpu_int8_bsr.strategies(qmax)
+    allowed = cpu_int8_bsr.strategies(qmax, m)
 
     def candidates():
         return {s: (lambda s=s: cpu_int8_bsr.int8_bsr_linear_cpu(x, values_q, w_scale, crow, col, out_features, bias,

@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 #: bump when candidates or keys change meaning, so old cache files are not reused
-ENGINE_VERSION = 3
+ENGINE_VERSION = 4
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
 #: two best candidates closer than this get extra rounds between them

@@ -373,3 +373,15 @@ def test_a_cache_write_that_cannot_land_leaves_no_temp_file(tmp_path, accel_env)
                        default="dense")
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".engines-")]
     engines.clear()
+
+
+def test_engine_version_follows_the_candidate_table():
+    """A cache file from an accel offering other candidates must not decide here (a cached 'dynamic' would hide a
+    new, faster form for good): a change to the built-in candidate table needs an ENGINE_VERSION bump, and
+    this record of the table updated with it."""
+    import hashlib
+
+    names = ("int8_linear", "int8_weight_only_linear", "quant_linear_form", "int8_conv2d", "bsr_linear", "bsr_conv2d",
+             "int8_bsr_linear", "replace")
+    table = json.dumps({k: engines._OPS[k] for k in names}, sort_keys=True)
+    assert (engines.ENGINE_VERSION, hashlib.sha1(table.encode()).hexdigest()[:12]) == (4, "1a5b4281ecca")

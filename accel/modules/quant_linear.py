@@ -202,8 +202,9 @@ class QuantLinear(_QuantBase):
     Modes: ``"dynamic"`` quantizes each token of ``x`` with its own scale at run time; ``"static"``
     uses one calibrated scale (``act_scale``); ``"weight_only"`` keeps ``x`` in floating point;
     ``"auto"`` runs, per bucket of tokens per call, whichever of dynamic int8, weight-only int8 and
-    the dequantized float weight is fastest for this layer's shape on the running machine
-    (measured once and cached, ``accel.engines``). Inference only (gradients reach ``x`` straight
+    the dequantized float weight (in the input's dtype or bf16) is fastest for this layer's shape on the
+    running machine (measured once and cached, ``accel.engines``); for one fp32 token also FBGEMM's fused
+    dynamic linear ("dynamic_fused": the token quantized per tensor with a zero point). Inference only (gradients reach ``x`` straight
     through); outputs have the input's dtype.
     """
 

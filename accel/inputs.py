@@ -122,5 +122,7 @@ def eval_mode(*modules: nn.Module, train: bool | None = False):
     try:
         yield
     finally:
+        for root in modules if train is not None else ():  # a model's own train() undoes what it did on entry
+            root.train(flags[id(root)][1])
         for m, f in flags.values():
             m.training = f

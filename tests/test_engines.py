@@ -63,8 +63,11 @@ def test_measure_rejects_wrong_raising_and_far_too_slow_candidates(monkeypatch, 
     assert d.rejected["crawl"].startswith("too slow")
     with pytest.raises(RuntimeError, match="no kernel for this shape"):  # every candidate raises: the default's error,
         engines.measure({"boom": boom}, incumbent="boom")                 # as when nothing is measured
-    with pytest.raises(RuntimeError, match="no engine could run this call"):  # none raises alike: accel says so
+    with pytest.raises(RuntimeError, match="no kernel for this shape"):  # the default raises: its error
         engines.measure({"boom": boom, "wrong": _sleeper(0.0, value=2.0)}, incumbent="boom",
+                        reference=lambda: torch.ones(4), min_sqnr=60)
+    with pytest.raises(RuntimeError, match="no engine could run this call"):  # the default is wrong: accel says so
+        engines.measure({"boom": boom, "wrong": _sleeper(0.0, value=2.0)}, incumbent="wrong",
                         reference=lambda: torch.ones(4), min_sqnr=60)
 
 

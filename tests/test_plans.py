@@ -303,3 +303,24 @@ def test_the_fused_one_row_form():
             for other in (torch.randn(2, 64), x.bfloat16()):
                 with pytest.raises(engines.ForcedEngineError, match="dynamic_fused"):
                     q(other)
+
+
+@pytest.mark.skipif(not cpu_int8.fused_dynamic_ok(64), reason="FBGEMM is not exact for full-range uint8 here (no VNNI)")
+def test_the_fused_form_never_loses_to_the_per_token_form():
+    """Rows FBGEMM's dynamic quantization would serve worse (a range under its smallest scale) take the per-token
+    path; K past what uint8 x int8 sums hold in int32 is never offered the form."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=False)
+    q = QuantLinear.from_float(lin, "auto")
+    d = QuantLinear.from_float(lin, "dynamic")
+    x0 = torch.randn(1, 256)
+    with torch.no_grad():
+        for scale in (1.0, 1e-2, 1e-3, 1e-4, 1e-8, 1e-20):
+            x = x0 * scale
+            with engines.force(quant_linear_form="dynamic_fused"):
+                fused = q(x)
+            assert accel_sqnr(lin(x), fused) > accel_sqnr(lin(x), d(x)) - 1.0, scale
+    assert cpu_int8.FUSED_MAX_K * 255 * 128 <= 2**31 - 1 and not cpu_int8.fused_dynamic_ok(cpu_int8.FUSED_MAX_K + 1)
+    wide = QuantLinear.from_float(nn.Linear(cpu_int8.FUSED_MAX_K + 1, 2), "auto")
+    assert "dynamic_fused" not in ops._auto_forms(torch.ones(1, cpu_int8.FUSED_MAX_K + 1), wide.in_features)
+

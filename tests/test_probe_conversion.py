@@ -210,3 +210,22 @@ def test_sparsify_asks_filter_fn_about_the_model_as_given():
     accel.sparsify_(m, accel.SparsityConfig(sparsity=0.5, block=16), filter_fn=filter_fn)
     assert "SparseLinear" not in seen and "Bilinear" in seen
 
+
+def test_eval_mode_lets_a_models_own_train_undo_itself():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.noise = nn.Linear(8, 8), 0.1
+
+        def train(self, mode=True):
+            self.noise = 0.1 if mode else 0.0  # e.g. a regularizer switched off for evaluation
+            return super().train(mode)
+
+        def forward(self, x):
+            return self.lin(x) + self.noise * torch.randn_like(x)
+
+    m = Noisy()
+    m.train()
+    accel.quantize_(m, accel.QuantConfig(budget_s=0.01), example_inputs=(torch.randn(2, 8),))
+    assert m.training and m.noise == 0.1 and m.lin.training
+

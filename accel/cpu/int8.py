@@ -414,11 +414,18 @@ def _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, s
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
+#: FBGEMM's dynamic linear sums uint8 (0..255) x int8 products in int32: K past this may overflow
+FUSED_MAX_K = (2**31 - 1) // (255 * 128)
+#: FBGEMM's dynamic quantization clamps its scale from below (torch's SMALL_SCALE_THRESHOLD, 6.1e-5): a row whose
+#: range (with 0) is under this many of those steps takes the dynamic path, where its own scale keeps 8 bits
+FUSED_MIN_RANGE = 2 * 255 * 6.1e-5
+
+
 def fused_dynamic_ok(k: int) -> bool:
     """Whether :func:`linear_dynamic_fused_cpu` can run here: FBGEMM's dynamic linear takes full-range uint8
     activations (``reduce_range=False``), which it multiplies exactly where FBGEMM is an exact engine for
-    activation range 127 (VNNI: no int16 saturation)."""
-    return "fbgemm" in exact_engines(127, k)
+    activation range 127 (VNNI: no int16 saturation), and sums in int32 (``K <= FUSED_MAX_K``)."""
+    return k <= FUSED_MAX_K and "fbgemm" in exact_engines(127, k)
 
 
 def linear_dynamic_fused_cpu(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias=None,
@@ -426,11 +433,13 @@ def linear_dynamic_fused_cpu(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.
     """The ``dynamic_fused`` form of an ``auto`` layer for one fp32 row ``x [1, K]``: FBGEMM's dynamic linear
     in one call (the row quantized per tensor, asymmetric uint8 with a zero point: for one row at least as
     fine as accel's symmetric per-token rule; the int8 weights per channel; dequantization and bias fused).
-    A row holding NaN/inf (FBGEMM would quantize it to finite garbage) takes accel's dynamic path, which gives
-    NaN outputs as the float layer does."""
+    Rows FBGEMM would quantize worse take accel's dynamic path: one holding NaN/inf (FBGEMM makes it finite
+    garbage; the dynamic path gives NaN outputs as the float layer does) and one of tiny range
+    (:data:`FUSED_MIN_RANGE`: FBGEMM's smallest scale would leave it a few levels)."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"dynamic_fused: takes one fp32 row [1, K], got {x.dtype} {tuple(x.shape)}")
-    if not math.isfinite(x.sum().item()):
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)) or max(hi, 0.0) - min(lo, 0.0) < FUSED_MIN_RANGE:
         return linear_int8_cpu(x, w_q, w_scale, bias, activation, None, 127, engine)
     packed = _cached("fbgemm_dynamic", (w_q, w_scale) + (() if bias is None else (bias,)), (),
                      lambda: torch.ops.quantized.linear_prepack(_per_channel_qweight(w_q, w_scale),

@@ -204,8 +204,8 @@ class QuantLinear(_QuantBase):
     ``"auto"`` runs, per bucket of tokens per call, whichever of dynamic int8, weight-only int8 and
     the dequantized float weight (in the input's dtype or bf16) is fastest for this layer's shape on the
     running machine (measured once and cached, ``accel.engines``); for one fp32 token also FBGEMM's fused
-    dynamic linear ("dynamic_fused": the token quantized per tensor with a zero point). Inference only (gradients reach ``x`` straight
-    through); outputs have the input's dtype.
+    dynamic linear ("dynamic_fused": the token quantized per tensor with a zero point). Inference only
+    (gradients reach ``x`` straight through); outputs have the input's dtype.
     """
 
     MODES = LINEAR_MODES

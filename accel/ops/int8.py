@@ -76,7 +76,7 @@ def _auto_forms(x: torch.Tensor, k: int) -> tuple[str, ...]:
     base = ("dynamic", "weight_only", "float") if k <= INT32_MAX_K else ("weight_only", "float")
     if x.dtype != torch.float32 or x.is_cuda:
         return base
-    fused = ("dynamic_fused",) if x.shape[0] == 1 and k <= INT32_MAX_K and cpu_int8.fused_dynamic_ok(k) else ()
+    fused = ("dynamic_fused",) if x.shape[0] == 1 and cpu_int8.fused_dynamic_ok(k) else ()
     return base + fused + ("float_bf16",)
 
 

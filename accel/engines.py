@@ -407,6 +407,8 @@ def _check_forced(op: str, engine: str, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ forcing
 _forced_local = threading.local()
+_forcing = 0  # force() blocks open in any thread: while 0, no thread-local lookup is needed (a settled call's check)
+_forcing_lock = threading.Lock()
 
 
 def _env_forced() -> dict[str, str]:
@@ -445,7 +447,7 @@ def forced(op: str) -> str | None:
 def forcing_here() -> bool:
     """Whether this thread is inside :func:`force`: its choices must not be memoized for (or taken from) other
     threads, which :func:`memo` and the layers' resolved calls share."""
-    return bool(getattr(_forced_local, "stack", None))
+    return _forcing > 0 and bool(getattr(_forced_local, "stack", None))
 
 
 @contextlib.contextmanager
@@ -457,15 +459,20 @@ def force(**engines: str):
         if not isinstance(name, str):
             raise ConfigError(f"accel.engines.force({op}=...): the engine must be a name, got {name!r}")
         _check_forced(op, name, f"accel.engines.force({op}={name!r})")
+    global _forcing
     stack = getattr(_forced_local, "stack", None)
     if stack is None:
         stack = _forced_local.stack = []
     stack.append(dict(engines))
+    with _forcing_lock:
+        _forcing += 1
     _bump()
     try:
         yield
     finally:
         stack.pop()
+        with _forcing_lock:
+            _forcing -= 1
         _bump()
 
 
@@ -912,12 +919,15 @@ def _busy(times: dict[str, float], incumbent: str, rejected: dict[str, str], rou
 
 
 _measure_lock = threading.RLock()  # re-entrant: measuring a form measures its engines
-_last = threading.local()
+#: thread ident -> {op: the key of that thread's last choose}: a dict read (not a threading.local attribute, several
+#: times dearer) on every settled layer call; a dead thread's entry is taken over by the next with its ident
+_LAST: dict[int, dict[str, str]] = {}
+_get_ident = threading.get_ident
 
 
 def last_key(op: str) -> str | None:
     """The key of this thread's last :func:`choose` for ``op`` (for reports)."""
-    return getattr(_last, "keys", {}).get(op)
+    return _LAST.get(_get_ident(), {}).get(op)
 
 
 def note_key(op: str, key: str | None) -> None:
@@ -928,10 +938,13 @@ def note_key(op: str, key: str | None) -> None:
 
 def note_keys(keys_by_op: dict[str, str]) -> None:
     """:func:`note_key` for several ops at once (a settled layer call: one dictionary update)."""
-    try:
-        _last.keys.update(keys_by_op)
-    except AttributeError:  # this thread's first
-        _last.keys = dict(keys_by_op)
+    mine = _LAST.get(_get_ident())
+    if mine is None:  # this thread's first
+        if len(_LAST) > 4096:  # (idents of threads long gone)
+            _LAST.clear()
+        _LAST[_get_ident()] = dict(keys_by_op)
+    else:
+        mine.update(keys_by_op)
 
 
 def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], object]]] | dict, *, default: str,
@@ -947,10 +960,7 @@ def choose(op: str, key: str, candidates: Callable[[], dict[str, Callable[[], ob
     enclosing this call lets through). A bad ``ACCEL_ENGINE`` raises :class:`ConfigError`.
     """
     global _undecided
-    keys = getattr(_last, "keys", None)
-    if keys is None:
-        keys = _last.keys = {}
-    keys[op] = key
+    note_keys({op: key})
     pinned = forced(op)
     if pinned is not None:
         if allowed is not None and pinned not in allowed:

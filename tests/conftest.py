@@ -29,6 +29,21 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def measuring(monkeypatch, accel_env):
+    """Engine decisions measured for real (the suite's default is to take the unmeasured defaults), with a small
+    budget, and never refused as "busy": the suite may share the machine, and these tests check choices."""
+    from accel import engines
+
+    accel_env(ACCEL_ENGINE_MEASURE="1")
+    monkeypatch.setattr(engines, "BUDGET_S", 0.02)
+    monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
+    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)
+    engines.clear(disk=True)
+    yield
+    engines.clear(disk=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_engine_cache():
     from accel import engines

@@ -8,18 +8,6 @@ from accel.cpu import bsr as cpu_bsr
 from accel.models import SeedCNN, TransformerMLP
 
 
-@pytest.fixture
-def measuring(monkeypatch, accel_env):
-    """Engine decisions measured for real (the suite's default is to take the unmeasured defaults)."""
-    accel_env(ACCEL_ENGINE_MEASURE="1")
-    monkeypatch.setattr(accel.engines, "BUDGET_S", 0.02)
-    monkeypatch.setattr(accel.engines, "MIN_ROUNDS", 2)
-    monkeypatch.setattr(accel.engines, "_contended", lambda mark=None: False)  # the suite may share the machine: these
-    accel.engines.clear()                                                      # tests check choices made by measuring
-    yield
-    accel.engines.clear()
-
-
 def test_sparsify_one_shot_without_measurement():
     torch.manual_seed(0)
     model = TransformerMLP(256, 512)

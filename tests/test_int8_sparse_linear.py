@@ -329,15 +329,6 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ------------------------------------------------------------------------------------------------ api
-@pytest.fixture
-def measuring(monkeypatch, accel_env):
-    accel_env(ACCEL_ENGINE_MEASURE="1")
-    monkeypatch.setattr(engines, "BUDGET_S", 0.02)
-    monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
-    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)  # the suite may share the machine: these
-    engines.clear()                                                      # tests check choices made by measuring
-    yield
-    engines.clear(disk=True)
 
 
 def _mlp():

@@ -9,16 +9,8 @@ import torch
 import torch.nn as nn
 
 import accel
-from accel import SparseConv2d, SparseLinear, engines
+from accel import SparseConv2d, SparseLinear
 from accel.inputs import at_batch
-
-
-@pytest.fixture
-def measuring(monkeypatch, accel_env):
-    accel_env(ACCEL_ENGINE_MEASURE="1")
-    monkeypatch.setattr(engines, "BUDGET_S", 0.01)
-    monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
-    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)
 
 
 def _cnn():

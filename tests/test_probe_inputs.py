@@ -16,17 +16,6 @@ ops_bsr_conv = importlib.import_module("accel.ops.bsr_conv")
 ops_bsr_linear = importlib.import_module("accel.ops.bsr_linear")  # (accel.ops.bsr_linear is also the function)
 
 
-@pytest.fixture
-def measuring(monkeypatch, accel_env):
-    accel_env(ACCEL_ENGINE_MEASURE="1")
-    monkeypatch.setattr(engines, "BUDGET_S", 0.02)
-    monkeypatch.setattr(engines, "MIN_ROUNDS", 2)
-    monkeypatch.setattr(engines, "_contended", lambda mark=None: False)
-    engines.clear()
-    yield
-    engines.clear()
-
-
 def _snapshot(m: nn.Module) -> dict:
     return {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)} | \
         {"mode": getattr(m, "mode", None), "activation": getattr(m, "activation", None),

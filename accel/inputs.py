@@ -113,16 +113,21 @@ def loader_batch_call(batch) -> tuple[tuple, dict]:
 @contextlib.contextmanager
 def eval_mode(*modules: nn.Module, train: bool | None = False):
     """``m.train(train)`` for each of ``modules`` for the block (``train=None``: left as they are, e.g. to a
-    user's ``evaluate`` that sets them), then every submodule's own training flag as it was (a frozen BatchNorm
-    kept in eval inside a training model stays in eval; ``model.train(was)`` would set them all to the model's
-    flag)."""
+    user's ``evaluate`` that sets them), then each as it was: its own ``train(was)`` where its mode changed (so
+    a model's ``train()`` undoes what it did; if that raises, as in an inference-only model, the flags are still
+    set, and the block's own error is never replaced), then every submodule's own training flag (a frozen
+    BatchNorm kept in eval inside a training model stays in eval; ``model.train(was)`` alone would set them all
+    to the model's flag)."""
     flags = {id(m): (m, m.training) for root in modules for m in root.modules()}
-    for root in modules if train is not None else ():
-        root.train(train)
     try:
+        for root in modules if train is not None else ():
+            root.train(train)
         yield
     finally:
-        for root in modules if train is not None else ():  # a model's own train() undoes what it did on entry
-            root.train(flags[id(root)][1])
+        for root in modules:
+            was = flags[id(root)][1]
+            if root.training != was or train is not None:
+                with contextlib.suppress(Exception):
+                    root.train(was)
         for m, f in flags.values():
             m.training = f

@@ -221,3 +221,55 @@ def test_eval_mode_lets_a_models_own_train_undo_itself():
     accel.quantize_(m, accel.QuantConfig(budget_s=0.01), example_inputs=(torch.randn(2, 8),))
     assert m.training and m.noise == 0.1 and m.lin.training
 
+
+
+def test_eval_mode_with_a_model_that_only_infers_and_an_error_in_the_block():
+    from accel.inputs import eval_mode
+
+    class InferenceOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def train(self, mode=True):
+            if mode:
+                raise RuntimeError("inference only")
+            return super().train(mode)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    m = InferenceOnly()  # training=True from nn.Module, though train(True) raises
+    accel.quantize_(m, accel.QuantConfig(budget_s=0.01), example_inputs=(torch.randn(2, 8),))
+    assert m.training and m.fc.training
+    with pytest.raises(KeyError, match="body"):  # the block's own error, not the one of train() at exit
+        with eval_mode(m):
+            raise KeyError("body")
+    assert m.training
+
+
+def test_a_users_evaluate_that_switches_modes_is_undone_by_the_models_own_train():
+    calls = []
+
+    class SideFx(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.dropout_on = nn.Linear(16, 16), True
+
+        def train(self, mode=True):
+            calls.append(mode)
+            self.dropout_on = mode
+            return super().train(mode)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    m = SideFx()
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            return float(model(torch.ones(1, 16)).sum())
+
+    accel.prune.sensitivity_scan(m, evaluate, sparsities=(0.5,), block=16)
+    assert m.training and m.dropout_on and calls[-1] is True

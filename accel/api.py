@@ -288,14 +288,14 @@ FOREIGN_MIN_NUMEL = 4096
 
 
 #: stock layers with weights accel has no int8 or block-sparse form for (reported, not skipped silently)
-_NO_INT8 = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+_NO_FORM = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
 
 
 def _no_sparse_rows(model: nn.Module, filter_fn, convs: bool) -> list[dict]:
     """Rows for the stock weighted layers sparsify_ has no block-sparse form for (the convolutions among them
     only when it was asked for convs)."""
     return [_row(n, m, None, "dense", f"not converted: no block-sparse form for {type(m).__name__}")
-            for n, m in model.named_modules() if type(m) in _NO_INT8 and (convs or type(m) is nn.Bilinear)
+            for n, m in model.named_modules() if type(m) in _NO_FORM and (convs or type(m) is nn.Bilinear)
             and (filter_fn is None or filter_fn(m, n))]
 
 
@@ -307,8 +307,8 @@ def _foreign_weight_rows(model: nn.Module, filter_fn) -> list[dict]:
     chose the layers; it may expect layers only)."""
     rows = []
     for name, m in model.named_modules() if filter_fn is None else ():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding) + ACCEL_TYPES) or is_conv1d(m) or type(m) in _NO_INT8 \
-                or type(m).__module__.split(".")[0] == "accel":  # (_NO_INT8: reported as such by sparsify_ / quantize_)
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding) + ACCEL_TYPES) or is_conv1d(m) or type(m) in _NO_FORM \
+                or type(m).__module__.split(".")[0] == "accel":  # (_NO_FORM: reported as such by sparsify_ / quantize_)
             continue
         for pname, p in m.named_parameters(recurse=False):
             if p.is_floating_point() and p.dim() >= 3 and p.shape[0] > 1 and p.numel() >= FOREIGN_MIN_NUMEL:
@@ -820,7 +820,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
 
 def _no_int8_form(m: nn.Module, embeddings: bool) -> str | None:
     """Why quantize_ leaves ``m`` float when it is a weighted layer it has no int8 form for; None otherwise."""
-    if type(m) in _NO_INT8:
+    if type(m) in _NO_FORM:
         return f"no int8 form for {type(m).__name__}: kept"
     kinds = (nn.Linear, nn.Conv2d) + ((nn.Embedding,) if embeddings else ())
     if isinstance(m, kinds) and (why := own_forward_reason(m)) is not None:

@@ -44,6 +44,7 @@ from .packcache import cached
 from .workspace import scratch
 
 STRATEGIES = ("rows", "stacked", "stacked_wide", "float")
+STACKED = ("stacked", "stacked_wide")
 #: bytes of gathered int8 activation per chunk of block rows (about an L2 slice)
 ROWS_CHUNK_BYTES = 1 << 20
 #: ``stacked``: about ``n * n * M`` of this (the wasted multiply-adds grow as n^2 * M, calls fall as 1/n)
@@ -59,8 +60,7 @@ def strategies(qmax: int, m: int | None = None) -> tuple[str, ...]:
     same work, and their one gather of every group's activations would grow with ``m``."""
     if "int_mm" not in cpu_int8.exact_engines(qmax, 16):
         return ("float",)
-    stacked = ("stacked", "stacked_wide") if m is None or stack_size(m) > 1 else ()
-    return ("rows",) + stacked + ("float",)
+    return ("rows",) + (STACKED if m is None or stack_size(m) > 1 else ()) + ("float",)
 
 
 def default_strategy(qmax: int, m: int) -> str:
@@ -249,22 +249,18 @@ def _stack_bind(groups, m: int, nbc: int, nbr: int, bs: int):
     of one buffer, and the outputs (the diagonal tiles) come out of it in one ``index_select`` of ``B``-wide
     rows; rows with no blocks read the zero row after the results."""
     tok = torch.arange(m, dtype=torch.int64)
-    gather, diag_of_row = [], {}
+    gather = []
+    diag = torch.full((m, nbr), -1, dtype=torch.int64)
     slots = res_rows = 0
     for rows, cols, _ in groups:
         ng = rows.numel()
         gather.append((tok * (nbc + 1))[:, None] + cols[None, :])  # [m, n_g * P]
         i = torch.arange(ng, dtype=torch.int64)
         # B-row of result tile (t, i, i): row t * ng + i of [m * ng, ng * B], tile column i
-        base = res_rows + (tok[:, None] * ng + i[None, :]) * ng + i[None, :]  # [m, ng]
-        for j, r in enumerate(rows.tolist()):
-            diag_of_row[r] = base[:, j]
+        diag[:, rows] = res_rows + (tok[:, None] * ng + i[None, :]) * ng + i[None, :]
         slots += cols.numel()
         res_rows += m * ng * ng
-    zero_row = res_rows
-    diag = torch.full((m, nbr), zero_row, dtype=torch.int64)
-    for r, idx in diag_of_row.items():
-        diag[:, r] = idx
+    diag[diag < 0] = res_rows  # rows in no group read the zero row after the results
     return torch.cat([g.flatten() for g in gather]), slots, diag.flatten(), res_rows + 1
 
 
@@ -337,7 +333,7 @@ def int8_bsr_linear_cpu(
     if col.numel() == 0:  # every block pruned: 0 * x_scale, so tokens holding NaN/inf still give NaN rows
         scale, _ = cpu_int8.act_scale_inv(x if x.dtype == torch.float32 else x.float(), qmax, None)
         return epilogue(torch.zeros(m, out_features, dtype=torch.int32), scale, w_scale, bias, activation, x.dtype)
-    pad = bs if strategy in ("stacked", "stacked_wide") else 0  # a zero block column for the padding slots
+    pad = bs if strategy in STACKED else 0  # a zero block column for the padding slots
     v, q, scale = quantize_padded(x, qmax, nbc * bs + pad)
     if strategy == "float":
         acc = cpu_bsr.bsr_dense_mm_cpu(v, _float_values(values_q), crow, col, out_features,

@@ -31,6 +31,17 @@ def use_triton(x: torch.Tensor, what: str) -> bool:
     return False
 
 
+def check_tensors(what: str, required: tuple, optional: tuple = ()) -> None:
+    """A TypeError naming the first argument of ``(name, value)`` pairs that is not a tensor (``optional``
+    ones may also be None), before anything reads tensor attributes off it."""
+    for name, t in required:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in optional:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor or None, got {type(t).__name__}")
+
+
 def needs_op(*tensors: torch.Tensor | None) -> bool:
     """Whether to call the registered custom op rather than its implementation directly: under
     torch.compile (so the graph holds one opaque node) and when autograd must record the call.

@@ -139,3 +139,13 @@ def _planned(owner, key: tuple, tensors: tuple, settings: tuple, ops: tuple[str,
             plans[key] = plan
     engines.note_keys(plan.notes)
     return plan
+
+
+def call_linear(plan: _Plan, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Run a linear layer's plan on ``x [..., K]``: on ``x`` as given where the plan takes any rank and ``x`` is
+    contiguous (``F.linear`` on a strided N-D half-precision input rounds differently from the 2-D view), else
+    on the 2-D view, reshaped back."""
+    if x.dim() == 2 or (plan.any_rank and x.is_contiguous()):
+        return plan.fn(x)
+    return plan.fn(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], out_features)
+

@@ -35,7 +35,7 @@ from ..cpu import bsr_conv as cpu_conv
 from ..cpu.int8 import float_conv2d_cpu, onednn_conv_ok
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
-from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
+from ._dispatch import as_conv_output, check_tensors, conv_out_format, needs_op, use_triton
 from ._plans import _plan_key, _planned, _settled
 from .bsr_linear import MIN_SQNR, any_nonfinite, refuse_double_backward, transposed_structure
 
@@ -78,9 +78,8 @@ def check_weight_shape(weight_shape, what: str = "bsr_conv2d") -> tuple[int, int
 
 def _validate(x, values, crow, col, weight_shape, bias, stride, padding, dilation):
     what = "bsr_conv2d"
-    for name, t in (("x", x), ("values", values), ("crow_indices", crow), ("col_indices", col)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    check_tensors(what, (("x", x), ("values", values), ("crow_indices", crow), ("col_indices", col)),
+                  (("bias", bias),))
     o, c, kh, kw = check_weight_shape(weight_shape, what)
     stride, padding, dilation = check_geometry(stride, padding, dilation, what)
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
@@ -96,8 +95,6 @@ def _validate(x, values, crow, col, weight_shape, bias, stride, padding, dilatio
     if values.dtype != x.dtype:
         raise TypeError(f"{what}: x dtype {x.dtype} must equal weight dtype {values.dtype}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{what}: bias must be a tensor or None, got {type(bias).__name__}")
         if bias.dtype != x.dtype:
             raise TypeError(f"{what}: bias dtype {bias.dtype} must equal x dtype {x.dtype}")
         if tuple(bias.shape) != (o,):
@@ -365,8 +362,7 @@ def module_bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, 
     (``accel.ops._plans``)."""
     tensors = (values, crow_indices, col_indices, bias)
     settings = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), allow_dense)
-    if owner is not None and not (torch.is_grad_enabled() and (values.requires_grad or
-                                                               (bias is not None and bias.requires_grad))):
+    if owner is not None and not needs_op(values, bias):  # (autograd records calls that train the layer)
         settled = _settled(owner, x, x.shape, tensors, settings, image=True)
         if settled is not None:
             return settled.fn(x)
@@ -393,8 +389,8 @@ def _resolve_cpu(x, values, crow, col, weight_shape, bias, stride, padding, dila
     engine = _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     if engine == "dense" and conv_out_format(x) == torch.channels_last and not torch.is_autocast_enabled("cpu") and \
-            onednn_conv_ok(x.shape[1], x.shape[2], x.shape[3], weight_shape[2], weight_shape[3], stride,
-                                    padding, dilation):  # (the same for every input of the plan's kind)
+            onednn_conv_ok(x.shape[1], x.shape[2], x.shape[3], weight_shape[2], weight_shape[3], stride, padding,
+                           dilation):  # (the same for every input of the plan's kind)
         # what _run_dense does for a channels_last input: torch's conv of the densified (channels_last) weight
         w = _dense_weight(values, crow, col, weight_shape, x.dtype)
         return functools.partial(F.conv2d, weight=w, bias=bias, stride=stride, padding=padding, dilation=dilation), True

@@ -37,8 +37,8 @@ from ..formats import (
     check_block_size,
     check_bsr_cached,
 )
-from ._dispatch import needs_op, use_triton
-from ._plans import _plan_key, _planned, _settled
+from ._dispatch import check_tensors, needs_op, use_triton
+from ._plans import _plan_key, _planned, _settled, call_linear
 
 #: SQNR (dB) a CPU strategy must reach against the fp32 dense product before it can be chosen
 #: (the strategies differ only in summation order: fp32 > 100 dB, bf16/fp16 ~45-50 dB)
@@ -106,14 +106,13 @@ def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Te
     kwargs.pop("allow_tf32", None)
     if name == "bsr_dense_mm" and "strategy" not in kwargs and "block_index" not in kwargs:
         x, values, crow, col, out_features, bias = args[:6]
-        if x.shape[0] and not values.shape[0] and x.shape[1]:  # every block pruned: zeros that still multiply NaN
-            return nonfinite_rows_like_dense(x, cpu_bsr.bsr_dense_mm_cpu(*args, **kwargs))
-        if x.shape[0] and values.shape[0] and x.shape[1]:
-            strategy = _cpu_strategy(x, values, crow, col, out_features, bias, allow_dense)
-            if strategy == "dense":
-                w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
-                return torch.nn.functional.linear(x, w, bias)
-            kwargs["strategy"] = strategy
+        if x.shape[0] and x.shape[1]:
+            if values.shape[0]:  # (every block pruned: no strategy, but zeros that still multiply NaN)
+                strategy = _cpu_strategy(x, values, crow, col, out_features, bias, allow_dense)
+                if strategy == "dense":
+                    w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
+                    return torch.nn.functional.linear(x, w, bias)
+                kwargs["strategy"] = strategy
             return nonfinite_rows_like_dense(x, cpu_bsr.bsr_dense_mm_cpu(*args, **kwargs))
     return getattr(cpu_bsr, name + "_cpu")(*args, **kwargs)
 
@@ -279,11 +278,8 @@ def bsr_linear(
     ``allow_dense``: on the CPU, run the densified weight where that measures faster (``auto``).
     Raises ``TypeError``/``ValueError`` naming the offending dtype, device, shape or broken index.
     """
-    for name, t in (("x", x), ("values", values), ("crow_indices", crow_indices), ("col_indices", col_indices)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"bsr_linear: {name} must be a tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bsr_linear: bias must be a tensor or None, got {type(bias).__name__}")
+    check_tensors("bsr_linear", (("x", x), ("values", values), ("crow_indices", crow_indices),
+                                 ("col_indices", col_indices)), (("bias", bias),))
     out_features, in_features = check_shape(shape, "bsr_linear")
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"bsr_linear: values must be [nnz, B, B], got shape {tuple(values.shape)}")
@@ -327,13 +323,10 @@ def module_bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch
     lookup and identity/version checks before its strategy (or the dense ``F.linear``) runs."""
     out_features, in_features = shape
     tensors = (values, crow_indices, col_indices, bias)
-    if owner is not None and not (torch.is_grad_enabled() and (values.requires_grad or
-                                                               (bias is not None and bias.requires_grad))):
+    if owner is not None and not needs_op(values, bias):  # (autograd records calls that train the layer)
         settled = _settled(owner, x, x.shape, tensors, (shape, allow_dense))
         if settled is not None:
-            if x.dim() == 2 or (settled.any_rank and x.is_contiguous()):
-                return settled.fn(x)
-            return settled.fn(x.reshape(-1, in_features)).view(*x.shape[:-1], out_features)
+            return call_linear(settled, x, out_features)
     if needs_op(x, values, bias) or x.dtype != values.dtype or x.device != values.device or x.dim() == 0 or \
             x.shape[-1] != in_features:
         return bsr_linear(x, values, crow_indices, col_indices, shape, bias, allow_dense=allow_dense)
@@ -341,14 +334,11 @@ def module_bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), in_features)
     if owner is not None and not use_triton(x2, "bsr_linear") and x2.shape[0] and x2.shape[1] and values.shape[0]:
-        plan = _planned(owner, _plan_key(x, x.shape, False), tensors, (shape, allow_dense), ("bsr_linear",),
-                        lambda: _resolve_cpu(x2, values, crow_indices, col_indices, out_features, bias, allow_dense))
-        if plan.any_rank and x.is_contiguous():
-            return plan.fn(x)
-        y = plan.fn(x2)
-    else:
-        y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
-                      allow_dense=allow_dense)
+        return call_linear(_planned(owner, _plan_key(x, x.shape, False), tensors, (shape, allow_dense), ("bsr_linear",),
+                                    lambda: _resolve_cpu(x2, values, crow_indices, col_indices, out_features, bias,
+                                                         allow_dense)), x, out_features)
+    y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
+                  allow_dense=allow_dense)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
 
 

@@ -37,7 +37,7 @@ from ..cpu import int8 as cpu_int8
 from ..cpu.packcache import cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate, dequantize_weight
 from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
-from ._plans import _PLANS, _Plan, _plan_key, _planned, _settled, forget_plans  # noqa: F401  (layers, tests)
+from ._plans import _PLANS, _Plan, _plan_key, _planned, _settled, call_linear, forget_plans  # noqa: F401  (layers, tests)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LINEAR_MODES = ("dynamic", "static", "weight_only", "auto")
@@ -490,9 +490,7 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     shape = x.shape
     settled = _settled(owner, x, shape, (w_q, w_scale, bias, act_scale), (activation, mode, act_qmax))
     if settled is not None:  # a kind of input this layer has run (and checked) before: its plan, nothing else
-        if len(shape) == 2 or (settled.any_rank and x.is_contiguous()):  # (F.linear on a strided N-D
-            return settled.fn(x)  # half-precision input rounds differently from the 2-D view)
-        return settled.fn(x.reshape(-1, shape[-1])).view(*shape[:-1], w_q.shape[0])
+        return call_linear(settled, x, w_q.shape[0])
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() == 0 or \
             x.shape[-1] != w_q.shape[1]:
         return int8_linear(x, w_q, w_scale, bias, activation=activation, act_scale=act_scale, mode=mode,
@@ -500,14 +498,11 @@ def module_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if owner is not None and x2.device.type == "cpu" and x2.shape[0] and x2.shape[1] and w_q.shape[0] and \
             engines.env("ACCEL_FORCE_TRITON") != "1":
-        plan = _planned(owner, _plan_key(x, shape, False), (w_q, w_scale, bias, act_scale),
-                        (activation, mode, act_qmax), (),
-                        lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax))
-        if plan.any_rank and x.is_contiguous():
-            return plan.fn(x)
-        y = plan.fn(x2)
-    else:
-        y = _int8_linear_impl(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
+        return call_linear(_planned(owner, _plan_key(x, shape, False), (w_q, w_scale, bias, act_scale),
+                                    (activation, mode, act_qmax), (),
+                                    lambda: _resolve(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)),
+                           x, w_q.shape[0])
+    y = _int8_linear_impl(x2, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], w_q.shape[0])
 
 

@@ -32,7 +32,7 @@ from ..cpu import int8_bsr as cpu_int8_bsr
 from ..cpu.packcache import cached
 from ..formats import BLOCK_SIZES, block_grid, bsr_row_indices, check_bsr_cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate
-from ._dispatch import needs_op, use_triton
+from ._dispatch import check_tensors, needs_op, use_triton
 from .bsr_linear import check_shape
 from .int8 import _check_w_scale, _checked_once
 
@@ -200,10 +200,8 @@ def int8_bsr_linear(
     (see the module docstring). Raises ``TypeError`` / ``ValueError`` naming the offending dtype,
     device, shape, activation or broken index."""
     what = "int8_bsr_linear"
-    for name, t in (("x", x), ("values_q", values_q), ("w_scale", w_scale), ("crow_indices", crow_indices),
-                    ("col_indices", col_indices)) + ((("bias", bias),) if bias is not None else ()):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    check_tensors(what, (("x", x), ("values_q", values_q), ("w_scale", w_scale), ("crow_indices", crow_indices),
+                         ("col_indices", col_indices)), (("bias", bias),))
     out_features, in_features = check_shape(shape, what)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: x dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")

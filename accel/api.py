@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import engines
 from .formats import BLOCK_SIZES, check_block_size
-from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, eval_mode, resized_inputs
+from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, eval_mode, resized_inputs, unnested
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .modules._common import explicit_padding
 from .prune import (
@@ -38,11 +38,13 @@ from .prune import (
     as_plain,
     base_kind,
     block_masks,
+    is_accel_layer,
     is_conv1d,
     own_forward_reason,
     tied_weights,
     weight_source,
 )
+from .quant import QMAX
 
 __all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
            "linearize_kept_dense_", "load", "quantize_", "replace_module", "replace_modules", "save", "sparsify_"]
@@ -97,7 +99,9 @@ class QuantConfig:
     """int8 for ``quantize_``: ``linear_mode`` (QuantLinear: auto/dynamic/static/weight_only),
     ``conv_mode`` (QuantConv2d: auto/dynamic/static), ``embeddings`` (weight-only int8
     ``nn.Embedding``); static modes take ``act_scales`` from ``accel.calibrate``; ``act_qmax``
-    fixes the activation range (None: the running machine's). ``keep_float``: with ``example_inputs``,
+    fixes the activation range (None: the running machine's, except for static layers, which keep the range
+    their scale was calibrated for: ``calibrate``'s default on this machine, so a saved static model computes the
+    same integers on a CPU with another native range). ``keep_float``: with ``example_inputs``,
     a layer whose int8 form measures slower than the float layer at every batch size measured stays
     the original float layer: measured alone first, then (``in_model``) inside the whole model, where
     the caches hold the other layers' data (int8 embeddings, converted for size, are not reverted)."""
@@ -155,7 +159,23 @@ def replace_modules(model: nn.Module, news: dict[str, nn.Module], aliases: dict[
         targets += [(n, new) for n in aliases.get(id(old), [name]) if n]
     for n, new in targets:
         parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, new)
+        if isinstance(owner, nn.TransformerEncoderLayer) and is_accel_layer(new):
+            _off_the_fused_path(new)
+
+
+def _runs_accel_layers(module, args):
+    """(A forward pre-hook that does nothing: see :func:`_off_the_fused_path`.)"""
+    return None
+
+
+def _off_the_fused_path(layer: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer``'s fused inference path reads its Linear layers' ``.weight`` (an accel layer's
+    float view) and never calls them: the int8 / block-sparse layer would not run. A forward hook anywhere in the
+    encoder layer turns that path off (torch checks for hooks), so each converted layer gets a no-op one."""
+    if not any(h is _runs_accel_layers for h in layer._forward_pre_hooks.values()):
+        layer.register_forward_pre_hook(_runs_accel_layers)
 
 
 def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
@@ -224,9 +244,12 @@ def capture_inputs(model: nn.Module, names: list[str], example_inputs) -> dict[s
     args, kwargs = as_call(example_inputs)
     seen, hooks = {}, []
     modules = dict(model.named_modules())
+    def keep(name, args):  # (returns None: a pre-hook's return value would replace the layer's input)
+        if args and name not in seen:
+            seen[name] = unnested(args[0].detach()).clone()
+
     for name in names:
-        hooks.append(modules[name].register_forward_pre_hook(
-            lambda m, a, name=name: seen.setdefault(name, a[0].detach().clone()) if a else None))
+        hooks.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: keep(name, a)))
     try:
         with eval_mode(model):
             model(*args, **kwargs)
@@ -771,6 +794,9 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     for name, m in candidates.items():  # build every replacement before the model changes
         scale = config.act_scales.get(name)
         kind = base_kind(m)
+        # a static scale is absmax / qmax for the qmax calibrate used (its default: this device's range): the layer
+        # keeps that qmax, or a CPU with another native range would clip (or waste) half the range
+        qmax = config.act_qmax or (_calibrated_qmax(m) if scale is not None else None)
         try:
             if kind is nn.Embedding:
                 if m.max_norm is not None or m.sparse:
@@ -783,7 +809,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                     rows.append(_row(name, m, None, "float", reason))
                     continue
                 news[name] = QuantConv2d.from_float(as_plain(m), mode_of(name, config.conv_mode, scale), act_scale=scale,
-                                                    act_qmax=config.act_qmax)
+                                                    act_qmax=qmax)
             elif isinstance(m, SparseLinear):  # int8 block-sparse: activations quantized per token at run time
                 if scale is not None or config.linear_mode not in ("auto", "dynamic"):
                     why = "a static activation scale" if scale is not None else f"linear_mode {config.linear_mode!r}"
@@ -793,7 +819,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                 news[name] = SparseQuantLinear.from_sparse(m, act_qmax=config.act_qmax)
             else:
                 news[name] = QuantLinear.from_float(as_linear(m), mode_of(name, config.linear_mode, scale),
-                                                    act_scale=scale, act_qmax=config.act_qmax)
+                                                    act_scale=scale, act_qmax=qmax)
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantize_: layer {name!r} ({type(m).__name__}): {e}") from e
     _share_tied_tables(news, candidates)
@@ -903,6 +929,12 @@ def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, 
         replace_modules(model, {name: carry_over(m, new)}, aliases)
         replaced[name] = m
     rows += _with_note(layer_rows, note)
+
+
+def _calibrated_qmax(m: nn.Module) -> int:
+    """The activation range ``accel.calibrate`` uses by default for ``m``'s device."""
+    w = next((t for t in m.parameters(recurse=False)), None)
+    return QMAX if w is not None and w.device.type == "cuda" else engines.native_act_qmax()
 
 
 def _check_act_scales(scales) -> None:
@@ -1176,7 +1208,9 @@ def save(model: nn.Module, path: str) -> None:
 def load(model: nn.Module, path: str) -> nn.Module:
     """Load a file written by :func:`save` into ``model``, a fresh instance of the *uncompressed*
     architecture: the layers the file records as accel modules are rebuilt (in the dtype and device
-    of the layers they replace), then the state is loaded. Every layer of the file is checked
+    of the layers they replace, with their training flags and hooks), then the state is loaded. An accel
+    layer ``model`` already has, as the file describes it, is loaded in place (an optimizer built
+    before keeps working). Layers the model ties share their int8 tables again. Every layer of the file is checked
     against the model first (type and shape), and the load runs on a copy: when anything fails,
     ``model`` is left exactly as it was. Returns ``model``."""
     from safetensors import safe_open
@@ -1195,7 +1229,14 @@ def load(model: nn.Module, path: str) -> nn.Module:
         aliases = {str(k): str(v) for k, v in dict(info.get("aliases", {})).items()}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"accel.load: {path} has corrupt accel metadata ({e})") from None
-    trial = copy.deepcopy(model)  # everything happens on a copy: a failed load leaves `model` as it was
+    try:
+        trial = copy.deepcopy(model)  # everything happens on a copy: a failed load leaves `model` as it was
+    except Exception as e:  # noqa: BLE001 - torch's errors for uncopyable models: name what to change
+        raise ValueError(f"accel.load: cannot copy the model to load into it safely (copy.deepcopy raised "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Typical causes: the old "
+                         "torch.nn.utils.weight_norm (use torch.nn.utils.parametrizations.weight_norm), or a tensor "
+                         "from a grad-enabled forward kept as a module attribute (delete it first)") from None
+    tied = _tied_aliases(model, aliases)  # ties of the model loaded into, before any layer is replaced
     cuttable = layer_shapes(trial)
     want = {k: v for k, v in shapes.items() if k not in layers}
     for name, desc in layers.items():  # accel layers of a shrunk model: give the stock layer their channel counts
@@ -1236,7 +1277,14 @@ def load(model: nn.Module, path: str) -> nn.Module:
     sd.update(extra_state)
     built: dict[int, tuple[str, dict, nn.Module]] = {}  # a module shared by several names is built once
     news = {}
+    # an accel layer the model already has, of the file's description, keeps its objects: the state is loaded into
+    # it in place (as load_state_dict does), so an optimizer built before the load still holds its parameters
+    own = dict(model.named_modules(remove_duplicate=False))
+    kept = {name for name, desc in layers.items()
+            if isinstance(own.get(name), ACCEL_TYPES) and isinstance(desc, dict) and _describe(own[name]) == desc}
     for name, desc in layers.items():
+        if name in kept:
+            continue
         target = modules[name]
         if id(target) not in built:
             try:
@@ -1255,11 +1303,34 @@ def load(model: nn.Module, path: str) -> nn.Module:
         trial.load_state_dict(sd, strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"accel.load: {path} does not load into this model: {e}") from None
-    # success: move the rebuilt layers and the loaded state into the caller's model
-    replace_modules(model, {name: trial.get_submodule(name) for name in list(resized) + list(layers)})
+    # success: move the rebuilt layers (with the replaced ones' training flags and hooks) and the loaded state into
+    # the caller's model
+    replace_modules(model, {name: carry_over(own[name], trial.get_submodule(name))
+                            for name in list(resized) + [n for n in layers if n not in kept]})
     model.load_state_dict(trial.state_dict(), strict=True)
-    _reshare(model, aliases)
+    _reshare(model, tied)
     return model
+
+
+def _tied_aliases(model: nn.Module, aliases: dict[str, str]) -> dict[str, str]:
+    """The file's aliases (an entry saved once for several names) between layers that ``model`` ties: one module
+    under both names, or one weight tensor. Equal tables of untied layers (a cloned head, zero-initialised layers)
+    were only written once; they are loaded as copies, not made one tensor."""
+    tied = {}
+    for alias, first in aliases.items():
+        ma, mf = alias.rpartition(".")[0], first.rpartition(".")[0]
+        try:
+            a, f = model.get_submodule(ma), model.get_submodule(mf)
+        except AttributeError:
+            continue
+        if a is f:
+            tied[alias] = first
+            continue
+        wa, wf = (m._buffers.get("weight_q", m._parameters.get("weight")) for m in (a, f))
+        if isinstance(wa, torch.Tensor) and isinstance(wf, torch.Tensor) and \
+                _tensor_identity(wa) == _tensor_identity(wf):
+            tied[alias] = first
+    return tied
 
 
 def _check_ties(model: nn.Module, sd: dict, path: str) -> None:
@@ -1280,8 +1351,8 @@ def _check_ties(model: nn.Module, sd: dict, path: str) -> None:
 
 
 def _reshare(model: nn.Module, aliases: dict[str, str]) -> None:
-    """Buffers of accel layers that were one tensor when saved (an int8 table of tied layers) become one
-    tensor again (they were loaded as equal copies)."""
+    """Buffers of accel layers that the model ties (:func:`_tied_aliases`: an int8 table of tied layers) become
+    one tensor again (they were loaded as equal copies)."""
     for alias, first in aliases.items():
         (ma, _, ka), (mf, _, kf) = alias.rpartition("."), first.rpartition(".")
         try:

@@ -330,8 +330,9 @@ def compress(args) -> dict:
     api.save(dense, dense_path)
     api.save(compressed, comp_path)
     latency = [_latency(dense, compressed, example, b, args.budget) for b in args.batches]
+    applied = _title(args, any(r["status"] == "pruned" for r in shrunk), bool(masks))
     report = {
-        "title": f"{type(dense).__name__}: {_title(args)} + int8 vs dense "
+        "title": f"{type(dense).__name__}: {applied} + int8 vs dense "
                  f"{_DTYPE_NAMES.get(next((p.dtype for p in dense.parameters()), torch.float32), 'float')} (CPU)",
         "accuracy": {"dense": acc_dense, "pruned_distilled": acc_pruned, "qat": acc_qat, "compressed": acc_final,
                      "drop_points": acc_dense - acc_final},
@@ -351,13 +352,14 @@ def compress(args) -> dict:
     return report
 
 
-def _title(args) -> str:
+def _title(args, channels: bool, blocks: bool) -> str:
+    """What was applied (not only asked for: a model with no layer wide enough for a block is not sparse)."""
     parts = []
-    if args.prune in ("channels", "both"):
+    if channels:
         parts.append(f"{args.channel_ratio:.0%} channels removed")
-    if args.prune in ("blocks", "both"):
+    if blocks:
         parts.append(f"{args.sparsity:.0%} block sparsity")
-    return " + ".join(parts)
+    return " + ".join(parts) or "nothing pruned"
 
 
 def _environment() -> dict:

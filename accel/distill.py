@@ -44,8 +44,9 @@ class FeatureDistiller(nn.Module):
 
     ``pairs`` maps student module names to teacher module names; their outputs are captured with
     forward hooks during the normal forward passes. One forward of ``example_input`` through both
-    models sizes the features: where the widths (dim 1) differ, a 1x1 conv (4-D features) or a
-    linear adapter maps the student's onto the teacher's. Train the adapters with the student
+    models sizes the features: where the widths differ (the channels of 4-D image features, the last dim of
+    ``[B, D]`` and ``[B, T, D]`` features), a 1x1 conv or a linear adapter maps the student's onto the
+    teacher's; features differing in anything else are refused. Train the adapters with the student
     (``parameters()``; :func:`train` does).
     """
 
@@ -66,9 +67,18 @@ class FeatureDistiller(nn.Module):
             teacher(example_input)
         self.adapters = nn.ModuleDict()
         for key in self.pairs:
-            s, t = self._s[key], self._t[key]
-            if s.shape[1] != t.shape[1]:
-                layer = nn.Conv2d(s.shape[1], t.shape[1], 1) if s.dim() == 4 else nn.Linear(s.shape[1], t.shape[1])
+            s, t = self._s.get(key), self._t.get(key)
+            if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor):
+                raise ValueError(f"FeatureDistiller: {key!r} / {self.pairs[key]!r} must each return one tensor (got "
+                                 f"{type(s).__name__} / {type(t).__name__}); pair the submodules that do")
+            d = 1 if s.dim() == 4 else -1  # channels of an image feature, the last dim of [B, D] / [B, T, D]
+            rest_s, rest_t = [n for i, n in enumerate(s.shape) if i != d % s.dim()], \
+                [n for i, n in enumerate(t.shape) if i != d % max(t.dim(), 1)]
+            if s.dim() != t.dim() or rest_s != rest_t:
+                raise ValueError(f"FeatureDistiller: {key!r} gives {tuple(s.shape)}, {self.pairs[key]!r} gives "
+                                 f"{tuple(t.shape)}: they may differ in width only (dim {d})")
+            if s.shape[d] != t.shape[d]:
+                layer = nn.Conv2d(s.shape[d], t.shape[d], 1) if s.dim() == 4 else nn.Linear(s.shape[d], t.shape[d])
                 self.adapters[self._slot(key)] = layer.to(s.device)
 
     @staticmethod

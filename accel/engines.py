@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 #: bump when candidates or keys change meaning, so old cache files are not reused
-ENGINE_VERSION = 4
+ENGINE_VERSION = 5
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
 #: two best candidates closer than this get extra rounds between them
@@ -106,7 +106,7 @@ class EngineCacheWarning(UserWarning):
 #: on :func:`reload_env`, so the per-call cost of a decision is a dictionary lookup
 ENV_VARS = ("ACCEL_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ACCEL_CPU_ACT_QMAX",
             "ACCEL_ENGINE", "ACCEL_CACHE_DIR", "XDG_CACHE_HOME", "ACCEL_ENGINE_CACHE", "ACCEL_ENGINE_MEASURE",
-            "ACCEL_FORCE_TRITON")
+            "ACCEL_FORCE_TRITON", "ACCEL_COMPILE")
 _env_snapshot: dict[str, str | None] | None = None
 _generation = 0
 _stamp = 0  # bumped whenever any decision may change: callers may memoize choose() results against it
@@ -355,11 +355,12 @@ _BSR_STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows", "mkl")  # acc
 #: the reverse); tests/test_engines.py checks it against the op names in the source and the engine names the
 #: op modules define, so it cannot drift. Code outside accel adds its own ops with :func:`register_op`.
 _OPS: dict[str, tuple[str, ...]] = {
-    "int8_linear": ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split"),  # accel.cpu.int8.LINEAR_ENGINES
+    "int8_linear": ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq"),  # cpu.int8.LINEAR_ENGINES
     "int8_weight_only_linear": ("panels", "int8pack"),  # accel.cpu.int8.WEIGHT_ONLY_ENGINES
     "quant_linear_form": ("dynamic", "dynamic_fused", "weight_only", "float", "float_bf16"),  # accel.ops.int8._auto_forms
     # accel.cpu.int8.CONV_ENGINES + accel.ops.int8.FLOAT_CONV_FORMS (auto layers)
-    "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "float", "float_nchw", "float_bf16"),
+    "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "float", "float_nchw",
+                    "float_bf16"),
     "bsr_linear": _BSR_STRATEGIES + ("dense",),  # accel.ops.bsr_linear
     "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense",),  # accel.ops.bsr_conv
     "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float"),  # accel.cpu.int8_bsr.STRATEGIES

@@ -131,3 +131,12 @@ def eval_mode(*modules: nn.Module, train: bool | None = False):
                     root.train(was)
         for m, f in flags.values():
             m.training = f
+
+
+def unnested(t: torch.Tensor) -> torch.Tensor:
+    """A layer input as a plain tensor: a nested tensor (``nn.TransformerEncoder`` packs a padded batch into one
+    for its Linear layers) as the rows its components hold, ``[rows, features]``, the work those layers do;
+    anything else as it is."""
+    if not t.is_nested:
+        return t
+    return torch.cat([c.reshape(-1, c.shape[-1]) for c in t.unbind()])

@@ -456,7 +456,9 @@ def prune_(model: nn.Module, sparsity: float, block: int = 32, norm: int = 2, sc
     """One-shot pruning: compute masks (``structure`` "block" or "channel"), zero the weights, return the masks.
     Layers whose weight is computed (parametrized, weight-norm hooks) are refused with a ValueError naming
     them, before anything changes: remove the parametrization or leave them out with ``filter_fn``."""
-    _refuse_computed("prune_", prunable_layers(model, filter_fn))
+    with warnings.catch_warnings():  # (the mask functions select the same layers again, and warn once)
+        warnings.simplefilter("ignore")
+        _refuse_computed("prune_", prunable_layers(model, filter_fn))
     if structure == "block":
         masks = block_masks(model, sparsity, block, norm, scope, filter_fn)
     elif structure == "channel":

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import carry_over, replace_module
-from .inputs import eval_mode, loader_batch_call
+from .inputs import eval_mode, loader_batch_call, unnested
 from .modules.quant_linear import QuantConv2d, QuantLinear
 from .prune import base_kind, is_accel_layer, is_conv1d, own_forward_reason, weight_source
 from .quant import QMAX, ieee_div
@@ -112,7 +112,8 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
     for name, m in model.named_modules():
         if (isinstance(m, kinds) or is_conv1d(m)) and (filter_fn is None or filter_fn(m, name)):
             observers[name] = Observer(method, percentile)
-            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: observers[name].observe(args[0])))
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: observers[name].observe(unnested(args[0]))))
     if not observers:
         raise ValueError("calibrate: no Linear/Conv1D/Conv2d layer selected")
     try:

@@ -71,3 +71,22 @@ def test_train_with_teacher_improves_accuracy():
     hist = train(student, loader, 5, 1e-2, teacher=teacher, after_step=lambda: calls.append(1), progress=False)
     assert len(hist) == 5 and len(calls) == 5 * len(loader)
     assert evaluate(student, loader) >= before + 25
+
+
+def test_feature_distiller_adapts_token_features_on_their_last_dim():
+    class Enc(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.emb, self.mlp, self.head = nn.Embedding(100, d), nn.Linear(d, d), nn.Linear(d, 5)
+
+        def forward(self, ids):
+            return self.head(self.mlp(self.emb(ids)).mean(1))
+
+    teacher, student, ids = Enc(64), Enc(32), torch.randint(0, 100, (4, 10))
+    fd = FeatureDistiller(student, teacher, {"mlp": "mlp"}, ids)
+    assert isinstance(fd.adapters["mlp"], nn.Linear) and fd.adapters["mlp"].in_features == 32
+    student(ids)
+    teacher(ids)
+    fd.loss().backward()
+    with pytest.raises(ValueError, match=r"'mlp' gives \(4, 10, 32\), 'head' gives \(4, 5\): they may differ in width"):
+        FeatureDistiller(student, teacher, {"mlp": "head"}, ids)

@@ -119,3 +119,79 @@ def test_dense_storage_layers_give_accels_errors():
         c(torch.randn(1, 16, 2, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: a different input dtype is what it is for
         assert c(torch.randn(1, 16, 5, 5)).dtype == torch.bfloat16
+
+
+def test_fp16_quant_embedding_scales_rows_of_tiny_values_in_fp32():
+    from accel.modules import QuantEmbedding
+
+    emb = nn.Embedding(3, 8)
+    with torch.no_grad():
+        emb.weight[1] *= 1e-5
+        emb.weight[2] *= 1e-6  # its scale underflows in fp16
+    q = QuantEmbedding.from_float(emb.half())
+    idx = torch.tensor([0, 1, 2])
+    want = (q.weight_q[idx].float() * q.weight_scale[idx, None]).half()
+    out = q(idx)
+    assert torch.equal(out, want) and out[2].abs().max() > 0
+
+
+@pytest.mark.parametrize("engine", [None, "fbgemm", "onednn", "int_mm"])
+def test_activations_whose_inverse_scale_overflows_follow_the_per_row_rule(engine):
+    """absmax ~1e-38: qmax / absmax is past fp32's range; one row and two rows give the same outputs (the
+    per-row rule: inverse 0, so zeros), and no numpy overflow warning reaches the user."""
+    import warnings
+
+    from accel.cpu import int8 as C
+    from accel.quant import quantize_weight
+
+    if engine is not None and engine not in C.exact_engines(127, 8):
+        pytest.skip(f"{engine} is not exact here")
+    wq, ws = quantize_weight(torch.randn(4, 8))
+    x = torch.randn(1, 8) * 1e-38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = C.linear_int8_cpu(x, wq, ws, None, qmax=127, engine=engine)
+        two = C.linear_int8_cpu(x.repeat(2, 1), wq, ws, None, qmax=127, engine=engine)
+    ref = C.linear_int8_reference(x, wq, ws, None, qmax=127)
+    assert torch.equal(one, ref) and torch.equal(two[:1], ref) and torch.equal(two[1:], ref)
+
+
+def test_static_scale_whose_inverse_overflows_is_refused():
+    layer = QuantLinear(8, 4)
+    with pytest.raises(ValueError, match="inverse is finite in fp32, got 1e-39"):
+        layer.set_act_scale(1e-39)
+    with pytest.raises(TypeError, match="act_scale must be a number or a one-element float tensor, got str '0.1'"):
+        layer.set_act_scale("0.1")
+    layer.set_act_scale(torch.tensor([0.25]))
+    assert layer.act_scale.item() == 0.25
+
+
+@pytest.mark.parametrize("measure", ["1", "0"])
+def test_quant_conv_without_output_channels(accel_env, measure):
+    accel_env(ACCEL_ENGINE_MEASURE=measure)
+    layer = QuantConv2d(3, 0, 3, padding=1)
+    assert layer(torch.randn(2, 3, 5, 5)).shape == (2, 0, 5, 5)
+
+
+def test_functional_int8_ops_name_bad_arguments():
+    from accel.ops.int8 import int8_conv2d, int8_linear
+
+    wq, ws = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(TypeError, match="x must be a tensor, got list"):
+        int8_linear([[1.0] * 8], wq, ws)
+    with pytest.raises(TypeError, match="bias must be a tensor or None, got list"):
+        int8_linear(torch.randn(2, 8), wq, ws, [0.0] * 4)
+    with pytest.raises(ValueError, match="act_qmax must be 63, 127 or 0 .*got 63.0"):
+        int8_linear(torch.randn(2, 8), wq, ws, act_qmax=63.0)
+    with pytest.raises(TypeError, match="weight must be a tensor, got NoneType"):
+        int8_conv2d(torch.randn(1, 2, 4, 4), None, ws)
+    for bad in ({"stride": True}, {"padding": 1.5}, {"dilation": (1, 2.0)}):
+        with pytest.raises(ValueError, match="must be ints or pairs of ints"):
+            QuantConv2d(3, 4, 3, **bad)
+
+
+def test_empty_batches_get_nn_conv2d_strides():
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    x = torch.randn(0, 16, 9, 9)
+    for layer in (SparseConv2d.from_dense(conv, sparsity=0.5, block=16), QuantConv2d.from_float(conv)):
+        assert layer(x).shape == conv(x).shape and layer(x).stride() == conv(x).stride()

@@ -337,3 +337,152 @@ def test_load_names_corrupt_entries_and_refuses_embeddings_it_would_change(tmp_p
     with pytest.raises(ValueError, match="renormalizes \\(max_norm\\)"):
         accel.load(target, path)
     assert accel.QuantEmbedding(10, 4, padding_idx=-3).padding_idx == 7  # as nn.Embedding stores it
+
+
+class _TwoHeads(nn.Module):
+    """Two task heads cloned from one head: equal int8 tables, not tied."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(32, 32)
+        self.head_a = nn.Linear(32, 8)
+        self.head_b = copy.deepcopy(self.head_a)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.head_a(h), self.head_b(h)
+
+
+def test_load_keeps_untied_equal_tables_apart(tmp_path):
+    m = _TwoHeads().eval()
+    accel.quantize_(m, accel.QuantConfig(linear_mode="dynamic"))
+    accel.save(m, tmp_path / "v1.safetensors")
+    f = accel.load(_TwoHeads().eval(), tmp_path / "v1.safetensors")
+    assert f.head_a.weight_q is not f.head_b.weight_q
+    m2 = _TwoHeads().eval()
+    with torch.no_grad():
+        m2.head_b.weight.mul_(-1)
+    accel.quantize_(m2, accel.QuantConfig(linear_mode="dynamic"))
+    f.load_state_dict(m2.state_dict())  # a later state: head_a must stay head_a
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.equal(f(x)[0], m2(x)[0]) and torch.equal(f(x)[1], m2(x)[1])
+
+
+def test_load_into_a_converted_model_keeps_its_parameters(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        accel.sparsify_(m, accel.SparsityConfig(sparsity=0.5, block=16, mode="sparse"))
+        return m
+
+    src = make()
+    with torch.no_grad():
+        src[0].values.mul_(2)
+    accel.save(src, tmp_path / "ckpt.safetensors")
+    model = make()
+    layer = model[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    accel.load(model, tmp_path / "ckpt.safetensors")
+    assert model[0] is layer and torch.equal(model[0].values, src[0].values)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        before = model(x).clone()
+    model(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.equal(model(x), before)  # the optimizer trains the loaded model
+
+
+def test_load_carries_training_flags_and_hooks(tmp_path):
+    def mk():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    m = mk().eval()
+    accel.quantize_(m)
+    accel.save(m, tmp_path / "f.safetensors")
+    f = mk().eval()
+    seen = []
+    f[0].register_forward_hook(lambda *a: seen.append(1))
+    accel.load(f, tmp_path / "f.safetensors")
+    assert isinstance(f[0], accel.QuantLinear) and not any(layer.training for layer in f)
+    f(torch.randn(2, 32))
+    assert seen
+
+
+def test_load_names_why_a_model_cannot_be_copied(tmp_path):
+    class WithTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            self.last = self.fc(x)  # a non-leaf tensor kept as an attribute
+            return self.last
+
+    m = WithTensor().eval()
+    accel.quantize_(m)
+    accel.save(m, tmp_path / "m.safetensors")
+    target = WithTensor()
+    target(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="cannot copy the model to load into it safely .*deepcopy raised"):
+        accel.load(target, tmp_path / "m.safetensors")
+    assert isinstance(target.fc, nn.Linear) and not isinstance(target.fc, accel.QuantLinear)
+
+
+def test_static_layers_keep_the_range_they_were_calibrated_for(tmp_path, accel_env):
+    def mk():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+
+    model, x = mk(), torch.randn(32, 64)
+    scales = accel.calibrate(model, [(x,)])
+    accel.quantize_(model, accel.QuantConfig(act_scales=scales))
+    native = accel.engines.native_act_qmax()
+    assert model[0].act_qmax == native and model[0].mode == "static"
+    accel.save(model, tmp_path / "static.safetensors")
+    with torch.no_grad():
+        here = model(x)
+    accel_env(ACCEL_CPU_ACT_QMAX=63 if native == 127 else 127)  # a CPU with the other native range
+    there = accel.load(mk(), tmp_path / "static.safetensors")
+    assert there[0].act_qmax == native
+    with torch.no_grad():
+        torch.testing.assert_close(there(x), here)
+
+
+@pytest.mark.parametrize("convert", ["quantize", "sparsify"])
+def test_transformer_encoder_with_a_padding_mask_runs_the_converted_layers(convert):
+    """nn.TransformerEncoder packs a padded batch into a nested tensor for its layers, and its fused inference
+    path reads the Linear weights without calling the layers: converted layers take nested inputs, and the
+    fused path is off so they run."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2,
+                                enable_nested_tensor=True).eval()
+    x = torch.randn(3, 10, 64)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=pad)
+    m = copy.deepcopy(enc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if convert == "quantize":
+            accel.quantize_(m, accel.QuantConfig(linear_mode="dynamic", keep_float=False),
+                            example_inputs=((x,), {"src_key_padding_mask": pad}))
+            kind = accel.QuantLinear
+        else:
+            accel.sparsify_(m, accel.SparsityConfig(sparsity=0.25, block=16, mode="sparse"))
+            kind = accel.SparseLinear
+    calls = []
+    for layer in m.layers:
+        assert isinstance(layer.linear1, kind) and isinstance(layer.linear2, kind)
+        layer.linear2.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = m(x, src_key_padding_mask=pad)
+    assert calls
+    keep = ~pad
+    cos = torch.nn.functional.cosine_similarity(out[keep].flatten(), ref[keep].flatten(), dim=0)
+    assert cos > (0.999 if convert == "quantize" else 0.5)

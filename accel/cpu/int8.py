@@ -18,6 +18,10 @@ integers, so they differ only in speed.
   loop on older ones, which measuring drops) and the dequantizing epilogue in PyTorch ops.
 * ``*_split`` (``fbgemm_split``, ``onednn_split``): 8-bit activations on CPUs without VNNI, as two
   exact 7-bit passes (see *Activation bits*).
+* ``onednn_cq`` (and the conv engines ``onednn_cq``, ``im2col_cq``): the same oneDNN GEMM, with the activation
+  quantization (and a bf16 output's scale and bias) as loops compiled by ``torch.compile`` (``accel.cpu.compiled``):
+  two passes over the input instead of five or six. The integers are the same; offered where a C++ compiler is
+  found and ``ACCEL_COMPILE`` is not 0, and only ever chosen by measuring.
 
 Conv2d: ``onednn`` (``onednn::qconv2d_pointwise``) on uint8 activations, and ``im2col``: the
 patches of the uint8 activation gathered into a ``[B*OH*OW, KH*KW*C]`` matrix (1x1 convs are a
@@ -59,6 +63,7 @@ import torch.nn.functional as F
 
 from .. import engines
 from ..quant import activate, dequantize_weight
+from . import compiled
 from .packcache import cached as _cached
 from .packcache import clear_cache  # noqa: F401  (re-exported)
 from .workspace import scratch
@@ -66,9 +71,9 @@ from .workspace import scratch
 #: bytes of converted weight per panel of the weight-only path (measured best of 16..1024 rows at K=4096)
 WEIGHT_ONLY_PANEL_BYTES = 4 << 20
 
-LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split")
+LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq")
 WEIGHT_ONLY_ENGINES = ("panels", "int8pack")
-CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split")
+CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq")
 
 
 def cached_tensor(kind: str, t: torch.Tensor, build):
@@ -120,7 +125,7 @@ def _exact_engines(qmax: int, int_mm_ok: bool, _gen: int) -> tuple[str, ...]:
     if qmax <= 63 or engines.has_vnni():
         out += ["fbgemm"] if fb else []
     if qmax <= 63 or engines.has_vnni(engines.onednn_isa()):
-        out.append("onednn")
+        out += ["onednn"] + (["onednn_cq"] if compiled.available() else [])
     if engines.has_vnni(engines.onednn_isa()) and int_mm_ok:
         out.append("int_mm")  # a slow reference loop without VNNI
     if qmax > 63:
@@ -160,7 +165,7 @@ def conv_engines(qmax: int) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=16)
 def _conv_engines(qmax: int, _gen: int) -> tuple[str, ...]:
     if qmax <= 63 or engines.has_vnni(engines.onednn_isa()):
-        return ("onednn", "im2col")
+        return ("onednn", "im2col") + (("onednn_cq", "im2col_cq") if compiled.available() else ())
     return ("onednn_split", "im2col_split")
 
 
@@ -192,9 +197,14 @@ def act_scale_inv(x: torch.Tensor, qmax: int, static_scale: torch.Tensor | None)
             absmax = torch.maximum(flat.amax(dim=dims), flat.amin(dim=dims).neg_())
         if absmax.dtype != torch.float32:
             absmax = absmax.float()
+    return scale_inv(absmax, qmax, static_scale)
+
+
+def scale_inv(absmax: torch.Tensor, qmax: int, static_scale: torch.Tensor | None = None):
+    """``(scale, inv)`` from the fp32 per-group ``absmax`` (see :func:`act_scale_inv`)."""
     poison = absmax - absmax  # 0 for finite groups, NaN for groups holding NaN/inf
     if static_scale is None:
-        inv = torch.div(_scalar(float(qmax)), absmax).nan_to_num_(nan=0.0, posinf=0.0)  # zero groups: inf -> 0
+        inv = torch.div(_scalar(float(qmax)), absmax).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # zero: inf -> 0
         scale = torch.div(absmax, _scalar(float(qmax))).add_(poison)
     else:
         s = static_scale.reshape(())
@@ -222,16 +232,32 @@ def _scaled_rounded(x: torch.Tensor, inv: torch.Tensor, qmax: int, saturate: boo
 _ROUND_MAGIC = 12582912.0
 
 
+def _scratch_like(t: torch.Tensor, slot: str, dtype: torch.dtype) -> torch.Tensor:
+    """A scratch tensor of ``t``'s shape in ``dtype``: channels_last where ``t`` is (and not plainly contiguous),
+    contiguous otherwise. Large fresh tensors cost page faults on every call (see ``workspace``): a 50 MB fp32
+    tensor took 20 ms fresh and 4.5 ms reused on the dev machine."""
+    buf = scratch(slot, t.numel(), dtype)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        b, c, h, w = t.shape
+        return buf.view(b, h, w, c).permute(0, 3, 1, 2)
+    return buf.view(t.shape)
+
+
+def as_fp32(x: torch.Tensor, slot: str) -> torch.Tensor:
+    """``x`` itself when fp32, else its fp32 copy in scratch ``slot`` (the caller owns the slot until it returns)."""
+    if x.dtype == torch.float32:
+        return x
+    return _scratch_like(x, slot, torch.float32).copy_(x)
+
+
 def _to_uint8(v: torch.Tensor, zp: int) -> torch.Tensor:
     """fp32 ``v`` in [-zp, 255 - zp] (integers or not) -> uint8 ``round_half_even(v) + zp``, exact, in ``v``'s
-    memory format; ``v`` is overwritten.
+    memory format, in a scratch buffer (consumed by the GEMM of the same call); ``v`` is overwritten.
 
     Two passes instead of three (round, add, float -> uint8 convert): one add puts ``round(v) + zp`` into
     the low byte of the fp32 bits, and an int32 -> uint8 copy (which keeps the low byte) takes it out.
     """
-    fmt = torch.channels_last if v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) else \
-        torch.contiguous_format
-    out = torch.empty_like(v, dtype=torch.uint8, memory_format=fmt)
+    out = _scratch_like(v, "int8.u8", torch.uint8)
     v.add_(_ROUND_MAGIC + zp)
     return out.copy_(v.view(torch.int32))
 
@@ -349,25 +375,39 @@ def linear_int8_cpu(
                          f"{exact_engines(qmax, k)}")
     if m == 0:
         return x.new_zeros(0, n)
-    xf = x if x.dtype == torch.float32 else x.float()
     if m == 1 or static_scale is not None:  # one scale for the whole call: fewer, fused ops
+        xf = as_fp32(x, "int8.x32")
         uniform = _uniform_scale(xf, qmax, static_scale)
         if uniform is not None:
-            return _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, static_scale is not None,
-                                   x.dtype)
-    scale, inv = act_scale_inv(xf, qmax, static_scale)
-    v = _scaled_rounded(xf, inv[:, None], qmax, static_scale is not None, "int8.v", rounded=engine != "onednn")
-    if engine == "onednn" and x.dtype == torch.bfloat16 and bool(torch.isfinite(scale).all()):
+            return _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax,
+                                   "onednn" if engine == "onednn_cq" else engine, static_scale is not None, x.dtype)
+    if engine == "onednn_cq" and static_scale is None:  # the quantization as two compiled loops
+        xc = x if x.is_contiguous() else x.contiguous()
+        scale, inv = scale_inv(compiled.row_absmax(xc), qmax)
+        u8 = compiled.quantize(xc, inv, qmax + 1)
+    else:
+        xf = as_fp32(x, "int8.x32")
+        scale, inv = act_scale_inv(xf, qmax, static_scale)
+        onednn = engine in ("onednn", "onednn_cq")
+        v = _scaled_rounded(xf, inv[:, None], qmax, static_scale is not None, "int8.v", rounded=not onednn)
+        if not onednn:
+            y = _linear_gemm(engine, v, w_q, w_scale, qmax)
+            return _epilogue(y, scale[:, None], bias, activation, x.dtype)
+        u8 = _to_uint8(v, qmax + 1)
+    if x.dtype == torch.bfloat16 and bool(torch.isfinite(scale).all()):
         # bf16 out of oneDNN and a bf16 epilogue: a third of the output traffic of the fp32 epilogue
         # (one more bf16 rounding, for the layer that returns bf16 anyway); NaN rows take the fp32 path
-        y = _gemm_onednn(_to_uint8(v, qmax + 1), w_q, w_scale, qmax + 1, torch.bfloat16)
-        sb = scale.to(torch.bfloat16)[:, None]
-        if bias is not None:
-            torch.addcmul(bias.to(torch.bfloat16), y, sb, out=y)
+        y = _gemm_onednn(u8, w_q, w_scale, qmax + 1, torch.bfloat16)
+        sb = scale.to(torch.bfloat16)
+        b16 = None if bias is None else bias.to(torch.bfloat16)
+        if engine == "onednn_cq":
+            y = compiled.scale_bias(y, sb, b16)
+        elif bias is not None:
+            torch.addcmul(b16, y, sb[:, None], out=y)
         else:
-            y.mul_(sb)
+            y.mul_(sb[:, None])
         return activate(y, activation, inplace=True)
-    y = _linear_gemm(engine, v, w_q, w_scale, qmax)
+    y = _gemm_onednn(u8, w_q, w_scale, qmax + 1)
     return _epilogue(y, scale[:, None], bias, activation, x.dtype)
 
 
@@ -381,11 +421,18 @@ def _uniform_scale(xf: torch.Tensor, qmax: int, static_scale: torch.Tensor | Non
             return None
         if a == 0:
             return 0.0, 0.0
+        if qmax / float(a) >= _FP32_MAX:  # the inverse overflows fp32: the per-row path's rule (inv 0)
+            return None
         return float(a / np.float32(qmax)), float(np.float32(qmax) / a)
     if not math.isfinite(xf.sum().item()):  # NaN or inf somewhere (or an overflowing sum): per-row path
         return None
     sc = np.float32(static_scale.item())
+    if 1.0 / float(sc) >= _FP32_MAX:
+        return None
     return float(sc), float(np.float32(1.0) / sc)
+
+
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 def _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, saturate, out_dtype):
@@ -595,21 +642,50 @@ def _im2col_u8(u8: torch.Tensor, kh, kw, stride, padding, dilation, zp: int) -> 
 
 def _conv_gemm(engine: str, v, w_q, w_scale, zp: int, stride, padding, dilation) -> torch.Tensor:
     """fp32 ``conv(q, w_q) * w_scale`` for ``q = round(v)``, ``v [B, C, H, W]`` fp32 (zero point ``zp``)."""
-    b, c, h, w = v.shape
-    o, _, kh, kw = w_q.shape
     if engine == "onednn":
         # the uint8 input stays in x's memory format: oneDNN reorders uint8 faster than we convert fp32 layouts
-        return torch.ops.onednn.qconv2d_pointwise(
-            _to_uint8(v, zp), 1.0, zp, _onednn_conv_weight(w_q, w_scale, zp, stride, padding, dilation), w_scale,
-            _zeros_n(o), None, list(stride), list(padding), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "")
+        return _conv_gemm_u8(engine, _to_uint8(v, zp), w_q, w_scale, zp, stride, padding, dilation)
     if engine == "im2col":
         u8 = _to_uint8(v.permute(0, 2, 3, 1), zp)  # NHWC
-        oh, ow = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
-        cols = _im2col_u8(u8, kh, kw, stride, padding, dilation, zp)
-        w2 = _cached("im2col_w", (w_q,), (), lambda: w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c).contiguous())
-        y2 = _gemm_onednn(cols, w2, w_scale, zp)  # [B*OH*OW, O]
-        return y2.view(b, oh, ow, o).permute(0, 3, 1, 2)
+        return _conv_gemm_u8(engine, u8.permute(0, 3, 1, 2), w_q, w_scale, zp, stride, padding, dilation)
     raise ValueError(f"unknown CPU int8 conv engine {engine!r}, expected one of {CONV_ENGINES}")
+
+
+def _conv_gemm_u8(engine: str, u8, w_q, w_scale, zp: int, stride, padding, dilation) -> torch.Tensor:
+    """fp32 ``conv(u8 - zp, w_q) * w_scale`` for uint8 ``u8 [B, C, H, W]`` (any layout; im2col copies a layout
+    other than channels_last to it)."""
+    b, c, h, w = u8.shape
+    o, _, kh, kw = w_q.shape
+    if engine == "onednn":
+        return torch.ops.onednn.qconv2d_pointwise(
+            u8, 1.0, zp, _onednn_conv_weight(w_q, w_scale, zp, stride, padding, dilation), w_scale,
+            _zeros_n(o), None, list(stride), list(padding), list(dilation), 1, 1.0, 0, torch.float32, "none", [], "")
+    nhwc = u8.permute(0, 2, 3, 1)
+    if not nhwc.is_contiguous():
+        nhwc = _scratch_like(nhwc, "int8.u8_nhwc", torch.uint8).copy_(nhwc)
+    oh, ow = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
+    cols = _im2col_u8(nhwc, kh, kw, stride, padding, dilation, zp)
+    w2 = _cached("im2col_w", (w_q,), (), lambda: w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c).contiguous())
+    y2 = _gemm_onednn(cols, w2, w_scale, zp)  # [B*OH*OW, O]
+    return y2.view(b, oh, ow, o).permute(0, 3, 1, 2)
+
+
+def _image_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x [B, C, H, W]`` as ``[B, C*H*W]`` rows in memory order (a view: each image is one contiguous run in
+    NCHW and in channels_last), or None for other layouts."""
+    if x.is_contiguous():
+        return x.view(x.shape[0], -1)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    return None
+
+
+def _rows_as_image(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`_image_rows` for ``rows`` computed from ``like`` (its shape and layout)."""
+    b, c, h, w = like.shape
+    if like.is_contiguous():
+        return rows.view(b, c, h, w)
+    return rows.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def conv2d_int8_cpu(
@@ -633,11 +709,19 @@ def conv2d_int8_cpu(
                          f"CPU (oneDNN {engines.onednn_isa()}); exact here: {conv_engines(qmax)}")
     b, c, h, w = x.shape
     o, _, kh, kw = w_q.shape
-    base, split = engine.removesuffix("_split"), engine.endswith("_split")
+    base, split = engine.removesuffix("_split").removesuffix("_cq"), engine.endswith("_split")
     if base == "onednn" and not onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
         raise ValueError(f"oneDNN's int8 conv is wrong for C={c}, input {h}x{w}, kernel {kh}x{kw}, stride {list(stride)}, "
                          f"padding {list(padding)}, dilation {list(dilation)}; use the 'im2col' engine")
-    xf = x if x.dtype == torch.float32 else x.float()
+    rows = _image_rows(x) if engine.endswith("_cq") and static_scale is None else None
+    if rows is not None:  # per-image quantization as two compiled loops over the images' memory
+        scale, inv = scale_inv(compiled.row_absmax(rows), qmax)
+        u8 = _rows_as_image(compiled.quantize(rows, inv, qmax + 1), x)
+        y = _conv_gemm_u8(base, u8, w_q, w_scale, qmax + 1, stride, padding, dilation)
+        y = _epilogue(y, scale[:, None, None, None], None if bias is None else bias.float()[None, :, None, None],
+                      activation, torch.float32)
+        return y.to(x.dtype, memory_format=torch.channels_last)
+    xf = as_fp32(x, "int8.x32")
     scale, inv = act_scale_inv(xf, qmax, static_scale)
     v = _scaled_rounded(xf, inv[:, None, None, None], qmax, static_scale is not None, "int8.conv_v", rounded=split)
     if split:

@@ -84,7 +84,7 @@ def stack_size(m: int, wide: bool = False) -> int:
 def quantize_padded(x: torch.Tensor, qmax: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(v, q, scale)``: ``v`` the rounded fp32 integers ``[M, K]`` (scratch), ``q`` the same as int8
     ``[M, width]`` zero-padded past K (scratch), ``scale [M]`` (NaN for tokens holding NaN/inf)."""
-    xf = x if x.dtype == torch.float32 else x.float()
+    xf = cpu_int8.as_fp32(x, "int8_bsr.x32")
     m, k = xf.shape
     scale, inv = cpu_int8.act_scale_inv(xf, qmax, None)
     v = cpu_int8._scaled_rounded(xf, inv[:, None], qmax, False, "int8_bsr.v")

@@ -131,3 +131,9 @@ def same_grad(dense, sparse) -> None:
     if dense.bias is not None:
         dense.bias.requires_grad_(sparse.bias.requires_grad)
 
+
+
+def per_component(layer, x: torch.Tensor) -> torch.Tensor:
+    """A nested tensor through ``layer`` one component at a time (``nn.TransformerEncoder`` packs a padded batch
+    into one, and its layers then call their Linear layers on it), nested again in ``x``'s layout."""
+    return torch.nested.as_nested_tensor([layer(t) for t in x.unbind()], layout=x.layout)

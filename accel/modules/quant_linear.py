@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.int8 import check_conv_geometry, check_int32_k, forget_plans, module_conv2d, module_linear
 from ..quant import ACTIVATIONS, dequantize_weight, quantize_weight
-from ._common import explicit_padding, refuse_weight, same_padding_reason, weight_view
+from ._common import explicit_padding, per_component, refuse_weight, same_padding_reason, weight_view
 
 LINEAR_MODES = ("auto", "dynamic", "static", "weight_only")
 CONV_MODES = ("auto", "dynamic", "static")
@@ -78,9 +80,18 @@ class _QuantBase(nn.Module):
 
     def set_act_scale(self, act_scale) -> None:
         """Set the static (calibrated) activation scale: ``absmax / qmax`` of the calibration data."""
-        value = torch.as_tensor(act_scale, dtype=torch.float32).detach().reshape(-1).cpu()
-        if value.numel() != 1 or not torch.isfinite(value).all() or value.item() <= 0:
-            raise ValueError(f"act_scale must be one finite positive number, got {act_scale!r}")
+        try:
+            if isinstance(act_scale, (str, bytes, bool)) or act_scale is None:
+                raise TypeError
+            value = torch.as_tensor(act_scale, dtype=torch.float32).detach().reshape(-1).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"act_scale must be a number or a one-element float tensor, got {type(act_scale).__name__} "
+                            f"{act_scale!r}") from None
+        # (its inverse must be a finite fp32 number too: x / scale is what the engines compute)
+        if value.numel() != 1 or not torch.isfinite(value).all() or value.item() <= 0 or \
+                not math.isfinite(float(torch.div(1.0, value).item())):
+            raise ValueError(f"act_scale must be one finite positive number whose inverse is finite in fp32, got "
+                             f"{act_scale!r}")
         with torch.no_grad(), torch.inference_mode(False):
             self.act_scale.copy_(value)
         self._has_act_scale = True
@@ -250,6 +261,8 @@ class QuantLinear(_QuantBase):
                                   "cuda" if x2.is_cuda else "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:
+            return per_component(self, x)
         b = self._buffers
         return module_linear(x, b["weight_q"], b["weight_scale"], b["bias"],
                              self._static_scale() if self.mode == "static" else None, self.activation, self.mode,
@@ -377,8 +390,8 @@ class QuantEmbedding(nn.Module):
                              f"(got min {int(flat.min())}, max {int(flat.max())})")
         rows = F.embedding(flat, self.weight_q)  # int8 gather: a quarter of the float bytes
         scales = self.weight_scale.index_select(0, flat)
-        out = torch.mul(rows, scales[:, None].to(self.out_dtype)) if self.out_dtype != torch.float32 else \
-            rows.float().mul_(scales[:, None])
+        # scaled in fp32, rounded once to the output dtype (an fp16 scale underflows for rows of tiny values)
+        out = rows.float().mul_(scales[:, None])
         return out.to(self.out_dtype).view(*indices.shape, self.embedding_dim)
 
     def get_extra_state(self):

@@ -19,7 +19,7 @@ from ..formats import (
 from ..ops._plans import forget_plans
 from ..ops.bsr_linear import module_bsr_linear
 from ._bsr_state import bsr_state_error, load_bsr_state, masked_outside_autograd
-from ._common import autocast_dtype, cast_param, normal_tensor, refuse_weight, same_grad, weight_view
+from ._common import autocast_dtype, cast_param, normal_tensor, per_component, refuse_weight, same_grad, weight_view
 
 MODES = ("auto", "sparse", "dense")
 
@@ -183,6 +183,8 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:
+            return per_component(self, x)
         if self.storage == "sparse":
             p, b = self._parameters, self._buffers
             values, bias = p["values"], p.get("bias")

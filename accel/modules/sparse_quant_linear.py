@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..formats import BSRMatrix, block_grid, bsr_row_indices, bsr_to_dense, check_block_size, check_bsr
 from ..ops.int8_bsr_linear import check_weight, dequantized_values, module_int8_bsr_linear
 from ..quant import ACTIVATIONS, QMAX, ieee_div
-from ._common import load_refused, refuse_weight, weight_view
+from ._common import load_refused, per_component, refuse_weight, weight_view
 from .quant_linear import _check_qmax, _check_size
 from .sparse_linear import SparseLinear
 
@@ -142,6 +142,8 @@ class SparseQuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:
+            return per_component(self, x)
         b = self._buffers
         return module_int8_bsr_linear(x, b["values_q"], b["weight_scale"], b["crow_indices"], b["col_indices"],
                                       (self.out_features, self.in_features), b["bias"], self.activation, self.act_qmax)

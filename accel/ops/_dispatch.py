@@ -63,4 +63,6 @@ def conv_out_format(x: torch.Tensor) -> torch.memory_format:
 def as_conv_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y`` in :func:`conv_out_format` of ``x`` (a copy only when the engine produced the other layout)."""
     fmt = conv_out_format(x)
+    if y.numel() == 0 and y.dim() == 4:  # (an empty tensor counts as contiguous in every format: give it the strides
+        return y.as_strided(y.shape, torch.empty(y.shape, memory_format=fmt, device="meta").stride())  # nn.Conv2d's)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)

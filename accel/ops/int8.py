@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from .. import engines
+from ..cpu import compiled
 from ..cpu import int8 as cpu_int8
 from ..cpu.packcache import cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate, dequantize_weight
-from ._dispatch import as_conv_output, conv_out_format, needs_op, use_triton
+from ._dispatch import as_conv_output, check_tensors, conv_out_format, needs_op, use_triton
 from ._plans import _PLANS, _Plan, _plan_key, _planned, _settled, call_linear, forget_plans  # noqa: F401  (layers, tests)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -81,7 +83,11 @@ def _auto_forms(x: torch.Tensor, k: int) -> tuple[str, ...]:
 
 
 def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+    """``v`` (an int or a sequence of ints) as a list; floats and bools raise TypeError (``int(1.5)`` would be 1)."""
+    vals = [v, v] if isinstance(v, numbers.Integral) and not isinstance(v, bool) else list(v)
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in vals):
+        raise TypeError(f"not ints: {v!r}")
+    return [int(i) for i in vals]
 
 
 def _qmax(act_qmax: int) -> int:
@@ -104,7 +110,9 @@ def _choose_linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax) ->
     key = f"int8_linear|n={n}|k={k}|m={engines.m_bucket(m)}|dt={str(x.dtype)[6:]}|q={qmax}"
     exact = cpu_int8.exact_engines(qmax, k)
 
-    def candidates():
+    def candidates():  # (built only to measure: the compiled quantization is compiled before the timing starts)
+        if "onednn_cq" in exact:
+            compiled.warm(x)
         return {e: (lambda e=e: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, e))
                 for e in exact}
 
@@ -198,7 +206,9 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
         return as_conv_output(cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation, activation,
                                                        act_scale, qmax, e), x)
 
-    def candidates():
+    def candidates():  # (built only to measure: the compiled quantization is compiled before the timing starts)
+        if any(e.endswith("_cq") for e in allowed):
+            compiled.warm(x)
         return {e: (lambda e=e: run(e)) for e in allowed}
 
     def float_reference():
@@ -415,6 +425,7 @@ def check_int32_k(what: str, w_q: torch.Tensor) -> None:
 
 
 def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dims, act_qmax):
+    check_tensors(what, (("x", x), ("weight", w_q), ("weight scale", w_scale)), (("bias", bias), ("act_scale", act_scale)))
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: x dtype must be one of {FLOAT_DTYPES}, got {x.dtype}")
     if w_q.dtype != torch.int8 or w_q.dim() != weight_dims:
@@ -433,7 +444,7 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
         _checked_once(w_scale, lambda: _check_w_scale(what, w_scale))
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if act_qmax not in (0, 63, 127):
+    if type(act_qmax) is not int or act_qmax not in (0, 63, 127):  # (63.0 or True are not act_qmax values)
         raise ValueError(f"{what}: act_qmax must be 63, 127 or 0 (this machine's native range), got {act_qmax!r}")
     devices = {x.device, w_q.device, w_scale.device}
     devices |= {t.device for t in (bias, act_scale) if t is not None}
@@ -596,7 +607,7 @@ def module_conv2d(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bia
     if settled is not None:  # a kind of input this layer has run (and checked) before: its plan, nothing else
         return settled.fn(x)
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != w_q.device or x.dim() != 4 or \
-            x.shape[1] != w_q.shape[1] or x.shape[0] == 0 or not x.shape[1]:
+            x.shape[1] != w_q.shape[1] or x.shape[0] == 0 or not x.shape[1] or not w_q.shape[0]:
         return int8_conv2d(x, w_q, w_scale, bias, stride, padding, dilation, activation=activation, act_scale=act_scale,
                            mode=mode, act_qmax=act_qmax)
     kh, kw = w_q.shape[2:]

@@ -40,6 +40,7 @@ from .prune import (
     block_masks,
     is_accel_layer,
     is_conv1d,
+    is_qat_layer,
     own_forward_reason,
     tied_weights,
     weight_source,
@@ -161,7 +162,7 @@ def replace_modules(model: nn.Module, news: dict[str, nn.Module], aliases: dict[
         parent, _, child = n.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, new)
-        if isinstance(owner, nn.TransformerEncoderLayer) and is_accel_layer(new):
+        if isinstance(owner, nn.TransformerEncoderLayer) and (is_accel_layer(new) or is_qat_layer(new)):
             _off_the_fused_path(new)
 
 
@@ -1305,11 +1306,26 @@ def load(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"accel.load: {path} does not load into this model: {e}") from None
     # success: move the rebuilt layers (with the replaced ones' training flags and hooks) and the loaded state into
     # the caller's model
-    replace_modules(model, {name: carry_over(own[name], trial.get_submodule(name))
-                            for name in list(resized) + [n for n in layers if n not in kept]})
+    moved = {}
+    for name in dict.fromkeys(list(resized) + [n for n in layers if n not in kept]):  # (a name in both: once)
+        new = trial.get_submodule(name)
+        if new not in moved.values():
+            _drop_copied_hooks(new)  # a layer of the copy holds copies of the old layer's hooks: the old ones go on it
+            new = carry_over(own[name], new)
+        moved[name] = new
+    replace_modules(model, moved)
     model.load_state_dict(trial.state_dict(), strict=True)
     _reshare(model, tied)
     return model
+
+
+def _drop_copied_hooks(m: nn.Module) -> None:
+    """Empty ``m``'s forward/backward hook dictionaries (copies made by ``copy.deepcopy``), so :func:`carry_over`
+    gives it the original ones, which the user's handles remove. (accel's own hooks come back with
+    :func:`replace_modules`.)"""
+    for k, v in list(m.__dict__.items()):
+        if isinstance(v, dict) and k.startswith("_") and "hook" in k and ("forward" in k or "backward" in k):
+            m.__dict__[k] = type(v)()
 
 
 def _tied_aliases(model: nn.Module, aliases: dict[str, str]) -> dict[str, str]:

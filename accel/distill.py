@@ -72,9 +72,9 @@ class FeatureDistiller(nn.Module):
                 raise ValueError(f"FeatureDistiller: {key!r} / {self.pairs[key]!r} must each return one tensor (got "
                                  f"{type(s).__name__} / {type(t).__name__}); pair the submodules that do")
             d = 1 if s.dim() == 4 else -1  # channels of an image feature, the last dim of [B, D] / [B, T, D]
-            rest_s, rest_t = [n for i, n in enumerate(s.shape) if i != d % s.dim()], \
-                [n for i, n in enumerate(t.shape) if i != d % max(t.dim(), 1)]
-            if s.dim() != t.dim() or rest_s != rest_t:
+            if s.dim() != t.dim() or s.dim() < 2 or \
+                    [n for i, n in enumerate(s.shape) if i != d % s.dim()] != \
+                    [n for i, n in enumerate(t.shape) if i != d % t.dim()]:
                 raise ValueError(f"FeatureDistiller: {key!r} gives {tuple(s.shape)}, {self.pairs[key]!r} gives "
                                  f"{tuple(t.shape)}: they may differ in width only (dim {d})")
             if s.shape[d] != t.shape[d]:

@@ -405,11 +405,49 @@ def test_load_carries_training_flags_and_hooks(tmp_path):
     accel.save(m, tmp_path / "f.safetensors")
     f = mk().eval()
     seen = []
-    f[0].register_forward_hook(lambda *a: seen.append(1))
+    handles = [f[i].register_forward_hook(lambda *a, i=i: seen.append(i)) for i in (0, 2)]
     accel.load(f, tmp_path / "f.safetensors")
     assert isinstance(f[0], accel.QuantLinear) and not any(layer.training for layer in f)
     f(torch.randn(2, 32))
-    assert seen
+    assert seen == [0, 2]
+    for h in handles:  # the user's handles still remove them
+        h.remove()
+    f(torch.randn(2, 32))
+    assert seen == [0, 2]
+
+
+def test_load_into_a_shrunk_model_keeps_removable_hooks(tmp_path):
+    def mk():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    m = mk().eval()
+    x = torch.randn(8, 16)
+    accel.shrink_(m, (x,), 0.5)
+    accel.quantize_(m, accel.QuantConfig(linear_mode="dynamic"), filter_fn=lambda mod, n: n == "2")
+    accel.save(m, tmp_path / "s.safetensors")
+    f = mk().eval()
+    seen = []
+    handles = [f[i].register_forward_hook(lambda *a, i=i: seen.append(i)) for i in (0, 2, 4)]
+    accel.load(f, tmp_path / "s.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), m(x))
+    assert seen == [0, 2, 4]
+    for h in handles:
+        h.remove()
+    f(x)
+    assert seen == [0, 2, 4]
+
+
+def test_nested_inputs_run_a_layers_hooks_once():
+    layer = accel.QuantLinear.from_float(nn.Linear(8, 4))
+    calls = []
+    layer.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)])
+    with torch.no_grad():
+        out = layer(x)
+    assert out.is_nested and len(calls) == 1
+    torch.testing.assert_close(out.unbind()[1], layer(x.unbind()[1]))
 
 
 def test_load_names_why_a_model_cannot_be_copied(tmp_path):

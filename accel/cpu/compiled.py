@@ -14,13 +14,15 @@ zero point. The engine layer checks the outputs against the reference before cho
 
 Needs a C++ compiler (Inductor's). Before its first use for a dtype, the compiled code is checked against the
 eager steps on rows of many lengths (:data:`CHECK_K`). Where compiling fails or the check finds a difference, the
-eager formulation of the same steps runs (same integers, slower) and one warning says why; ``ACCEL_COMPILE=0``
-disables compiling, and the engine is then not offered at all (:func:`available`).
+eager formulation of the same steps runs (same integers, slower) and one logged warning (logger ``accel``) says
+why; calls under autocast, a torch-function / dispatch mode, the profiler or functorch take the eager steps too.
+``ACCEL_COMPILE=0`` disables compiling, and the engines are then not offered at all (:func:`available`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import threading
@@ -91,8 +93,8 @@ def _get(name: str, eager):
 
 
 #: input dtypes compiled (others run the eager steps). Each function has one graph per dtype and dispatch keys of its
-#: tensors (see :func:`_run`): 6 at most, within torch.compile's 8 per function (past it, a fullgraph compile
-#: fails). Sizes 0 and 1 would get graphs of their own: such inputs run the eager steps.
+#: tensors (see :func:`_run`): 6 for one thread count, within torch.compile's 8 per function; a call needing a graph
+#: past that runs the eager steps. Sizes 0 and 1 would get graphs of their own: such inputs run the eager steps too.
 COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: row lengths the compiled code is checked on before its first use: vector bodies and tails (Inductor's AVX2
 #: reduction, forced by ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU, returned wrong row maxima at K = 16 and 32,
@@ -101,13 +103,27 @@ CHECK_K = (2, 3, 8, 15, 16, 17, 31, 32, 33, 48, 64, 100, 128, 257, 768)
 _verified: set = set()
 
 
-def _fail(why: str, stacklevel: int = 4) -> None:
+_log = logging.getLogger("accel")
+_compiled_ok: set = set()  # functions whose compiled code has run: a later failure is that call's, not the compiler's
+
+
+def _fail(why: str) -> None:
+    """Compiling is off in this process: one logged warning (not ``warnings.warn``: under ``-W error`` it would fail
+    the user's forward, which the eager steps serve correctly)."""
     with _lock:
         if not _failed:
             _failed.append(why)
-            warnings.warn(f"accel: compiled activation quantization is off in this process ({why}); the onednn_cq "
-                          "engine runs its eager steps (same results, slower). ACCEL_COMPILE=0 stops offering it.",
-                          RuntimeWarning, stacklevel=stacklevel)
+            _log.warning("accel: compiled activation quantization is off in this process (%s); the *_cq engines run "
+                         "their eager steps (same results, slower). ACCEL_COMPILE=0 stops offering them.", why)
+
+
+def _outside_context() -> bool:
+    """A context whose state the compiled code's guards include, or in which it cannot run: autocast, a
+    torch-function or dispatch mode (``torch.device(...)``, FlopCounterMode), the profiler, functorch transforms.
+    Such calls take the eager steps (each would cost a new graph, or fail)."""
+    return (torch.is_autocast_enabled("cpu") or torch._C._is_torch_function_mode_enabled() or
+            torch._C._len_torch_dispatch_stack() > 0 or torch._C._autograd._profiler_enabled() or
+            torch._C._functorch.maybe_current_level() is not None)
 
 
 def _verify(dtype: torch.dtype) -> None:
@@ -144,12 +160,12 @@ class _Mismatch(Exception):
 def _run(name: str, eager, x: torch.Tensor, *args, internal: bool = True):
     """``eager(x, *args)`` through its compiled code. The compiled code is per dtype and per dispatch keys of the
     tensors passed (inference tensor or not, seen in inference mode or not): an ``internal`` step (its outputs stay
-    inside the engine) runs in inference mode, so only ``x``'s kind varies (2 graphs per dtype); a step whose output
-    reaches the user runs in the caller's mode (its output a normal tensor outside inference mode), with its inputs
-    fresh tensors of the call and one module buffer (4 graphs at most, for bf16 only)."""
+    inside the engine) runs in inference mode, so only ``x``'s kind varies; a step whose output reaches the user runs
+    in the caller's mode (its output a normal tensor outside inference mode). Global state (thread count, ...) adds
+    graphs too: a call past torch.compile's limit per function takes the eager steps (:data:`COMPILED_DTYPES`)."""
     x = x.detach()  # (the int8 engines compute no gradient)
     if _failed or x.dtype not in COMPILED_DTYPES or x.dim() != 2 or x.shape[0] < 2 or x.shape[1] < 2 or \
-            not x.is_contiguous() or torch.compiler.is_compiling():
+            not x.is_contiguous() or torch.compiler.is_compiling() or _outside_context():
         return eager(x, *args)  # (inside a user's torch.compile: traced as plain ops)
     try:
         if x.dtype not in _verified:
@@ -158,11 +174,15 @@ def _run(name: str, eager, x: torch.Tensor, *args, internal: bool = True):
                     _verify(x.dtype)
                     _verified.add(x.dtype)
         with torch.inference_mode() if internal else torch.no_grad():
-            return _get(name, eager)(x, *args)
+            out = _get(name, eager)(x, *args)
+        _compiled_ok.add(name)
+        return out
     except _Mismatch as e:
         _fail(f"{e}, checked against the eager steps")
     except Exception as e:  # noqa: BLE001 - a compiler problem: the same integers from the eager steps
-        _fail(f"compiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        if name not in _compiled_ok:  # never compiled: the compiler fails here
+            _fail(f"compiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        # else: this call's state (a new graph past the recompile limit, ...): eager for this call only
     return eager(x, *args)
 
 
@@ -203,4 +223,4 @@ def warm(x: torch.Tensor) -> None:
     compiling takes seconds, and its worker processes would make the machine look busy."""
     with torch.inference_mode(x.is_inference()):  # (the compiled code is per kind of tensor)
         row_absmax(torch.zeros(2, 8, dtype=x.dtype))
-        quantize(torch.zeros(2, 8, dtype=x.dtype), torch.zeros(2), 128)
+        quantize(torch.zeros(2, 8, dtype=x.dtype), torch.zeros(2, dtype=torch.float32), 128)

@@ -136,4 +136,5 @@ def same_grad(dense, sparse) -> None:
 def per_component(layer, x: torch.Tensor) -> torch.Tensor:
     """A nested tensor through ``layer`` one component at a time (``nn.TransformerEncoder`` packs a padded batch
     into one, and its layers then call their Linear layers on it), nested again in ``x``'s layout."""
-    return torch.nested.as_nested_tensor([layer(t) for t in x.unbind()], layout=x.layout)
+    fwd = type(layer).forward  # (not layer(t): the layer's hooks run once, for the nested call)
+    return torch.nested.as_nested_tensor([fwd(layer, t) for t in x.unbind()], layout=x.layout)

@@ -444,7 +444,7 @@ def _check_common(what, x, w_q, w_scale, bias, act_scale, activation, weight_dim
         _checked_once(w_scale, lambda: _check_w_scale(what, w_scale))
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if type(act_qmax) is not int or act_qmax not in (0, 63, 127):  # (63.0 or True are not act_qmax values)
+    if not isinstance(act_qmax, numbers.Integral) or isinstance(act_qmax, bool) or act_qmax not in (0, 63, 127):
         raise ValueError(f"{what}: act_qmax must be 63, 127 or 0 (this machine's native range), got {act_qmax!r}")
     devices = {x.device, w_q.device, w_scale.device}
     devices |= {t.device for t in (bias, act_scale) if t is not None}

@@ -49,15 +49,17 @@ def _quantize_eager(x: torch.Tensor, inv: torch.Tensor, zp: torch.Tensor) -> tor
 
 
 def _scale_bias_eager(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``bias + y * s[:, None]`` in fp32 arithmetic, rounded once to ``y``'s dtype: what ``torch.addcmul`` gives for
-    half-precision tensors (the product of two half-precision values is exact in fp32, so a fused multiply-add
-    rounds the same)."""
-    return (y.float() * s.float()[:, None] + bias.float()).to(y.dtype)
+    """``y = bias + y * s[:, None]`` in place, in fp32 arithmetic rounded once to ``y``'s dtype: what
+    ``torch.addcmul`` gives for half-precision tensors (the product of two half-precision values is exact in fp32,
+    so a fused multiply-add rounds the same). In place: a fresh output cost 5.1 ms where this takes 2.5 (a 4096x3072
+    bf16 output, dev machine)."""
+    return y.copy_((y.float() * s.float()[:, None] + bias.float()).to(y.dtype))
 
 
 def _scale_eager(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``y * s[:, None]`` in fp32 arithmetic, rounded once to ``y``'s dtype (``Tensor.mul_`` for half precision)."""
-    return (y.float() * s.float()[:, None]).to(y.dtype)
+    """``y *= s[:, None]`` in place, in fp32 arithmetic rounded once to ``y``'s dtype (``Tensor.mul_`` for half
+    precision)."""
+    return y.copy_((y.float() * s.float()[:, None]).to(y.dtype))
 
 
 def available() -> bool:
@@ -147,9 +149,10 @@ def _verify(dtype: torch.dtype) -> None:
             if not torch.equal(u[ok], want_u[ok]):
                 raise _Mismatch(f"wrong integers for {dtype} rows of {k}")
             if dtype == torch.bfloat16:  # (the epilogue compiled for bf16 outputs only)
-                y, s, b = x.nan_to_num(0.0, 0.0, 0.0), want.nan_to_num(0.0, 0.0, 0.0).to(dtype), x[0]
-                if not torch.equal(_get("scale_bias", _scale_bias_eager)(y, s, b), _scale_bias_eager(y, s, b)) or \
-                        not torch.equal(_get("scale", _scale_eager)(y, s), _scale_eager(y, s)):
+                y, s, b = x.nan_to_num(0.0, 0.0, 0.0), want.nan_to_num(0.0, 0.0, 0.0).to(dtype), x[0].clone()
+                sb, sc = _get("scale_bias", _scale_bias_eager), _get("scale", _scale_eager)
+                if not torch.equal(sb(y.clone(), s, b), _scale_bias_eager(y.clone(), s, b)) or \
+                        not torch.equal(sc(y.clone(), s), _scale_eager(y.clone(), s)):
                     raise _Mismatch(f"wrong epilogue for {dtype} rows of {k}")
 
 
@@ -211,8 +214,8 @@ def quantize(x: torch.Tensor, inv: torch.Tensor, zp: int) -> torch.Tensor:
 
 
 def scale_bias(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``bias + y * s[:, None]`` (or ``y * s[:, None]`` without bias), rounded once to ``y``'s dtype: the epilogue
-    of a bf16 int8 linear in one compiled pass (a new tensor)."""
+    """``y = bias + y * s[:, None]`` (or ``y * s[:, None]`` without bias) in place, rounded once to ``y``'s dtype:
+    the epilogue of a bf16 int8 linear in one compiled pass. Returns ``y``."""
     if bias is None:
         return _run("scale", _scale_eager, y, s, internal=False)
     return _run("scale_bias", _scale_bias_eager, y, s, bias, internal=False)

@@ -828,7 +828,6 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
     first: dict[str, float] = {}
     ref = None
     contended = _contended()
-    mark = wait_mark()
     with torch.no_grad(), _no_autocast():  # an enclosing autocast would turn fp32 references into bf16 ones
         if reference is not None:
             ref = reference()
@@ -839,8 +838,19 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
         ref_fits: set[torch.dtype] = set()  # output dtypes the reference was checked to fit
         for name, fn in candidates.items():
             try:
-                fn()  # warm-up: packs weights, faults in buffers
+                fn()  # warm-up: packs weights, faults in buffers, compiles, decides nested engines
                 _sync(device)
+            except (ForcedEngineError, ConfigError):  # the user's setting, not this candidate's failure: say so
+                raise
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run this call is not chosen
+                rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                errors[name] = e
+        # contention counts from here: warm-ups may compile in worker processes (accel's own work, not load)
+        mark = wait_mark()
+        for name, fn in candidates.items():
+            if name in errors:
+                continue
+            try:
                 t0 = time.perf_counter()
                 out = fn()
                 _sync(device)

@@ -45,7 +45,6 @@ from .prune import (
     tied_weights,
     weight_source,
 )
-from .quant import QMAX
 
 __all__ = ["QuantConfig", "SparsityConfig", "as_linear", "capture_inputs", "format_report",
            "linearize_kept_dense_", "load", "quantize_", "replace_module", "replace_modules", "save", "sparsify_"]
@@ -187,10 +186,9 @@ def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     old handles then miss). Returns ``new``."""
     new.train(old.training)
     families: dict[str, list[str]] = {}
-    for k, v in old.__dict__.items():
-        if isinstance(v, dict) and k.startswith("_") and "hook" in k and ("forward" in k or "backward" in k):
-            fam = next(f for f in ("_forward_pre", "_forward", "_backward_pre", "_backward") if k.startswith(f))
-            families.setdefault(fam, []).append(k)
+    for k in _hook_dicts(old):
+        fam = next(f for f in ("_forward_pre", "_forward", "_backward_pre", "_backward") if k.startswith(f))
+        families.setdefault(fam, []).append(k)
     for keys in families.values():
         if not any(old.__dict__[k] for k in keys):
             continue
@@ -206,6 +204,13 @@ def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     if old.__dict__.get("_is_full_backward_hook") is not None:
         new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
     return new
+
+
+def _hook_dicts(m: nn.Module) -> list[str]:
+    """The names of ``m``'s forward/backward hook dictionaries (``_forward_hooks``, ``_forward_pre_hooks_with_kwargs``,
+    ``_backward_hooks``, ...)."""
+    return [k for k, v in m.__dict__.items()
+            if isinstance(v, dict) and k.startswith("_") and "hook" in k and ("forward" in k or "backward" in k)]
 
 
 def _weight_hook(hook) -> bool:
@@ -934,8 +939,10 @@ def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, 
 
 def _calibrated_qmax(m: nn.Module) -> int:
     """The activation range ``accel.calibrate`` uses by default for ``m``'s device."""
+    from .qat import calibration_qmax  # (qat imports this module)
+
     w = next((t for t in m.parameters(recurse=False)), None)
-    return QMAX if w is not None and w.device.type == "cuda" else engines.native_act_qmax()
+    return calibration_qmax("cpu" if w is None else w.device.type)
 
 
 def _check_act_scales(scales) -> None:
@@ -1323,9 +1330,8 @@ def _drop_copied_hooks(m: nn.Module) -> None:
     """Empty ``m``'s forward/backward hook dictionaries (copies made by ``copy.deepcopy``), so :func:`carry_over`
     gives it the original ones, which the user's handles remove. (accel's own hooks come back with
     :func:`replace_modules`.)"""
-    for k, v in list(m.__dict__.items()):
-        if isinstance(v, dict) and k.startswith("_") and "hook" in k and ("forward" in k or "backward" in k):
-            m.__dict__[k] = type(v)()
+    for k in _hook_dicts(m):
+        m.__dict__[k] = type(m.__dict__[k])()
 
 
 def _tied_aliases(model: nn.Module, aliases: dict[str, str]) -> dict[str, str]:

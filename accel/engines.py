@@ -836,31 +836,32 @@ def measure(candidates: dict[str, Callable[[], object]], *, incumbent: str, devi
                                   "its accuracy decides nothing")
         errors: dict[str, Exception] = {}
         ref_fits: set[torch.dtype] = set()  # output dtypes the reference was checked to fit
-        for name, fn in candidates.items():
+
+        def attempt(name, fn) -> tuple[bool, object]:
+            """``(True, fn())``, or ``(False, None)`` with the reason recorded when the candidate cannot run."""
             try:
-                fn()  # warm-up: packs weights, faults in buffers, compiles, decides nested engines
+                out = fn()
                 _sync(device)
+                return True, out
             except (ForcedEngineError, ConfigError):  # the user's setting, not this candidate's failure: say so
                 raise
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run this call is not chosen
                 rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 errors[name] = e
+                return False, None
+
+        for name, fn in candidates.items():  # warm-up: packs weights, faults in buffers, compiles, decides nested
+            attempt(name, fn)                # engines
         # contention counts from here: warm-ups may compile in worker processes (accel's own work, not load)
         mark = wait_mark()
         for name, fn in candidates.items():
             if name in errors:
                 continue
-            try:
-                t0 = time.perf_counter()
-                out = fn()
-                _sync(device)
-                first[name] = time.perf_counter() - t0
-            except (ForcedEngineError, ConfigError):  # the user's setting, not this candidate's failure: say so
-                raise
-            except Exception as e:  # noqa: BLE001 - a candidate that cannot run this call is not chosen
-                rejected[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                errors[name] = e
+            t0 = time.perf_counter()
+            ran, out = attempt(name, fn)
+            if not ran:
                 continue
+            first[name] = time.perf_counter() - t0
             if ref is not None and isinstance(out, torch.Tensor) and out.is_floating_point() and \
                     isinstance(ref, torch.Tensor) and ref.dtype != out.dtype and out.dtype not in ref_fits:
                 if not bool(torch.isfinite(ref.to(out.dtype)).all()):  # e.g. an fp16 output past 65504

@@ -88,6 +88,14 @@ class Observer:
         return self.clip(qmax) / qmax
 
 
+def calibration_qmax(device: str) -> int:
+    """The activation range :func:`calibrate` uses by default: the one the layers run with on ``device`` (127 on
+    CUDA; ``accel.engines.native_act_qmax()`` on the CPU). ``quantize_`` gives static layers this range."""
+    from .engines import native_act_qmax
+
+    return QMAX if str(device).startswith("cuda") else native_act_qmax()
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None = None, num_batches: int | None = None,
               filter_fn=None, device: str = "cpu", percentile: float = 99.99) -> dict[str, float]:
@@ -104,9 +112,7 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
     tuples, dicts of keyword inputs or ``(args, kwargs)`` (``accel.inputs.loader_batch_call``).
     """
     if qmax is None:
-        from .engines import native_act_qmax
-
-        qmax = QMAX if device.startswith("cuda") else native_act_qmax()
+        qmax = calibration_qmax(device)
     kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
     observers, hooks = {}, []
     for name, m in model.named_modules():

@@ -33,8 +33,11 @@ import torch
 from .. import engines
 
 _lock = threading.RLock()
-_compiled: dict[str, object] = {}
-_failed: list[str] = []
+_compiled: dict[str, object] = {}  # name -> its torch.compile wrapper
+_failed: list[str] = []  # why compiling is off in this process (empty while it is on)
+_verified: set = set()  # dtypes whose compiled code was checked against the eager steps
+_compiled_ok: set = set()  # functions whose compiled code has run: a later failure is that call's, not the compiler's
+_log = logging.getLogger("accel")
 
 
 def _row_absmax_eager(x: torch.Tensor) -> torch.Tensor:
@@ -102,11 +105,6 @@ COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: reduction, forced by ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU, returned wrong row maxima at K = 16 and 32,
 #: torch 2.13)
 CHECK_K = (2, 3, 8, 15, 16, 17, 31, 32, 33, 48, 64, 100, 128, 257, 768)
-_verified: set = set()
-
-
-_log = logging.getLogger("accel")
-_compiled_ok: set = set()  # functions whose compiled code has run: a later failure is that call's, not the compiler's
 
 
 def _fail(why: str) -> None:

@@ -382,7 +382,7 @@ def linear_int8_cpu(
             return _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax,
                                    "onednn" if engine == "onednn_cq" else engine, static_scale is not None, x.dtype)
     if engine == "onednn_cq" and static_scale is None:  # the quantization as two compiled loops
-        xc = x if x.is_contiguous() else x.contiguous()
+        xc = x.contiguous()
         scale, inv = scale_inv(compiled.row_absmax(xc), qmax)
         u8 = compiled.quantize(xc, inv, qmax + 1)
     else:
@@ -411,6 +411,9 @@ def linear_int8_cpu(
     return _epilogue(y, scale[:, None], bias, activation, x.dtype)
 
 
+_FP32_MAX = float(np.finfo(np.float32).max)
+
+
 def _uniform_scale(xf: torch.Tensor, qmax: int, static_scale: torch.Tensor | None) -> tuple[float, float] | None:
     """``(scale, inv)`` as Python floats (exact fp32 values, fp32 IEEE division) when every row of the call
     shares them (one row, or a static scale) and every value is finite; None otherwise (the per-row
@@ -430,9 +433,6 @@ def _uniform_scale(xf: torch.Tensor, qmax: int, static_scale: torch.Tensor | Non
     if 1.0 / float(sc) >= _FP32_MAX:
         return None
     return float(sc), float(np.float32(1.0) / sc)
-
-
-_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 def _linear_uniform(xf, uniform, w_q, w_scale, bias, activation, qmax, engine, saturate, out_dtype):
@@ -718,18 +718,17 @@ def conv2d_int8_cpu(
         scale, inv = scale_inv(compiled.row_absmax(rows), qmax)
         u8 = _rows_as_image(compiled.quantize(rows, inv, qmax + 1), x)
         y = _conv_gemm_u8(base, u8, w_q, w_scale, qmax + 1, stride, padding, dilation)
-        y = _epilogue(y, scale[:, None, None, None], None if bias is None else bias.float()[None, :, None, None],
-                      activation, torch.float32)
-        return y.to(x.dtype, memory_format=torch.channels_last)
-    xf = as_fp32(x, "int8.x32")
-    scale, inv = act_scale_inv(xf, qmax, static_scale)
-    v = _scaled_rounded(xf, inv[:, None, None, None], qmax, static_scale is not None, "int8.conv_v", rounded=split)
-    if split:
-        hi, lo = _split(v)
-        y = _conv_gemm(base, hi, w_q, w_scale, 64, stride, padding, dilation)
-        y = y.add_(_conv_gemm(base, lo, w_q, w_scale, 64, stride, padding, dilation))
     else:
-        y = _conv_gemm(base, v, w_q, w_scale, qmax + 1, stride, padding, dilation)
+        xf = as_fp32(x, "int8.x32")
+        scale, inv = act_scale_inv(xf, qmax, static_scale)
+        v = _scaled_rounded(xf, inv[:, None, None, None], qmax, static_scale is not None, "int8.conv_v",
+                            rounded=split)
+        if split:
+            hi, lo = _split(v)
+            y = _conv_gemm(base, hi, w_q, w_scale, 64, stride, padding, dilation)
+            y = y.add_(_conv_gemm(base, lo, w_q, w_scale, 64, stride, padding, dilation))
+        else:
+            y = _conv_gemm(base, v, w_q, w_scale, qmax + 1, stride, padding, dilation)
     y = _epilogue(y, scale[:, None, None, None], None if bias is None else bias.float()[None, :, None, None],
                   activation, torch.float32)
     return y.to(x.dtype, memory_format=torch.channels_last)

@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 #: bump when candidates or keys change meaning, so old cache files are not reused
-ENGINE_VERSION = 5
+ENGINE_VERSION = 6
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
 #: two best candidates closer than this get extra rounds between them
@@ -363,7 +363,7 @@ _OPS: dict[str, tuple[str, ...]] = {
                     "float_bf16"),
     "bsr_linear": _BSR_STRATEGIES + ("dense",),  # accel.ops.bsr_linear
     "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense",),  # accel.ops.bsr_conv
-    "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float"),  # accel.cpu.int8_bsr.STRATEGIES
+    "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float", "vnni"),  # accel.cpu.int8_bsr.STRATEGIES
     "replace": ("old", "new", "sparse float", "int8 dense", "int8 block-sparse"),  # accel.api (SPARSE_FORMS)
 }
 _ops_lock = threading.Lock()

@@ -145,7 +145,7 @@ def test_engines_not_exact_for_a_qmax_are_excluded(accel_env):
     accel_env(ACCEL_CPU_ISA="avx2")
     assert cpu_int8_bsr.strategies(127) == ("float",) == cpu_int8_bsr.strategies(63)
     assert cpu_int8_bsr.default_strategy(127, 5) == "float"
-    with pytest.raises(ValueError, match="not exact for activation qmax 127"):
+    with pytest.raises(ValueError, match="not available for activation qmax 127"):
         cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, 64, bias, "none", 127, "rows")
     with engines.force(int8_bsr_linear="rows"), pytest.raises(ValueError, match="cannot run this call"):
         int8_bsr_linear(x, v, ws, crow, col, (64, 96), bias)

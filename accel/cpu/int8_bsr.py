@@ -22,6 +22,11 @@ Strategies (which one serves a call is measured by ``accel.engines`` in ``accel.
   ``n``. ``n`` is about ``sqrt(STACK_WORK / M)`` (``stacked_wide``: twice that). A call is one gather of
   every group's activation blocks (rows ordered token-major, which makes each group's operand a contiguous
   slice: no transpose), the GEMMs into slices of one buffer, and one gather of the diagonal tiles.
+* ``vnni``: native AVX-512 VNNI kernels (``accel.cpu.native``, compiled on this machine at first use): the
+  quantization in one pass, then one pass over the stored blocks reading the activation blocks in place (no
+  gather, no GEMM call per block row) with the epilogue applied as the sums are stored. Same integers, scales
+  and epilogue order as the other strategies. Offered where the kernels build and pass their check
+  (:func:`accel.cpu.native.available`).
 * ``float``: the same integers through accel's fp32 block-sparse path (``accel.cpu.bsr``): exact
   products, fp32 sums (~1e-7 relative). The strategy of CPUs whose int8 dot products saturate
   (no VNNI, where ``torch._int_mm`` is a slow reference loop; see ``accel.cpu.int8``).
@@ -40,10 +45,11 @@ from ..formats import bsr_row_indices
 from ..quant import activate
 from . import bsr as cpu_bsr
 from . import int8 as cpu_int8
+from . import native as cpu_native
 from .packcache import cached
 from .workspace import scratch
 
-STRATEGIES = ("rows", "stacked", "stacked_wide", "float")
+STRATEGIES = ("rows", "stacked", "stacked_wide", "float", "vnni")
 STACKED = ("stacked", "stacked_wide")
 #: bytes of gathered int8 activation per chunk of block rows (about an L2 slice)
 ROWS_CHUNK_BYTES = 1 << 20
@@ -54,18 +60,21 @@ HUGE_SCALE = 2.0 ** 96
 
 
 def strategies(qmax: int, m: int | None = None) -> tuple[str, ...]:
-    """The strategies exact for activation range ``qmax`` on this machine (the int8 ones need
-    ``torch._int_mm`` to be an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16). With ``m`` (tokens
-    per call): the stacked ones only while they stack rows (:func:`stack_size` > 1): beyond, ``rows`` does the
-    same work, and their one gather of every group's activations would grow with ``m``."""
+    """The strategies exact for activation range ``qmax`` on this machine (the ``torch._int_mm`` ones need it to be
+    an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16; ``vnni`` needs the native kernels). With ``m``
+    (tokens per call): the stacked ones only while they stack rows (:func:`stack_size` > 1): beyond, ``rows`` does
+    the same work, and their one gather of every group's activations would grow with ``m``."""
+    native = ("vnni",) if cpu_native.available() else ()
     if "int_mm" not in cpu_int8.exact_engines(qmax, 16):
-        return ("float",)
-    return ("rows",) + (STACKED if m is None or stack_size(m) > 1 else ()) + ("float",)
+        return native + ("float",)
+    return ("rows",) + (STACKED if m is None or stack_size(m) > 1 else ()) + native + ("float",)
 
 
 def default_strategy(qmax: int, m: int) -> str:
-    """The unmeasured choice (``ACCEL_ENGINE_MEASURE=0``, tracing)."""
+    """The unmeasured choice (``ACCEL_ENGINE_MEASURE=0``, tracing): the native kernel where it runs."""
     allowed = strategies(qmax, m)
+    if "vnni" in allowed:
+        return "vnni"
     if "rows" not in allowed:
         return "float"
     return "stacked" if m <= 16 else "rows"
@@ -294,6 +303,18 @@ def _stacked(q, values_q, crow, col, nbr, bs, wide: bool = False) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
+# vnni (the native kernel)
+# ---------------------------------------------------------------------------------------------
+def _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax) -> torch.Tensor:
+    w = cached("int8_bsr_native", (values_q, crow, col), (), lambda: cpu_native.pack(values_q, crow, col))
+    u, scale = cpu_native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, nbc * bs)
+    b = None if bias is None else bias.float().contiguous()
+    y = cpu_native.int8_bsr_linear(u, w, scale, w_scale.float().contiguous(), b, out_features)
+    y = activate(y, activation, inplace=True)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
 def _float_values(values_q: torch.Tensor) -> torch.Tensor:
@@ -319,11 +340,12 @@ def int8_bsr_linear_cpu(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown CPU int8 block-sparse strategy {strategy!r}, expected one of {STRATEGIES}")
-    if strategy not in strategies(qmax):
-        raise ValueError(f"CPU int8 block-sparse strategy {strategy!r} is not exact for activation qmax {qmax} on this "
-                         f"CPU (torch._int_mm needs VNNI/AMX); exact here: {strategies(qmax)}")
     m, k = x.shape
     bs = values_q.shape[1]
+    if strategy not in strategies(qmax):
+        raise ValueError(f"CPU int8 block-sparse strategy {strategy!r} is not available for activation qmax {qmax} on "
+                         f"this CPU (torch._int_mm needs VNNI/AMX; the native kernels AVX-512 VNNI and a C++ "
+                         f"compiler); available here: {strategies(qmax)}")
     nbr, nbc = math.ceil(out_features / bs), math.ceil(k / bs)
     if m == 0 or k == 0:  # no products: the bias (activated)
         y = torch.zeros(m, out_features, dtype=torch.float32)
@@ -333,6 +355,8 @@ def int8_bsr_linear_cpu(
     if col.numel() == 0:  # every block pruned: 0 * x_scale, so tokens holding NaN/inf still give NaN rows
         scale, _ = cpu_int8.act_scale_inv(x if x.dtype == torch.float32 else x.float(), qmax, None)
         return epilogue(torch.zeros(m, out_features, dtype=torch.int32), scale, w_scale, bias, activation, x.dtype)
+    if strategy == "vnni":
+        return _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax)
     pad = bs if strategy in STACKED else 0  # a zero block column for the padding slots
     v, q, scale = quantize_padded(x, qmax, nbc * bs + pad)
     if strategy == "float":

@@ -1,0 +1,202 @@
+// int8 block-sparse Linear on AVX-512 VNNI: accel's per-token activation quantization, then one pass over the
+// stored blocks with the int32 sums dequantized as they are stored. No gather, no GEMM call per block row.
+//
+// accel_quantize_rows: per row t of x [M, K] (fp32, bf16 or fp16), absmax = max |x|, inv = qmax / absmax and
+//   scale = absmax / qmax (IEEE fp32 division), u[t, i] = round_half_even(x * inv) + 128 as uint8, and 128 for
+//   i in [K, width). A row holding NaN/inf gets scale NaN and bytes 128; an all-zero row scale 0. These are the
+//   integers and scales of accel.cpu.int8.act_scale_inv + round(x * inv), bit for bit.
+// accel_int8_bsr_vnni:
+//   acc[t, r*B + o] = sum over stored blocks p of block row r, i < B:  q[t, col[p]*B + i] * W[p, o, i]
+//   y[t, r*B + o] = fma(float(acc) * scale[t], w_scale[o], bias[o])      (fp32, in this order; o < n only)
+//   with q = u - 128 (u from accel_quantize_rows; or int8 x with x_is_u8 = 0). W: the blocks packed
+//   [nnz][B/4][B][4] (four consecutive inputs of one output together: vpdpbusd's operand order); comp[r*B + o]
+//   = 128 * (sum of W[p, o, :] over the block row's blocks). vpdpbusd multiplies unsigned by signed bytes: the
+//   activation enters as u = q + 128 and comp takes the 128 back out. int32 sums wrap (vpdpbusd does not
+//   saturate): exact modulo 2^32, so exact whenever the true sum fits in int32 (the caller's K bound). Rows with
+//   scale > 2^96 (acc * scale could overflow fp32) take the same formula in fp64.
+//
+// Built with -ffp-contract=off: no fused multiply-adds but the one written, every step rounds like the PyTorch ops it
+// replaces (accel.cpu.int8_bsr.epilogue: a mul, then torch.addcmul's fused multiply-add).
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr float kHugeScale = 79228162514264337593543950336.0f;  // 2^96
+
+inline __m512 load16(const void* x, int dtype, int64_t i) {
+  if (dtype == 0) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+  if (dtype == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16
+  return _mm512_cvtph_ps(h);                                                                      // fp16
+}
+
+inline float load1(const void* x, int dtype, int64_t i) {
+  if (dtype == 0) return static_cast<const float*>(x)[i];
+  uint16_t h = static_cast<const uint16_t*>(x)[i];
+  if (dtype == 1) {
+    uint32_t b = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+  return _cvtsh_ss(h);
+}
+
+void quantize_row(const void* x, int dtype, int64_t k, float qmax, uint8_t* u, int64_t width, float* scale) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 a = _mm512_abs_ps(load16(x, dtype, i));
+    bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // inf or NaN
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  float absmax = _mm512_reduce_max_ps(vmax);
+  bool finite = bad == 0;
+  for (; i < k; ++i) {
+    const float a = std::fabs(load1(x, dtype, i));
+    finite = finite && std::isfinite(a);
+    absmax = a > absmax ? a : absmax;
+  }
+  if (!finite) {
+    *scale = NAN;
+    std::memset(u, 128, width);
+    return;
+  }
+  *scale = absmax / qmax;
+  const float inv = absmax > 0.0f ? qmax / absmax : 0.0f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i zp = _mm512_set1_epi32(128);
+  i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(load16(x, dtype, i), vinv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), zp)));
+  }
+  for (; i < k; ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(load1(x, dtype, i) * inv)) + 128);
+  if (width > k) std::memset(u + k, 128, width - k);
+}
+
+struct Epilogue {
+  const float* scale;   // [M]
+  const float* wscale;  // [N]
+  const float* bias;    // [N] or null
+  float* y;             // [M, ldy]
+  int64_t ldy, n;
+};
+
+inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
+  if (o >= e.n) return;
+  const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
+  const float s = e.scale[t];
+  float* y = e.y + t * e.ldy + o;
+  if (!(s > kHugeScale)) {  // (NaN scales here: NaN outputs)
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s));
+    const __m512 ws = _mm512_maskz_loadu_ps(m, e.wscale + o);
+    // with a bias one fused multiply-add, as torch.addcmul (bias, y, w_scale) computes it on the CPU
+    v = e.bias ? _mm512_fmadd_ps(v, ws, _mm512_maskz_loadu_ps(m, e.bias + o)) : _mm512_mul_ps(v, ws);
+    _mm512_mask_storeu_ps(y, m, v);
+    return;
+  }
+  alignas(64) int32_t a[16];
+  _mm512_store_si512(a, acc);
+  for (int j = 0; j < 16 && o + j < e.n; ++j) {
+    double v = (static_cast<double>(a[j]) * s) * e.wscale[o + j];  // (the eager epilogue's fp64 rows: no fma)
+    if (e.bias) v += e.bias[o + j];
+    y[j] = static_cast<float>(v);
+  }
+}
+
+template <int NB, int T>
+inline void tile(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, int64_t bs, const int64_t* col,
+                 int64_t p0, int64_t p1, int64_t g, const int32_t* comp, const Epilogue& e, int64_t t0, int64_t o0) {
+  __m512i acc[T][NB];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_si512();
+  const __m512i vflip = _mm512_set1_epi32(static_cast<int32_t>(flip));
+  const int64_t k4 = bs / 4;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* xb = x + col[p] * bs;
+    const int8_t* wb = w + p * bs * bs + g * 4;
+    for (int64_t kk = 0; kk < k4; ++kk) {
+      __m512i wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + kk * bs * 4 + j * 64);
+      for (int t = 0; t < T; ++t) {
+        int32_t xi;
+        std::memcpy(&xi, xb + t * ldx + kk * 4, 4);
+        __m512i xv = _mm512_set1_epi32(xi);
+        if (flip) xv = _mm512_xor_si512(xv, vflip);
+        for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_dpbusd_epi32(acc[t][j], xv, wv[j]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < NB; ++j)
+      store(e, t0 + t, o0 + g + j * 16, _mm512_sub_epi32(acc[t][j], _mm512_loadu_si512(comp + g + j * 16)));
+}
+
+template <int NB, int T>
+void tiles(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, int64_t bs, const int64_t* col, int64_t p0,
+           int64_t p1, int64_t g, const int32_t* comp, const Epilogue& e, int64_t t0, int64_t o0, int64_t nt) {
+  if (nt == T) {
+    tile<NB, T>(x, ldx, flip, w, bs, col, p0, p1, g, comp, e, t0, o0);
+  } else if constexpr (T > 1) {  // the last tile of tokens may be short
+    tiles<NB, T - 1>(x, ldx, flip, w, bs, col, p0, p1, g, comp, e, t0, o0, nt);
+  }
+}
+
+template <int NB, int T>
+void block_row(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, int64_t bs, const int64_t* col,
+               int64_t p0, int64_t p1, const int32_t* comp, const Epilogue& e, int64_t t0, int64_t o0, int64_t nt) {
+  for (int64_t g = 0; g < bs; g += NB * 16)  // output groups of NB*16 (two for B = 128)
+    if (o0 + g < e.n) tiles<NB, T>(x, ldx, flip, w, bs, col, p0, p1, g, comp, e, t0, o0, nt);
+}
+
+}  // namespace
+
+// dtype: 0 fp32, 1 bf16, 2 fp16. Returns 0, or a code for refused arguments.
+extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int qmax, uint8_t* u,
+                                   int64_t ldu, int64_t width, float* scale, int nthreads) {
+  if (dtype < 0 || dtype > 2 || m < 0 || k < 0 || width < k || ldu < width || qmax < 1 || qmax > 127 ||
+      nthreads < 1)
+    return 1;
+  const int64_t elem = dtype == 0 ? 4 : 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k >= 65536)
+  for (int64_t t = 0; t < m; ++t)
+    quantize_row(static_cast<const char*>(x) + t * ldx * elem, dtype, k, static_cast<float>(qmax), u + t * ldu, width,
+                 scale + t);
+  return 0;
+}
+
+extern "C" int accel_int8_bsr_vnni(const void* x, int x_is_u8, int64_t m, int64_t ldx, const int8_t* w,
+                                   const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
+                                   const int32_t* comp, const float* scale, const float* wscale, const float* bias,
+                                   float* y, int64_t ldy, int64_t n, int nthreads) {
+  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
+  if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
+  const Epilogue e{scale, wscale, bias, y, ldy, n};
+  const uint8_t* xu = static_cast<const uint8_t*>(x);
+  const uint32_t flip = x_is_u8 ? 0u : 0x80808080u;
+  const int64_t T = bs <= 32 ? 8 : 4;  // tokens per tile: T * NB accumulators + NB weights in 32 registers
+  const int64_t ntile = (m + T - 1) / T;
+  const int64_t items = nbr * ntile;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t r = it / ntile, t0 = (it % ntile) * T;
+    const int64_t nt = (m - t0 < T) ? (m - t0) : T;
+    const uint8_t* xt = xu + t0 * ldx;
+    const int32_t* cr = comp + r * bs;
+    const int64_t p0 = crow[r], p1 = crow[r + 1];
+    switch (bs) {
+      case 16: block_row<1, 8>(xt, ldx, flip, w, bs, col, p0, p1, cr, e, t0, r * bs, nt); break;
+      case 32: block_row<2, 8>(xt, ldx, flip, w, bs, col, p0, p1, cr, e, t0, r * bs, nt); break;
+      default: block_row<4, 4>(xt, ldx, flip, w, bs, col, p0, p1, cr, e, t0, r * bs, nt); break;
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,192 @@
+"""The native AVX-512 VNNI kernels (accel.cpu.native) behind the ``vnni`` int8 block-sparse strategy: the
+quantization bit for bit against accel's eager rule, the product and epilogue bit for bit against the eager
+strategies, layout checks before any raw pointer is read, and where the kernels are not offered (ISA caps,
+ACCEL_COMPILE=0, a failing compiler: one logged warning, the other strategies serve)."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from accel import engines
+from accel.cpu import int8 as cpu_int8
+from accel.cpu import int8_bsr as cpu_int8_bsr
+from accel.cpu import native
+from tests.sparse_refs import bsr_from_mask, random_block_mask
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernels not offered here ({native._allowed() or 'build failed'})")
+
+
+class _Logged(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def make(n, k, block, density, empty_rows=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    mask = random_block_mask(math.ceil(n / block), math.ceil(k / block), density, empty_rows, seed)
+    v, crow, col = bsr_from_mask(w, block, mask)
+    return v, torch.rand(n, generator=g) * 0.01 + 1e-4, crow, col, torch.randn(n, generator=g)
+
+
+def eager_quantized(x, qmax):
+    scale, inv = cpu_int8.act_scale_inv(x.float(), qmax, None)
+    return torch.round(x.float() * inv[:, None]), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("qmax", [63, 127])
+@pytest.mark.parametrize("k", [1, 7, 16, 31, 64, 130, 1000])
+def test_quantization_is_accels_rule_bit_for_bit(dtype, qmax, k):
+    g = torch.Generator().manual_seed(k)
+    wide = (torch.randn(9, k + 5, generator=g) * 10).to(dtype)
+    x = wide[:, :k]  # rows of unit stride, not contiguous
+    x[1] = 0
+    x[2, k // 2] = float("nan")
+    x[3, k - 1] = float("inf")
+    x[4, 0] = float("-inf")
+    x[5] *= 1e-30 if dtype == torch.float32 else 1e-3  # tiny values: large inverse scales
+    width = math.ceil(k / 16) * 16 + 16
+    u, scale = native.quantize_rows(x, qmax, width)
+    v, want_scale = eager_quantized(x, qmax)
+    assert torch.equal(scale.nan_to_num(-1.0), want_scale.nan_to_num(-1.0))
+    finite = torch.isfinite(want_scale)
+    assert torch.equal(u[finite, :k].int() - 128, v[finite].int())
+    assert bool((u[:, k:] == 128).all()) and bool((u[~finite] == 128).all())
+    assert torch.isnan(scale[[2, 3, 4]]).all() and scale[1] == 0
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+@pytest.mark.parametrize("m", [1, 4, 8, 9, 33])
+def test_vnni_strategy_equals_the_eager_strategies(block, m):
+    """Same integers, same epilogue order: equal to the ``rows`` strategy (int32 GEMMs + the eager epilogue) bit for
+    bit before the activation, with N and K not multiples of the block, an empty block row, with and without bias,
+    every activation."""
+    n, k = 3 * block - 5, 2 * block + 7
+    v, ws, crow, col, bias = make(n, k, block, 0.6, (1,))
+    x = torch.randn(m, k) * 3
+    other = "rows" if "rows" in cpu_int8_bsr.strategies(127) else "float"
+    for b in (bias, None):
+        for activation in ("none", "relu", "gelu"):
+            y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, "vnni")
+            want = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, other)
+            assert y.shape == (m, n) and y.is_contiguous()
+            if other == "rows" and activation != "gelu":
+                assert torch.equal(y, want), (b is None, activation)
+            else:  # (torch's gelu rounds differently on strided and contiguous outputs: the eager one is strided)
+                torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_sums_beyond_fp32_integers_and_huge_scales():
+    """-128 weights times -127 activations at K = 4096 (sums near 2**26: int32, wrapping uint8 sums corrected),
+    and tokens whose scale passes 2**96 (the epilogue in fp64): equal to the eager epilogue."""
+    n, k, bs = 64, 4096, 32
+    v, ws, crow, col, _ = make(n, k, bs, 0.5)
+    v.fill_(-128)
+    x = -torch.ones(5, k)
+    x[2] *= 1e33  # scale ~ 8e30 > 2**96
+    y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, None, "none", 127, "vnni")
+    q, scale = eager_quantized(x, 127)
+    acc = q.double() @ cpu_int8_bsr_dense(v, crow, col, n, k).t()
+    want = cpu_int8_bsr.epilogue(acc.to(torch.int32), scale, ws, None, "none", torch.float32)
+    assert torch.equal(y, want) and bool(torch.isfinite(y).all())
+
+
+def cpu_int8_bsr_dense(v, crow, col, n, k):
+    from accel.formats import bsr_to_dense
+
+    return bsr_to_dense(v.double(), crow, col, (n, k))
+
+
+def test_thread_counts_agree():
+    v, ws, crow, col, bias = make(200, 300, 32, 0.4, (2,))
+    x = torch.randn(37, 300)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, 200, bias, "none", 127, "vnni"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_bad_operands_raise_before_the_kernel_reads_them():
+    v, ws, crow, col, bias = make(64, 96, 32, 0.5)
+    w = native.pack(v, crow, col)
+    u, scale = native.quantize_rows(torch.randn(3, 96), 127, 96)
+    with pytest.raises(ValueError, match=r"expected int8/uint8 u \[M, >= 96\]"):
+        native.int8_bsr_linear(u[:, :64], w, scale, ws, bias, 64)
+    with pytest.raises(ValueError, match="w_scale torch.float32 \\(10,\\)"):
+        native.int8_bsr_linear(u, w, scale, ws[:10], bias, 64)
+    with pytest.raises(ValueError, match="n 65"):
+        native.int8_bsr_linear(u, w, scale, torch.ones(65), None, 65)
+    with pytest.raises(ValueError, match="u torch.float32"):
+        native.int8_bsr_linear(u.float(), w, scale, ws, bias, 64)
+    with pytest.raises(ValueError, match="x torch.float64"):
+        native.quantize_rows(torch.randn(3, 96).double(), 127, 96)
+    with pytest.raises(ValueError, match="width 90"):
+        native.quantize_rows(torch.randn(3, 96), 127, 90)
+    with pytest.raises(ValueError, match="strides \\(1, 3\\)"):
+        native.quantize_rows(torch.randn(96, 3).t(), 127, 96)
+    bad = crow.clone()
+    bad[-1] += 1
+    with pytest.raises(ValueError, match="not a BSR int8 weight"):
+        native.pack(v, bad, col)
+    with pytest.raises(ValueError, match="not a BSR int8 weight"):
+        native.pack(v.float(), crow, col)
+
+
+def test_offered_only_where_allowed(accel_env):
+    """ISA caps below VNNI and ACCEL_COMPILE=0 take the strategy away (the op then runs the others)."""
+    assert "vnni" in cpu_int8_bsr.strategies(127) and cpu_int8_bsr.default_strategy(127, 16) == "vnni"
+    for env in ({"ACCEL_CPU_ISA": "avx512"}, {"ACCEL_COMPILE": "0"}):
+        accel_env(**env)
+        assert not native.available() and "vnni" not in cpu_int8_bsr.strategies(127), env
+        assert native._allowed()
+        accel_env(ACCEL_CPU_ISA=None, ACCEL_COMPILE=None)
+    assert native.available()
+
+
+def test_a_failing_compiler_is_one_warning_and_no_strategy(accel_env, monkeypatch, tmp_path):
+    handler = _Logged()
+    logging.getLogger("accel").addHandler(handler)
+    try:
+        monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+        accel_env(ACCEL_CACHE_DIR=str(tmp_path))
+        assert not native.available() and "vnni" not in cpu_int8_bsr.strategies(127)
+        assert len([m for m in handler.messages if "native int8 block-sparse kernel is off" in m]) == 1
+        v, ws, crow, col, bias = make(64, 96, 32, 0.5)
+        with pytest.raises(RuntimeError, match="not available here"):
+            native.int8_bsr_linear(torch.zeros(2, 96, dtype=torch.uint8), native.pack(v, crow, col), torch.ones(2), ws,
+                                   bias, 64)
+    finally:
+        logging.getLogger("accel").removeHandler(handler)
+        monkeypatch.delenv("CXX")
+        accel_env(ACCEL_CACHE_DIR=None)
+    assert native.available()
+
+
+def test_the_library_is_built_once_into_the_cache(accel_env, tmp_path):
+    accel_env(ACCEL_CACHE_DIR=str(tmp_path))
+    assert native.available()
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    mtime = built[0].stat().st_mtime_ns
+    native._library.cache_clear()
+    assert native.available() and built[0].stat().st_mtime_ns == mtime
+
+
+def test_a_cpu_without_the_instructions_is_not_offered_them(accel_env, monkeypatch):
+    monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
+    accel_env()
+    assert not native.available() and "lacks ['avx512vl', 'avx512_vnni']" in native._allowed()
+    assert "vnni" not in cpu_int8_bsr.strategies(127)

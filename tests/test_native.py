@@ -163,9 +163,9 @@ def test_a_failing_compiler_is_one_warning_and_no_strategy(accel_env, monkeypatc
         monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
         accel_env(ACCEL_CACHE_DIR=str(tmp_path))
         assert not native.available() and "vnni" not in cpu_int8_bsr.strategies(127)
-        assert len([m for m in handler.messages if "native int8 block-sparse kernel is off" in m]) == 1
+        assert len([m for m in handler.messages if "native kernel int8_bsr_vnni is off" in m]) == 1
         v, ws, crow, col, bias = make(64, 96, 32, 0.5)
-        with pytest.raises(RuntimeError, match="not available here"):
+        with pytest.raises(RuntimeError, match="int8_bsr_vnni is not available here"):
             native.int8_bsr_linear(torch.zeros(2, 96, dtype=torch.uint8), native.pack(v, crow, col), torch.ones(2), ws,
                                    bias, 64)
     finally:
@@ -188,5 +188,126 @@ def test_the_library_is_built_once_into_the_cache(accel_env, tmp_path):
 def test_a_cpu_without_the_instructions_is_not_offered_them(accel_env, monkeypatch):
     monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
     accel_env()
-    assert not native.available() and "lacks ['avx512vl', 'avx512_vnni']" in native._allowed()
+    assert not native.available() and "lacks ['avx512vl', 'avx512_vnni', 'f16c']" in native._allowed()
     assert "vnni" not in cpu_int8_bsr.strategies(127)
+
+
+# ------------------------------------------------------------------------------------------------ float kernels
+from accel.formats import bsr_to_dense  # noqa: E402
+from accel.ops import bsr_conv as ops_conv  # noqa: E402
+from accel.ops.bsr_linear import bsr_linear  # noqa: E402
+
+FLOAT_DTYPES = [d for d in (torch.float32, torch.bfloat16) if native.float_available(d)]
+
+
+def float_weight(o, k, block, density, empty_rows=(), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mask = random_block_mask(math.ceil(o / block), math.ceil(k / block), density, empty_rows, seed)
+    v, crow, col = bsr_from_mask(torch.randn(o, k, generator=g).to(dtype), block, mask)
+    return v, crow, col
+
+
+def conv_reference(x, v, crow, col, weight_shape, bias, stride, padding, dilation):
+    o, c, kh, kw = weight_shape
+    nbr, nbc = crow.numel() - 1, math.ceil(kh * kw * c / v.shape[1])
+    dense = bsr_to_dense(v.double(), crow, col, (nbr * v.shape[1], nbc * v.shape[1]))[:o, :kh * kw * c]
+    w = dense.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
+    return torch.nn.functional.conv2d(x.double(), w, None if bias is None else bias.double(), stride, padding, dilation)
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", [
+    # (C, O, H, W, KH, KW, stride, padding, dilation, block, N)
+    (32, 45, 9, 7, 3, 3, (1, 1), (1, 1), (1, 1), 16, 2),
+    (64, 64, 8, 8, 3, 3, (2, 2), (1, 1), (1, 1), 32, 1),
+    (64, 96, 11, 6, 5, 1, (1, 2), (2, 0), (1, 1), 32, 3),
+    (128, 70, 7, 7, 1, 1, (1, 1), (0, 0), (1, 1), 64, 2),
+    (128, 128, 9, 9, 3, 3, (1, 1), (2, 2), (2, 2), 128, 1),
+    (32, 32, 4, 4, 3, 3, (1, 1), (3, 3), (1, 1), 32, 1),  # padding past the kernel: rows of bias only
+])
+def test_native_conv_matches_pytorchs_conv(dtype, geometry):
+    c, o, h, w, kh, kw, stride, padding, dilation, bs, n = geometry
+    v, crow, col = float_weight(o, kh * kw * c, bs, 0.4, (1,) if o > bs else (), dtype=dtype)
+    bias = torch.randn(o).to(dtype)
+    x = torch.randn(n, c, h, w).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        for b in (bias, None):
+            y = ops_conv.run_cpu("native", xin, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
+            ref = conv_reference(x, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
+            assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+            assert rel_err(y, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 100])
+def test_native_linear_matches_dense(dtype, m):
+    n, k, bs = 200, 256, 32
+    v, crow, col = float_weight(n, k, bs, 0.3, (2,), dtype=dtype)
+    bias = torch.randn(n).to(dtype)
+    x = torch.randn(m, k).to(dtype)
+    with engines.force(bsr_linear="native"):
+        y = bsr_linear(x, v, crow, col, (n, k), bias)
+    ref = torch.nn.functional.linear(x.double(), bsr_to_dense(v.double(), crow, col, (n, k)), bias.double())
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(torch.bfloat16 not in FLOAT_DTYPES, reason="no AVX512_BF16 here")
+def test_bf16_outputs_round_like_pytorch():
+    """Identity blocks: the fp32 sum is the input itself, so the output is ``(x + bias)`` rounded to bf16 once, which
+    must be PyTorch's conversion bit for bit (round to nearest even over 67 decades, NaN). (No infinities: inf * 0
+    in a pair of products is NaN; vdpbf16ps reads denormal inputs as zeros.)"""
+    bs, k = 32, 64
+    eye = torch.eye(bs).repeat(2, 1, 1)
+    crow, col = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    x = (torch.randn(50, k) * torch.logspace(-30, 37, 50)[:, None]).bfloat16()
+    x[3, 5] = float("nan")
+    bias = torch.randn(k) * 1e-3
+    w = native.pack_float(eye, crow, col, 2, torch.bfloat16)
+    y = native.bsr_linear(x, w, bias, k)
+    want = (x.float() + bias).bfloat16()
+    want[3, :bs] = float("nan")  # NaN * 0 in the identity block: the whole block of outputs, as in a dense product
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))
+
+
+def test_float_kernels_offered_only_where_they_run(accel_env, monkeypatch):
+    assert not native.float_available(torch.float16) and not native.float_available(torch.float64)
+    assert "native" not in ops_conv.cpu_engines(48, 32, torch.float32, False)  # C % B != 0
+    assert "native" in ops_conv.cpu_engines(64, 32, torch.float32, False)
+    accel_env(ACCEL_CPU_ISA="avx2")
+    assert not native.float_available(torch.float32) and "native" not in ops_conv.cpu_engines(64, 32, torch.float32,
+                                                                                               False)
+    accel_env(ACCEL_CPU_ISA=None)
+    flags = engines._cpu_flags() - {"avx512_bf16"}
+    monkeypatch.setattr(engines, "_cpu_flags", lambda: flags)
+    accel_env()
+    assert native.float_available(torch.float32) and not native.float_available(torch.bfloat16)
+
+
+def test_float_operands_are_checked():
+    v, crow, col = float_weight(64, 96, 32, 0.5)
+    with pytest.raises(ValueError, match="not a BSR weight"):
+        native.pack_float(v, crow, col, 2, torch.float32)  # a column index past 2 block columns
+    w = native.pack_float(v, crow, col, 3, torch.float32)
+    with pytest.raises(ValueError, match="x torch.bfloat16"):
+        native.bsr_linear(torch.randn(2, 96).bfloat16(), w, None, 64)
+    with pytest.raises(ValueError, match="out_features 65"):
+        native.bsr_linear(torch.randn(2, 96), w, None, 65)
+    with pytest.raises(ValueError, match="bias"):
+        native.bsr_linear(torch.randn(2, 96), w, torch.randn(64).double(), 64)
+
+
+def test_nonfinite_inputs_poison_like_the_dense_conv():
+    c, o, bs = 32, 32, 32
+    v, crow, col = float_weight(o, 9 * c, bs, 0.3)
+    x = torch.randn(1, c, 6, 6)
+    x[0, 3, 2, 2] = float("nan")
+    y = ops_conv.run_cpu("native", x, v, crow, col, (o, c, 3, 3), None, (1, 1), (1, 1), (1, 1))
+    ref = torch.nn.functional.conv2d(x, bsr_to_dense(v, crow, col, (o, 9 * c)).view(o, 3, 3, c).permute(0, 3, 1, 2),
+                                     None, 1, 1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))

@@ -1,20 +1,25 @@
 """Native CPU kernels: small C++ sources in ``accel/cpu/csrc``, compiled on the machine that runs them and
-called through ``ctypes`` on tensors' memory.
+called through ``ctypes`` on tensors' memory. PyTorch has no block-sparse products that pay on the CPU: through its
+GEMM calls a block row costs a call (~9 us of overhead each, 128 of them for a 4096-wide layer) plus a gather of
+the activation columns it reads, and a block-sparse conv an im2col or a gather of every window. These kernels take
+one pass over the stored blocks and read the activations in place.
 
-One kernel so far, ``int8_bsr_vnni.cpp``: the int8 block-sparse GEMM of ``accel.cpu.int8_bsr`` on AVX-512 VNNI,
-one pass over the stored blocks with the activations read in place (``vpdpbusd``, int32 sums). PyTorch has no int8
-block-sparse product: through its GEMM calls a block row costs one ``torch._int_mm`` of 32 outputs (~9 us of call
-overhead each, 128 of them for a 4096-wide layer) plus a gather of the activation columns it reads. On the 2-core
-dev machine (Sapphire Rapids) at 90% block sparsity, 4096x4096, block 32: 0.15 ms instead of 1.5 at M = 16, 2.1
-instead of 4.9 at M = 256 (the GEMM part alone).
+* ``int8_bsr_vnni.cpp`` (:func:`int8_available`): the int8 block-sparse Linear of ``accel.cpu.int8_bsr`` on
+  AVX-512 VNNI: accel's per-token quantization in one pass, then ``vpdpbusd`` over the stored blocks (int32 sums)
+  with the dequantizing epilogue fused. At 90% block sparsity, 4096x4096, block 32 (2-core Sapphire Rapids):
+  0.15 ms instead of 1.5 at M = 16, 2.1 instead of 4.9 at M = 256 (the product alone).
+* ``bsr_float.cpp`` (:func:`float_available`): block-sparse Conv2d as an implicit GEMM over the channels_last
+  input (taps outside the image read zeros: no padding copy), and block-sparse Linear as its 1x1 case, in fp32
+  (FMA, AVX-512F) or bf16 (``vdpbf16ps``, AVX512_BF16), bias fused, for ``C % B == 0`` (``K % B`` for a Linear).
 
-Where it is offered (:func:`available`): the CPU has AVX-512 F/BW and VNNI in ``/proc/cpuinfo`` and accel's ISA
-view (``ACCEL_CPU_ISA``, :func:`accel.engines.cpu_isa`) allows VNNI, ``ACCEL_COMPILE`` is not 0, and a C++
-compiler (``CXX``, else ``g++`` / ``c++`` / ``clang++``) builds the source. The library is built once per source,
-flags and compiler into ``<accel cache dir>/native`` (a temporary folder where that cannot be written) and checked
-against an exact integer product before first use; a build or check failure logs one warning (logger ``accel``)
-and the kernel is not offered. OpenMP threads come from the runtime PyTorch already loaded (same ``libgomp``), as
-many as ``torch.get_num_threads()``.
+Where a kernel is offered: the CPU has its instructions in ``/proc/cpuinfo`` and accel's ISA view
+(``ACCEL_CPU_ISA``, :func:`accel.engines.cpu_isa`) allows them, ``ACCEL_COMPILE`` is not 0, and a C++ compiler
+(``CXX``, else ``g++`` / ``c++`` / ``clang++``) builds the source. A library is built once per source, flags and
+compiler into ``<accel cache dir>/native`` (a temporary folder where that cannot be written; renamed into place, so
+concurrent processes are safe) and checked before first use (exact integer products; the float kernels against
+PyTorch's conv); a build or check failure logs one warning (logger ``accel``) and the kernel is not offered.
+OpenMP threads come from the runtime PyTorch already loaded (the same ``libgomp``), ``torch.get_num_threads()``
+of them.
 """
 
 from __future__ import annotations
@@ -35,13 +40,28 @@ import torch
 from .. import engines
 from .workspace import scratch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "int8_bsr_vnni.cpp")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w", "-mavx512f", "-mavx512bw",
-         "-mavx512vl", "-mavx512vnni", "-mf16c")
-#: CPU flags (``/proc/cpuinfo``) the kernel's instructions need
-NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-#: block sizes the kernel handles (all of ``accel.formats.BLOCK_SIZES``)
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_COMMON = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w")
+
+
+class _Spec(NamedTuple):
+    flags: tuple[str, ...]  # beyond _COMMON
+    needs: tuple[str, ...]  # CPU flags (/proc/cpuinfo) its instructions need
+    level: str  # the least ISA level of accel's view (engines.ISA_LEVELS) that allows it
+
+
+KERNELS = {
+    "int8_bsr_vnni": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c"),
+                           ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"), "avx512_vnni"),
+    # (the bf16 functions carry their own target attribute: the library loads on AVX-512 CPUs without BF16)
+    "bsr_float": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx512f", "avx512bw", "avx512vl"), "avx512"),
+}
+#: the CPU flag the bf16 path of ``bsr_float`` needs besides its library's
+BF16_NEEDS = "avx512_bf16"
+#: block sizes the kernels handle (all of ``accel.formats.BLOCK_SIZES``)
 BLOCKS = (16, 32, 64, 128)
+#: kept for the int8 kernel's callers and tests
+NEEDS = KERNELS["int8_bsr_vnni"].needs
 
 _lock = threading.Lock()
 _log = logging.getLogger("accel")
@@ -56,51 +76,66 @@ def _compiler() -> str | None:
     return None
 
 
-def available() -> bool:
-    """Whether the native int8 block-sparse kernel may be offered here (see the module docstring). Builds and checks
-    the library at the first call of a process (about a second; then cached on disk)."""
-    return _library(engines.generation()) is not None
+def int8_available() -> bool:
+    """Whether the native int8 block-sparse kernel may be offered here. Builds and checks the library at the first
+    call of a process (about a second; then cached on disk)."""
+    return _library("int8_bsr_vnni", engines.generation()) is not None
 
 
-def _allowed() -> str | None:
-    """Why the kernel may not be offered here, or None."""
+available = int8_available
+
+
+def float_available(dtype: torch.dtype) -> bool:
+    """Whether the native fp32 / bf16 block-sparse conv and linear kernels may be offered for ``dtype`` here."""
+    if dtype not in _FLOAT_DTYPES:
+        return False
+    if dtype == torch.bfloat16 and BF16_NEEDS not in engines._cpu_flags():
+        return False
+    return _library("bsr_float", engines.generation()) is not None
+
+
+def _allowed(name: str = "int8_bsr_vnni") -> str | None:
+    """Why kernel ``name`` may not be offered here, or None."""
+    spec = KERNELS[name]
     if (engines.env("ACCEL_COMPILE") or "1").strip() == "0":
         return "ACCEL_COMPILE=0"
-    missing = [f for f in NEEDS if f not in engines._cpu_flags()]
+    missing = [f for f in spec.needs if f not in engines._cpu_flags()]
     if missing:
         return f"the CPU lacks {missing}"
-    if not engines.has_vnni():
-        return f"accel's ISA view is {engines.cpu_isa()!r} (ACCEL_CPU_ISA)"
+    if engines.ISA_LEVELS.index(engines.cpu_isa()) < engines.ISA_LEVELS.index(spec.level):
+        return f"accel's ISA view is {engines.cpu_isa()!r} (ACCEL_CPU_ISA), below {spec.level!r}"
     if _compiler() is None:
         return "no C++ compiler on the PATH"
     return None
 
 
-@functools.lru_cache(maxsize=4)
-def _library(_gen: int):
-    if _allowed() is not None:
+@functools.lru_cache(maxsize=8)
+def _library(name: str, _gen: int):
+    if _allowed(name) is not None:
         return None
     with _lock:
         try:
-            lib = _load(_build())
-            _check(lib)
+            lib = _load(name, _build(name))
+            _CHECKS[name](lib)
             return lib
         except Exception as e:  # noqa: BLE001 - no native kernel here: the other strategies serve every call
-            _log.warning("accel: the native int8 block-sparse kernel is off in this process (%s: %s); the other CPU "
-                         "strategies run. ACCEL_COMPILE=0 stops trying.", type(e).__name__, str(e)[:300])
+            _log.warning("accel: the native kernel %s is off in this process (%s: %s); the other CPU strategies run. "
+                         "ACCEL_COMPILE=0 stops trying.", name, type(e).__name__, str(e)[:300])
             return None
 
 
-def _build() -> str:
-    """The built library's path: ``<cache dir>/native/int8_bsr_vnni-<hash>.so``, built now if missing (into a
-    temporary name, then renamed: safe with concurrent processes)."""
+def _build(name: str) -> str:
+    """The built library's path: ``<cache dir>/native/<name>-<hash>.so``, built now if missing (into a temporary
+    name, then renamed: safe with concurrent processes)."""
     cxx = _compiler()
-    with open(SOURCE, "rb") as f:
+    source = os.path.join(_CSRC, name + ".cpp")
+    flags = _COMMON + KERNELS[name].flags
+    with open(source, "rb") as f:
         src = f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()[:1]
-    digest = hashlib.sha1(src + repr((cxx, FLAGS, version)).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(src + repr((cxx, flags, version)).encode()).hexdigest()[:16]
     for base in (os.path.join(engines.cache_dir(), "native"), os.path.join(tempfile.gettempdir(), "accel-native")):
-        path = os.path.join(base, f"int8_bsr_vnni-{digest}.so")
+        path = os.path.join(base, f"{name}-{digest}.so")
         if os.path.exists(path):
             return path
         try:
@@ -110,7 +145,7 @@ def _build() -> str:
         except OSError:
             continue  # not writable: the next place
         try:
-            r = subprocess.run([cxx, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=300)
+            r = subprocess.run([cxx, *flags, source, "-o", tmp], capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise RuntimeError(f"{os.path.basename(cxx)} failed: {(r.stderr or r.stdout).strip()[:300]}")
             os.replace(tmp, path)
@@ -121,9 +156,13 @@ def _build() -> str:
     raise OSError(f"no writable folder for the native library ({engines.cache_dir()}/native, {tempfile.gettempdir()})")
 
 
-def _load(path: str):
+def _load(name: str, path: str):
     lib = ctypes.CDLL(path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    if name == "bsr_float":
+        lib.accel_bsr_conv_float.restype = i32
+        lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        return lib
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
     lib.accel_int8_bsr_vnni.restype = i32
@@ -131,8 +170,8 @@ def _load(path: str):
     return lib
 
 
-def _check(lib) -> None:
-    """Both kernels before first use: the quantization bit for bit against accel's eager rule (fp32, bf16, fp16;
+def _check_int8(lib) -> None:
+    """Both int8 kernels before first use: the quantization bit for bit against accel's eager rule (fp32, bf16, fp16;
     row lengths of vector bodies and tails; zero, NaN and inf rows), the product against an exact integer product
     (every block size, short and full token tiles, an empty block row, int8 and uint8 activations, a partial last
     block of outputs)."""
@@ -233,10 +272,10 @@ def pack(values_q: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> Packe
     return Packed(blocks, comp.mul_(128).flatten(), crow, col, (int(col.max()) + 1) * bs if nnz else 0)
 
 
-def _lib():
-    lib = _library(engines.generation())
+def _lib(name: str = "int8_bsr_vnni"):
+    lib = _library(name, engines.generation())
     if lib is None:
-        raise RuntimeError(f"the native int8 block-sparse kernel is not available here ({_allowed() or 'build failed'})")
+        raise RuntimeError(f"the native kernel {name} is not available here ({_allowed(name) or 'build failed'})")
     return lib
 
 
@@ -274,3 +313,140 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
                          f"int8/uint8 u [M, >= {w.width}] with rows of unit stride, contiguous fp32 vectors of M and "
                          f"n <= {nbr * bs} on the CPU")
     return _product(_lib(), u, w, scale, w_scale, bias, n)
+
+
+# ------------------------------------------------------------------------------------------------ float (bsr_float)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class PackedFloat(NamedTuple):
+    """A block-sparse weight as the float kernel reads it (:func:`pack_float`)."""
+
+    blocks: torch.Tensor  # fp32 [nnz, B(in), B(out)], or bf16 [nnz, B/2, B(out), 2]
+    crow: torch.Tensor  # [nbr + 1] int64
+    col: torch.Tensor  # [nnz] int64
+    ncols: int  # block columns the weight has (K / B)
+
+
+def pack_float(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ncols: int,
+               dtype: torch.dtype) -> PackedFloat:
+    """The float kernel's operands for blocks ``values [nnz, B, B]`` (out, in; any float dtype, converted to
+    ``dtype``) at ``crow`` / ``col`` of a weight with ``ncols`` block columns. Checks what the kernel's memory accesses
+    rely on (block size, ``crow`` from 0 to nnz non-decreasing, ``0 <= col < ncols``), once per weight."""
+    nnz, bs = values.shape[0], values.shape[1]
+    nbr = crow.numel() - 1
+    crow, col = crow.to(torch.int64).contiguous(), col.to(torch.int64).contiguous()
+    if (dtype not in _FLOAT_DTYPES or not values.is_floating_point() or values.dim() != 3 or values.shape[2] != bs or
+            bs not in BLOCKS or nbr < 0 or col.numel() != nnz or int(crow[0]) != 0 or int(crow[-1]) != nnz or
+            bool((crow[1:] < crow[:-1]).any()) or (nnz and (int(col.min()) < 0 or int(col.max()) >= ncols))):
+        raise ValueError(f"native block-sparse: not a BSR weight for {dtype}: values {values.dtype} "
+                         f"{tuple(values.shape)}, crow {tuple(crow.shape)}, col {tuple(col.shape)} in "
+                         f"[{int(col.min()) if nnz else None}, {int(col.max()) if nnz else None}] of {ncols} block "
+                         f"columns (blocks of {BLOCKS}, fp32 or bf16)")
+    v = values.detach().to(dtype)
+    if dtype == torch.float32:
+        blocks = v.transpose(1, 2).contiguous()
+    else:
+        blocks = v.view(nnz, bs, bs // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return PackedFloat(blocks, crow, col, ncols)
+
+
+def _conv_raw(lib, x_nhwc, w: PackedFloat, kw, stride, padding, dilation, oh, ow, bias, y) -> None:
+    n, h, wd, c = x_nhwc.shape
+    bs = w.blocks.shape[-2] if x_nhwc.dtype == torch.bfloat16 else w.blocks.shape[2]
+    rc = lib.accel_bsr_conv_float(x_nhwc.data_ptr(), int(x_nhwc.dtype == torch.bfloat16), n, h, wd, c, kw, stride[0],
+                                  stride[1], padding[0], padding[1], dilation[0], dilation[1], oh, ow,
+                                  w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
+                                  None if bias is None else bias.data_ptr(), y.data_ptr(), y.shape[-1], y.shape[-1],
+                                  torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the block-sparse float kernel refused its arguments (code {rc})")
+
+
+def _float_operands(x, w: PackedFloat, bias, c: int, k_blocks: int, what: str):
+    bs = w.blocks.shape[-2] if w.blocks.dtype == torch.bfloat16 else w.blocks.shape[2]
+    if not (x.dtype == w.blocks.dtype and x.device.type == "cpu" and c % bs == 0 and k_blocks == w.ncols and
+            (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()))):
+        raise ValueError(f"{what} (native): x {x.dtype} {tuple(x.shape)} on {x.device} with blocks {w.blocks.dtype} of "
+                         f"{bs} over {w.ncols} block columns, bias {None if bias is None else (bias.dtype, tuple(bias.shape))}"
+                         f": expected x in the blocks' dtype on the CPU, channels a multiple of the block, K/B = "
+                         f"{w.ncols} and a contiguous fp32 bias")
+    return bs
+
+
+def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
+               dilation) -> torch.Tensor:
+    """``conv2d(x, W) + bias`` for the block-sparse ``W [O, C, KH, KW]`` packed by :func:`pack_float` (``(kh, kw, c)``
+    order, ``C % B == 0``): ``[N, O, OH, OW]`` channels_last in ``x``'s dtype (fp32 sums, rounded once)."""
+    o, c, kh, kw = weight_shape
+    n, cx, h, wd = x.shape
+    bs = _float_operands(x, w, bias, c, kh * kw * c // max(1, w.blocks.shape[-2] if x.dtype == torch.bfloat16
+                                                          else w.blocks.shape[2]), "bsr_conv2d")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    nbr = w.crow.numel() - 1
+    if cx != c or oh < 0 or ow < 0 or bias is not None and bias.numel() != o or o > nbr * bs:
+        raise ValueError(f"bsr_conv2d (native): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
+    xn = x.permute(0, 2, 3, 1)
+    if not xn.is_contiguous():
+        xn = xn.contiguous()
+    y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
+    if y.numel():
+        _conv_raw(_lib("bsr_float"), xn, w, kw, stride, padding, dilation, oh, ow, bias, y)
+    return y.permute(0, 3, 1, 2)
+
+
+def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [M, K] @ W^T + bias`` for the block-sparse ``W [out_features, K]`` packed by :func:`pack_float`
+    (``K % B == 0``): ``[M, out_features]`` in ``x``'s dtype (a 1x1 conv over one image row of M pixels)."""
+    m, k = x.shape
+    bs = _float_operands(x, w, bias, k, k // max(1, w.blocks.shape[-2] if x.dtype == torch.bfloat16
+                                                 else w.blocks.shape[2]), "bsr_linear")
+    nbr = w.crow.numel() - 1
+    if out_features > nbr * bs or bias is not None and bias.numel() != out_features:
+        raise ValueError(f"bsr_linear (native): out_features {out_features} with {nbr} block rows of {bs}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    xc = x if x.stride(1) == 1 and x.stride(0) == k else x.contiguous()
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    if y.numel():
+        _conv_raw(_lib("bsr_float"), xc.view(1, 1, m, k), w, 1, (1, 1), (0, 0), (1, 1), 1, m, bias,
+                  y.view(1, 1, m, out_features))
+    return y
+
+
+def _check_float(lib) -> None:
+    """The float kernel against PyTorch's conv (fp64) before first use: every block size, stride, padding and
+    dilation, an empty block row, outputs not a multiple of the block, fp32 (and bf16 where the CPU has it)."""
+    from ..formats import bsr_to_dense
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32,) + ((torch.bfloat16,) if BF16_NEEDS in engines._cpu_flags() else ())
+    for bs in BLOCKS:
+        o, c, kh, kw = 2 * bs + 3, bs, 3, 2
+        nbr, nbc = 3, kh * kw
+        keep = torch.rand(nbr, nbc, generator=g) < 0.5
+        keep[1] = False
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+        col = keep.nonzero()[:, 1].contiguous()
+        values = torch.randn(col.numel(), bs, bs, generator=g)
+        dense = bsr_to_dense(values.double(), crow, col, (nbr * bs, nbc * bs))[:o].view(o, kh, kw, c).permute(0, 3, 1, 2)
+        bias = torch.randn(o, generator=g)
+        x = torch.randn(2, c, 7, 6, generator=g)
+        for dtype in dtypes:
+            w = pack_float(values, crow, col, nbc, dtype)
+            for stride, padding, dilation in (((1, 1), (1, 0), (1, 1)), ((2, 1), (0, 2), (1, 2))):
+                xd = x.to(dtype)
+                want = torch.nn.functional.conv2d(xd.double(), dense if dtype == torch.float32 else
+                                                  dense.to(dtype).double(), bias.double(), stride, padding, dilation)
+                y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=dtype)
+                _conv_raw(lib, xd.permute(0, 2, 3, 1).contiguous(), w, kw, stride, padding, dilation, want.shape[2],
+                          want.shape[3], bias, y)
+                err = float((y.permute(0, 3, 1, 2).double() - want).abs().max() / want.abs().max())
+                if not err < (1e-5 if dtype == torch.float32 else 1e-2):
+                    raise RuntimeError(f"the {dtype} block-sparse conv (block {bs}, stride {stride}, padding {padding}, "
+                                       f"dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
+
+
+_CHECKS = {"int8_bsr_vnni": _check_int8, "bsr_float": _check_float}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .. import engines
 from ..cpu import bsr as cpu_bsr
 from ..cpu import bsr_conv as cpu_conv
+from ..cpu import native as cpu_native
 from ..cpu.int8 import float_conv2d_cpu, onednn_conv_ok
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
@@ -131,8 +132,11 @@ def _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilati
 
 def cpu_engines(c: int, bs: int, dtype: torch.dtype, allow_dense: bool) -> tuple[str, ...]:
     """The CPU engines that can run a layer: ``gather`` (``C % B == 0``), ``im2col_<strategy>`` for the
-    block-sparse matmul strategies of ``accel.cpu.bsr``, and ``dense`` where allowed."""
+    block-sparse matmul strategies of ``accel.cpu.bsr``, ``native`` (``accel.cpu.native``'s implicit GEMM: ``C % B
+    == 0``, fp32/bf16, where the kernel builds) and ``dense`` where allowed."""
     names = (("gather",) if c % bs == 0 else ()) + tuple(f"im2col_{s}" for s in cpu_bsr.strategies_for(dtype))
+    if c % bs == 0 and cpu_native.float_available(dtype):
+        names += ("native",)
     return names + (("dense",) if allow_dense else ())
 
 
@@ -149,12 +153,23 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
         return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
     if engine == "gather":
         y = cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    elif engine == "native":
+        y = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
     elif engine.startswith("im2col_"):
         y = cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
                                        engine[len("im2col_"):])
     else:
         raise ValueError(f"bsr_conv2d: unknown CPU engine {engine!r}")
     return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation)
+
+
+def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation) -> torch.Tensor:
+    o, c, kh, kw = weight_shape
+    nbc = kh * kw * c // values.shape[1]
+    w = cached("bsr_conv_native", (values, crow, col), (nbc, x.dtype),
+               lambda: cpu_native.pack_float(values, crow, col, nbc, x.dtype))
+    b = None if bias is None else bias.detach().float().contiguous()
+    return cpu_native.bsr_conv2d(x, w, weight_shape, b, stride, padding, dilation)
 
 
 def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation) -> torch.Tensor:

@@ -1,0 +1,210 @@
+// Block-sparse Conv2d (and Linear, as a 1x1 conv over one image row) in fp32 or bf16 on AVX-512: an implicit GEMM
+// that reads the channels_last input in place, one pass over the stored blocks, no im2col, no gather, no padding
+// copy, no GEMM call per block row.
+//
+// The weight [O, C, KH, KW] is the matrix W [O, KH*KW*C] in (kh, kw, c) order, stored block-sparse (B x B blocks,
+// C % B == 0): K block kb is tap kb / (C/B) (kh = tap / KW, kw = tap % KW) and channels (kb % (C/B)) * B .. + B.
+// For output pixel m = (n, oh, ow) and stored block p of block row r:
+//   y[m, r*B + o] += sum_{i < B} x[n, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw, c0 + i] * W[p, o, i]
+// where a tap outside the image reads zeros (the zero padding), then y = acc + bias[o] rounded once to the output
+// dtype (o < O only). Sums in fp32: fp32 inputs by fused multiply-adds; bf16 inputs by vdpbf16ps (pairs of bf16
+// products added in fp32, AVX512_BF16). Blocks packed [nnz][B][B] (in, out) for fp32 and [nnz][B/2][B][2] for
+// bf16 (two consecutive inputs of one output together: vdpbf16ps's operand order).
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c;     // input NHWC
+  int64_t oh, ow;         // output pixels per image
+  int64_t sh, sw, ph, pw, dh, dw, kw;
+  int64_t ncb;            // C / B
+};
+
+struct Out {
+  const float* bias;  // [O] or null
+  void* y;            // [M, ldy] fp32 or bf16
+  int64_t ldy, o;
+  int bf16;
+};
+
+alignas(64) const float kZeros[128] = {};
+constexpr int T_MAX = 8;  // most output pixels per tile
+
+// A block's tap and channels: where its window row starts relative to a pixel's window corner.
+struct Tap {
+  int64_t dy, dx, c0;
+};
+
+// where each of a tile's T output pixels reads: its image's first element and its window's top-left corner
+struct Pixels {
+  int64_t image[T_MAX], ih0[T_MAX], iw0[T_MAX];
+};
+
+// The output pixel (n, oh, ow) a tile starts at, advanced pixel by pixel (no divisions per tile).
+struct Cursor {
+  int64_t n, oh, ow;
+  template <int T>
+  inline void take(const Geometry& g, int64_t nt, Pixels& px) {
+    for (int t = 0; t < T; ++t) {  // a short last tile repeats its last pixel (the same values stored twice)
+      px.image[t] = n * g.h * g.w * g.c;
+      px.ih0[t] = oh * g.sh - g.ph;
+      px.iw0[t] = ow * g.sw - g.pw;
+      if (t + 1 < nt && ++ow == g.ow) {
+        ow = 0;
+        if (++oh == g.oh) oh = 0, ++n;
+      }
+    }
+    if (nt == T && ++ow == g.ow) {  // the next tile's first pixel
+      ow = 0;
+      if (++oh == g.oh) oh = 0, ++n;
+    }
+  }
+};
+
+// the first element of each pixel's window row for a block at tap tp (zeros outside the image)
+template <int T, typename E>
+inline void window_rows(const E* x, const Geometry& g, const Pixels& px, const Tap& tp, const E** rows) {
+  for (int t = 0; t < T; ++t) {
+    const int64_t ih = px.ih0[t] + tp.dy, iw = px.iw0[t] + tp.dx;
+    rows[t] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x + px.image[t] + (ih * g.w + iw) * g.c + tp.c0
+                                                           : reinterpret_cast<const E*>(kZeros);
+  }
+}
+
+template <int NB, int T>
+inline void store(const Out& out, int64_t m0, int64_t nt, int64_t o0, __m512 (&acc)[T][NB]) {
+  for (int j = 0; j < NB; ++j) {
+    const int64_t o = o0 + j * 16;
+    if (o >= out.o) break;
+    const __mmask16 k = out.o - o >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (out.o - o)) - 1);
+    const __m512 b = out.bias ? _mm512_maskz_loadu_ps(k, out.bias + o) : _mm512_setzero_ps();
+    for (int t = 0; t < T && t < nt; ++t) {
+      const __m512 v = _mm512_add_ps(acc[t][j], b);
+      if (out.bf16) {
+        uint16_t* y = static_cast<uint16_t*>(out.y) + (m0 + t) * out.ldy + o;
+        // round to nearest even, NaN -> 0x7FC0: PyTorch's float -> bf16 conversion, bit for bit (denormals kept)
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(y, k, _mm512_cvtepi32_epi16(r));
+      } else {
+        _mm512_mask_storeu_ps(static_cast<float*>(out.y) + (m0 + t) * out.ldy + o, k, v);
+      }
+    }
+  }
+}
+
+template <int NB, int T>
+void tile_f32(const float* x, const Geometry& g, const float* w, int64_t bs, const Tap* taps, int64_t p0, int64_t p1,
+              int64_t grp, const Pixels& px, const Out& out, int64_t m0, int64_t nt, int64_t o0) {
+  __m512 acc[T][NB];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_ps();
+  const float* rows[T];
+  for (int64_t p = p0; p < p1; ++p) {
+    window_rows<T>(x, g, px, taps[p - p0], rows);
+    const float* wb = w + p * bs * bs + grp;
+    for (int64_t i = 0; i < bs; ++i) {
+      __m512 wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(wb + i * bs + j * 16);
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_set1_ps(rows[t][i]);
+        for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_fmadd_ps(xv, wv[j], acc[t][j]);
+      }
+    }
+  }
+  store<NB, T>(out, m0, nt, o0 + grp, acc);
+}
+
+template <int NB, int T>
+__attribute__((target("avx512bf16"))) void tile_bf16(const uint16_t* x, const Geometry& g, const uint16_t* w,
+                                                     int64_t bs, const Tap* taps, int64_t p0, int64_t p1, int64_t grp,
+                                                     const Pixels& px, const Out& out, int64_t m0, int64_t nt,
+                                                     int64_t o0) {
+  __m512 acc[T][NB];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_ps();
+  const uint16_t* rows[T];
+  for (int64_t p = p0; p < p1; ++p) {
+    window_rows<T>(x, g, px, taps[p - p0], rows);
+    const uint16_t* wb = w + p * bs * bs + grp * 2;
+    for (int64_t i = 0; i < bs / 2; ++i) {
+      __m512bh wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wb + (i * bs + j * 16) * 2);
+      for (int t = 0; t < T; ++t) {
+        int32_t pair;
+        std::memcpy(&pair, rows[t] + 2 * i, 4);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], xv, wv[j]);
+      }
+    }
+  }
+  store<NB, T>(out, m0, nt, o0 + grp, acc);
+}
+
+//: tiles of T pixels per work item (amortizes an item's setup: the taps of its block row, its first pixel)
+constexpr int64_t kTilesPerItem = 4;
+
+template <int NB, int T>
+void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, const int64_t* crow,
+         const int64_t* col, int64_t nbr, const Out& out, int64_t m, int nthreads) {
+  const int64_t span = T * kTilesPerItem;
+  const int64_t nchunk = (m + span - 1) / span;
+  const int64_t items = nbr * nchunk;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t chunk = it / nbr, r = it % nbr;  // (consecutive items: the same pixels, the next block row)
+    const int64_t p0 = crow[r], p1 = crow[r + 1];
+    Tap taps[p1 - p0 > 0 ? p1 - p0 : 1];  // (a variable-length array: at most K/B entries)
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t tap = col[p] / g.ncb;
+      taps[p - p0] = Tap{(tap / g.kw) * g.dh, (tap % g.kw) * g.dw, (col[p] % g.ncb) * bs};
+    }
+    const int64_t first = chunk * span, last = first + span < m ? first + span : m;
+    for (int64_t grp = 0; grp < bs && r * bs + grp < out.o; grp += NB * 16) {  // (two groups for B = 128)
+      Cursor cur{first / (g.oh * g.ow), (first / g.ow) % g.oh, first % g.ow};
+      for (int64_t m0 = first; m0 < last; m0 += T) {
+        const int64_t nt = last - m0 < T ? last - m0 : T;
+        Pixels px;
+        cur.take<T>(g, nt, px);
+        if (bf16)
+          tile_bf16<NB, T>(static_cast<const uint16_t*>(x), g, static_cast<const uint16_t*>(w), bs, taps, p0, p1, grp,
+                           px, out, m0, nt, r * bs);
+        else
+          tile_f32<NB, T>(static_cast<const float*>(x), g, static_cast<const float*>(w), bs, taps, p0, p1, grp, px,
+                          out, m0, nt, r * bs);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x: NHWC contiguous [n, h, w, c] fp32 (bf16 = 0) or bf16 (bf16 = 1); y: [n*oh*ow, ldy] in the same dtype.
+// Returns 0, or a code for refused arguments.
+extern "C" int accel_bsr_conv_float(const void* x, int bf16, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw,
+                                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
+                                    int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col,
+                                    int64_t nbr, int64_t bs, const float* bias, void* y, int64_t ldy, int64_t o,
+                                    int nthreads) {
+  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
+  if (c % bs || n < 0 || h < 0 || w < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 ||
+      o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1))
+    return 2;
+  const int64_t m = n * oh * ow;
+  if (m == 0 || nbr == 0) return 0;
+  const Geometry g{n, h, w, c, oh, ow, sh, sw, ph, pw, dh, dw, kw, c / bs};
+  const Out out{bias, y, ldy, o, bf16};
+  switch (bs) {
+    case 16: run<1, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
+    case 32: run<2, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
+    default: run<4, 4>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
+  }
+  return 0;
+}

@@ -361,9 +361,10 @@ _OPS: dict[str, tuple[str, ...]] = {
     # accel.cpu.int8.CONV_ENGINES + accel.ops.int8.FLOAT_CONV_FORMS (auto layers)
     "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "float", "float_nchw",
                     "float_bf16"),
-    "bsr_linear": _BSR_STRATEGIES + ("dense", "native"),  # accel.ops.bsr_linear
-    "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense", "native"),  # accel.ops.bsr_conv
-    "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float", "vnni"),  # accel.cpu.int8_bsr.STRATEGIES
+    "bsr_linear": _BSR_STRATEGIES + ("dense", "native", "native_amx"),  # accel.ops.bsr_linear
+    "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense", "native", "native_amx"),
+    # (accel.ops.bsr_conv)
+    "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float", "vnni", "vnni_amx"),  # accel.cpu.int8_bsr
     "replace": ("old", "new", "sparse float", "int8 dense", "int8 block-sparse"),  # accel.api (SPARSE_FORMS)
 }
 _ops_lock = threading.Lock()

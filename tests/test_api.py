@@ -32,7 +32,7 @@ def test_sparsify_measures_and_reports_per_batch(measuring):
             assert "slower inside the model" in r["reason"] and type(model.get_submodule(r["layer"])) is nn.Linear
             continue
         engine = r["decision"].split(": ")[1]
-        assert engine in cpu_bsr.STRATEGIES + ("dense", "native")
+        assert engine in cpu_bsr.STRATEGIES + ("dense", "native", "native_amx")
     assert "fc1" in accel.format_report(rows) and "batch" in accel.format_report(rows).splitlines()[0]
 
 

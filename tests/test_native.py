@@ -63,9 +63,13 @@ def test_quantization_is_accels_rule_bit_for_bit(dtype, qmax, k):
     assert torch.isnan(scale[[2, 3, 4]]).all() and scale[1] == 0
 
 
+INT8_NATIVE = ["vnni"] + (["vnni_amx"] if native.int8_amx_available() else [])
+
+
+@pytest.mark.parametrize("strategy", INT8_NATIVE)
 @pytest.mark.parametrize("block", [16, 32, 64, 128])
-@pytest.mark.parametrize("m", [1, 4, 8, 9, 33])
-def test_vnni_strategy_equals_the_eager_strategies(block, m):
+@pytest.mark.parametrize("m", [1, 4, 8, 9, 16, 17, 33, 70])
+def test_vnni_strategy_equals_the_eager_strategies(block, m, strategy):
     """Same integers, same epilogue order: equal to the ``rows`` strategy (int32 GEMMs + the eager epilogue) bit for
     bit before the activation, with N and K not multiples of the block, an empty block row, with and without bias,
     every activation."""
@@ -75,7 +79,7 @@ def test_vnni_strategy_equals_the_eager_strategies(block, m):
     other = "rows" if "rows" in cpu_int8_bsr.strategies(127) else "float"
     for b in (bias, None):
         for activation in ("none", "relu", "gelu"):
-            y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, "vnni")
+            y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, strategy)
             want = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, other)
             assert y.shape == (m, n) and y.is_contiguous()
             if other == "rows" and activation != "gelu":
@@ -84,7 +88,8 @@ def test_vnni_strategy_equals_the_eager_strategies(block, m):
                 torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
 
-def test_sums_beyond_fp32_integers_and_huge_scales():
+@pytest.mark.parametrize("strategy", INT8_NATIVE)
+def test_sums_beyond_fp32_integers_and_huge_scales(strategy):
     """-128 weights times -127 activations at K = 4096 (sums near 2**26: int32, wrapping uint8 sums corrected),
     and tokens whose scale passes 2**96 (the epilogue in fp64): equal to the eager epilogue."""
     n, k, bs = 64, 4096, 32
@@ -92,7 +97,7 @@ def test_sums_beyond_fp32_integers_and_huge_scales():
     v.fill_(-128)
     x = -torch.ones(5, k)
     x[2] *= 1e33  # scale ~ 8e30 > 2**96
-    y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, None, "none", 127, "vnni")
+    y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, None, "none", 127, strategy)
     q, scale = eager_quantized(x, 127)
     acc = q.double() @ cpu_int8_bsr_dense(v, crow, col, n, k).t()
     want = cpu_int8_bsr.epilogue(acc.to(torch.int32), scale, ws, None, "none", torch.float32)
@@ -105,7 +110,8 @@ def cpu_int8_bsr_dense(v, crow, col, n, k):
     return bsr_to_dense(v.double(), crow, col, (n, k))
 
 
-def test_thread_counts_agree():
+@pytest.mark.parametrize("strategy", INT8_NATIVE)
+def test_thread_counts_agree(strategy):
     v, ws, crow, col, bias = make(200, 300, 32, 0.4, (2,))
     x = torch.randn(37, 300)
     threads = torch.get_num_threads()
@@ -113,7 +119,7 @@ def test_thread_counts_agree():
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            outs.append(cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, 200, bias, "none", 127, "vnni"))
+            outs.append(cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, 200, bias, "none", 127, strategy))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -146,8 +152,18 @@ def test_bad_operands_raise_before_the_kernel_reads_them():
 
 
 def test_offered_only_where_allowed(accel_env):
-    """ISA caps below VNNI and ACCEL_COMPILE=0 take the strategy away (the op then runs the others)."""
+    """ISA caps below VNNI and ACCEL_COMPILE=0 take the strategy away (the op then runs the others); below AMX, the
+    AMX product."""
     assert "vnni" in cpu_int8_bsr.strategies(127) and cpu_int8_bsr.default_strategy(127, 16) == "vnni"
+    if native.int8_amx_available():
+        accel_env(ACCEL_CPU_ISA="avx512_vnni")
+        assert native.available() and not native.int8_amx_available()
+        assert "vnni" in cpu_int8_bsr.strategies(127) and "vnni_amx" not in cpu_int8_bsr.strategies(127)
+        u, scale = native.quantize_rows(torch.randn(2, 64), 127, 64)
+        v, ws, crow, col, _ = make(32, 64, 32, 1.0)
+        with pytest.raises(RuntimeError, match="AMX product is not available"):
+            native.int8_bsr_linear(u, native.pack(v, crow, col), scale, ws, None, 32, amx=True)
+        accel_env(ACCEL_CPU_ISA=None)
     for env in ({"ACCEL_CPU_ISA": "avx512"}, {"ACCEL_COMPILE": "0"}):
         accel_env(**env)
         assert not native.available() and "vnni" not in cpu_int8_bsr.strategies(127), env
@@ -311,3 +327,62 @@ def test_nonfinite_inputs_poison_like_the_dense_conv():
     ref = torch.nn.functional.conv2d(x, bsr_to_dense(v, crow, col, (o, 9 * c)).view(o, 3, 3, c).permute(0, 3, 1, 2),
                                      None, 1, 1)
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
+
+
+# ------------------------------------------------------------------------------------------------ AMX kernel
+AMX = native.amx_available()
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
+@pytest.mark.parametrize("geometry", [
+    # (C, O, H, W, KH, KW, stride, padding, dilation, block, N)
+    (32, 45, 9, 7, 3, 3, (1, 1), (1, 1), (1, 1), 16, 2),
+    (64, 64, 8, 40, 3, 3, (2, 2), (1, 1), (1, 1), 32, 1),
+    (64, 96, 11, 17, 5, 1, (1, 2), (2, 0), (1, 1), 32, 3),
+    (128, 70, 7, 33, 1, 1, (1, 1), (0, 0), (1, 1), 64, 2),
+    (64, 128, 9, 9, 3, 3, (1, 1), (2, 2), (2, 2), 64, 1),
+    (32, 32, 4, 4, 3, 3, (1, 1), (3, 3), (1, 1), 32, 1),  # padding past the kernel: rows of bias only
+])
+def test_amx_conv_matches_pytorchs_conv(geometry):
+    c, o, h, w, kh, kw, stride, padding, dilation, bs, n = geometry
+    v, crow, col = float_weight(o, kh * kw * c, bs, 0.4, (1,) if o > bs else (), dtype=torch.bfloat16)
+    bias = torch.randn(o).bfloat16()
+    x = torch.randn(n, c, h, w).bfloat16()
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        for b in (bias, None):
+            y = ops_conv.run_cpu("native_amx", xin, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
+            ref = conv_reference(x, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
+            assert y.shape == ref.shape and y.dtype == torch.bfloat16
+            assert y.is_contiguous(memory_format=torch.channels_last) and rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 33, 100])
+def test_amx_linear_matches_dense(m):
+    n, k, bs = 200, 256, 32
+    v, crow, col = float_weight(n, k, bs, 0.3, (2,), dtype=torch.bfloat16)
+    bias = torch.randn(n).bfloat16()
+    x = torch.randn(m, k).bfloat16()
+    with engines.force(bsr_linear="native_amx"):
+        y = bsr_linear(x, v, crow, col, (n, k), bias)
+    ref = torch.nn.functional.linear(x.double(), bsr_to_dense(v.double(), crow, col, (n, k)), bias.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n) and rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
+def test_amx_offered_only_for_bf16_on_amx(accel_env):
+    assert "native_amx" in ops_conv.cpu_engines(64, 32, torch.bfloat16, False)
+    assert "native_amx" not in ops_conv.cpu_engines(64, 32, torch.float32, False)
+    assert ops_linear_strategies(torch.zeros(2, 64, dtype=torch.bfloat16), 32)[-1] == "native_amx"
+    accel_env(ACCEL_CPU_ISA="avx512_vnni")
+    assert not native.amx_available() and "native_amx" not in ops_conv.cpu_engines(64, 32, torch.bfloat16, False)
+    assert native.float_available(torch.bfloat16)  # (the AVX-512 kernel stays)
+    with pytest.raises(ValueError, match="x must be bfloat16"):
+        native.bsr_linear_amx(torch.zeros(2, 64), native.pack_float(*float_weight(64, 64, 32, 0.5), 2, torch.float32),
+                              None, 64)
+
+
+def ops_linear_strategies(x, bs):
+    import importlib
+
+    return importlib.import_module("accel.ops.bsr_linear").native_strategies(x, bs)

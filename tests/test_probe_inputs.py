@@ -99,7 +99,7 @@ def test_a_nan_or_inf_in_pruned_columns_gives_the_same_finite_outputs_in_every_e
         finite = {}
         with torch.no_grad():
             for e in ("dense",) + tuple(accel.cpu.bsr.strategies_for(x.dtype)) + \
-                    (("native",) if ops_bsr_linear.native_ok(x, 16) else ()):
+                    ops_bsr_linear.native_strategies(x, 16):
                 with engines.force(bsr_linear=e):
                     y = ops_bsr_linear.module_bsr_linear(x, s.values, s.crow_indices, s.col_indices, (64, 64),
                                                          s.bias, allow_dense=True)

@@ -26,7 +26,8 @@ Strategies (which one serves a call is measured by ``accel.engines`` in ``accel.
   quantization in one pass, then one pass over the stored blocks reading the activation blocks in place (no
   gather, no GEMM call per block row) with the epilogue applied as the sums are stored. Same integers, scales
   and epilogue order as the other strategies. Offered where the kernels build and pass their check
-  (:func:`accel.cpu.native.available`).
+  (:func:`accel.cpu.native.available`). ``vnni_amx``: the same with the product on AMX tiles (``tdpbusd``), where
+  the CPU has them (:func:`accel.cpu.native.int8_amx_available`).
 * ``float``: the same integers through accel's fp32 block-sparse path (``accel.cpu.bsr``): exact
   products, fp32 sums (~1e-7 relative). The strategy of CPUs whose int8 dot products saturate
   (no VNNI, where ``torch._int_mm`` is a slow reference loop; see ``accel.cpu.int8``).
@@ -49,7 +50,7 @@ from . import native as cpu_native
 from .packcache import cached
 from .workspace import scratch
 
-STRATEGIES = ("rows", "stacked", "stacked_wide", "float", "vnni")
+STRATEGIES = ("rows", "stacked", "stacked_wide", "float", "vnni", "vnni_amx")
 STACKED = ("stacked", "stacked_wide")
 #: bytes of gathered int8 activation per chunk of block rows (about an L2 slice)
 ROWS_CHUNK_BYTES = 1 << 20
@@ -64,7 +65,8 @@ def strategies(qmax: int, m: int | None = None) -> tuple[str, ...]:
     an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16; ``vnni`` needs the native kernels). With ``m``
     (tokens per call): the stacked ones only while they stack rows (:func:`stack_size` > 1): beyond, ``rows`` does
     the same work, and their one gather of every group's activations would grow with ``m``."""
-    native = ("vnni",) if cpu_native.available() else ()
+    native = (("vnni",) if cpu_native.available() else ()) + \
+        (("vnni_amx",) if cpu_native.int8_amx_available() else ())
     if "int_mm" not in cpu_int8.exact_engines(qmax, 16):
         return native + ("float",)
     return ("rows",) + (STACKED if m is None or stack_size(m) > 1 else ()) + native + ("float",)
@@ -305,11 +307,12 @@ def _stacked(q, values_q, crow, col, nbr, bs, wide: bool = False) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # vnni (the native kernel)
 # ---------------------------------------------------------------------------------------------
-def _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax) -> torch.Tensor:
+def _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax,
+                   amx: bool) -> torch.Tensor:
     w = cached("int8_bsr_native", (values_q, crow, col), (), lambda: cpu_native.pack(values_q, crow, col))
     u, scale = cpu_native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, nbc * bs)
     b = None if bias is None else bias.float().contiguous()
-    y = cpu_native.int8_bsr_linear(u, w, scale, w_scale.float().contiguous(), b, out_features)
+    y = cpu_native.int8_bsr_linear(u, w, scale, w_scale.float().contiguous(), b, out_features, amx)
     y = activate(y, activation, inplace=True)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -355,8 +358,9 @@ def int8_bsr_linear_cpu(
     if col.numel() == 0:  # every block pruned: 0 * x_scale, so tokens holding NaN/inf still give NaN rows
         scale, _ = cpu_int8.act_scale_inv(x if x.dtype == torch.float32 else x.float(), qmax, None)
         return epilogue(torch.zeros(m, out_features, dtype=torch.int32), scale, w_scale, bias, activation, x.dtype)
-    if strategy == "vnni":
-        return _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax)
+    if strategy in ("vnni", "vnni_amx"):
+        return _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax,
+                              strategy == "vnni_amx")
     pad = bs if strategy in STACKED else 0  # a zero block column for the padding slots
     v, q, scale = quantize_padded(x, qmax, nbc * bs + pad)
     if strategy == "float":

@@ -55,9 +55,14 @@ KERNELS = {
                            ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"), "avx512_vnni"),
     # (the bf16 functions carry their own target attribute: the library loads on AVX-512 CPUs without BF16)
     "bsr_float": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx512f", "avx512bw", "avx512vl"), "avx512"),
+    # (AMX through target attributes too; the process asks Linux for the tile state before first use)
+    "bsr_amx": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"),
+                     ("avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16"), "amx"),
 }
 #: the CPU flag the bf16 path of ``bsr_float`` needs besides its library's
 BF16_NEEDS = "avx512_bf16"
+#: the CPU flags the AMX product of ``int8_bsr_vnni`` needs besides its library's
+AMX_INT8_NEEDS = ("amx_tile", "amx_int8")
 #: block sizes the kernels handle (all of ``accel.formats.BLOCK_SIZES``)
 BLOCKS = (16, 32, 64, 128)
 #: kept for the int8 kernel's callers and tests
@@ -85,6 +90,13 @@ def int8_available() -> bool:
 available = int8_available
 
 
+def int8_amx_available() -> bool:
+    """Whether the int8 block-sparse product may run on AMX tiles here (:func:`int8_available`, the tiles in
+    ``/proc/cpuinfo``, accel's ISA view ``amx``, and Linux granting the tile state)."""
+    lib = _library("int8_bsr_vnni", engines.generation())
+    return lib is not None and lib.amx
+
+
 def float_available(dtype: torch.dtype) -> bool:
     """Whether the native fp32 / bf16 block-sparse conv and linear kernels may be offered for ``dtype`` here."""
     if dtype not in _FLOAT_DTYPES:
@@ -92,6 +104,11 @@ def float_available(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16 and BF16_NEEDS not in engines._cpu_flags():
         return False
     return _library("bsr_float", engines.generation()) is not None
+
+
+def amx_available() -> bool:
+    """Whether the AMX bf16 block-sparse conv and linear kernels may be offered here."""
+    return _library("bsr_amx", engines.generation()) is not None
 
 
 def _allowed(name: str = "int8_bsr_vnni") -> str | None:
@@ -159,6 +176,14 @@ def _build(name: str) -> str:
 def _load(name: str, path: str):
     lib = ctypes.CDLL(path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    if name == "bsr_amx":
+        lib.accel_amx_init.restype = i32
+        lib.accel_amx_init.argtypes = []
+        lib.accel_bsr_conv_amx.restype = i32
+        lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        if lib.accel_amx_init() != 0:  # (before any tile instruction: without the permission they fault)
+            raise RuntimeError("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+        return lib
     if name == "bsr_float":
         lib.accel_bsr_conv_float.restype = i32
         lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32]
@@ -167,6 +192,13 @@ def _load(name: str, path: str):
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
     lib.accel_int8_bsr_vnni.restype = i32
     lib.accel_int8_bsr_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
+    lib.accel_amx_init.restype = i32
+    lib.accel_amx_init.argtypes = []
+    lib.accel_int8_bsr_amx.restype = i32
+    lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
+    # its AMX product: on CPUs with the tiles, where accel's ISA view allows them and Linux grants the tile state
+    lib.amx = (all(f in engines._cpu_flags() for f in AMX_INT8_NEEDS) and engines.cpu_isa() == "amx" and
+               lib.accel_amx_init() == 0)
     return lib
 
 
@@ -204,15 +236,15 @@ def _check_int8(lib) -> None:
             dense[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] = values[p]
         n = nbr * bs - 5
         ones, zeros = torch.ones(nbr * bs), torch.zeros(nbr * bs)
-        for m in (1, 3, 9):
+        for m in (1, 3, 9, 17, 40):
             x = torch.randint(-127, 128, (m, nbc * bs), generator=g, dtype=torch.int8)
             want = (x.long() @ dense.t()).float()[:, :n]  # (|sums| < 2**24: exact in fp32)
-            for u8 in (False, True):
+            for u8, amx in ((False, False), (True, False)) + (((True, True),) if lib.amx else ()):
                 xi = (x.view(torch.uint8) ^ 0x80) if u8 else x
-                y = _product(lib, xi, w, torch.ones(m), ones, zeros, n)
+                y = _product(lib, xi, w, torch.ones(m), ones, zeros, n, amx)
                 if not torch.equal(y, want):
-                    raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}) checked against an exact "
-                                       f"integer product")
+                    raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}, AMX {amx}) checked against "
+                                       f"an exact integer product")
 
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -229,14 +261,20 @@ def _quantize(lib, x: torch.Tensor, qmax: int, width: int, u: torch.Tensor | Non
     return u, scale
 
 
-def _product(lib, x, w, scale, w_scale, bias, n: int) -> torch.Tensor:
+def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False) -> torch.Tensor:
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     bs = w.blocks.shape[2]
-    rc = lib.accel_int8_bsr_vnni(x.data_ptr(), int(x.dtype == torch.uint8), m, x.stride(0), w.blocks.data_ptr(),
-                                 w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(),
-                                 scale.data_ptr(), w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                 y.data_ptr(), n, n, torch.get_num_threads())
+    if amx:
+        rc = lib.accel_int8_bsr_amx(x.data_ptr(), m, x.stride(0), w.blocks.data_ptr(), w.crow.data_ptr(),
+                                    w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(), scale.data_ptr(),
+                                    w_scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, n,
+                                    torch.get_num_threads())
+    else:
+        rc = lib.accel_int8_bsr_vnni(x.data_ptr(), int(x.dtype == torch.uint8), m, x.stride(0), w.blocks.data_ptr(),
+                                     w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(),
+                                     scale.data_ptr(), w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                                     y.data_ptr(), n, n, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
     return y
@@ -294,7 +332,7 @@ def quantize_rows(x: torch.Tensor, qmax: int, width: int) -> tuple[torch.Tensor,
 
 
 def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, n: int) -> torch.Tensor:
+                    bias: torch.Tensor | None, n: int, amx: bool = False) -> torch.Tensor:
     """``y [M, n]`` fp32: ``((acc * scale[t]) * w_scale[o]) + bias[o]`` with ``acc[t, o]`` the int32 product of the
     integers in ``u`` (uint8, plus 128, from :func:`quantize_rows`; or int8) and the blocks of ``w``
     (:func:`pack`); rows with a scale past 2**96 in fp64. The operands' layout is checked here: the kernel reads raw
@@ -312,7 +350,12 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
                          f"bias {None if bias is None else (bias.dtype, tuple(bias.shape))}, n {n}: expected "
                          f"int8/uint8 u [M, >= {w.width}] with rows of unit stride, contiguous fp32 vectors of M and "
                          f"n <= {nbr * bs} on the CPU")
-    return _product(_lib(), u, w, scale, w_scale, bias, n)
+    if amx and not int8_amx_available():
+        raise RuntimeError("int8_bsr_linear (native): the AMX product is not available here (tiles, ACCEL_CPU_ISA, or "
+                           "Linux's tile state)")
+    if amx and u.dtype != torch.uint8:
+        raise ValueError(f"int8_bsr_linear (native AMX): u must be uint8 (integers + 128), got {u.dtype}")
+    return _product(_lib(), u, w, scale, w_scale, bias, n, amx)
 
 
 # ------------------------------------------------------------------------------------------------ float (bsr_float)
@@ -449,4 +492,90 @@ def _check_float(lib) -> None:
                                        f"dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
 
 
-_CHECKS = {"int8_bsr_vnni": _check_int8, "bsr_float": _check_float}
+# ------------------------------------------------------------------------------------------------ AMX (bsr_amx)
+def _amx_raw(lib, xp, w: PackedFloat, kw, stride, dilation, oh, ow, bias, y) -> None:
+    n, hp, wp, c = xp.shape
+    bs = w.blocks.shape[2]
+    rc = lib.accel_bsr_conv_amx(xp.data_ptr(), n, hp, wp, c, kw, stride[0], stride[1], dilation[0], dilation[1], oh, ow,
+                                w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
+                                None if bias is None else bias.data_ptr(), y.data_ptr(), y.shape[-1], y.shape[-1],
+                                torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the AMX block-sparse kernel refused its arguments (code {rc})")
+
+
+def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
+                   dilation) -> torch.Tensor:
+    """:func:`bsr_conv2d` for bf16 on AMX tiles (``w`` packed for bf16): ``[N, O, OH, OW]`` channels_last bf16."""
+    from .bsr_conv import padded_nhwc
+
+    o, c, kh, kw = weight_shape
+    n, cx, h, wd = x.shape
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"bsr_conv2d (native AMX): x must be bfloat16, got {x.dtype}")
+    bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
+    (sh, sw), (dh, dw) = stride, dilation
+    oh = (h + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1
+    nbr = w.crow.numel() - 1
+    if cx != c or bias is not None and bias.numel() != o or o > nbr * bs:
+        raise ValueError(f"bsr_conv2d (native AMX): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
+    y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
+    if y.numel():
+        xp = padded_nhwc(x, padding, "native.xpad")
+        _amx_raw(_lib("bsr_amx"), xp, w, kw, stride, dilation, oh, ow, bias, y)
+    return y.permute(0, 3, 1, 2)
+
+
+def bsr_linear_amx(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """:func:`bsr_linear` for bf16 on AMX tiles (``w`` packed for bf16)."""
+    m, k = x.shape
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"bsr_linear (native AMX): x must be bfloat16, got {x.dtype}")
+    bs = _float_operands(x, w, bias, k, k // w.blocks.shape[2], "bsr_linear")
+    nbr = w.crow.numel() - 1
+    if out_features > nbr * bs or bias is not None and bias.numel() != out_features:
+        raise ValueError(f"bsr_linear (native AMX): out_features {out_features} with {nbr} block rows of {bs}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    xc = x if x.stride(1) == 1 and x.stride(0) == k else x.contiguous()
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    if y.numel():
+        _amx_raw(_lib("bsr_amx"), xc.view(1, 1, m, k), w, 1, (1, 1), (1, 1), 1, m, bias, y.view(1, 1, m, out_features))
+    return y
+
+
+def _check_amx(lib) -> None:
+    """The AMX kernel against PyTorch's conv (fp64) before first use: every block size, stride, dilation, output
+    rows of 1, 7, 16, 17 and 40 pixels (partial tile groups), an empty block row, outputs not a multiple of 16."""
+    from ..formats import bsr_to_dense
+    from .bsr_conv import padded_nhwc
+
+    g = torch.Generator().manual_seed(0)
+    for bs in BLOCKS:
+        o, c, kh, kw = 2 * bs + 5, bs, 3, 2
+        nbr, nbc = 3, kh * kw
+        keep = torch.rand(nbr, nbc, generator=g) < 0.5
+        keep[1] = False
+        keep[0, 0] = True
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+        col = keep.nonzero()[:, 1].contiguous()
+        values = torch.randn(col.numel(), bs, bs, generator=g).bfloat16()
+        dense = bsr_to_dense(values.double(), crow, col, (nbr * bs, nbc * bs))[:o].view(o, kh, kw, c).permute(0, 3, 1, 2)
+        bias = torch.randn(o, generator=g)
+        w = pack_float(values, crow, col, nbc, torch.bfloat16)
+        for width, stride, padding, dilation in ((1, (1, 1), (1, 0), (1, 1)), (7, (1, 1), (1, 1), (1, 2)),
+                                                 (16, (1, 1), (0, 0), (1, 1)), (17, (2, 1), (1, 0), (1, 1)),
+                                                 (40, (1, 2), (0, 1), (2, 1))):
+            x = torch.randn(2, c, 5, width + (kw - 1) * dilation[1], generator=g).bfloat16()
+            want = torch.nn.functional.conv2d(x.double(), dense, bias.double(), stride, padding, dilation)
+            y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=torch.bfloat16)
+            xp = padded_nhwc(x, padding, "native.check")
+            _amx_raw(lib, xp, w, kw, stride, dilation, want.shape[2], want.shape[3], bias, y)
+            err = float((y.permute(0, 3, 1, 2).double() - want).abs().max() / want.abs().max())
+            if not err < 1e-2:
+                raise RuntimeError(f"the AMX block-sparse conv (block {bs}, width {width}, stride {stride}, padding "
+                                   f"{padding}, dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
+
+
+_CHECKS = {"int8_bsr_vnni": _check_int8, "bsr_float": _check_float, "bsr_amx": _check_amx}

@@ -133,10 +133,13 @@ def _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilati
 def cpu_engines(c: int, bs: int, dtype: torch.dtype, allow_dense: bool) -> tuple[str, ...]:
     """The CPU engines that can run a layer: ``gather`` (``C % B == 0``), ``im2col_<strategy>`` for the
     block-sparse matmul strategies of ``accel.cpu.bsr``, ``native`` (``accel.cpu.native``'s implicit GEMM: ``C % B
-    == 0``, fp32/bf16, where the kernel builds) and ``dense`` where allowed."""
+    == 0``, fp32/bf16, where the kernel builds; ``native_amx`` its AMX tile version for bf16) and ``dense`` where
+    allowed."""
     names = (("gather",) if c % bs == 0 else ()) + tuple(f"im2col_{s}" for s in cpu_bsr.strategies_for(dtype))
     if c % bs == 0 and cpu_native.float_available(dtype):
         names += ("native",)
+    if c % bs == 0 and dtype == torch.bfloat16 and cpu_native.amx_available():
+        names += ("native_amx",)
     return names + (("dense",) if allow_dense else ())
 
 
@@ -153,8 +156,8 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
         return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
     if engine == "gather":
         y = cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
-    elif engine == "native":
-        y = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    elif engine in ("native", "native_amx"):
+        y = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, engine == "native_amx")
     elif engine.startswith("im2col_"):
         y = cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
                                        engine[len("im2col_"):])
@@ -163,13 +166,14 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
     return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation)
 
 
-def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation) -> torch.Tensor:
+def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, amx: bool) -> torch.Tensor:
     o, c, kh, kw = weight_shape
     nbc = kh * kw * c // values.shape[1]
     w = cached("bsr_conv_native", (values, crow, col), (nbc, x.dtype),
                lambda: cpu_native.pack_float(values, crow, col, nbc, x.dtype))
     b = None if bias is None else bias.detach().float().contiguous()
-    return cpu_native.bsr_conv2d(x, w, weight_shape, b, stride, padding, dilation)
+    run = cpu_native.bsr_conv2d_amx if amx else cpu_native.bsr_conv2d
+    return run(x, w, weight_shape, b, stride, padding, dilation)
 
 
 def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation) -> torch.Tensor:

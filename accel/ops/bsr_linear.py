@@ -73,15 +73,14 @@ def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: 
     density = nnz / (nbr * nbc) if nbr * nbc else 1.0
     key = (f"bsr_linear|n={out_features}|k={k}|b={bs}|d={round(density * 40) / 40:.3f}|m={engines.m_bucket(m)}"
            f"|dt={str(x.dtype)[6:]}|dense={int(allow_dense)}")
-    allowed = cpu_bsr.strategies_for(x.dtype) + (("native",) if native_ok(x, bs) else ()) + \
-        (("dense",) if allow_dense else ())
+    allowed = cpu_bsr.strategies_for(x.dtype) + native_strategies(x, bs) + (("dense",) if allow_dense else ())
 
     def run(e):
         if e == "dense":
             w = _dense_weight(values, crow, col, out_features, k, x.dtype)
             return torch.nn.functional.linear(x, w, bias)
-        if e == "native":
-            return _run_native(x, values, crow, col, out_features, bias)
+        if e in NATIVE:
+            return _run_native(x, values, crow, col, out_features, bias, e)
         return cpu_bsr.bsr_dense_mm_cpu(x, values, crow, col, out_features, bias, strategy=e)
 
     def candidates():
@@ -101,17 +100,26 @@ def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: 
     return choice
 
 
-def native_ok(x: torch.Tensor, bs: int) -> bool:
-    """Whether ``accel.cpu.native``'s block-sparse kernel can run ``x`` (fp32/bf16, K a multiple of the block)."""
-    return x.shape[1] % bs == 0 and cpu_native.float_available(x.dtype)
+#: the strategies of ``accel.cpu.native``'s kernels: AVX-512 (fp32/bf16) and AMX tiles (bf16)
+NATIVE = ("native", "native_amx")
 
 
-def _run_native(x, values, crow, col, out_features, bias) -> torch.Tensor:
+def native_strategies(x: torch.Tensor, bs: int) -> tuple[str, ...]:
+    """The ``accel.cpu.native`` strategies that can run ``x`` here (K a multiple of the block; fp32/bf16, AMX for
+    bf16)."""
+    if x.shape[1] % bs:
+        return ()
+    return (("native",) if cpu_native.float_available(x.dtype) else ()) + \
+        (("native_amx",) if x.dtype == torch.bfloat16 and cpu_native.amx_available() else ())
+
+
+def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torch.Tensor:
     nbc = x.shape[1] // values.shape[1]
     w = cached("bsr_linear_native", (values, crow, col), (nbc, x.dtype),
                lambda: cpu_native.pack_float(values, crow, col, nbc, x.dtype))
     b = None if bias is None else bias.detach().float().contiguous()
-    return cpu_native.bsr_linear(x, w, b, out_features)
+    run = cpu_native.bsr_linear_amx if strategy == "native_amx" else cpu_native.bsr_linear
+    return run(x, w, b, out_features)
 
 
 def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Tensor:
@@ -129,8 +137,8 @@ def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Te
                 if strategy == "dense":
                     w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
                     return torch.nn.functional.linear(x, w, bias)
-                if strategy == "native":
-                    return nonfinite_rows_like_dense(x, _run_native(x, values, crow, col, out_features, bias))
+                if strategy in NATIVE:
+                    return nonfinite_rows_like_dense(x, _run_native(x, values, crow, col, out_features, bias, strategy))
                 kwargs["strategy"] = strategy
             return nonfinite_rows_like_dense(x, cpu_bsr.bsr_dense_mm_cpu(*args, **kwargs))
     return getattr(cpu_bsr, name + "_cpu")(*args, **kwargs)
@@ -370,8 +378,8 @@ def _resolve_cpu(x, values, crow, col, out_features, bias, allow_dense):
         return functools.partial(torch.nn.functional.linear, weight=w, bias=bias), True
 
     def run(x2):
-        if strategy == "native":
-            return nonfinite_rows_like_dense(x2, _run_native(x2, values, crow, col, out_features, bias))
+        if strategy in NATIVE:
+            return nonfinite_rows_like_dense(x2, _run_native(x2, values, crow, col, out_features, bias, strategy))
         return nonfinite_rows_like_dense(x2, cpu_bsr.bsr_dense_mm_cpu(x2, values, crow, col, out_features, bias,
                                                                       strategy=strategy))
     return run, False

@@ -14,7 +14,14 @@ from accel import SparseConv2d, SparseLinear, bsr_conv2d, bsr_linear, engines
 from accel.ops import _plans
 
 LINEAR_ENGINES = engines.known_ops()["bsr_linear"]
-CONV_ENGINES = ("gather", "im2col_gather_bmm", "im2col_rows", "im2col_panels", "dense")
+CONV_ENGINES = ("gather", "im2col_gather_bmm", "im2col_rows", "im2col_panels", "dense", "native", "native_amx")
+
+
+def _skip_unavailable(engine, dtype):
+    """The native engines run where their kernels build (AVX-512; AMX for bf16 only)."""
+    ops = importlib.import_module("accel.ops.bsr_linear")
+    if engine.startswith("native") and engine not in ops.native_strategies(torch.zeros(1, 32, dtype=dtype), 16):
+        pytest.skip(f"{engine} does not run {dtype} here")
 
 
 def _linear(dtype=torch.float32, mode="auto"):
@@ -40,6 +47,7 @@ def _op_conv(s, x):
 @pytest.mark.parametrize("engine, dtype", [(e, d) for e in LINEAR_ENGINES for d in (torch.float32, torch.bfloat16)
                                            if e != "mkl" or d == torch.float32])  # (MKL's BSR matmul: fp32/fp64)
 def test_settled_sparse_linear_equals_the_op(engine, dtype, accel_env):
+    _skip_unavailable(engine, dtype)
     accel_env(ACCEL_ENGINE=f"bsr_linear={engine}")
     s = _linear(dtype)
     with torch.no_grad():
@@ -58,6 +66,7 @@ def test_settled_sparse_linear_equals_the_op(engine, dtype, accel_env):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_settled_sparse_conv_equals_the_op(engine, channels_last, dtype, accel_env):
+    _skip_unavailable(engine, dtype)
     accel_env(ACCEL_ENGINE=f"bsr_conv2d={engine}")
     s = _conv(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -11,6 +11,10 @@ one pass over the stored blocks and read the activations in place.
 * ``bsr_float.cpp`` (:func:`float_available`): block-sparse Conv2d as an implicit GEMM over the channels_last
   input (taps outside the image read zeros: no padding copy), and block-sparse Linear as its 1x1 case, in fp32
   (FMA, AVX-512F) or bf16 (``vdpbf16ps``, AVX512_BF16), bias fused, for ``C % B == 0`` (``K % B`` for a Linear).
+* ``bsr_amx.cpp`` (:func:`amx_available`): the same conv and linear in bf16 on AMX tiles (``tdpbf16ps``: 16 pixels x
+  16 outputs x 32 inputs per instruction) over the zero-padded channels_last input. The int8 library's product
+  has an AMX version too (``tdpbusd``, :func:`int8_amx_available`). Tiles need Linux to grant the process their
+  state (``arch_prctl``), asked before first use.
 
 Where a kernel is offered: the CPU has its instructions in ``/proc/cpuinfo`` and accel's ISA view
 (``ACCEL_CPU_ISA``, :func:`accel.engines.cpu_isa`) allows them, ``ACCEL_COMPILE`` is not 0, and a C++ compiler

@@ -114,6 +114,24 @@ inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
   }
 }
 
+// store() for the rows of one accumulator tile (``acc`` [rows][16]), the output group's scales and bias loaded once
+inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* acc, __m512i comp) {
+  if (o >= e.n) return;
+  const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
+  const __m512 ws = _mm512_maskz_loadu_ps(m, e.wscale + o);
+  const __m512 b = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + o) : _mm512_setzero_ps();
+  for (int t = 0; t < rows; ++t) {
+    const __m512i a = _mm512_sub_epi32(_mm512_load_si512(acc + t * 16), comp);
+    const float s = e.scale[t0 + t];
+    if (s > kHugeScale) {  // (rare: store()'s fp64 rows)
+      store(e, t0 + t, o, a);
+      continue;
+    }
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s));
+    _mm512_mask_storeu_ps(e.y + (t0 + t) * e.ldy + o, m, e.bias ? _mm512_fmadd_ps(v, ws, b) : _mm512_mul_ps(v, ws));
+  }
+}
+
 template <int NB, int T>
 inline void tile(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, int64_t bs, const int64_t* col,
                  int64_t p0, int64_t p1, int64_t g, const int32_t* comp, const Epilogue& e, int64_t t0, int64_t o0) {
@@ -232,9 +250,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
         case 6: _tile_stored(6, acc, 64); break;
         default: _tile_stored(7, acc, 64); break;
       }
-      const __m512i c = _mm512_loadu_si512(comp + ob + h * 16);
-      for (int t = 0; t < (g ? r1 : r0); ++t)
-        store(e, t0 + 16 * g + t, o0 + h * 16, _mm512_sub_epi32(_mm512_load_si512(acc + t * 16), c));
+      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc, _mm512_loadu_si512(comp + ob + h * 16));
     }
 }
 

@@ -386,3 +386,26 @@ def ops_linear_strategies(x, bs):
     import importlib
 
     return importlib.import_module("accel.ops.bsr_linear").native_strategies(x, bs)
+
+
+@pytest.mark.skipif(not native.int8_amx_available(), reason="no AMX int8 product here")
+def test_amx_tiles_dense_int8_engine(accel_env):
+    """The dense int8 Linear engine ``amx_tiles`` (the weight as dense 64 x 64 blocks for the AMX kernel): the same
+    integers as the reference for odd shapes, bf16 in and out, dynamic and static scales; gone below AMX."""
+    from accel.quant import quantize_weight
+
+    for m, n, k in ((1, 70, 33), (17, 64, 300), (40, 130, 128)):
+        x, w, bias = torch.randn(m, k) * 3, torch.randn(n, k), torch.randn(n)
+        wq, ws = quantize_weight(w)
+        for static in (None, torch.tensor([0.03])):
+            want = cpu_int8.linear_int8_reference(x, wq, ws, bias, "relu", static, 127)
+            y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "relu", static, 127, "amx_tiles")
+            torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+        yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, "none", None, 127, "amx_tiles")
+        assert yb.dtype == torch.bfloat16
+        want = cpu_int8.linear_int8_reference(x.bfloat16(), wq, ws, bias, "none", None, 127)
+        torch.testing.assert_close(yb.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    accel_env(ACCEL_CPU_ISA="avx512_vnni")
+    assert "amx_tiles" not in cpu_int8.exact_engines(127)
+    with pytest.raises(ValueError, match="not exact"):
+        cpu_int8.linear_int8_cpu(torch.randn(2, 64), *quantize_weight(torch.randn(8, 64)), engine="amx_tiles")

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from .. import engines
 from ..quant import activate, dequantize_weight
-from . import compiled
+from . import compiled, native
 from .packcache import cached as _cached
 from .packcache import clear_cache  # noqa: F401  (re-exported)
 from .workspace import scratch
@@ -71,7 +71,10 @@ from .workspace import scratch
 #: bytes of converted weight per panel of the weight-only path (measured best of 16..1024 rows at K=4096)
 WEIGHT_ONLY_PANEL_BYTES = 4 << 20
 
-LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq")
+LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq", "amx_tiles")
+#: ``amx_tiles``: the weight as dense blocks of this size for accel's native AMX int8 kernel (``accel.cpu.native``):
+#: 64 int8 inputs fill a tile row, so every ``tdpbusd`` does its full 16 x 16 x 64
+AMX_BLOCK = 64
 WEIGHT_ONLY_ENGINES = ("panels", "int8pack")
 CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq")
 
@@ -131,6 +134,8 @@ def _exact_engines(qmax: int, int_mm_ok: bool, _gen: int) -> tuple[str, ...]:
     if qmax > 63:
         out += (["fbgemm_split"] if fb and not engines.has_vnni() else [])
         out += (["onednn_split"] if not engines.has_vnni(engines.onednn_isa()) else [])
+    if native.int8_amx_available():  # (int32 sums of uint8 x int8 products: exact for every qmax)
+        out.append("amx_tiles")
     return tuple(out)
 
 
@@ -375,6 +380,8 @@ def linear_int8_cpu(
                          f"{exact_engines(qmax, k)}")
     if m == 0:
         return x.new_zeros(0, n)
+    if engine == "amx_tiles":
+        return _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax)
     if m == 1 or static_scale is not None:  # one scale for the whole call: fewer, fused ops
         xf = as_fp32(x, "int8.x32")
         uniform = _uniform_scale(xf, qmax, static_scale)
@@ -409,6 +416,40 @@ def linear_int8_cpu(
         return activate(y, activation, inplace=True)
     y = _gemm_onednn(u8, w_q, w_scale, qmax + 1)
     return _epilogue(y, scale[:, None], bias, activation, x.dtype)
+
+
+def _dense_blocks(w_q: torch.Tensor, bs: int):
+    """``(values [nbr*nbc, bs, bs], crow, col)``: every block of ``w_q [N, K]`` (zero-padded to whole blocks) in BSR
+    order."""
+    n, k = w_q.shape
+    nbr, nbc = -(-n // bs), -(-k // bs)
+    w = F.pad(w_q, (0, nbc * bs - k, 0, nbr * bs - n)) if (n, k) != (nbr * bs, nbc * bs) else w_q
+    values = w.reshape(nbr, bs, nbc, bs).permute(0, 2, 1, 3).reshape(nbr * nbc, bs, bs)
+    crow = torch.arange(nbr + 1, dtype=torch.int64) * nbc
+    return values, crow, torch.arange(nbc, dtype=torch.int64).repeat(nbr)
+
+
+def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.Tensor:
+    """The ``amx_tiles`` engine: accel's native int8 block kernel on AMX tiles with the weight as dense 64 x 64 blocks
+    (the same integers; the epilogue ``fma(acc * x_scale, w_scale, bias)`` in fp32, then ``x``'s dtype)."""
+    n, k = w_q.shape
+    m = x.shape[0]
+    bs = AMX_BLOCK
+    width = -(-k // bs) * bs
+    w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, bs)))
+    if static_scale is None:  # accel's per-token rule in one native pass
+        u, scale = native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, width)
+    else:
+        xf = as_fp32(x, "int8.x32")
+        scale, inv = act_scale_inv(xf, qmax, static_scale)
+        v = _scaled_rounded(xf, inv[:, None], qmax, True, "int8.v", rounded=False)
+        u = scratch("int8.amx_u8", m * width, torch.uint8).view(m, width)
+        u[:, :k].copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
+        u[:, k:].fill_(128)
+    b = None if bias is None else bias.float().contiguous()
+    y = native.int8_bsr_linear(u, w, scale.float().contiguous(), w_scale.float().contiguous(), b, n, amx=True)
+    y = activate(y, activation, inplace=True)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 _FP32_MAX = float(np.finfo(np.float32).max)

@@ -360,8 +360,8 @@ _OPS: dict[str, tuple[str, ...]] = {
     "int8_weight_only_linear": ("panels", "int8pack"),  # accel.cpu.int8.WEIGHT_ONLY_ENGINES
     "quant_linear_form": ("dynamic", "dynamic_fused", "weight_only", "float", "float_bf16"),  # accel.ops.int8._auto_forms
     # accel.cpu.int8.CONV_ENGINES + accel.ops.int8.FLOAT_CONV_FORMS (auto layers)
-    "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "float", "float_nchw",
-                    "float_bf16"),
+    "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "amx_tiles", "float",
+                    "float_nchw", "float_bf16"),
     "bsr_linear": _BSR_STRATEGIES + ("dense", "native", "native_amx"),  # accel.ops.bsr_linear
     "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense", "native", "native_amx"),
     # (accel.ops.bsr_conv)

@@ -198,6 +198,7 @@ def test_the_library_is_built_once_into_the_cache(accel_env, tmp_path):
     assert len(built) == 1 and built[0].suffix == ".so"
     mtime = built[0].stat().st_mtime_ns
     native._library.cache_clear()
+    native._LOADED.clear()  # (a new process: the file on disk is loaded, not rebuilt)
     assert native.available() and built[0].stat().st_mtime_ns == mtime
 
 
@@ -409,3 +410,43 @@ def test_amx_tiles_dense_int8_engine(accel_env):
     assert "amx_tiles" not in cpu_int8.exact_engines(127)
     with pytest.raises(ValueError, match="not exact"):
         cpu_int8.linear_int8_cpu(torch.randn(2, 64), *quantize_weight(torch.randn(8, 64)), engine="amx_tiles")
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX kernels here")
+@pytest.mark.parametrize("geometry", [
+    # (C, O, H, W, K, stride, padding, dilation, N)
+    (16, 20, 7, 9, 3, (1, 1), (1, 1), (1, 1), 2),
+    (32, 64, 9, 40, 3, (2, 1), (1, 2), (1, 1), 1),
+    (64, 70, 8, 8, 1, (1, 1), (0, 0), (1, 1), 3),
+    (128, 32, 6, 17, 3, (1, 2), (2, 2), (2, 2), 1),
+])
+def test_amx_tiles_int8_conv_equals_the_eager_engine(geometry):
+    """The same integers and the same epilogue order as the eager im2col engine: equal bit for bit (fp32), for
+    dynamic and static scales, channels_last and NCHW inputs; bf16 inputs rounded once."""
+    from accel.quant import quantize_weight
+
+    c, o, h, w, k, stride, padding, dilation, n = geometry
+    wq, ws = quantize_weight(torch.randn(o, c, k, k))
+    bias = torch.randn(o)
+    x = torch.randn(n, c, h, w) * 2
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        for static in (None, torch.tensor([0.02])):
+            args = (wq, ws, bias, stride, padding, dilation, "relu", static, 127)
+            y = cpu_int8.conv2d_int8_cpu(xin, *args, engine="amx_tiles")
+            want = cpu_int8.conv2d_int8_cpu(xin, *args, engine="im2col")
+            assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, want)
+    yb = cpu_int8.conv2d_int8_cpu(x.bfloat16(), wq, ws, bias, stride, padding, dilation, "none", None, 127,
+                                  engine="amx_tiles")
+    wb = cpu_int8.conv2d_int8_cpu(x.bfloat16(), wq, ws, bias, stride, padding, dilation, "none", None, 127,
+                                  engine="im2col")
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, wb)
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX kernels here")
+def test_amx_tiles_int8_conv_needs_whole_channel_blocks():
+    from accel.quant import quantize_weight
+
+    wq, ws = quantize_weight(torch.randn(8, 24, 3, 3))
+    with pytest.raises(ValueError, match="whole blocks of 16, got C=24"):
+        cpu_int8.conv2d_int8_cpu(torch.randn(1, 24, 5, 5), wq, ws, engine="amx_tiles")
+    assert not cpu_int8.amx_conv_ok(24) and cpu_int8.amx_conv_ok(48)

@@ -76,7 +76,7 @@ LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", 
 #: 64 int8 inputs fill a tile row, so every ``tdpbusd`` does its full 16 x 16 x 64
 AMX_BLOCK = 64
 WEIGHT_ONLY_ENGINES = ("panels", "int8pack")
-CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq")
+CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "amx_tiles")
 
 
 def cached_tensor(kind: str, t: torch.Tensor, build):
@@ -169,9 +169,15 @@ def conv_engines(qmax: int) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=16)
 def _conv_engines(qmax: int, _gen: int) -> tuple[str, ...]:
+    amx = ("amx_tiles",) if native.amx_available() else ()  # (int32 sums of uint8 x int8: exact for every qmax)
     if qmax <= 63 or engines.has_vnni(engines.onednn_isa()):
-        return ("onednn", "im2col") + (("onednn_cq", "im2col_cq") if compiled.available() else ())
-    return ("onednn_split", "im2col_split")
+        return ("onednn", "im2col") + (("onednn_cq", "im2col_cq") if compiled.available() else ()) + amx
+    return ("onednn_split", "im2col_split") + amx
+
+
+def amx_conv_ok(c: int) -> bool:
+    """Whether the ``amx_tiles`` conv engine takes ``c`` input channels (whole blocks of 16 channels per tap)."""
+    return c % 16 == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,6 +756,10 @@ def conv2d_int8_cpu(
                          f"CPU (oneDNN {engines.onednn_isa()}); exact here: {conv_engines(qmax)}")
     b, c, h, w = x.shape
     o, _, kh, kw = w_q.shape
+    if engine == "amx_tiles":
+        if not amx_conv_ok(c):
+            raise ValueError(f"the 'amx_tiles' int8 conv engine needs input channels in whole blocks of 16, got C={c}")
+        return _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax)
     base, split = engine.removesuffix("_split").removesuffix("_cq"), engine.endswith("_split")
     if base == "onednn" and not onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
         raise ValueError(f"oneDNN's int8 conv is wrong for C={c}, input {h}x{w}, kernel {kh}x{kw}, stride {list(stride)}, "
@@ -773,6 +783,40 @@ def conv2d_int8_cpu(
     y = _epilogue(y, scale[:, None, None, None], None if bias is None else bias.float()[None, :, None, None],
                   activation, torch.float32)
     return y.to(x.dtype, memory_format=torch.channels_last)
+
+
+def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax) -> torch.Tensor:
+    """The ``amx_tiles`` conv engine: accel's native AMX int8 implicit GEMM (``accel.cpu.native``) over the input
+    quantized per image (one native pass; static scales through the eager steps), padded with the zero point."""
+    b, c, h, w = x.shape
+    o, _, kh, kw = w_q.shape
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    oh, ow = conv_output_hw(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
+    bs = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
+    packed = cached_tensor(f"int8.amx_conv_blocks{bs}", w_q,
+                           lambda: native.pack(*_dense_blocks(w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bs)))
+    xn = x.permute(0, 2, 3, 1)
+    if not xn.is_contiguous():
+        xn = xn.contiguous()
+    rows = xn.reshape(b, h * w * c)
+    if static_scale is None:
+        u, scale = native.quantize_rows(rows, qmax, h * w * c)
+    else:
+        xf = as_fp32(rows, "int8.x32")
+        scale, inv = act_scale_inv(xf, qmax, static_scale)
+        v = _scaled_rounded(xf, inv[:, None], qmax, True, "int8.v", rounded=False)
+        u = scratch("int8.amx_u8", b * h * w * c, torch.uint8).view(b, h * w * c)
+        u.copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
+    u = u.view(b, h, w, c)
+    if ph or pw:  # the zero point around the image: the padding's zeros
+        up = scratch("int8.amx_pad", b * (h + 2 * ph) * (w + 2 * pw) * c, torch.uint8).view(b, h + 2 * ph, w + 2 * pw, c)
+        up.fill_(128)
+        up[:, ph:ph + h, pw:pw + w].copy_(u)
+        u = up
+    y = native.int8_conv2d_amx(u, packed, (o, c, kh, kw), scale.float().contiguous(), w_scale.float().contiguous(),
+                               None if bias is None else bias.float().contiguous(), (sh, sw), (dh, dw), (oh, ow))
+    y = activate(y, activation, inplace=True).permute(0, 3, 1, 2)  # [B, O, OH, OW] channels_last
+    return y if x.dtype == torch.float32 else y.to(x.dtype, memory_format=torch.channels_last)
 
 
 def canonical(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -61,7 +61,7 @@ KERNELS = {
     "bsr_float": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx512f", "avx512bw", "avx512vl"), "avx512"),
     # (AMX through target attributes too; the process asks Linux for the tile state before first use)
     "bsr_amx": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"),
-                     ("avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16"), "amx"),
+                     ("avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16", "amx_int8"), "amx"),
 }
 #: the CPU flag the bf16 path of ``bsr_float`` needs besides its library's
 BF16_NEEDS = "avx512_bf16"
@@ -98,7 +98,7 @@ def int8_amx_available() -> bool:
     """Whether the int8 block-sparse product may run on AMX tiles here (:func:`int8_available`, the tiles in
     ``/proc/cpuinfo``, accel's ISA view ``amx``, and Linux granting the tile state)."""
     lib = _library("int8_bsr_vnni", engines.generation())
-    return lib is not None and lib.amx
+    return lib is not None and lib.amx and engines.cpu_isa() == "amx"
 
 
 def float_available(dtype: torch.dtype) -> bool:
@@ -132,17 +132,30 @@ def _allowed(name: str = "int8_bsr_vnni") -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _library(name: str, _gen: int):
+    """Kernel ``name``'s library when it may be offered under the current settings (:func:`_allowed`), else None."""
     if _allowed(name) is not None:
         return None
+    return _checked(name, _compiler(), engines.cache_dir())
+
+
+_LOADED: dict = {}  # (name, compiler, cache dir) -> the checked library, or None where building or checking failed
+
+
+def _checked(name: str, cxx: str, cache: str):
+    """Build, load and check kernel ``name`` once per process and compiler and cache folder (the settings that
+    change the library), however often accel's variables are read again."""
+    key = (name, cxx, cache)
     with _lock:
-        try:
-            lib = _load(name, _build(name))
-            _CHECKS[name](lib)
-            return lib
-        except Exception as e:  # noqa: BLE001 - no native kernel here: the other strategies serve every call
-            _log.warning("accel: the native kernel %s is off in this process (%s: %s); the other CPU strategies run. "
-                         "ACCEL_COMPILE=0 stops trying.", name, type(e).__name__, str(e)[:300])
-            return None
+        if key not in _LOADED:
+            try:
+                lib = _load(name, _build(name))
+                _CHECKS[name](lib)
+            except Exception as e:  # noqa: BLE001 - no native kernel here: the other strategies serve every call
+                _log.warning("accel: the native kernel %s is off in this process (%s: %s); the other CPU strategies "
+                             "run. ACCEL_COMPILE=0 stops trying.", name, type(e).__name__, str(e)[:300])
+                lib = None
+            _LOADED[key] = lib
+        return _LOADED[key]
 
 
 def _build(name: str) -> str:
@@ -185,6 +198,8 @@ def _load(name: str, path: str):
         lib.accel_amx_init.argtypes = []
         lib.accel_bsr_conv_amx.restype = i32
         lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        lib.accel_int8_conv_amx.restype = i32
+        lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
         if lib.accel_amx_init() != 0:  # (before any tile instruction: without the permission they fault)
             raise RuntimeError("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
         return lib
@@ -200,9 +215,9 @@ def _load(name: str, path: str):
     lib.accel_amx_init.argtypes = []
     lib.accel_int8_bsr_amx.restype = i32
     lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
-    # its AMX product: on CPUs with the tiles, where accel's ISA view allows them and Linux grants the tile state
-    lib.amx = (all(f in engines._cpu_flags() for f in AMX_INT8_NEEDS) and engines.cpu_isa() == "amx" and
-               lib.accel_amx_init() == 0)
+    # its AMX product: on CPUs with the tiles where Linux grants the tile state (and accel's ISA view allows them:
+    # int8_amx_available)
+    lib.amx = all(f in engines._cpu_flags() for f in AMX_INT8_NEEDS) and lib.accel_amx_init() == 0
     return lib
 
 
@@ -582,4 +597,73 @@ def _check_amx(lib) -> None:
                                    f"{padding}, dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
 
 
-_CHECKS = {"int8_bsr_vnni": _check_int8, "bsr_float": _check_float, "bsr_amx": _check_amx}
+def _int8_conv_raw(lib, up, w: Packed, kw, stride, dilation, oh, ow, scale, w_scale, bias, y) -> None:
+    n, hp, wp, c = up.shape
+    bs = w.blocks.shape[2]
+    rc = lib.accel_int8_conv_amx(up.data_ptr(), n, hp, wp, c, kw, stride[0], stride[1], dilation[0], dilation[1], oh, ow,
+                                 w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
+                                 w.comp.data_ptr(), scale.data_ptr(), w_scale.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), y.data_ptr(), y.shape[-1], y.shape[-1],
+                                 torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the AMX int8 conv kernel refused its arguments (code {rc})")
+
+
+def int8_conv2d_amx(up: torch.Tensor, w: Packed, weight_shape, scale: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, stride, dilation, out_hw) -> torch.Tensor:
+    """accel's int8 conv on AMX tiles: ``up [N, Hp, Wp, C]`` uint8 the padded input quantized per image (integers
+    + 128, the padding 128), ``w`` the int8 weight ``[O, KH*KW*C]`` ((kh, kw, c) order) packed by :func:`pack`,
+    ``scale [N]``, ``w_scale [O]``, ``bias [O]`` fp32: ``[N, OH, OW, O]`` fp32,
+    ``fma((acc - comp) * w_scale, scale, bias)``."""
+    o, c, kh, kw = weight_shape
+    n, hp, wp, cu = up.shape
+    bs = w.blocks.shape[2]
+    oh, ow = out_hw
+    vec = (scale, w_scale) + (() if bias is None else (bias,))
+    ok = (up.dtype == torch.uint8 and up.is_contiguous() and cu == c and c % bs == 0 and
+          w.crow.numel() - 1 == -(-o // bs) and w.width <= kh * kw * c and scale.numel() == n and
+          w_scale.numel() == o and (bias is None or bias.numel() == o) and
+          all(t.dtype == torch.float32 and t.is_contiguous() for t in vec))
+    fits = (oh >= 0 and ow >= 0 and (oh == 0 or hp >= (oh - 1) * stride[0] + (kh - 1) * dilation[0] + 1) and
+            (ow == 0 or wp >= (ow - 1) * stride[1] + (kw - 1) * dilation[1] + 1))
+    if not (ok and fits):
+        raise ValueError(f"int8_conv2d (native AMX): up {up.dtype} {tuple(up.shape)}, weight {tuple(weight_shape)} "
+                         f"in blocks of {bs}, scale {tuple(scale.shape)}, w_scale {tuple(w_scale.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}, output {out_hw}, stride {stride}, dilation "
+                         f"{dilation}")
+    y = torch.empty(n, oh, ow, o, dtype=torch.float32)
+    if y.numel():
+        _int8_conv_raw(_lib("bsr_amx"), up, w, kw, stride, dilation, oh, ow, scale, w_scale, bias, y)
+    return y
+
+
+def _check_amx_int8(lib) -> None:
+    """The int8 conv against an exact integer conv (fp64) of the same integers."""
+    g = torch.Generator().manual_seed(1)
+    for bs, c in ((16, 16), (32, 64), (64, 64)):
+        o, kh, kw = 2 * bs + 5 if bs < 64 else 70, 3, 2
+        wq = torch.randint(-127, 128, (o, c, kh, kw), generator=g, dtype=torch.int8)
+        w2 = wq.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+        nbr, nbc = -(-o // bs), kh * kw * c // bs
+        wpad = torch.zeros(nbr * bs, nbc * bs, dtype=torch.int8)
+        wpad[:o] = w2
+        values = wpad.view(nbr, bs, nbc, bs).permute(0, 2, 1, 3).reshape(-1, bs, bs)
+        w = pack(values, torch.arange(nbr + 1) * nbc, torch.arange(nbc).repeat(nbr))
+        for width, stride, dilation in ((1, (1, 1), (1, 1)), (17, (2, 1), (1, 2)), (40, (1, 2), (2, 1))):
+            q = torch.randint(-127, 128, (2, c, 5, width + (kw - 1) * dilation[1]), generator=g, dtype=torch.int8)
+            want = torch.nn.functional.conv2d(q.double(), wq.double(), None, stride, 0, dilation)
+            up = (q.permute(0, 2, 3, 1).contiguous().view(torch.uint8) ^ 0x80)
+            s, ws = torch.ones(2), torch.ones(o)
+            y = torch.empty(2, want.shape[2], want.shape[3], o)
+            _int8_conv_raw(lib, up, w, kw, stride, dilation, want.shape[2], want.shape[3], s, ws, None, y)
+            if not torch.equal(y.permute(0, 3, 1, 2).double(), want):  # (|sums| < 2**24: exact in fp32)
+                raise RuntimeError(f"the AMX int8 conv (block {bs}, width {width}, stride {stride}, dilation "
+                                   f"{dilation}) differs from an exact integer conv")
+
+
+def _check_bsr_amx(lib) -> None:
+    _check_amx(lib)
+    _check_amx_int8(lib)
+
+
+_CHECKS = {"int8_bsr_vnni": _check_int8, "bsr_float": _check_float, "bsr_amx": _check_bsr_amx}

@@ -190,6 +190,8 @@ def _choose_conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilat
     allowed = list(cpu_int8.conv_engines(qmax))
     if not cpu_int8.onednn_conv_ok(c, h, w, kh, kw, tuple(stride), tuple(padding), tuple(dilation)):
         allowed = [e for e in allowed if not e.startswith("onednn")]  # wrong numbers there (accel.cpu.int8.onednn_conv_ok)
+    if not cpu_int8.amx_conv_ok(c):
+        allowed = [e for e in allowed if e != "amx_tiles"]
     if c * kh * kw > INT32_MAX_K:  # the int32 accumulator could overflow: float forms only (auto)
         allowed = []
     if mode == "auto":

@@ -128,6 +128,107 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void item
   }
 }
 
+// ---------------------------------------------------------------------------------------------- int8 (tdpbusd)
+// The same implicit GEMM for accel's int8 conv: the input quantized per image to uint8 (integers + 128; the
+// padding 128, i.e. zero), the weight int8 [O, KH*KW*C] as (dense) blocks packed [nnz][B/4][B][4], int32 sums,
+// y[m, o] = fma(float(acc - comp[o]) * w_scale[o], scale[image], bias[o]) in fp32: the eager engines' order (their
+// GEMM returns acc * w_scale, then torch.addcmul(bias, y, scale)).
+struct I8Out {
+  const float* scale;   // [N] per image
+  const float* wscale;  // [O]
+  const float* bias;    // [O] or null
+  const int32_t* comp;  // [nbr * B]: 128 * sum of each output's weights
+  float* y;             // [M, ldy]
+  int64_t ldy, nout;
+};
+
+__attribute__((target("amx-tile"))) inline void configure_i8(TileConfig& cur, int r0, int r1, int kc) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  const int rows[2] = {r0, r1 ? r1 : 1};
+  for (int g = 0; g < 2; ++g) {
+    cfg.rows[g] = static_cast<uint8_t>(rows[g]);  // A: pixels x kc uint8
+    cfg.colsb[g] = static_cast<uint16_t>(kc);
+    cfg.rows[2 + g] = static_cast<uint8_t>(kc / 4);  // B: kc/4 input quads x 16 outputs x 4
+    cfg.colsb[2 + g] = 64;
+    for (int h = 0; h < 2; ++h) {  // C: pixels x 16 int32
+      cfg.rows[4 + 2 * g + h] = static_cast<uint8_t>(rows[g]);
+      cfg.colsb[4 + 2 * g + h] = 64;
+    }
+  }
+  if (std::memcmp(&cfg, &cur, sizeof(cfg)) != 0) {
+    cur = cfg;
+    _tile_loadconfig(&cur);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_i8(const int32_t* acc, int64_t rows, int64_t o,
+                                                                        int64_t ob, float s, const I8Out& out,
+                                                                        float* y) {
+  if (o >= out.nout) return;
+  const __mmask16 k = out.nout - o >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                         : static_cast<__mmask16>((1u << (out.nout - o)) - 1);
+  const __m512 ws = _mm512_maskz_loadu_ps(k, out.wscale + o);
+  const __m512 b = out.bias ? _mm512_maskz_loadu_ps(k, out.bias + o) : _mm512_setzero_ps();
+  const __m512i c = _mm512_loadu_si512(out.comp + ob);
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t t = 0; t < rows; ++t) {
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + t * 16), c)), ws);
+    _mm512_mask_storeu_ps(y + t * out.ldy + o, k, out.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs));
+  }
+}
+
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl"))) void item_i8(
+    const uint8_t* xp, const Geometry& g, const int8_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
+    int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out, TileConfig& cur) {
+  const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
+  const int64_t kc = bs < 64 ? bs : 64;  // inputs per tile multiply
+  configure_i8(cur, r0, r1, static_cast<int>(kc));
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  const int64_t astride = g.sw * g.c;  // bytes between consecutive pixels' window rows
+  const int64_t bstride = bs * 4;      // bytes between consecutive input quads of a packed block
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t tap = col[p] / g.ncb, c0 = (col[p] % g.ncb) * bs;
+    const int64_t ih = oh * g.sh + (tap / g.kw) * g.dh, iw = ow0 * g.sw + (tap % g.kw) * g.dw;
+    const uint8_t* a = xp + ((n * g.hp + ih) * g.wp + iw) * g.c + c0;
+    const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
+    for (int64_t k = 0; k < bs; k += kc) {
+      _tile_loadd(0, a + k, astride);
+      if (r1) _tile_loadd(1, a + k + 16 * astride, astride);
+      _tile_loadd(2, wb + k * bs, bstride);
+      if (og > 1) _tile_loadd(3, wb + k * bs + 64, bstride);
+      _tile_dpbusd(4, 0, 2);
+      if (og > 1) _tile_dpbusd(5, 0, 3);
+      if (r1) {
+        _tile_dpbusd(6, 1, 2);
+        if (og > 1) _tile_dpbusd(7, 1, 3);
+      }
+    }
+  }
+  alignas(64) int32_t acc[16 * 16];
+  const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
+  const int64_t ob = o0;  // (comp is per output)
+  const float s = out.scale[n];
+  _tile_stored(4, acc, 64);
+  store_i8(acc, r0, o0, ob, s, out, out.y + m0 * out.ldy);
+  if (og > 1) {
+    _tile_stored(5, acc, 64);
+    store_i8(acc, r0, o0 + 16, ob + 16, s, out, out.y + m0 * out.ldy);
+  }
+  if (r1) {
+    _tile_stored(6, acc, 64);
+    store_i8(acc, r1, o0, ob, s, out, out.y + (m0 + 16) * out.ldy);
+    if (og > 1) {
+      _tile_stored(7, acc, 64);
+      store_i8(acc, r1, o0 + 16, ob + 16, s, out, out.y + (m0 + 16) * out.ldy);
+    }
+  }
+}
+
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
 }  // namespace
@@ -172,6 +273,46 @@ extern "C" int accel_bsr_conv_amx(const void* xp, int64_t n, int64_t hp, int64_t
       const int64_t o0 = r * bs + q * 16 * og;
       if (o0 >= nout) continue;
       item(x16, g, w16, bs, col, crow[r], crow[r + 1], row / oh, row % oh, ow0, np, o0, og, bias, y16, ldy, nout, cur);
+    }
+    if (cur.palette_id) release();
+  }
+  return 0;
+}
+
+// accel's int8 conv on tiles. xp: the padded per-image-quantized input NHWC uint8 [n, hp, wp, c] (padding 128);
+// w: int8 blocks [nnz][B/4][B][4] of W [O, KH*KW*C]; comp [nbr * B]; scale [n]; y fp32 [n*oh*ow, ldy].
+extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw,
+                                   int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
+                                   const int8_t* w, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
+                                   const int32_t* comp, const float* scale, const float* wscale, const float* bias,
+                                   float* y, int64_t ldy, int64_t nout, int nthreads) {
+  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
+  if (c % bs || n < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || nout > nbr * bs ||
+      ldy < nout || nthreads < 1)
+    return 2;
+  if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
+  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
+  const I8Out out{scale, wscale, bias, comp, y, ldy, nout};
+  const int og = bs >= 32 ? 2 : 1;
+  const int64_t passes = bs / (16 * og);
+  const int64_t chunks_per_row = (ow + 31) / 32;
+  const int64_t items = n * oh * chunks_per_row * nbr * passes;
+#pragma omp parallel num_threads(nthreads)
+  {
+    TileConfig cur;
+    std::memset(&cur, 0, sizeof(cur));
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      int64_t rest = it;
+      const int64_t q = rest % passes;
+      rest /= passes;
+      const int64_t r = rest % nbr;
+      rest /= nbr;
+      const int64_t ch = rest % chunks_per_row, row = rest / chunks_per_row;
+      const int64_t ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
+      const int64_t o0 = r * bs + q * 16 * og;
+      if (o0 >= nout) continue;
+      item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], row / oh, row % oh, ow0, np, o0, og, out, cur);
     }
     if (cur.palette_id) release();
   }

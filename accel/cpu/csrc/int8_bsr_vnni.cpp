@@ -48,40 +48,50 @@ inline float load1(const void* x, int dtype, int64_t i) {
   return _cvtsh_ss(h);
 }
 
-void quantize_row(const void* x, int dtype, int64_t k, float qmax, uint8_t* u, int64_t width, float* scale) {
+// max |x[i]| for i in [lo, hi); false when a value there is NaN or inf
+bool span_absmax(const void* x, int dtype, int64_t lo, int64_t hi, float* absmax) {
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   const __m512 inf = _mm512_set1_ps(INFINITY);
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
     const __m512 a = _mm512_abs_ps(load16(x, dtype, i));
     bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // inf or NaN
     vmax = _mm512_max_ps(vmax, a);
   }
-  float absmax = _mm512_reduce_max_ps(vmax);
+  float m = _mm512_reduce_max_ps(vmax);
   bool finite = bad == 0;
-  for (; i < k; ++i) {
+  for (; i < hi; ++i) {
     const float a = std::fabs(load1(x, dtype, i));
     finite = finite && std::isfinite(a);
-    absmax = a > absmax ? a : absmax;
+    m = a > m ? a : m;
   }
-  if (!finite) {
-    *scale = NAN;
-    std::memset(u, 128, width);
-    return;
-  }
-  *scale = absmax / qmax;
-  const float inv = absmax > 0.0f ? qmax / absmax : 0.0f;
+  *absmax = m;
+  return finite;
+}
+
+// u[i] = round_half_even(x[i] * inv) + 128 for i in [lo, hi)
+void quantize_span(const void* x, int dtype, int64_t lo, int64_t hi, float inv, uint8_t* u) {
   const __m512 vinv = _mm512_set1_ps(inv);
   const __m512i zp = _mm512_set1_epi32(128);
-  i = 0;
-  for (; i + 16 <= k; i += 16) {
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
     const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(load16(x, dtype, i), vinv),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), zp)));
   }
-  for (; i < k; ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(load1(x, dtype, i) * inv)) + 128);
-  if (width > k) std::memset(u + k, 128, width - k);
+  for (; i < hi; ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(load1(x, dtype, i) * inv)) + 128);
+}
+
+// accel's rule from a row's absmax: (scale, inv); a row holding NaN/inf gets (NaN, 0)
+inline void row_scale(float absmax, bool finite, float qmax, float* scale, float* inv) {
+  if (!finite) {
+    *scale = NAN;
+    *inv = 0.0f;
+    return;
+  }
+  *scale = absmax / qmax;
+  *inv = absmax > 0.0f ? qmax / absmax : 0.0f;
 }
 
 struct Epilogue {
@@ -265,10 +275,46 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
       nthreads < 1)
     return 1;
   const int64_t elem = dtype == 0 ? 4 : 2;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k >= 65536)
-  for (int64_t t = 0; t < m; ++t)
-    quantize_row(static_cast<const char*>(x) + t * ldx * elem, dtype, k, static_cast<float>(qmax), u + t * ldu, width,
-                 scale + t);
+  const float q = static_cast<float>(qmax);
+  // spans of a row per work item: whole rows when there are enough of them, else pieces of long rows (a conv's
+  // per-image rows: one image would otherwise be one thread's work)
+  const int64_t span = (m >= nthreads || k < (1 << 16)) ? (k > 0 ? k : 1) : (int64_t{1} << 15);
+  const int64_t per_row = (k + span - 1) / span > 0 ? (k + span - 1) / span : 1;
+  const int64_t items = m * per_row;
+  float* part = new float[items];
+  bool* fin = new bool[items];
+  float* inv = new float[m > 0 ? m : 1];
+#pragma omp parallel num_threads(nthreads) if (m * k >= 65536)
+  {
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < items; ++j) {
+      const int64_t t = j / per_row, lo = (j % per_row) * span, hi = lo + span < k ? lo + span : k;
+      fin[j] = span_absmax(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, part + j);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < m; ++t) {
+      float absmax = 0.0f;
+      bool finite = true;
+      for (int64_t j = t * per_row; j < (t + 1) * per_row; ++j) {  // (max is exact in any order)
+        absmax = part[j] > absmax ? part[j] : absmax;
+        finite = finite && fin[j];
+      }
+      row_scale(absmax, finite, q, scale + t, inv + t);
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < items; ++j) {
+      const int64_t t = j / per_row, lo = (j % per_row) * span, hi = lo + span < k ? lo + span : k;
+      uint8_t* ut = u + t * ldu;
+      if (scale[t] != scale[t])  // NaN: bytes 128
+        std::memset(ut + lo, 128, hi - lo);
+      else
+        quantize_span(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, inv[t], ut);
+      if (hi == k && width > k) std::memset(ut + k, 128, width - k);
+    }
+  }
+  delete[] part;
+  delete[] fin;
+  delete[] inv;
   return 0;
 }
 

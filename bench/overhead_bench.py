@@ -11,6 +11,7 @@ validation, dispatch and the engine decision cost per call.
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,8 @@ from accel.cpu import bsr as cpu_bsr
 from accel.cpu import int8 as cpu_int8
 
 from .common import compare, format_table, save_results
+
+ops_bsr_linear = importlib.import_module("accel.ops.bsr_linear")  # (accel.ops.bsr_linear is also the function)
 
 
 def _engine(op: str) -> str:
@@ -51,8 +54,8 @@ def cases(n: int):
         strat = _engine("bsr_linear")
         strat = cpu_bsr.pick_strategy(m) if strat == "(default)" else strat
         yield (f"SparseLinear {n}x{n} 75%", m, strat, lambda s=s, x=x: s(x),
-               lambda s=s, x=x, e=strat: cpu_bsr.bsr_dense_mm_cpu(x, s.values, s.crow_indices, s.col_indices, n, s.bias,
-                                                                   strategy=e),
+               lambda s=s, x=x, e=strat: ops_bsr_linear.run_cpu(e, x, s.values, s.crow_indices, s.col_indices, n,
+                                                                 s.bias),
                lambda x=x: lin(x))
     for b in (1, 8):
         x = torch.randn(b, 64, 8, 8)

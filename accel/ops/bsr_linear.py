@@ -75,16 +75,8 @@ def _choose_cpu_strategy(x, values, crow, col, out_features, bias, allow_dense: 
            f"|dt={str(x.dtype)[6:]}|dense={int(allow_dense)}")
     allowed = cpu_bsr.strategies_for(x.dtype) + native_strategies(x, bs) + (("dense",) if allow_dense else ())
 
-    def run(e):
-        if e == "dense":
-            w = _dense_weight(values, crow, col, out_features, k, x.dtype)
-            return torch.nn.functional.linear(x, w, bias)
-        if e in NATIVE:
-            return _run_native(x, values, crow, col, out_features, bias, e)
-        return cpu_bsr.bsr_dense_mm_cpu(x, values, crow, col, out_features, bias, strategy=e)
-
     def candidates():
-        return {e: (lambda e=e: run(e)) for e in allowed}
+        return {e: (lambda e=e: run_cpu(e, x, values, crow, col, out_features, bias)) for e in allowed}
 
     def reference():  # fp32 (fp64 for fp64 inputs, whose bar is ~150 dB)
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -120,6 +112,16 @@ def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torc
     b = None if bias is None else bias.detach().float().contiguous()
     run = cpu_native.bsr_linear_amx if strategy == "native_amx" else cpu_native.bsr_linear
     return run(x, w, b, out_features)
+
+
+def run_cpu(strategy: str, x, values, crow, col, out_features, bias) -> torch.Tensor:
+    """One CPU strategy of the forward (:func:`accel.engines` candidates): ``dense`` (the densified weight), the
+    native kernels, or a block-sparse matmul strategy of ``accel.cpu.bsr``."""
+    if strategy == "dense":
+        return torch.nn.functional.linear(x, _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype), bias)
+    if strategy in NATIVE:
+        return _run_native(x, values, crow, col, out_features, bias, strategy)
+    return cpu_bsr.bsr_dense_mm_cpu(x, values, crow, col, out_features, bias, strategy=strategy)
 
 
 def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Tensor:

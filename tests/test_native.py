@@ -429,17 +429,24 @@ def test_amx_tiles_int8_conv_equals_the_eager_engine(geometry):
     wq, ws = quantize_weight(torch.randn(o, c, k, k))
     bias = torch.randn(o)
     x = torch.randn(n, c, h, w) * 2
+    eager = "im2col" if "im2col" in cpu_int8.conv_engines(127) else "im2col_split"  # (a oneDNN cap: 2 x 7 bits)
     for xin in (x, x.contiguous(memory_format=torch.channels_last)):
         for static in (None, torch.tensor([0.02])):
             args = (wq, ws, bias, stride, padding, dilation, "relu", static, 127)
             y = cpu_int8.conv2d_int8_cpu(xin, *args, engine="amx_tiles")
-            want = cpu_int8.conv2d_int8_cpu(xin, *args, engine="im2col")
-            assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, want)
+            want = cpu_int8.conv2d_int8_cpu(xin, *args, engine=eager)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            if eager == "im2col":
+                assert torch.equal(y, want)
+            else:  # (two 7-bit passes, summed: another fp32 rounding)
+                torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
     yb = cpu_int8.conv2d_int8_cpu(x.bfloat16(), wq, ws, bias, stride, padding, dilation, "none", None, 127,
                                   engine="amx_tiles")
     wb = cpu_int8.conv2d_int8_cpu(x.bfloat16(), wq, ws, bias, stride, padding, dilation, "none", None, 127,
-                                  engine="im2col")
-    assert yb.dtype == torch.bfloat16 and torch.equal(yb, wb)
+                                  engine=eager)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), wb.float(), rtol=1e-2 if eager != "im2col" else 0, atol=0 if eager == "im2col"
+                               else 1e-2 * float(wb.abs().max()))
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX kernels here")

@@ -247,6 +247,10 @@ def test_triton_path_end_to_end(accel_env):
 def test_conv_auto_forms(engine):
     """QuantConv2d "auto" may run int8 or the dequantized float conv (in bf16 for fp32 inputs); each
     matches its own maths and returns the input's dtype and memory format (as nn.Conv2d)."""
+    from accel.cpu.int8 import act_qmax, conv_engines
+
+    if engine in ("onednn", "im2col") and engine not in conv_engines(act_qmax()):
+        pytest.skip(f"{engine} is not exact for 8-bit activations under this oneDNN cap (its *_split twin runs)")
     conv = nn.Conv2d(6, 8, 3, padding=1)
     q = QuantConv2d.from_float(conv, "auto")
     x = torch.randn(2, 6, 10, 10)

@@ -5,6 +5,7 @@ ACCEL_COMPILE=0, a failing compiler: one logged warning, the other strategies se
 
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -194,12 +195,20 @@ def test_a_failing_compiler_is_one_warning_and_no_strategy(accel_env, monkeypatc
 def test_the_library_is_built_once_into_the_cache(accel_env, tmp_path):
     accel_env(ACCEL_CACHE_DIR=str(tmp_path))
     assert native.available()
-    built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
+    built = sorted((tmp_path / "native").glob("*.so"))
+    assert len(built) == 1 and (tmp_path / "native" / (built[0].name + ".sha1")).exists()
     mtime = built[0].stat().st_mtime_ns
     native._library.cache_clear()
     native._LOADED.clear()  # (a new process: the file on disk is loaded, not rebuilt)
     assert native.available() and built[0].stat().st_mtime_ns == mtime
+    # a damaged file (a truncated copy) is rebuilt, not loaded (loading it would kill the process with SIGBUS)
+    data = built[0].read_bytes()
+    damaged = tmp_path / "damaged.so"
+    damaged.write_bytes(data[:1000])
+    os.replace(damaged, built[0])  # (a new file: truncating the one this process has mapped would kill it)
+    native._library.cache_clear()
+    native._LOADED.clear()
+    assert native.available() and built[0].read_bytes() != data[:1000]
 
 
 def test_a_cpu_without_the_instructions_is_not_offered_them(accel_env, monkeypatch):
@@ -306,8 +315,16 @@ def test_float_kernels_offered_only_where_they_run(accel_env, monkeypatch):
     assert native.float_available(torch.float32) and not native.float_available(torch.bfloat16)
 
 
-def test_float_operands_are_checked():
+def test_float_operands_are_checked(monkeypatch):
     v, crow, col = float_weight(64, 96, 32, 0.5)
+    with pytest.raises(ValueError, match="padding"):
+        native.bsr_conv2d(torch.randn(1, 32, 5, 5), native.pack_float(*float_weight(32, 288, 32, 0.5), 9, torch.float32),
+                          (32, 32, 3, 3), None, (1, 1), (-1, 0), (1, 1))
+    wb = native.pack_float(v, crow, col, 3, torch.bfloat16)
+    monkeypatch.setattr(engines, "_cpu_flags", lambda: set())  # a CPU without AVX512_BF16: an error, not SIGILL
+    with pytest.raises(ValueError, match="needs AVX512_BF16"):
+        native.bsr_linear(torch.randn(2, 96).bfloat16(), wb, None, 64)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="not a BSR weight"):
         native.pack_float(v, crow, col, 2, torch.float32)  # a column index past 2 block columns
     w = native.pack_float(v, crow, col, 3, torch.float32)
@@ -406,6 +423,9 @@ def test_amx_tiles_dense_int8_engine(accel_env):
         assert yb.dtype == torch.bfloat16
         want = cpu_int8.linear_int8_reference(x.bfloat16(), wq, ws, bias, "none", None, 127)
         torch.testing.assert_close(yb.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+        if "int_mm" in cpu_int8.exact_engines(127, k):  # the dense engines' epilogue order: the same bits
+            y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", None, 127, "amx_tiles")
+            assert torch.equal(y, cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", None, 127, "int_mm"))
     accel_env(ACCEL_CPU_ISA="avx512_vnni")
     assert "amx_tiles" not in cpu_int8.exact_engines(127)
     with pytest.raises(ValueError, match="not exact"):

@@ -437,7 +437,8 @@ def _dense_blocks(w_q: torch.Tensor, bs: int):
 
 def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.Tensor:
     """The ``amx_tiles`` engine: accel's native int8 block kernel on AMX tiles with the weight as dense 64 x 64 blocks
-    (the same integers; the epilogue ``fma(acc * x_scale, w_scale, bias)`` in fp32, then ``x``'s dtype)."""
+    (the same integers and the other engines' epilogue, ``fma(acc * w_scale, x_scale, bias)`` in fp32, then ``x``'s
+    dtype)."""
     n, k = w_q.shape
     m = x.shape[0]
     bs = AMX_BLOCK
@@ -453,7 +454,8 @@ def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.
         u[:, :k].copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
         u[:, k:].fill_(128)
     b = None if bias is None else bias.float().contiguous()
-    y = native.int8_bsr_linear(u, w, scale.float().contiguous(), w_scale.float().contiguous(), b, n, amx=True)
+    y = native.int8_bsr_linear(u, w, scale.float().contiguous(), w_scale.float().contiguous(), b, n, amx=True,
+                               dense_order=True)
     y = activate(y, activation, inplace=True)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -96,9 +96,23 @@ available = int8_available
 
 def int8_amx_available() -> bool:
     """Whether the int8 block-sparse product may run on AMX tiles here (:func:`int8_available`, the tiles in
-    ``/proc/cpuinfo``, accel's ISA view ``amx``, and Linux granting the tile state)."""
+    ``/proc/cpuinfo``, accel's ISA view ``amx``, and Linux granting the tile state). Under a lower ISA view nothing
+    asks for the tile state or runs a tile instruction."""
     lib = _library("int8_bsr_vnni", engines.generation())
-    return lib is not None and lib.amx and engines.cpu_isa() == "amx"
+    if lib is None or engines.cpu_isa() != "amx" or not all(f in engines._cpu_flags() for f in AMX_INT8_NEEDS):
+        return False
+    with _lock:
+        if lib.amx is None:
+            try:
+                if lib.accel_amx_init() != 0:
+                    raise RuntimeError("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+                _check_int8(lib, amx=True)
+                lib.amx = True
+            except Exception as e:  # noqa: BLE001 - the VNNI product serves
+                _log.warning("accel: the AMX int8 product is off in this process (%s: %s)", type(e).__name__,
+                             str(e)[:300])
+                lib.amx = False
+    return lib.amx
 
 
 def float_available(dtype: torch.dtype) -> bool:
@@ -168,9 +182,12 @@ def _build(name: str) -> str:
         src = f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()[:1]
     digest = hashlib.sha1(src + repr((cxx, flags, version)).encode()).hexdigest()[:16]
-    for base in (os.path.join(engines.cache_dir(), "native"), os.path.join(tempfile.gettempdir(), "accel-native")):
+    private = os.path.join(tempfile.gettempdir(), f"accel-native-{os.getuid()}")
+    for base in (os.path.join(engines.cache_dir(), "native"), private):
         path = os.path.join(base, f"{name}-{digest}.so")
-        if os.path.exists(path):
+        if base == private and not _private_dir(base):
+            continue  # (a shared temp folder: only a folder of this user's that nobody else can write)
+        if _intact(path):
             return path
         try:
             os.makedirs(base, exist_ok=True)
@@ -182,12 +199,48 @@ def _build(name: str) -> str:
             r = subprocess.run([cxx, *flags, source, "-o", tmp], capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise RuntimeError(f"{os.path.basename(cxx)} failed: {(r.stderr or r.stdout).strip()[:300]}")
+            os.chmod(tmp, 0o644)  # (readable by the other users of a shared cache folder)
+            _write_digest(tmp, path + ".sha1")
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return path
     raise OSError(f"no writable folder for the native library ({engines.cache_dir()}/native, {tempfile.gettempdir()})")
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def _write_digest(lib_path: str, digest_path: str) -> None:
+    """The library's content hash next to it (written first, renamed into place): a damaged or partly copied file
+    is rebuilt instead of loaded (loading a truncated library kills the process with SIGBUS)."""
+    fd, tmp = tempfile.mkstemp(suffix=".sha1", dir=os.path.dirname(digest_path))
+    with os.fdopen(fd, "w") as f:
+        f.write(_file_digest(lib_path))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, digest_path)
+
+
+def _intact(path: str) -> bool:
+    """Whether a built library is there and its content matches the hash written next to it."""
+    try:
+        with open(path + ".sha1") as f:
+            return f.read().strip() == _file_digest(path)
+    except OSError:
+        return False
+
+
+def _private_dir(base: str) -> bool:
+    """``base`` exists or is created as this user's, writable by nobody else."""
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.stat(base)
+        return st.st_uid == os.getuid() and not st.st_mode & 0o022
+    except OSError:
+        return False
 
 
 def _load(name: str, path: str):
@@ -214,14 +267,12 @@ def _load(name: str, path: str):
     lib.accel_amx_init.restype = i32
     lib.accel_amx_init.argtypes = []
     lib.accel_int8_bsr_amx.restype = i32
-    lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
-    # its AMX product: on CPUs with the tiles where Linux grants the tile state (and accel's ISA view allows them:
-    # int8_amx_available)
-    lib.amx = all(f in engines._cpu_flags() for f in AMX_INT8_NEEDS) and lib.accel_amx_init() == 0
+    lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32, i32]
+    lib.amx = None  # its AMX product: set up and checked at the first int8_amx_available() that needs it
     return lib
 
 
-def _check_int8(lib) -> None:
+def _check_int8(lib, amx: bool = False) -> None:
     """Both int8 kernels before first use: the quantization bit for bit against accel's eager rule (fp32, bf16, fp16;
     row lengths of vector bodies and tails; zero, NaN and inf rows), the product against an exact integer product
     (every block size, short and full token tiles, an empty block row, int8 and uint8 activations, a partial last
@@ -229,7 +280,7 @@ def _check_int8(lib) -> None:
     from .int8 import act_scale_inv
 
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in () if amx else (torch.float32, torch.bfloat16, torch.float16):
         for k in (1, 15, 16, 17, 33, 100):
             x = (torch.randn(5, k, generator=g) * 3).to(dtype)
             x[1] = 0
@@ -258,12 +309,12 @@ def _check_int8(lib) -> None:
         for m in (1, 3, 9, 17, 40):
             x = torch.randint(-127, 128, (m, nbc * bs), generator=g, dtype=torch.int8)
             want = (x.long() @ dense.t()).float()[:, :n]  # (|sums| < 2**24: exact in fp32)
-            for u8, amx in ((False, False), (True, False)) + (((True, True),) if lib.amx else ()):
+            for u8, tiles in (((True, True),) if amx else ((False, False), (True, False))):
                 xi = (x.view(torch.uint8) ^ 0x80) if u8 else x
-                y = _product(lib, xi, w, torch.ones(m), ones, zeros, n, amx)
+                y = _product(lib, xi, w, torch.ones(m), ones, zeros, n, tiles)
                 if not torch.equal(y, want):
-                    raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}, AMX {amx}) checked against "
-                                       f"an exact integer product")
+                    raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}, AMX {tiles}) checked "
+                                       f"against an exact integer product")
 
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -276,11 +327,11 @@ def _quantize(lib, x: torch.Tensor, qmax: int, width: int, u: torch.Tensor | Non
     rc = lib.accel_quantize_rows(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), u.stride(0),
                                  width, scale.data_ptr(), torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"the quantization kernel refused its arguments (code {rc})")
+        raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
     return u, scale
 
 
-def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False) -> torch.Tensor:
+def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False, dense_order: bool = False) -> torch.Tensor:
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     bs = w.blocks.shape[2]
@@ -288,7 +339,7 @@ def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False) -> torc
         rc = lib.accel_int8_bsr_amx(x.data_ptr(), m, x.stride(0), w.blocks.data_ptr(), w.crow.data_ptr(),
                                     w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(), scale.data_ptr(),
                                     w_scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, n,
-                                    torch.get_num_threads())
+                                    torch.get_num_threads(), int(dense_order))
     else:
         rc = lib.accel_int8_bsr_vnni(x.data_ptr(), int(x.dtype == torch.uint8), m, x.stride(0), w.blocks.data_ptr(),
                                      w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(),
@@ -351,7 +402,7 @@ def quantize_rows(x: torch.Tensor, qmax: int, width: int) -> tuple[torch.Tensor,
 
 
 def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, n: int, amx: bool = False) -> torch.Tensor:
+                    bias: torch.Tensor | None, n: int, amx: bool = False, dense_order: bool = False) -> torch.Tensor:
     """``y [M, n]`` fp32: ``((acc * scale[t]) * w_scale[o]) + bias[o]`` with ``acc[t, o]`` the int32 product of the
     integers in ``u`` (uint8, plus 128, from :func:`quantize_rows`; or int8) and the blocks of ``w``
     (:func:`pack`); rows with a scale past 2**96 in fp64. The operands' layout is checked here: the kernel reads raw
@@ -374,7 +425,9 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
                            "Linux's tile state)")
     if amx and u.dtype != torch.uint8:
         raise ValueError(f"int8_bsr_linear (native AMX): u must be uint8 (integers + 128), got {u.dtype}")
-    return _product(_lib(), u, w, scale, w_scale, bias, n, amx)
+    if dense_order and not amx:
+        raise ValueError("int8_bsr_linear (native): the dense engines' epilogue order is an option of the AMX product")
+    return _product(_lib(), u, w, scale, w_scale, bias, n, amx, dense_order)
 
 
 # ------------------------------------------------------------------------------------------------ float (bsr_float)
@@ -427,13 +480,23 @@ def _conv_raw(lib, x_nhwc, w: PackedFloat, kw, stride, padding, dilation, oh, ow
 
 def _float_operands(x, w: PackedFloat, bias, c: int, k_blocks: int, what: str):
     bs = w.blocks.shape[-2] if w.blocks.dtype == torch.bfloat16 else w.blocks.shape[2]
+    if x.dtype == torch.bfloat16 and BF16_NEEDS not in engines._cpu_flags():  # (vdpbf16ps would fault)
+        raise ValueError(f"{what} (native): bf16 needs AVX512_BF16, which this CPU lacks")
     if not (x.dtype == w.blocks.dtype and x.device.type == "cpu" and c % bs == 0 and k_blocks == w.ncols and
-            (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous()))):
+            (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1 and bias.is_contiguous() and
+                              bias.device.type == "cpu"))):
         raise ValueError(f"{what} (native): x {x.dtype} {tuple(x.shape)} on {x.device} with blocks {w.blocks.dtype} of "
                          f"{bs} over {w.ncols} block columns, bias {None if bias is None else (bias.dtype, tuple(bias.shape))}"
                          f": expected x in the blocks' dtype on the CPU, channels a multiple of the block, K/B = "
                          f"{w.ncols} and a contiguous fp32 bias")
     return bs
+
+
+def _check_geometry(stride, padding, dilation) -> None:
+    if not (len(stride) == len(padding) == len(dilation) == 2 and min(stride) >= 1 and min(dilation) >= 1 and
+            min(padding) >= 0):
+        raise ValueError(f"native conv: stride {tuple(stride)} and dilation {tuple(dilation)} must be >= 1, padding "
+                         f"{tuple(padding)} >= 0")
 
 
 def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
@@ -444,6 +507,7 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
     n, cx, h, wd = x.shape
     bs = _float_operands(x, w, bias, c, kh * kw * c // max(1, w.blocks.shape[-2] if x.dtype == torch.bfloat16
                                                           else w.blocks.shape[2]), "bsr_conv2d")
+    _check_geometry(stride, padding, dilation)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -533,6 +597,7 @@ def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Te
     if x.dtype != torch.bfloat16:
         raise ValueError(f"bsr_conv2d (native AMX): x must be bfloat16, got {x.dtype}")
     bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
+    _check_geometry(stride, padding, dilation)
     (sh, sw), (dh, dw) = stride, dilation
     oh = (h + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1
@@ -623,7 +688,8 @@ def int8_conv2d_amx(up: torch.Tensor, w: Packed, weight_shape, scale: torch.Tens
     ok = (up.dtype == torch.uint8 and up.is_contiguous() and cu == c and c % bs == 0 and
           w.crow.numel() - 1 == -(-o // bs) and w.width <= kh * kw * c and scale.numel() == n and
           w_scale.numel() == o and (bias is None or bias.numel() == o) and
-          all(t.dtype == torch.float32 and t.is_contiguous() for t in vec))
+          all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in vec) and
+          up.device.type == "cpu")
     fits = (oh >= 0 and ow >= 0 and (oh == 0 or hp >= (oh - 1) * stride[0] + (kh - 1) * dilation[0] + 1) and
             (ow == 0 or wp >= (ow - 1) * stride[1] + (kw - 1) * dilation[1] + 1))
     if not (ok and fits):

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -161,7 +162,9 @@ void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, 
   for (int64_t it = 0; it < items; ++it) {
     const int64_t chunk = it / nbr, r = it % nbr;  // (consecutive items: the same pixels, the next block row)
     const int64_t p0 = crow[r], p1 = crow[r + 1];
-    Tap taps[p1 - p0 > 0 ? p1 - p0 : 1];  // (a variable-length array: at most K/B entries)
+    thread_local std::vector<Tap> row_taps;  // (the block row's taps: grown once per thread, not on the stack)
+    if (static_cast<int64_t>(row_taps.size()) < p1 - p0) row_taps.resize(p1 - p0);
+    Tap* taps = row_taps.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t tap = col[p] / g.ncb;
       taps[p - p0] = Tap{(tap / g.kw) * g.dh, (tap % g.kw) * g.dw, (col[p] % g.ncb) * bs};

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 
 namespace {
 
@@ -125,7 +126,8 @@ inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
 }
 
 // store() for the rows of one accumulator tile (``acc`` [rows][16]), the output group's scales and bias loaded once
-inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* acc, __m512i comp) {
+inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* acc, __m512i comp,
+                       int dense_order) {
   if (o >= e.n) return;
   const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
   const __m512 ws = _mm512_maskz_loadu_ps(m, e.wscale + o);
@@ -133,6 +135,12 @@ inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const
   for (int t = 0; t < rows; ++t) {
     const __m512i a = _mm512_sub_epi32(_mm512_load_si512(acc + t * 16), comp);
     const float s = e.scale[t0 + t];
+    if (dense_order) {  // the dense int8 engines' order: (acc * w_scale), then torch.addcmul(bias, ., x_scale)
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), ws);
+      const __m512 vs = _mm512_set1_ps(s);
+      _mm512_mask_storeu_ps(e.y + (t0 + t) * e.ldy + o, m, e.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs));
+      continue;
+    }
     if (s > kHugeScale) {  // (rare: store()'s fp64 rows)
       store(e, t0 + t, o, a);
       continue;
@@ -225,7 +233,8 @@ __attribute__((target("amx-tile"))) inline void configure(TileConfig& cur, int r
 __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int64_t ldu, const int8_t* w,
                                                            int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
                                                            int64_t t0, int64_t nt, int64_t o0, int og,
-                                                           const int32_t* comp, const Epilogue& e, TileConfig& cur) {
+                                                           const int32_t* comp, const Epilogue& e, TileConfig& cur,
+                                                           int dense_order) {
   const int r0 = static_cast<int>(nt < 16 ? nt : 16), r1 = static_cast<int>(nt - r0);
   const int64_t kc = bs < 64 ? bs : 64;
   configure(cur, r0, r1, static_cast<int>(kc));
@@ -260,7 +269,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
         case 6: _tile_stored(6, acc, 64); break;
         default: _tile_stored(7, acc, 64); break;
       }
-      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc, _mm512_loadu_si512(comp + ob + h * 16));
+      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc, _mm512_loadu_si512(comp + ob + h * 16), dense_order);
     }
 }
 
@@ -281,9 +290,15 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
   const int64_t span = (m >= nthreads || k < (1 << 16)) ? (k > 0 ? k : 1) : (int64_t{1} << 15);
   const int64_t per_row = (k + span - 1) / span > 0 ? (k + span - 1) / span : 1;
   const int64_t items = m * per_row;
-  float* part = new float[items];
-  bool* fin = new bool[items];
-  float* inv = new float[m > 0 ? m : 1];
+  float* part = new (std::nothrow) float[items];
+  bool* fin = new (std::nothrow) bool[items];
+  float* inv = new (std::nothrow) float[m > 0 ? m : 1];
+  if (!part || !fin || !inv) {
+    delete[] part;
+    delete[] fin;
+    delete[] inv;
+    return 3;
+  }
 #pragma omp parallel num_threads(nthreads) if (m * k >= 65536)
   {
 #pragma omp for schedule(static)
@@ -351,11 +366,12 @@ extern "C" int accel_amx_init() {
   return static_cast<int>(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */));
 }
 
-// accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128).
+// accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
+// dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows.
 extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow,
                                   const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
                                   const float* wscale, const float* bias, float* y, int64_t ldy, int64_t n,
-                                  int nthreads) {
+                                  int nthreads, int dense_order) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
   if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
   if (m == 0 || nbr == 0) return 0;
@@ -374,7 +390,7 @@ extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, cons
       const int64_t t0 = ch * 32, nt = m - t0 < 32 ? m - t0 : 32;
       const int64_t o0 = r * bs + q * 16 * og;
       if (o0 >= n) continue;
-      amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur);
+      amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur, dense_order);
     }
     if (cur.palette_id) amx_release();
   }

@@ -87,3 +87,22 @@ def accel_env(monkeypatch):
     yield set_vars
     monkeypatch.undo()
     engines.reload_env()
+
+
+@pytest.fixture
+def accel_log():
+    """The messages accel logs (logger ``accel``, warnings and above) during the test."""
+    import logging
+
+    class Logged(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    handler = Logged()
+    logging.getLogger("accel").addHandler(handler)
+    yield handler.messages
+    logging.getLogger("accel").removeHandler(handler)

@@ -2,8 +2,6 @@
 It must give exactly the integers, and the outputs, of the eager ``onednn`` engine; without a compiler it is not
 offered, and a compiler failure falls back to the same eager steps with one warning."""
 
-import logging
-
 import pytest
 import torch
 
@@ -13,23 +11,6 @@ from accel.quant import quantize_weight
 
 pytestmark = pytest.mark.skipif(not compiled.available() or "onednn_cq" not in C.exact_engines(127),
                                 reason="no C++ compiler for torch.compile, or no exact oneDNN engine here")
-
-
-class _Logged(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def accel_log():
-    handler = _Logged()
-    logging.getLogger("accel").addHandler(handler)
-    yield handler.messages
-    logging.getLogger("accel").removeHandler(handler)
 
 
 def _layer(n, k, seed=0):

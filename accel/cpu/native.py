@@ -524,12 +524,15 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
     return y.permute(0, 3, 1, 2)
 
 
-def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int,
+               amx: bool = False) -> torch.Tensor:
     """``x [M, K] @ W^T + bias`` for the block-sparse ``W [out_features, K]`` packed by :func:`pack_float`
-    (``K % B == 0``): ``[M, out_features]`` in ``x``'s dtype (a 1x1 conv over one image row of M pixels)."""
+    (``K % B == 0``): ``[M, out_features]`` in ``x``'s dtype (a 1x1 conv over one image row of M pixels); ``amx``:
+    on AMX tiles (bf16 only)."""
     m, k = x.shape
-    bs = _float_operands(x, w, bias, k, k // max(1, w.blocks.shape[-2] if x.dtype == torch.bfloat16
-                                                 else w.blocks.shape[2]), "bsr_linear")
+    if amx and x.dtype != torch.bfloat16:
+        raise ValueError(f"bsr_linear (native AMX): x must be bfloat16, got {x.dtype}")
+    bs = _float_operands(x, w, bias, k, k // w.blocks.shape[2], "bsr_linear")
     nbr = w.crow.numel() - 1
     if out_features > nbr * bs or bias is not None and bias.numel() != out_features:
         raise ValueError(f"bsr_linear (native): out_features {out_features} with {nbr} block rows of {bs}, bias "
@@ -537,8 +540,11 @@ def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_f
     xc = x if x.stride(1) == 1 and x.stride(0) == k else x.contiguous()
     y = torch.empty(m, out_features, dtype=x.dtype)
     if y.numel():
-        _conv_raw(_lib("bsr_float"), xc.view(1, 1, m, k), w, 1, (1, 1), (0, 0), (1, 1), 1, m, bias,
-                  y.view(1, 1, m, out_features))
+        x4, y4 = xc.view(1, 1, m, k), y.view(1, 1, m, out_features)
+        if amx:
+            _amx_raw(_lib("bsr_amx"), x4, w, 1, (1, 1), (1, 1), 1, m, bias, y4)
+        else:
+            _conv_raw(_lib("bsr_float"), x4, w, 1, (1, 1), (0, 0), (1, 1), 1, m, bias, y4)
     return y
 
 
@@ -610,23 +616,6 @@ def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Te
         xp = padded_nhwc(x, padding, "native.xpad")
         _amx_raw(_lib("bsr_amx"), xp, w, kw, stride, dilation, oh, ow, bias, y)
     return y.permute(0, 3, 1, 2)
-
-
-def bsr_linear_amx(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """:func:`bsr_linear` for bf16 on AMX tiles (``w`` packed for bf16)."""
-    m, k = x.shape
-    if x.dtype != torch.bfloat16:
-        raise ValueError(f"bsr_linear (native AMX): x must be bfloat16, got {x.dtype}")
-    bs = _float_operands(x, w, bias, k, k // w.blocks.shape[2], "bsr_linear")
-    nbr = w.crow.numel() - 1
-    if out_features > nbr * bs or bias is not None and bias.numel() != out_features:
-        raise ValueError(f"bsr_linear (native AMX): out_features {out_features} with {nbr} block rows of {bs}, bias "
-                         f"{None if bias is None else tuple(bias.shape)}")
-    xc = x if x.stride(1) == 1 and x.stride(0) == k else x.contiguous()
-    y = torch.empty(m, out_features, dtype=x.dtype)
-    if y.numel():
-        _amx_raw(_lib("bsr_amx"), xc.view(1, 1, m, k), w, 1, (1, 1), (1, 1), 1, m, bias, y.view(1, 1, m, out_features))
-    return y
 
 
 def _check_amx(lib) -> None:

@@ -110,8 +110,7 @@ def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torc
     w = cached("bsr_linear_native", (values, crow, col), (nbc, x.dtype),
                lambda: cpu_native.pack_float(values, crow, col, nbc, x.dtype))
     b = None if bias is None else bias.detach().float().contiguous()
-    run = cpu_native.bsr_linear_amx if strategy == "native_amx" else cpu_native.bsr_linear
-    return run(x, w, b, out_features)
+    return cpu_native.bsr_linear(x, w, b, out_features, amx=strategy == "native_amx")
 
 
 def run_cpu(strategy: str, x, values, crow, col, out_features, bias) -> torch.Tensor:

@@ -15,7 +15,7 @@ from accel.cpu import int8_bsr as cpu_int8_bsr
 from accel.cpu import native
 from tests.sparse_refs import bsr_from_mask, random_block_mask
 
-pytestmark = pytest.mark.skipif(not native.available(),
+pytestmark = pytest.mark.skipif(not native.int8_available(),
                                 reason=f"native kernels not offered here ({native._allowed() or 'build failed'})")
 
 
@@ -148,7 +148,7 @@ def test_offered_only_where_allowed(accel_env):
     assert "vnni" in cpu_int8_bsr.strategies(127) and cpu_int8_bsr.default_strategy(127, 16) == "vnni"
     if native.int8_amx_available():
         accel_env(ACCEL_CPU_ISA="avx512_vnni")
-        assert native.available() and not native.int8_amx_available()
+        assert native.int8_available() and not native.int8_amx_available()
         assert "vnni" in cpu_int8_bsr.strategies(127) and "vnni_amx" not in cpu_int8_bsr.strategies(127)
         u, scale = native.quantize_rows(torch.randn(2, 64), 127, 64)
         v, ws, crow, col, _ = make(32, 64, 32, 1.0)
@@ -157,17 +157,17 @@ def test_offered_only_where_allowed(accel_env):
         accel_env(ACCEL_CPU_ISA=None)
     for env in ({"ACCEL_CPU_ISA": "avx512"}, {"ACCEL_COMPILE": "0"}):
         accel_env(**env)
-        assert not native.available() and "vnni" not in cpu_int8_bsr.strategies(127), env
+        assert not native.int8_available() and "vnni" not in cpu_int8_bsr.strategies(127), env
         assert native._allowed()
         accel_env(ACCEL_CPU_ISA=None, ACCEL_COMPILE=None)
-    assert native.available()
+    assert native.int8_available()
 
 
 def test_a_failing_compiler_is_one_warning_and_no_strategy(accel_env, monkeypatch, tmp_path, accel_log):
     try:
         monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
         accel_env(ACCEL_CACHE_DIR=str(tmp_path))
-        assert not native.available() and "vnni" not in cpu_int8_bsr.strategies(127)
+        assert not native.int8_available() and "vnni" not in cpu_int8_bsr.strategies(127)
         assert len([m for m in accel_log if "native kernel int8_bsr_vnni is off" in m]) == 1
         v, ws, crow, col, bias = make(64, 96, 32, 0.5)
         with pytest.raises(RuntimeError, match="int8_bsr_vnni is not available here"):
@@ -176,18 +176,18 @@ def test_a_failing_compiler_is_one_warning_and_no_strategy(accel_env, monkeypatc
     finally:
         monkeypatch.delenv("CXX")
         accel_env(ACCEL_CACHE_DIR=None)
-    assert native.available()
+    assert native.int8_available()
 
 
 def test_the_library_is_built_once_into_the_cache(accel_env, tmp_path):
     accel_env(ACCEL_CACHE_DIR=str(tmp_path))
-    assert native.available()
+    assert native.int8_available()
     built = sorted((tmp_path / "native").glob("*.so"))
     assert len(built) == 1 and (tmp_path / "native" / (built[0].name + ".sha1")).exists()
     mtime = built[0].stat().st_mtime_ns
     native._library.cache_clear()
     native._LOADED.clear()  # (a new process: the file on disk is loaded, not rebuilt)
-    assert native.available() and built[0].stat().st_mtime_ns == mtime
+    assert native.int8_available() and built[0].stat().st_mtime_ns == mtime
     # a damaged file (a truncated copy) is rebuilt, not loaded (loading it would kill the process with SIGBUS)
     data = built[0].read_bytes()
     damaged = tmp_path / "damaged.so"
@@ -195,13 +195,13 @@ def test_the_library_is_built_once_into_the_cache(accel_env, tmp_path):
     os.replace(damaged, built[0])  # (a new file: truncating the one this process has mapped would kill it)
     native._library.cache_clear()
     native._LOADED.clear()
-    assert native.available() and built[0].read_bytes() != data[:1000]
+    assert native.int8_available() and built[0].read_bytes() != data[:1000]
 
 
 def test_a_cpu_without_the_instructions_is_not_offered_them(accel_env, monkeypatch):
     monkeypatch.setattr(engines, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})
     accel_env()
-    assert not native.available() and "lacks ['avx512vl', 'avx512_vnni', 'f16c']" in native._allowed()
+    assert not native.int8_available() and "lacks ['avx512vl', 'avx512_vnni', 'f16c']" in native._allowed()
     assert "vnni" not in cpu_int8_bsr.strategies(127)
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 import threading
 import warnings
 
 import torch
 
 from .. import engines
+from . import native
 
 _lock = threading.RLock()
 _compiled: dict[str, object] = {}  # name -> its torch.compile wrapper
@@ -83,8 +82,7 @@ def _available(_gen: int) -> bool:
             import torch._inductor.compile_fx  # noqa: F401
     except Exception:  # noqa: BLE001 - no Inductor in this build: nothing to compile with
         return False
-    cxx = os.environ.get("CXX")
-    return any(shutil.which(c) for c in ((cxx,) if cxx else ()) + ("g++", "c++", "clang++"))
+    return native.compiler() is not None
 
 
 def _get(name: str, eager):

@@ -435,24 +435,31 @@ def _dense_blocks(w_q: torch.Tensor, bs: int):
     return values, crow, torch.arange(nbc, dtype=torch.int64).repeat(nbr)
 
 
+def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None, width: int):
+    """``(u [M, width] uint8, scale [M])``: accel's quantization of each row of ``rows [M, K]`` (rows of unit stride)
+    as the integers + 128, the zero point past K; per row in one native pass, or with ``static_scale`` through the
+    eager steps (saturating). The ``amx_tiles`` engines' input."""
+    if static_scale is None:
+        return native.quantize_rows(rows, qmax, width)
+    m, k = rows.shape
+    xf = as_fp32(rows, "int8.x32")
+    scale, inv = act_scale_inv(xf, qmax, static_scale)
+    v = _scaled_rounded(xf, inv[:, None], qmax, True, "int8.v", rounded=False)
+    u = scratch("int8.amx_u8", m * width, torch.uint8).view(m, width)
+    u[:, :k].copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
+    u[:, k:].fill_(128)
+    return u, scale
+
+
 def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.Tensor:
     """The ``amx_tiles`` engine: accel's native int8 block kernel on AMX tiles with the weight as dense 64 x 64 blocks
     (the same integers and the other engines' epilogue, ``fma(acc * w_scale, x_scale, bias)`` in fp32, then ``x``'s
     dtype)."""
     n, k = w_q.shape
-    m = x.shape[0]
     bs = AMX_BLOCK
     width = -(-k // bs) * bs
     w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, bs)))
-    if static_scale is None:  # accel's per-token rule in one native pass
-        u, scale = native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, width)
-    else:
-        xf = as_fp32(x, "int8.x32")
-        scale, inv = act_scale_inv(xf, qmax, static_scale)
-        v = _scaled_rounded(xf, inv[:, None], qmax, True, "int8.v", rounded=False)
-        u = scratch("int8.amx_u8", m * width, torch.uint8).view(m, width)
-        u[:, :k].copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
-        u[:, k:].fill_(128)
+    u, scale = _rows_uint8(x if x.stride(-1) == 1 else x.contiguous(), qmax, static_scale, width)
     b = None if bias is None else bias.float().contiguous()
     y = native.int8_bsr_linear(u, w, scale.float().contiguous(), w_scale.float().contiguous(), b, n, amx=True,
                                dense_order=True)
@@ -800,15 +807,7 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
     xn = x.permute(0, 2, 3, 1)
     if not xn.is_contiguous():
         xn = xn.contiguous()
-    rows = xn.reshape(b, h * w * c)
-    if static_scale is None:
-        u, scale = native.quantize_rows(rows, qmax, h * w * c)
-    else:
-        xf = as_fp32(rows, "int8.x32")
-        scale, inv = act_scale_inv(xf, qmax, static_scale)
-        v = _scaled_rounded(xf, inv[:, None], qmax, True, "int8.v", rounded=False)
-        u = scratch("int8.amx_u8", b * h * w * c, torch.uint8).view(b, h * w * c)
-        u.copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
+    u, scale = _rows_uint8(xn.reshape(b, h * w * c), qmax, static_scale, h * w * c)
     u = u.view(b, h, w, c)
     if ph or pw:  # the zero point around the image: the padding's zeros
         up = scratch("int8.amx_pad", b * (h + 2 * ph) * (w + 2 * pw) * c, torch.uint8).view(b, h + 2 * ph, w + 2 * pw, c)

@@ -26,7 +26,7 @@ Strategies (which one serves a call is measured by ``accel.engines`` in ``accel.
   quantization in one pass, then one pass over the stored blocks reading the activation blocks in place (no
   gather, no GEMM call per block row) with the epilogue applied as the sums are stored. Same integers, scales
   and epilogue order as the other strategies. Offered where the kernels build and pass their check
-  (:func:`accel.cpu.native.available`). ``vnni_amx``: the same with the product on AMX tiles (``tdpbusd``), where
+  (:func:`accel.cpu.native.int8_available`). ``vnni_amx``: the same with the product on AMX tiles (``tdpbusd``), where
   the CPU has them (:func:`accel.cpu.native.int8_amx_available`).
 * ``float``: the same integers through accel's fp32 block-sparse path (``accel.cpu.bsr``): exact
   products, fp32 sums (~1e-7 relative). The strategy of CPUs whose int8 dot products saturate
@@ -65,7 +65,7 @@ def strategies(qmax: int, m: int | None = None) -> tuple[str, ...]:
     an exact engine: VNNI/AMX; every GEMM here has K >= B >= 16; ``vnni`` needs the native kernels). With ``m``
     (tokens per call): the stacked ones only while they stack rows (:func:`stack_size` > 1): beyond, ``rows`` does
     the same work, and their one gather of every group's activations would grow with ``m``."""
-    native = (("vnni",) if cpu_native.available() else ()) + \
+    native = (("vnni",) if cpu_native.int8_available() else ()) + \
         (("vnni_amx",) if cpu_native.int8_amx_available() else ())
     if "int_mm" not in cpu_int8.exact_engines(qmax, 16):
         return native + ("float",)

@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 
 from .. import engines
+from .bsr_conv import output_size, padded_nhwc
+from .packcache import cached
 from .workspace import scratch
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -76,7 +78,8 @@ _lock = threading.Lock()
 _log = logging.getLogger("accel")
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler accel builds with (``CXX``, else ``g++`` / ``c++`` / ``clang++`` on the PATH), or None."""
     cxx = os.environ.get("CXX")
     for c in ((cxx,) if cxx else ()) + ("g++", "c++", "clang++"):
         path = shutil.which(c)
@@ -90,8 +93,6 @@ def int8_available() -> bool:
     call of a process (about a second; then cached on disk)."""
     return _library("int8_bsr_vnni", engines.generation()) is not None
 
-
-available = int8_available
 
 
 def int8_amx_available() -> bool:
@@ -139,7 +140,7 @@ def _allowed(name: str = "int8_bsr_vnni") -> str | None:
         return f"the CPU lacks {missing}"
     if engines.ISA_LEVELS.index(engines.cpu_isa()) < engines.ISA_LEVELS.index(spec.level):
         return f"accel's ISA view is {engines.cpu_isa()!r} (ACCEL_CPU_ISA), below {spec.level!r}"
-    if _compiler() is None:
+    if compiler() is None:
         return "no C++ compiler on the PATH"
     return None
 
@@ -149,7 +150,7 @@ def _library(name: str, _gen: int):
     """Kernel ``name``'s library when it may be offered under the current settings (:func:`_allowed`), else None."""
     if _allowed(name) is not None:
         return None
-    return _checked(name, _compiler(), engines.cache_dir())
+    return _checked(name, compiler(), engines.cache_dir())
 
 
 _LOADED: dict = {}  # (name, compiler, cache dir) -> the checked library, or None where building or checking failed
@@ -175,7 +176,7 @@ def _checked(name: str, cxx: str, cache: str):
 def _build(name: str) -> str:
     """The built library's path: ``<cache dir>/native/<name>-<hash>.so``, built now if missing (into a temporary
     name, then renamed: safe with concurrent processes)."""
-    cxx = _compiler()
+    cxx = compiler()
     source = os.path.join(_CSRC, name + ".cpp")
     flags = _COMMON + KERNELS[name].flags
     with open(source, "rb") as f:
@@ -466,9 +467,16 @@ def pack_float(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ncol
     return PackedFloat(blocks, crow, col, ncols)
 
 
+def packed_float(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, ncols: int,
+                 dtype: torch.dtype) -> PackedFloat:
+    """:func:`pack_float`, once per weight (re-packed when the values change in place, as in training)."""
+    return cached("native_float", (values, crow, col), (ncols, dtype),
+                  lambda: pack_float(values, crow, col, ncols, dtype))
+
+
 def _conv_raw(lib, x_nhwc, w: PackedFloat, kw, stride, padding, dilation, oh, ow, bias, y) -> None:
     n, h, wd, c = x_nhwc.shape
-    bs = w.blocks.shape[-2] if x_nhwc.dtype == torch.bfloat16 else w.blocks.shape[2]
+    bs = w.blocks.shape[2]
     rc = lib.accel_bsr_conv_float(x_nhwc.data_ptr(), int(x_nhwc.dtype == torch.bfloat16), n, h, wd, c, kw, stride[0],
                                   stride[1], padding[0], padding[1], dilation[0], dilation[1], oh, ow,
                                   w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
@@ -479,7 +487,7 @@ def _conv_raw(lib, x_nhwc, w: PackedFloat, kw, stride, padding, dilation, oh, ow
 
 
 def _float_operands(x, w: PackedFloat, bias, c: int, k_blocks: int, what: str):
-    bs = w.blocks.shape[-2] if w.blocks.dtype == torch.bfloat16 else w.blocks.shape[2]
+    bs = w.blocks.shape[2]  # (B in both packings)
     if x.dtype == torch.bfloat16 and BF16_NEEDS not in engines._cpu_flags():  # (vdpbf16ps would fault)
         raise ValueError(f"{what} (native): bf16 needs AVX512_BF16, which this CPU lacks")
     if not (x.dtype == w.blocks.dtype and x.device.type == "cpu" and c % bs == 0 and k_blocks == w.ncols and
@@ -505,12 +513,9 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
     order, ``C % B == 0``): ``[N, O, OH, OW]`` channels_last in ``x``'s dtype (fp32 sums, rounded once)."""
     o, c, kh, kw = weight_shape
     n, cx, h, wd = x.shape
-    bs = _float_operands(x, w, bias, c, kh * kw * c // max(1, w.blocks.shape[-2] if x.dtype == torch.bfloat16
-                                                          else w.blocks.shape[2]), "bsr_conv2d")
+    bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
     _check_geometry(stride, padding, dilation)
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = output_size(h, wd, kh, kw, stride, padding, dilation)
     nbr = w.crow.numel() - 1
     if cx != c or oh < 0 or ow < 0 or bias is not None and bias.numel() != o or o > nbr * bs:
         raise ValueError(f"bsr_conv2d (native): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
@@ -596,17 +601,13 @@ def _amx_raw(lib, xp, w: PackedFloat, kw, stride, dilation, oh, ow, bias, y) -> 
 def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
                    dilation) -> torch.Tensor:
     """:func:`bsr_conv2d` for bf16 on AMX tiles (``w`` packed for bf16): ``[N, O, OH, OW]`` channels_last bf16."""
-    from .bsr_conv import padded_nhwc
-
     o, c, kh, kw = weight_shape
     n, cx, h, wd = x.shape
     if x.dtype != torch.bfloat16:
         raise ValueError(f"bsr_conv2d (native AMX): x must be bfloat16, got {x.dtype}")
     bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
     _check_geometry(stride, padding, dilation)
-    (sh, sw), (dh, dw) = stride, dilation
-    oh = (h + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = output_size(h, wd, kh, kw, stride, padding, dilation)
     nbr = w.crow.numel() - 1
     if cx != c or bias is not None and bias.numel() != o or o > nbr * bs:
         raise ValueError(f"bsr_conv2d (native AMX): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
@@ -622,7 +623,6 @@ def _check_amx(lib) -> None:
     """The AMX kernel against PyTorch's conv (fp64) before first use: every block size, stride, dilation, output
     rows of 1, 7, 16, 17 and 40 pixels (partial tile groups), an empty block row, outputs not a multiple of 16."""
     from ..formats import bsr_to_dense
-    from .bsr_conv import padded_nhwc
 
     g = torch.Generator().manual_seed(0)
     for bs in BLOCKS:

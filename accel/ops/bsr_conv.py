@@ -169,8 +169,7 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
 def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, amx: bool) -> torch.Tensor:
     o, c, kh, kw = weight_shape
     nbc = kh * kw * c // values.shape[1]
-    w = cached("bsr_conv_native", (values, crow, col), (nbc, x.dtype),
-               lambda: cpu_native.pack_float(values, crow, col, nbc, x.dtype))
+    w = cpu_native.packed_float(values, crow, col, nbc, x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
     run = cpu_native.bsr_conv2d_amx if amx else cpu_native.bsr_conv2d
     return run(x, w, weight_shape, b, stride, padding, dilation)

@@ -107,8 +107,7 @@ def native_strategies(x: torch.Tensor, bs: int) -> tuple[str, ...]:
 
 def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torch.Tensor:
     nbc = x.shape[1] // values.shape[1]
-    w = cached("bsr_linear_native", (values, crow, col), (nbc, x.dtype),
-               lambda: cpu_native.pack_float(values, crow, col, nbc, x.dtype))
+    w = cpu_native.packed_float(values, crow, col, nbc, x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
     return cpu_native.bsr_linear(x, w, b, out_features, amx=strategy == "native_amx")
 

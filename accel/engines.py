@@ -29,7 +29,7 @@ Measurement (:func:`measure`) is built to give the same answer on a noisy shared
 
 Cache: ``$ACCEL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/accel`` or ``~/.cache/accel``), one JSON
 file per machine fingerprint (CPU model and ISA flags, torch version, threads, oneDNN / ATen ISA
-caps, accel's engine version). Writes take an ``flock`` and merge, then replace the file
+caps, accel's engine version and native kernel sources). Writes take an ``flock`` and merge, then replace the file
 atomically, so concurrent processes are safe. A malformed file (not JSON, wrong structure) or
 entry is ignored with one :class:`EngineCacheWarning` naming the file, and rewritten on the next
 save. ``ACCEL_ENGINE_CACHE=0`` keeps decisions in memory only; ``ACCEL_ENGINE_MEASURE=0`` never
@@ -204,17 +204,21 @@ def generation() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the machine
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags in ``/proc/cpuinfo``, read once per process (op dispatch asks on every call; the file is
+    long on a many-core machine)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
+@functools.cache
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -331,7 +335,27 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "engine_version": ENGINE_VERSION,
+        "native_kernels": _native_sources(),
     }
+
+
+@functools.cache
+def _native_sources() -> str:
+    """A short hash of accel's native kernel sources (``accel/cpu/csrc``): a changed kernel runs at another speed, so
+    the decisions measured with the old one are not reused."""
+    h = hashlib.sha1()
+    folder = os.path.join(os.path.dirname(__file__), "cpu", "csrc")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return ""
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+        except OSError:
+            continue
+    return h.hexdigest()[:12]
 
 
 def _fingerprint_inputs() -> tuple:

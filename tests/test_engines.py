@@ -280,6 +280,19 @@ def test_m_buckets_and_fingerprint(accel_env):
     assert engines.fingerprint() != base and engines.machine()["accel_isa"] == "avx2"
 
 
+def test_native_kernel_sources_are_part_of_the_machine(monkeypatch):
+    """A changed native kernel runs at another speed: its decisions live in another cache file."""
+    digest = engines.machine()["native_kernels"]
+    assert len(digest) == 12 and int(digest, 16) >= 0
+    before = engines._fingerprint(("test", 1))
+    engines._fingerprint.cache_clear()
+    monkeypatch.setattr(engines, "_native_sources", lambda: "0" * 12)
+    try:
+        assert engines._fingerprint(("test", 1)) != before
+    finally:
+        engines._fingerprint.cache_clear()
+
+
 def test_int8_engines_agree_exactly_where_chosen(cache):
     """A measured int8 linear picks one of the exact engines, and its output is the reference's."""
     x, w = torch.randn(33, 256), torch.randn(96, 256)

@@ -95,6 +95,68 @@ def test_sums_beyond_fp32_integers_and_huge_scales(strategy):
     assert torch.equal(y, want) and bool(torch.isfinite(y).all())
 
 
+def assert_same_bf16(y, want):
+    """The same bits, NaNs aside (PyTorch's own conversion writes NaN as 0x7FC0 or 0xFFFF depending on its path)."""
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("strategy", INT8_NATIVE)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_bf16_layers_get_the_fp32_result_rounded_once(strategy, activation):
+    """bf16 activations: the kernel stores bf16 itself (none, relu) or fp32 for the activation (gelu); either way the
+    bits of the fp32 layer's result on the same values, activated, then converted, including NaN rows, a zero row,
+    tokens with a scale past 2**96 (fp64 rows) and values at the bf16 rounding ties."""
+    n, k, bs = 70, 200, 32
+    v, ws, crow, col, bias = make(n, k, bs, 0.6, (1,))
+    x = (torch.randn(9, k) * 3).bfloat16()
+    x[2, 5] = float("nan")
+    x[3] = 0
+    x[4] *= 1e33
+    for b in (bias, None):
+        y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, strategy)
+        want = cpu_int8_bsr.int8_bsr_linear_cpu(x.float(), v, ws, crow, col, n, b, activation, 127, strategy)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous()
+        assert_same_bf16(y, want.bfloat16())
+    u, scale = native.quantize_rows(x, 127, 224, spread=True)
+    w = native.pack(v, crow, col)
+    ones = torch.ones(n)
+    for out in (torch.float32, torch.bfloat16):  # the raw kernel: every output dtype it takes, and no other
+        y = native.int8_bsr_linear(u, w, scale, ones, None, n, strategy == "vnni_amx", out_dtype=out)
+        assert y.dtype == out
+    with pytest.raises(ValueError, match="out_dtype"):
+        native.int8_bsr_linear(u, w, scale, ones, None, n, strategy == "vnni_amx", out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_spread_rows_and_long_rows_quantize_alike(m):
+    """Rows spread an odd number of cache lines apart hold the same bytes; rows long enough to be split between
+    threads (one image of a conv) get the same integers and scales as whole rows."""
+    for width in (1, 64, 100, 4096):
+        ld = native.spread_stride(width)
+        assert ld >= width and ld % 64 == 0 and (ld // 64) % 2 == 1
+    x = torch.randn(m, 4096) * 2
+    u, s = native.quantize_rows(x, 127, 4096)
+    u, s = u.clone(), s.clone()
+    us, ss = native.quantize_rows(x, 127, 4096, spread=True)
+    assert us.shape == (m, 4096) and us.stride(0) == native.spread_stride(4096)
+    assert torch.equal(us, u) and torch.equal(ss, s)
+    long = torch.randn(m, 70001) * 5
+    long[0, 123] = float("inf")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, 2))
+        ul, sl = native.quantize_rows(long, 63, 70016)
+    finally:
+        torch.set_num_threads(threads)
+    q, want = eager_quantized(long, 63)
+    assert torch.equal(sl.nan_to_num(-1.0), want.nan_to_num(-1.0))
+    ok = torch.isfinite(want)
+    assert torch.equal(ul[ok, :70001].int() - 128, q[ok].int()) and bool((ul[0] == 128).all())
+    assert bool((ul[:, 70001:] == 128).all())
+
+
 def cpu_int8_bsr_dense(v, crow, col, n, k):
     from accel.formats import bsr_to_dense
 
@@ -410,6 +472,10 @@ def test_amx_tiles_dense_int8_engine(accel_env):
         assert yb.dtype == torch.bfloat16
         want = cpu_int8.linear_int8_reference(x.bfloat16(), wq, ws, bias, "none", None, 127)
         torch.testing.assert_close(yb.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+        for act in ("relu", "gelu"):  # bf16 stored by the kernel (relu) or converted after the activation (gelu)
+            yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, act, None, 127, "amx_tiles")
+            want = cpu_int8.linear_int8_cpu(x.bfloat16().float(), wq, ws, bias, act, None, 127, "amx_tiles")
+            assert_same_bf16(yb, want.bfloat16())
         if "int_mm" in cpu_int8.exact_engines(127, k):  # the dense engines' epilogue order: the same bits
             y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", None, 127, "amx_tiles")
             assert torch.equal(y, cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", None, 127, "int_mm"))
@@ -454,6 +520,14 @@ def test_amx_tiles_int8_conv_equals_the_eager_engine(geometry):
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), wb.float(), rtol=1e-2 if eager != "im2col" else 0, atol=0 if eager == "im2col"
                                else 1e-2 * float(wb.abs().max()))
+    for act in ("relu", "gelu"):  # bf16 stored by the kernel (relu) or after the fp32 activation (gelu): the fp32 bits
+        xb = x.bfloat16()
+        xb[0, 0, 0, 0] = float("nan")
+        yb = cpu_int8.conv2d_int8_cpu(xb, wq, ws, bias, stride, padding, dilation, act, None, 127, engine="amx_tiles")
+        want = cpu_int8.conv2d_int8_cpu(xb.float(), wq, ws, bias, stride, padding, dilation, act, None, 127,
+                                        engine="amx_tiles")
+        assert yb.is_contiguous(memory_format=torch.channels_last) and bool(torch.isnan(yb[0]).all())
+        assert_same_bf16(yb, want.bfloat16())
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX kernels here")

@@ -435,17 +435,19 @@ def _dense_blocks(w_q: torch.Tensor, bs: int):
     return values, crow, torch.arange(nbc, dtype=torch.int64).repeat(nbr)
 
 
-def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None, width: int):
+def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None, width: int, spread: bool = False):
     """``(u [M, width] uint8, scale [M])``: accel's quantization of each row of ``rows [M, K]`` (rows of unit stride)
     as the integers + 128, the zero point past K; per row in one native pass, or with ``static_scale`` through the
-    eager steps (saturating). The ``amx_tiles`` engines' input."""
+    eager steps (saturating). The ``amx_tiles`` engines' input; ``spread``: rows apart by
+    :func:`accel.cpu.native.spread_stride`."""
     if static_scale is None:
-        return native.quantize_rows(rows, qmax, width)
+        return native.quantize_rows(rows, qmax, width, spread)
     m, k = rows.shape
     xf = as_fp32(rows, "int8.x32")
     scale, inv = act_scale_inv(xf, qmax, static_scale)
     v = _scaled_rounded(xf, inv[:, None], qmax, True, "int8.v", rounded=False)
-    u = scratch("int8.amx_u8", m * width, torch.uint8).view(m, width)
+    ld = native.spread_stride(width) if spread else width
+    u = scratch("int8.amx_u8", m * ld, torch.uint8).view(m, ld)[:, :width]
     u[:, :k].copy_(v.add_(_ROUND_MAGIC + 128).view(torch.int32))  # (round(v) + 128 in the low byte: _to_uint8)
     u[:, k:].fill_(128)
     return u, scale
@@ -459,12 +461,12 @@ def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.
     bs = AMX_BLOCK
     width = -(-k // bs) * bs
     w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, bs)))
-    u, scale = _rows_uint8(x if x.stride(-1) == 1 else x.contiguous(), qmax, static_scale, width)
+    u, scale = _rows_uint8(x if x.stride(-1) == 1 else x.contiguous(), qmax, static_scale, width, spread=True)
     b = None if bias is None else bias.float().contiguous()
     y = native.int8_bsr_linear(u, w, scale.float().contiguous(), w_scale.float().contiguous(), b, n, amx=True,
-                               dense_order=True)
+                               dense_order=True, out_dtype=native.out_dtype(x.dtype, activation))
     y = activate(y, activation, inplace=True)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 _FP32_MAX = float(np.finfo(np.float32).max)
@@ -815,9 +817,10 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
         up[:, ph:ph + h, pw:pw + w].copy_(u)
         u = up
     y = native.int8_conv2d_amx(u, packed, (o, c, kh, kw), scale.float().contiguous(), w_scale.float().contiguous(),
-                               None if bias is None else bias.float().contiguous(), (sh, sw), (dh, dw), (oh, ow))
+                               None if bias is None else bias.float().contiguous(), (sh, sw), (dh, dw), (oh, ow),
+                               native.out_dtype(x.dtype, activation))
     y = activate(y, activation, inplace=True).permute(0, 3, 1, 2)  # [B, O, OH, OW] channels_last
-    return y if x.dtype == torch.float32 else y.to(x.dtype, memory_format=torch.channels_last)
+    return y if y.dtype == x.dtype else y.to(x.dtype, memory_format=torch.channels_last)
 
 
 def canonical(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -310,11 +310,12 @@ def _stacked(q, values_q, crow, col, nbr, bs, wide: bool = False) -> torch.Tenso
 def _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax,
                    amx: bool) -> torch.Tensor:
     w = cached("int8_bsr_native", (values_q, crow, col), (), lambda: cpu_native.pack(values_q, crow, col))
-    u, scale = cpu_native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, nbc * bs)
+    u, scale = cpu_native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, nbc * bs, spread=True)
     b = None if bias is None else bias.float().contiguous()
-    y = cpu_native.int8_bsr_linear(u, w, scale, w_scale.float().contiguous(), b, out_features, amx)
+    y = cpu_native.int8_bsr_linear(u, w, scale, w_scale.float().contiguous(), b, out_features, amx,
+                                   out_dtype=cpu_native.out_dtype(x.dtype, activation))
     y = activate(y, activation, inplace=True)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

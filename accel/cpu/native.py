@@ -253,7 +253,7 @@ def _load(name: str, path: str):
         lib.accel_bsr_conv_amx.restype = i32
         lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, i64, i64, i32]
         lib.accel_int8_conv_amx.restype = i32
-        lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
+        lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32]
         if lib.accel_amx_init() != 0:  # (before any tile instruction: without the permission they fault)
             raise RuntimeError("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
         return lib
@@ -264,11 +264,11 @@ def _load(name: str, path: str):
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
     lib.accel_int8_bsr_vnni.restype = i32
-    lib.accel_int8_bsr_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32]
+    lib.accel_int8_bsr_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32]
     lib.accel_amx_init.restype = i32
     lib.accel_amx_init.argtypes = []
     lib.accel_int8_bsr_amx.restype = i32
-    lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, i64, i32, i32]
+    lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32, i32]
     lib.amx = None  # its AMX product: set up and checked at the first int8_amx_available() that needs it
     return lib
 
@@ -312,10 +312,11 @@ def _check_int8(lib, amx: bool = False) -> None:
             want = (x.long() @ dense.t()).float()[:, :n]  # (|sums| < 2**24: exact in fp32)
             for u8, tiles in (((True, True),) if amx else ((False, False), (True, False))):
                 xi = (x.view(torch.uint8) ^ 0x80) if u8 else x
-                y = _product(lib, xi, w, torch.ones(m), ones, zeros, n, tiles)
-                if not torch.equal(y, want):
-                    raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}, AMX {tiles}) checked "
-                                       f"against an exact integer product")
+                for out in (torch.float32, torch.bfloat16):
+                    y = _product(lib, xi, w, torch.ones(m), ones, zeros, n, tiles, out_dtype=out)
+                    if not torch.equal(y, want.to(out)):
+                        raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}, AMX {tiles}, {out} "
+                                           f"output) checked against an exact integer product")
 
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -332,20 +333,22 @@ def _quantize(lib, x: torch.Tensor, qmax: int, width: int, u: torch.Tensor | Non
     return u, scale
 
 
-def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False, dense_order: bool = False) -> torch.Tensor:
+def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False, dense_order: bool = False,
+             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     m = x.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=out_dtype)
     bs = w.blocks.shape[2]
+    y_bf16 = int(out_dtype == torch.bfloat16)
     if amx:
         rc = lib.accel_int8_bsr_amx(x.data_ptr(), m, x.stride(0), w.blocks.data_ptr(), w.crow.data_ptr(),
                                     w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(), scale.data_ptr(),
-                                    w_scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, n,
-                                    torch.get_num_threads(), int(dense_order))
+                                    w_scale.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                    y_bf16, n, n, torch.get_num_threads(), int(dense_order))
     else:
         rc = lib.accel_int8_bsr_vnni(x.data_ptr(), int(x.dtype == torch.uint8), m, x.stride(0), w.blocks.data_ptr(),
                                      w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(),
                                      scale.data_ptr(), w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                     y.data_ptr(), n, n, torch.get_num_threads())
+                                     y.data_ptr(), y_bf16, n, n, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
     return y
@@ -388,26 +391,44 @@ def _lib(name: str = "int8_bsr_vnni"):
     return lib
 
 
-def quantize_rows(x: torch.Tensor, qmax: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, qmax: int, width: int, spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """accel's per-token quantization of ``x [M, K]`` (fp32, bf16 or fp16, rows of unit stride) in one pass:
     ``(u, scale)``, ``u [M, width]`` uint8 the integers plus 128 (128 past K: zeros), in a reused buffer (the
-    caller's until its next call), and ``scale [M]`` fp32 (NaN for rows holding NaN/inf: their bytes are 128)."""
+    caller's until its next call), and ``scale [M]`` fp32 (NaN for rows holding NaN/inf: their bytes are 128).
+    ``spread``: rows an odd number of cache lines apart (:func:`spread_stride`), for the kernels' tile loads."""
     if not (x.dtype in _DTYPES and x.dim() == 2 and x.device.type == "cpu" and (x.stride(1) == 1 or x.shape[1] <= 1)
             and width >= x.shape[1] and isinstance(qmax, int) and 1 <= qmax <= 127):
         raise ValueError(f"quantize_rows: x {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}, qmax {qmax}, "
                          f"width {width}: expected fp32/bf16/fp16 [M, K] rows of unit stride on the CPU, K <= width, "
                          f"1 <= qmax <= 127")
     m = x.shape[0]
-    u = scratch("native.u8", m * width, torch.uint8).view(m, width)
+    ld = spread_stride(width) if spread else width
+    u = scratch("native.u8", m * ld, torch.uint8).view(m, ld)[:, :width]
     return _quantize(_lib(), x, qmax, width, u)
 
 
+def out_dtype(x_dtype: torch.dtype, activation: str) -> torch.dtype:
+    """The int8 kernels' output for a layer of ``x_dtype`` activations: bf16 stored by the kernel for bf16 layers whose
+    activation commutes with the rounding (none, relu: the same bits as rounding the fp32 result after it), fp32
+    otherwise (then converted by the caller)."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and activation in ("none", "relu") else torch.float32
+
+
+def spread_stride(width: int) -> int:
+    """A row stride of at least ``width`` bytes that is an odd number of 64-byte lines: 16 rows read by one tile load
+    then fall in 16 different L1 sets (a stride that is a multiple of 4 KiB puts them all in one set, and the loads
+    miss L1)."""
+    lines = -(-width // 64)
+    return 64 * (lines + 1 - lines % 2)
+
+
 def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, n: int, amx: bool = False, dense_order: bool = False) -> torch.Tensor:
-    """``y [M, n]`` fp32: ``((acc * scale[t]) * w_scale[o]) + bias[o]`` with ``acc[t, o]`` the int32 product of the
-    integers in ``u`` (uint8, plus 128, from :func:`quantize_rows`; or int8) and the blocks of ``w``
-    (:func:`pack`); rows with a scale past 2**96 in fp64. The operands' layout is checked here: the kernel reads raw
-    pointers."""
+                    bias: torch.Tensor | None, n: int, amx: bool = False, dense_order: bool = False,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``y [M, n]``: ``((acc * scale[t]) * w_scale[o]) + bias[o]`` in fp32 with ``acc[t, o]`` the int32 product of
+    the integers in ``u`` (uint8, plus 128, from :func:`quantize_rows`; or int8) and the blocks of ``w``
+    (:func:`pack`); rows with a scale past 2**96 in fp64; stored as ``out_dtype`` (fp32, or bf16 rounded once as
+    ``Tensor.to`` rounds). The operands' layout is checked here: the kernel reads raw pointers."""
     bs = w.blocks.shape[2]
     nbr = w.crow.numel() - 1
     m = u.shape[0] if u.dim() == 2 else -1
@@ -428,7 +449,9 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
         raise ValueError(f"int8_bsr_linear (native AMX): u must be uint8 (integers + 128), got {u.dtype}")
     if dense_order and not amx:
         raise ValueError("int8_bsr_linear (native): the dense engines' epilogue order is an option of the AMX product")
-    return _product(_lib(), u, w, scale, w_scale, bias, n, amx, dense_order)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"int8_bsr_linear (native): out_dtype must be float32 or bfloat16, got {out_dtype}")
+    return _product(_lib(), u, w, scale, w_scale, bias, n, amx, dense_order, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ float (bsr_float)
@@ -657,18 +680,19 @@ def _int8_conv_raw(lib, up, w: Packed, kw, stride, dilation, oh, ow, scale, w_sc
     rc = lib.accel_int8_conv_amx(up.data_ptr(), n, hp, wp, c, kw, stride[0], stride[1], dilation[0], dilation[1], oh, ow,
                                  w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
                                  w.comp.data_ptr(), scale.data_ptr(), w_scale.data_ptr(),
-                                 None if bias is None else bias.data_ptr(), y.data_ptr(), y.shape[-1], y.shape[-1],
-                                 torch.get_num_threads())
+                                 None if bias is None else bias.data_ptr(), y.data_ptr(), int(y.dtype == torch.bfloat16),
+                                 y.shape[-1], y.shape[-1], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the AMX int8 conv kernel refused its arguments (code {rc})")
 
 
 def int8_conv2d_amx(up: torch.Tensor, w: Packed, weight_shape, scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, stride, dilation, out_hw) -> torch.Tensor:
+                    bias: torch.Tensor | None, stride, dilation, out_hw,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """accel's int8 conv on AMX tiles: ``up [N, Hp, Wp, C]`` uint8 the padded input quantized per image (integers
     + 128, the padding 128), ``w`` the int8 weight ``[O, KH*KW*C]`` ((kh, kw, c) order) packed by :func:`pack`,
-    ``scale [N]``, ``w_scale [O]``, ``bias [O]`` fp32: ``[N, OH, OW, O]`` fp32,
-    ``fma((acc - comp) * w_scale, scale, bias)``."""
+    ``scale [N]``, ``w_scale [O]``, ``bias [O]`` fp32: ``[N, OH, OW, O]``, ``fma((acc - comp) * w_scale, scale,
+    bias)`` in fp32 stored as ``out_dtype`` (fp32, or bf16 rounded once as ``Tensor.to`` rounds)."""
     o, c, kh, kw = weight_shape
     n, hp, wp, cu = up.shape
     bs = w.blocks.shape[2]
@@ -678,15 +702,15 @@ def int8_conv2d_amx(up: torch.Tensor, w: Packed, weight_shape, scale: torch.Tens
           w.crow.numel() - 1 == -(-o // bs) and w.width <= kh * kw * c and scale.numel() == n and
           w_scale.numel() == o and (bias is None or bias.numel() == o) and
           all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in vec) and
-          up.device.type == "cpu")
+          up.device.type == "cpu" and out_dtype in (torch.float32, torch.bfloat16))
     fits = (oh >= 0 and ow >= 0 and (oh == 0 or hp >= (oh - 1) * stride[0] + (kh - 1) * dilation[0] + 1) and
             (ow == 0 or wp >= (ow - 1) * stride[1] + (kw - 1) * dilation[1] + 1))
     if not (ok and fits):
         raise ValueError(f"int8_conv2d (native AMX): up {up.dtype} {tuple(up.shape)}, weight {tuple(weight_shape)} "
                          f"in blocks of {bs}, scale {tuple(scale.shape)}, w_scale {tuple(w_scale.shape)}, bias "
-                         f"{None if bias is None else tuple(bias.shape)}, output {out_hw}, stride {stride}, dilation "
-                         f"{dilation}")
-    y = torch.empty(n, oh, ow, o, dtype=torch.float32)
+                         f"{None if bias is None else tuple(bias.shape)}, output {out_hw} {out_dtype}, stride {stride}, "
+                         f"dilation {dilation}")
+    y = torch.empty(n, oh, ow, o, dtype=out_dtype)
     if y.numel():
         _int8_conv_raw(_lib("bsr_amx"), up, w, kw, stride, dilation, oh, ow, scale, w_scale, bias, y)
     return y
@@ -709,11 +733,12 @@ def _check_amx_int8(lib) -> None:
             want = torch.nn.functional.conv2d(q.double(), wq.double(), None, stride, 0, dilation)
             up = (q.permute(0, 2, 3, 1).contiguous().view(torch.uint8) ^ 0x80)
             s, ws = torch.ones(2), torch.ones(o)
-            y = torch.empty(2, want.shape[2], want.shape[3], o)
-            _int8_conv_raw(lib, up, w, kw, stride, dilation, want.shape[2], want.shape[3], s, ws, None, y)
-            if not torch.equal(y.permute(0, 3, 1, 2).double(), want):  # (|sums| < 2**24: exact in fp32)
-                raise RuntimeError(f"the AMX int8 conv (block {bs}, width {width}, stride {stride}, dilation "
-                                   f"{dilation}) differs from an exact integer conv")
+            for out in (torch.float32, torch.bfloat16):
+                y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=out)
+                _int8_conv_raw(lib, up, w, kw, stride, dilation, want.shape[2], want.shape[3], s, ws, None, y)
+                if not torch.equal(y.permute(0, 3, 1, 2), want.to(out)):  # (|sums| < 2**24: exact in fp32)
+                    raise RuntimeError(f"the AMX int8 conv (block {bs}, width {width}, stride {stride}, dilation "
+                                       f"{dilation}, {out} output) differs from an exact integer conv")
 
 
 def _check_bsr_amx(lib) -> None:

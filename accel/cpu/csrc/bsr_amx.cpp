@@ -36,20 +36,22 @@ struct Geometry {
   int64_t ncb;  // C / B
 };
 
+// fp32 -> bf16, round to nearest even (NaN -> a NaN): PyTorch's float -> bf16 conversion, bit for bit
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_rows(
     const float* acc, int64_t rows, int64_t o, int64_t nout, const float* bias, uint16_t* y, int64_t ldy) {
   if (o >= nout) return;
   const __mmask16 k = nout - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nout - o)) - 1);
   const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + o) : _mm512_setzero_ps();
-  for (int64_t t = 0; t < rows; ++t) {
-    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + t * 16), b);
-    // round to nearest even, NaN -> 0x7FC0: PyTorch's float -> bf16 conversion, bit for bit
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(y + t * ldy + o, k, _mm512_cvtepi32_epi16(r));
-  }
+  for (int64_t t = 0; t < rows; ++t)
+    _mm256_mask_storeu_epi16(y + t * ldy + o, k, to_bf16(_mm512_add_ps(_mm512_loadu_ps(acc + t * 16), b)));
 }
 
 // Configure the tiles for pixel groups of r0 and r1 rows (r1 may be 0) and K chunks of kc inputs.
@@ -132,14 +134,15 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void item
 // The same implicit GEMM for accel's int8 conv: the input quantized per image to uint8 (integers + 128; the
 // padding 128, i.e. zero), the weight int8 [O, KH*KW*C] as (dense) blocks packed [nnz][B/4][B][4], int32 sums,
 // y[m, o] = fma(float(acc - comp[o]) * w_scale[o], scale[image], bias[o]) in fp32: the eager engines' order (their
-// GEMM returns acc * w_scale, then torch.addcmul(bias, y, scale)).
+// GEMM returns acc * w_scale, then torch.addcmul(bias, y, scale)); stored as fp32, or rounded once to bf16.
 struct I8Out {
   const float* scale;   // [N] per image
   const float* wscale;  // [O]
   const float* bias;    // [O] or null
   const int32_t* comp;  // [nbr * B]: 128 * sum of each output's weights
-  float* y;             // [M, ldy]
+  void* y;              // [M, ldy] fp32, or bf16 with bf16 = 1
   int64_t ldy, nout;
+  int bf16;
 };
 
 __attribute__((target("amx-tile"))) inline void configure_i8(TileConfig& cur, int r0, int r1, int kc) {
@@ -165,7 +168,7 @@ __attribute__((target("amx-tile"))) inline void configure_i8(TileConfig& cur, in
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_i8(const int32_t* acc, int64_t rows, int64_t o,
                                                                         int64_t ob, float s, const I8Out& out,
-                                                                        float* y) {
+                                                                        int64_t m0) {
   if (o >= out.nout) return;
   const __mmask16 k = out.nout - o >= 16 ? static_cast<__mmask16>(0xFFFF)
                                          : static_cast<__mmask16>((1u << (out.nout - o)) - 1);
@@ -174,8 +177,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_i8(const 
   const __m512i c = _mm512_loadu_si512(out.comp + ob);
   const __m512 vs = _mm512_set1_ps(s);
   for (int64_t t = 0; t < rows; ++t) {
-    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + t * 16), c)), ws);
-    _mm512_mask_storeu_ps(y + t * out.ldy + o, k, out.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + t * 16), c)), ws);
+    v = out.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs);
+    const int64_t at = (m0 + t) * out.ldy + o;
+    if (out.bf16)
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, k, to_bf16(v));
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, k, v);
   }
 }
 
@@ -214,17 +222,17 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl"))) void item
   const int64_t ob = o0;  // (comp is per output)
   const float s = out.scale[n];
   _tile_stored(4, acc, 64);
-  store_i8(acc, r0, o0, ob, s, out, out.y + m0 * out.ldy);
+  store_i8(acc, r0, o0, ob, s, out, m0);
   if (og > 1) {
     _tile_stored(5, acc, 64);
-    store_i8(acc, r0, o0 + 16, ob + 16, s, out, out.y + m0 * out.ldy);
+    store_i8(acc, r0, o0 + 16, ob + 16, s, out, m0);
   }
   if (r1) {
     _tile_stored(6, acc, 64);
-    store_i8(acc, r1, o0, ob, s, out, out.y + (m0 + 16) * out.ldy);
+    store_i8(acc, r1, o0, ob, s, out, m0 + 16);
     if (og > 1) {
       _tile_stored(7, acc, 64);
-      store_i8(acc, r1, o0 + 16, ob + 16, s, out, out.y + (m0 + 16) * out.ldy);
+      store_i8(acc, r1, o0 + 16, ob + 16, s, out, m0 + 16);
     }
   }
 }
@@ -280,19 +288,20 @@ extern "C" int accel_bsr_conv_amx(const void* xp, int64_t n, int64_t hp, int64_t
 }
 
 // accel's int8 conv on tiles. xp: the padded per-image-quantized input NHWC uint8 [n, hp, wp, c] (padding 128);
-// w: int8 blocks [nnz][B/4][B][4] of W [O, KH*KW*C]; comp [nbr * B]; scale [n]; y fp32 [n*oh*ow, ldy].
+// w: int8 blocks [nnz][B/4][B][4] of W [O, KH*KW*C]; comp [nbr * B]; scale [n]; y [n*oh*ow, ldy] fp32, or bf16 with
+// y_bf16.
 extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw,
                                    int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
                                    const int8_t* w, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
                                    const int32_t* comp, const float* scale, const float* wscale, const float* bias,
-                                   float* y, int64_t ldy, int64_t nout, int nthreads) {
+                                   void* y, int y_bf16, int64_t ldy, int64_t nout, int nthreads) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
   if (c % bs || n < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || nout > nbr * bs ||
       ldy < nout || nthreads < 1)
     return 2;
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
   const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
-  const I8Out out{scale, wscale, bias, comp, y, ldy, nout};
+  const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
   const int og = bs >= 32 ? 2 : 1;
   const int64_t passes = bs / (16 * og);
   const int64_t chunks_per_row = (ow + 31) / 32;

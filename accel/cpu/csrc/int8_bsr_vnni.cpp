@@ -8,6 +8,7 @@
 // accel_int8_bsr_vnni:
 //   acc[t, r*B + o] = sum over stored blocks p of block row r, i < B:  q[t, col[p]*B + i] * W[p, o, i]
 //   y[t, r*B + o] = fma(float(acc) * scale[t], w_scale[o], bias[o])      (fp32, in this order; o < n only)
+//   stored as fp32, or (y_bf16) rounded once to bf16 as PyTorch's conversion rounds (nearest even, NaN 0x7FC0)
 //   with q = u - 128 (u from accel_quantize_rows; or int8 x with x_is_u8 = 0). W: the blocks packed
 //   [nnz][B/4][B][4] (four consecutive inputs of one output together: vpdpbusd's operand order); comp[r*B + o]
 //   = 128 * (sum of W[p, o, :] over the block row's blocks). vpdpbusd multiplies unsigned by signed bytes: the
@@ -99,21 +100,45 @@ struct Epilogue {
   const float* scale;   // [M]
   const float* wscale;  // [N]
   const float* bias;    // [N] or null
-  float* y;             // [M, ldy]
+  void* y;              // [M, ldy] fp32, or bf16 with bf16 = 1
   int64_t ldy, n;
+  int bf16;
 };
+
+// fp32 -> bf16, round to nearest even, NaN -> 0x7FC0: PyTorch's conversion, bit for bit
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline uint16_t to_bf16(float f) {
+  if (f != f) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+// y[t, o .. o + 16) under mask m
+inline void put(const Epilogue& e, int64_t t, int64_t o, __mmask16 m, __m512 v) {
+  if (e.bf16)
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.y) + t * e.ldy + o, m, to_bf16(v));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(e.y) + t * e.ldy + o, m, v);
+}
 
 inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
   if (o >= e.n) return;
   const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
   const float s = e.scale[t];
-  float* y = e.y + t * e.ldy + o;
   if (!(s > kHugeScale)) {  // (NaN scales here: NaN outputs)
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s));
     const __m512 ws = _mm512_maskz_loadu_ps(m, e.wscale + o);
     // with a bias one fused multiply-add, as torch.addcmul (bias, y, w_scale) computes it on the CPU
     v = e.bias ? _mm512_fmadd_ps(v, ws, _mm512_maskz_loadu_ps(m, e.bias + o)) : _mm512_mul_ps(v, ws);
-    _mm512_mask_storeu_ps(y, m, v);
+    put(e, t, o, m, v);
     return;
   }
   alignas(64) int32_t a[16];
@@ -121,7 +146,11 @@ inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
   for (int j = 0; j < 16 && o + j < e.n; ++j) {
     double v = (static_cast<double>(a[j]) * s) * e.wscale[o + j];  // (the eager epilogue's fp64 rows: no fma)
     if (e.bias) v += e.bias[o + j];
-    y[j] = static_cast<float>(v);
+    const float f = static_cast<float>(v);  // (then bf16: the eager path's fp32 result, converted)
+    if (e.bf16)
+      static_cast<uint16_t*>(e.y)[t * e.ldy + o + j] = to_bf16(f);
+    else
+      static_cast<float*>(e.y)[t * e.ldy + o + j] = f;
   }
 }
 
@@ -138,7 +167,7 @@ inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const
     if (dense_order) {  // the dense int8 engines' order: (acc * w_scale), then torch.addcmul(bias, ., x_scale)
       const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), ws);
       const __m512 vs = _mm512_set1_ps(s);
-      _mm512_mask_storeu_ps(e.y + (t0 + t) * e.ldy + o, m, e.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs));
+      put(e, t0 + t, o, m, e.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs));
       continue;
     }
     if (s > kHugeScale) {  // (rare: store()'s fp64 rows)
@@ -146,7 +175,7 @@ inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const
       continue;
     }
     const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s));
-    _mm512_mask_storeu_ps(e.y + (t0 + t) * e.ldy + o, m, e.bias ? _mm512_fmadd_ps(v, ws, b) : _mm512_mul_ps(v, ws));
+    put(e, t0 + t, o, m, e.bias ? _mm512_fmadd_ps(v, ws, b) : _mm512_mul_ps(v, ws));
   }
 }
 
@@ -289,6 +318,22 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
   // per-image rows: one image would otherwise be one thread's work)
   const int64_t span = (m >= nthreads || k < (1 << 16)) ? (k > 0 ? k : 1) : (int64_t{1} << 15);
   const int64_t per_row = (k + span - 1) / span > 0 ? (k + span - 1) / span : 1;
+  if (per_row == 1) {  // whole rows per item: the row's max, then its bytes while the row is still in L1/L2
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k >= 65536)
+    for (int64_t t = 0; t < m; ++t) {
+      const void* xt = static_cast<const char*>(x) + t * ldx * elem;
+      uint8_t* ut = u + t * ldu;
+      float absmax = 0.0f, inv = 0.0f;
+      const bool finite = span_absmax(xt, dtype, 0, k, &absmax);
+      row_scale(absmax, finite, q, scale + t, &inv);
+      if (scale[t] != scale[t])  // NaN: bytes 128
+        std::memset(ut, 128, k);
+      else
+        quantize_span(xt, dtype, 0, k, inv, ut);
+      if (width > k) std::memset(ut + k, 128, width - k);
+    }
+    return 0;
+  }
   const int64_t items = m * per_row;
   float* part = new (std::nothrow) float[items];
   bool* fin = new (std::nothrow) bool[items];
@@ -336,10 +381,10 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
 extern "C" int accel_int8_bsr_vnni(const void* x, int x_is_u8, int64_t m, int64_t ldx, const int8_t* w,
                                    const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
                                    const int32_t* comp, const float* scale, const float* wscale, const float* bias,
-                                   float* y, int64_t ldy, int64_t n, int nthreads) {
+                                   void* y, int y_bf16, int64_t ldy, int64_t n, int nthreads) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
   if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
-  const Epilogue e{scale, wscale, bias, y, ldy, n};
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
   const uint8_t* xu = static_cast<const uint8_t*>(x);
   const uint32_t flip = x_is_u8 ? 0u : 0x80808080u;
   const int64_t T = bs <= 32 ? 8 : 4;  // tokens per tile: T * NB accumulators + NB weights in 32 registers
@@ -367,15 +412,16 @@ extern "C" int accel_amx_init() {
 }
 
 // accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
-// dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows.
+// dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows. y: fp32, or
+// bf16 with y_bf16 (as accel_int8_bsr_vnni).
 extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow,
                                   const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
-                                  const float* wscale, const float* bias, float* y, int64_t ldy, int64_t n,
+                                  const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy, int64_t n,
                                   int nthreads, int dense_order) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
   if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
   if (m == 0 || nbr == 0) return 0;
-  const Epilogue e{scale, wscale, bias, y, ldy, n};
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
   const int og = bs >= 32 ? 2 : 1;            // output groups of 16 per item
   const int64_t passes = bs / (16 * og);      // items per block row and token chunk
   const int64_t chunks = (m + 31) / 32;       // token chunks of 32 (two groups of 16)

@@ -105,20 +105,36 @@ def assert_same_bf16(y, want):
 @pytest.mark.parametrize("strategy", INT8_NATIVE)
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 def test_bf16_layers_get_the_fp32_result_rounded_once(strategy, activation):
-    """bf16 activations: the kernel stores bf16 itself (none, relu) or fp32 for the activation (gelu); either way the
+    """bf16 activations: the kernel stores bf16 itself (none) or fp32 for the activation (relu, gelu); either way the
     bits of the fp32 layer's result on the same values, activated, then converted, including NaN rows, a zero row,
-    tokens with a scale past 2**96 (fp64 rows) and values at the bf16 rounding ties."""
+    tokens with a scale past 2**96 (fp64 rows), tiny results (relu of -0.0 / +0.0) and exact bf16 rounding ties."""
     n, k, bs = 70, 200, 32
     v, ws, crow, col, bias = make(n, k, bs, 0.6, (1,))
     x = (torch.randn(9, k) * 3).bfloat16()
     x[2, 5] = float("nan")
     x[3] = 0
     x[4] *= 1e33
-    for b in (bias, None):
-        y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, ws, crow, col, n, b, activation, 127, strategy)
-        want = cpu_int8_bsr.int8_bsr_linear_cpu(x.float(), v, ws, crow, col, n, b, activation, 127, strategy)
+    for b, w_scale in ((bias, ws), (None, ws), (None, torch.full_like(ws, 1e-43))):
+        y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, w_scale, crow, col, n, b, activation, 127, strategy)
+        want = cpu_int8_bsr.int8_bsr_linear_cpu(x.float(), v, w_scale, crow, col, n, b, activation, 127, strategy)
         assert y.dtype == torch.bfloat16 and y.is_contiguous()
         assert_same_bf16(y, want.bfloat16())
+    # exact ties: integer sums 2**8 + odd (and times 2**100 in an fp64 row) round to even in bf16
+    ties = torch.tensor([257, 259, 385, 771, -257, 513])
+    wt = torch.zeros(32, 32, dtype=torch.int8)
+    a = torch.round(ties / 127)
+    wt[:ties.numel(), 0], wt[:ties.numel(), 1] = a.to(torch.int8), (ties - 127 * a).to(torch.int8)
+    xt = torch.zeros(2, 32)
+    xt[:, :2] = torch.tensor([127.0, 1.0])  # (scale 1 and 2**100: the integers 127, 1)
+    xt[1] *= 2.0 ** 100
+    sums = (xt[0].double() @ wt.double().t())[:ties.numel()]
+    assert bool((sums.float().bfloat16().float() != sums.float()).all())  # (really ties)
+    yt = cpu_int8_bsr.int8_bsr_linear_cpu(xt.bfloat16(), wt[None], torch.ones(32), torch.tensor([0, 1]),
+                                          torch.tensor([0]), 32, None, "none", 127, strategy)
+    want = cpu_int8_bsr.int8_bsr_linear_cpu(xt, wt[None], torch.ones(32), torch.tensor([0, 1]), torch.tensor([0]),
+                                            32, None, "none", 127, strategy)
+    assert torch.equal(want[0, :ties.numel()].double(), sums)
+    assert_same_bf16(yt, want.bfloat16())
     u, scale = native.quantize_rows(x, 127, 224, spread=True)
     w = native.pack(v, crow, col)
     ones = torch.ones(n)
@@ -346,7 +362,7 @@ def test_bf16_outputs_round_like_pytorch():
     w = native.pack_float(eye, crow, col, 2, torch.bfloat16)
     y = native.bsr_linear(x, w, bias, k)
     want = (x.float() + bias).bfloat16()
-    want[3, :bs] = float("nan")  # NaN * 0 in the identity block: the whole block of outputs, as in a dense product
+    want[3] = float("nan")  # NaN * 0 in the identity block, and the whole row: as in a dense product
     assert torch.equal(y.view(torch.int16), want.view(torch.int16))
 
 
@@ -472,7 +488,7 @@ def test_amx_tiles_dense_int8_engine(accel_env):
         assert yb.dtype == torch.bfloat16
         want = cpu_int8.linear_int8_reference(x.bfloat16(), wq, ws, bias, "none", None, 127)
         torch.testing.assert_close(yb.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
-        for act in ("relu", "gelu"):  # bf16 stored by the kernel (relu) or converted after the activation (gelu)
+        for act in ("relu", "gelu"):  # (bf16 stored by the kernel only without an activation)
             yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, act, None, 127, "amx_tiles")
             want = cpu_int8.linear_int8_cpu(x.bfloat16().float(), wq, ws, bias, act, None, 127, "amx_tiles")
             assert_same_bf16(yb, want.bfloat16())
@@ -520,7 +536,7 @@ def test_amx_tiles_int8_conv_equals_the_eager_engine(geometry):
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), wb.float(), rtol=1e-2 if eager != "im2col" else 0, atol=0 if eager == "im2col"
                                else 1e-2 * float(wb.abs().max()))
-    for act in ("relu", "gelu"):  # bf16 stored by the kernel (relu) or after the fp32 activation (gelu): the fp32 bits
+    for act in ("none", "relu"):  # bf16 stored by the kernel (none) or after the fp32 activation: the fp32 bits
         xb = x.bfloat16()
         xb[0, 0, 0, 0] = float("nan")
         yb = cpu_int8.conv2d_int8_cpu(xb, wq, ws, bias, stride, padding, dilation, act, None, 127, engine="amx_tiles")
@@ -538,3 +554,43 @@ def test_amx_tiles_int8_conv_needs_whole_channel_blocks():
     with pytest.raises(ValueError, match="whole blocks of 16, got C=24"):
         cpu_int8.conv2d_int8_cpu(torch.randn(1, 24, 5, 5), wq, ws, engine="amx_tiles")
     assert not cpu_int8.amx_conv_ok(24) and cpu_int8.amx_conv_ok(48)
+
+
+@pytest.mark.skipif(not native.scan_available(), reason="no native float library here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nonfinite_scan_and_rows_like_dense(dtype):
+    """The scan finds a NaN/inf anywhere (vector body and tail, first and last row) and nothing in finite extremes;
+    the native linear makes every finite output of such a row NaN, as the dense layer does."""
+    for m, k in ((1, 4096), (3, 17), (70, 1000)):
+        x = torch.randn(m, k).to(dtype)
+        assert not native.any_nonfinite(x) and not native.any_nonfinite(torch.full((m, k), 3e38).to(dtype))
+        for v in (float("nan"), float("inf"), float("-inf")):
+            for pos in ((0, 0), (m - 1, k - 1), (m // 2, k // 2)):
+                y = x.clone()
+                y[pos] = v
+                assert native.any_nonfinite(y), (m, k, v, pos)
+                assert native.any_nonfinite(y[:, :k])  # (rows of unit stride, not contiguous: the same)
+    with pytest.raises(ValueError, match="any_nonfinite"):
+        native.any_nonfinite(torch.randn(4, 8).t())
+    bs, n, k = 32, 70, 96
+    keep = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    col = keep.nonzero()[:, 1].contiguous()
+    values = torch.randn(col.numel(), bs, bs)
+    w = native.pack_float(values, crow, col, 3, dtype)
+    x = torch.randn(5, k).to(dtype)
+    x[1, 40] = float("inf")  # a column only pruned blocks read: the sparse product alone would miss it
+    x[3, 2] = float("nan")
+    from accel.formats import bsr_to_dense
+    dense = bsr_to_dense(values.to(dtype).float(), crow, col, (96, k))[:n]
+    want = x.float() @ dense.t()
+    run = native.linear_runner(w, None, n, dtype, amx=False)
+    y = run(x)
+    assert not bool(torch.isfinite(y[[1, 3]]).any()) and bool(torch.isfinite(y[[0, 2, 4]]).all())
+    assert torch.equal(torch.isnan(y[1]), torch.isnan(want[1]))  # (inf where the dense sum is inf, NaN elsewhere)
+    ok = want[[0, 2, 4]]
+    torch.testing.assert_close(y[[0, 2, 4]].float(), ok, rtol=2e-2, atol=2e-2 * float(ok.abs().max()))
+    with pytest.raises(ValueError, match="bsr_linear"):
+        run(torch.randn(5, k + 1).to(dtype))
+    with pytest.raises(ValueError, match="bsr_linear"):
+        run(torch.randn(5, k, dtype=torch.float16))

@@ -125,9 +125,30 @@ def float_available(dtype: torch.dtype) -> bool:
     return _library("bsr_float", engines.generation()) is not None
 
 
+def scan_available() -> bool:
+    """Whether :func:`any_nonfinite` runs here (the fp32 float kernels' library; bf16 needs no bf16 instruction)."""
+    return _library("bsr_float", engines.generation()) is not None
+
+
+def any_nonfinite(x: torch.Tensor) -> bool:
+    """Whether ``x [M, K]`` (fp32 or bf16 on the CPU, rows of unit stride) holds a NaN or an inf: one vector pass in
+    native code (no reduction op, no sync; a few microseconds for a token's row)."""
+    if not (x.dim() == 2 and x.dtype in _FLOAT_DTYPES and x.device.type == "cpu" and
+            (x.stride(1) == 1 or x.shape[1] <= 1)):
+        raise ValueError(f"any_nonfinite (native): x {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}: "
+                         f"expected fp32/bf16 [M, K] rows of unit stride on the CPU")
+    m, k = x.shape
+    if not m or not k:
+        return False
+    return bool(_lib("bsr_float").accel_any_nonfinite(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, x.stride(0),
+                                                       torch.get_num_threads()))
+
+
 def amx_available() -> bool:
-    """Whether the AMX bf16 block-sparse conv and linear kernels may be offered here."""
-    return _library("bsr_amx", engines.generation()) is not None
+    """Whether the AMX bf16 block-sparse conv and linear kernels may be offered here (with the float kernels' library:
+    the linear's NaN rows are fixed there)."""
+    gen = engines.generation()
+    return _library("bsr_amx", gen) is not None and _library("bsr_float", gen) is not None
 
 
 def _allowed(name: str = "int8_bsr_vnni") -> str | None:
@@ -260,6 +281,10 @@ def _load(name: str, path: str):
     if name == "bsr_float":
         lib.accel_bsr_conv_float.restype = i32
         lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        lib.accel_any_nonfinite.restype = i32
+        lib.accel_any_nonfinite.argtypes = [p, i32, i64, i64, i64, i32]
+        lib.accel_nonfinite_rows.restype = i64
+        lib.accel_nonfinite_rows.argtypes = [p, i32, i64, i64, i64, p, i32, i64, i64]
         return lib
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
@@ -408,10 +433,11 @@ def quantize_rows(x: torch.Tensor, qmax: int, width: int, spread: bool = False) 
 
 
 def out_dtype(x_dtype: torch.dtype, activation: str) -> torch.dtype:
-    """The int8 kernels' output for a layer of ``x_dtype`` activations: bf16 stored by the kernel for bf16 layers whose
-    activation commutes with the rounding (none, relu: the same bits as rounding the fp32 result after it), fp32
-    otherwise (then converted by the caller)."""
-    return torch.bfloat16 if x_dtype == torch.bfloat16 and activation in ("none", "relu") else torch.float32
+    """The int8 kernels' output for a layer of ``x_dtype`` activations: bf16 stored by the kernel for bf16 layers
+    without an activation (the fp32 result rounded once: the bits of converting it), fp32 otherwise, activated and
+    converted by the caller (even relu does not commute with the rounding bit for bit: a tiny negative result
+    rounds to -0.0, which relu keeps, where relu first gives +0.0)."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and activation == "none" else torch.float32
 
 
 def spread_stride(width: int) -> int:
@@ -555,25 +581,56 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
 def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int,
                amx: bool = False) -> torch.Tensor:
     """``x [M, K] @ W^T + bias`` for the block-sparse ``W [out_features, K]`` packed by :func:`pack_float`
-    (``K % B == 0``): ``[M, out_features]`` in ``x``'s dtype (a 1x1 conv over one image row of M pixels); ``amx``:
-    on AMX tiles (bf16 only)."""
-    m, k = x.shape
-    if amx and x.dtype != torch.bfloat16:
-        raise ValueError(f"bsr_linear (native AMX): x must be bfloat16, got {x.dtype}")
-    bs = _float_operands(x, w, bias, k, k // w.blocks.shape[2], "bsr_linear")
+    (``K % B == 0``): ``[M, out_features]`` in ``x``'s dtype (a 1x1 conv over one image row of M pixels), rows of
+    ``x`` holding NaN/inf NaN in every finite output (as the dense layer); ``amx``: on AMX tiles (bf16 only)."""
+    if x.dim() != 2:
+        raise ValueError(f"bsr_linear (native): x must be [M, K], got {tuple(x.shape)}")
+    return linear_runner(w, bias, out_features, x.dtype, amx)(x)
+
+
+def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, dtype: torch.dtype,
+                  amx: bool = False):
+    """:func:`bsr_linear` for one layer's operands, checked once here: a function of ``x [M, K]`` (``dtype``) that
+    checks only ``x`` and makes two native calls (the product, then the rows holding NaN/inf), for a settled layer's
+    plan (``accel.ops._plans``), where each Python step costs microseconds between a model's other ops."""
+    bs = w.blocks.shape[2]
+    k = w.ncols * bs
+    if amx and dtype != torch.bfloat16:
+        raise ValueError(f"bsr_linear (native AMX): x must be bfloat16, got {dtype}")
+    _float_operands(torch.empty(0, k, dtype=dtype), w, bias, k, w.ncols, "bsr_linear")
     nbr = w.crow.numel() - 1
     if out_features > nbr * bs or bias is not None and bias.numel() != out_features:
         raise ValueError(f"bsr_linear (native): out_features {out_features} with {nbr} block rows of {bs}, bias "
                          f"{None if bias is None else tuple(bias.shape)}")
-    xc = x if x.stride(1) == 1 and x.stride(0) == k else x.contiguous()
-    y = torch.empty(m, out_features, dtype=x.dtype)
-    if y.numel():
-        x4, y4 = xc.view(1, 1, m, k), y.view(1, 1, m, out_features)
-        if amx:
-            _amx_raw(_lib("bsr_amx"), x4, w, 1, (1, 1), (1, 1), 1, m, bias, y4)
-        else:
-            _conv_raw(_lib("bsr_float"), x4, w, 1, (1, 1), (0, 0), (1, 1), 1, m, bias, y4)
-    return y
+    fix = _lib("bsr_float").accel_nonfinite_rows
+    kern = _lib("bsr_amx").accel_bsr_conv_amx if amx else _lib("bsr_float").accel_bsr_conv_float
+    weights = (w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), nbr, bs, None if bias is None else
+               bias.data_ptr())
+    bf16 = int(dtype == torch.bfloat16)
+    n = out_features
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != dtype or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+            raise ValueError(f"bsr_linear (native): x {x.dtype} {tuple(x.shape)} on {x.device}: expected {dtype} "
+                             f"[M, {k}] on the CPU")
+        if x.stride(1) != 1 or x.stride(0) != k:
+            x = x.contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, n, dtype=dtype)
+        if m and n:
+            if amx:  # (the conv kernels over one image row of m pixels: a 1x1 conv)
+                rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
+                          torch.get_num_threads())
+            else:
+                rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
+                          torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
+            fix(x.data_ptr(), bf16, m, k, k, y.data_ptr(), bf16, n, n)
+        return y
+
+    run.operands = (w, bias)  # (alive while the function is)
+    return run
 
 
 def _check_float(lib) -> None:

@@ -105,11 +105,16 @@ def native_strategies(x: torch.Tensor, bs: int) -> tuple[str, ...]:
         (("native_amx",) if x.dtype == torch.bfloat16 and cpu_native.amx_available() else ())
 
 
-def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torch.Tensor:
-    nbc = x.shape[1] // values.shape[1]
-    w = cpu_native.packed_float(values, crow, col, nbc, x.dtype)
+def _native_runner(x, values, crow, col, out_features, bias, strategy: str):
+    """The native kernels' call for ``x``'s kind of input (``accel.cpu.native.linear_runner``: rows holding NaN/inf
+    made like the dense layer's there)."""
+    w = cpu_native.packed_float(values, crow, col, x.shape[1] // values.shape[1], x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
-    return cpu_native.bsr_linear(x, w, b, out_features, amx=strategy == "native_amx")
+    return cpu_native.linear_runner(w, b, out_features, x.dtype, amx=strategy == "native_amx")
+
+
+def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torch.Tensor:
+    return _native_runner(x, values, crow, col, out_features, bias, strategy)(x)
 
 
 def run_cpu(strategy: str, x, values, crow, col, out_features, bias) -> torch.Tensor:
@@ -137,18 +142,25 @@ def _dispatch(name: str, *args, allow_dense: bool = False, **kwargs) -> torch.Te
                 if strategy == "dense":
                     w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
                     return torch.nn.functional.linear(x, w, bias)
-                if strategy in NATIVE:
-                    return nonfinite_rows_like_dense(x, _run_native(x, values, crow, col, out_features, bias, strategy))
+                if strategy in NATIVE:  # (NaN rows made like the dense layer's by the native call)
+                    return _run_native(x, values, crow, col, out_features, bias, strategy)
                 kwargs["strategy"] = strategy
             return nonfinite_rows_like_dense(x, cpu_bsr.bsr_dense_mm_cpu(*args, **kwargs))
     return getattr(cpu_bsr, name + "_cpu")(*args, **kwargs)
 
 
 def any_nonfinite(x: torch.Tensor) -> bool:
-    """Whether ``x`` (non-empty, floating) may hold a NaN or inf: one sum (the cheapest full reduction, about
-    a read of ``x``) and one sync. NaN and inf propagate through it; a sum of finite values overflowing gives a
-    false alarm, which the callers' exact per-row / per-pixel check then clears."""
+    """Whether ``x`` (non-empty, floating) may hold a NaN or inf: a native scan of fp32/bf16 rows where the native
+    kernels run (``accel.cpu.native.any_nonfinite``: exact, a few microseconds per token), else one sum (the
+    cheapest full reduction, about a read of ``x``) and one sync: NaN and inf propagate through it; a sum of finite
+    values overflowing gives a false alarm, which the callers' exact per-row / per-pixel check then clears."""
+    if x.dim() == 2 and x.dtype in _SCANNED and x.stride(-1) == 1 and x.device.type == "cpu" and \
+            cpu_native.scan_available():
+        return cpu_native.any_nonfinite(x)
     return not math.isfinite(x.sum().item())
+
+
+_SCANNED = (torch.float32, torch.bfloat16)
 
 
 def nonfinite_rows_like_dense(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -377,9 +389,10 @@ def _resolve_cpu(x, values, crow, col, out_features, bias, allow_dense):
         w = _dense_weight(values, crow, col, out_features, x.shape[1], x.dtype)
         return functools.partial(torch.nn.functional.linear, weight=w, bias=bias), True
 
+    if strategy in NATIVE:  # the packed weight and fp32 bias fetched once (the plan is dropped when they change)
+        return _native_runner(x, values, crow, col, out_features, bias, strategy), False
+
     def run(x2):
-        if strategy in NATIVE:
-            return nonfinite_rows_like_dense(x2, _run_native(x2, values, crow, col, out_features, bias, strategy))
         return nonfinite_rows_like_dense(x2, cpu_bsr.bsr_dense_mm_cpu(x2, values, crow, col, out_features, bias,
                                                                       strategy=strategy))
     return run, False

@@ -211,3 +211,72 @@ extern "C" int accel_bsr_conv_float(const void* x, int bf16, int64_t n, int64_t 
   }
   return 0;
 }
+
+namespace {
+
+// whether row x[0, k) (fp32, or bf16) holds a NaN or an inf (exponent bits all ones)
+bool row_nonfinite(const char* row, int bf16, int64_t k) {
+  const __m512i expo = _mm512_set1_epi32(0x7F800000);
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512i u = bf16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                 reinterpret_cast<const __m256i*>(row + i * 2))), 16)
+                           : _mm512_loadu_si512(row + i * 4);
+    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, expo), expo);
+  }
+  bool tail = false;
+  for (; i < k; ++i) {
+    uint32_t u;
+    if (bf16) {
+      uint16_t h;
+      std::memcpy(&h, row + i * 2, 2);
+      u = static_cast<uint32_t>(h) << 16;
+    } else {
+      std::memcpy(&u, row + i * 4, 4);
+    }
+    tail = tail || (u & 0x7F800000u) == 0x7F800000u;
+  }
+  return bad != 0 || tail;
+}
+
+}  // namespace
+
+// Whether rows x [m, k] (row stride ldx elements; fp32, or bf16 with bf16 = 1) hold a NaN or an inf: 1 or 0. The
+// sparse layers' check for inputs whose pruned products the dense layer would turn into NaN.
+extern "C" int accel_any_nonfinite(const void* x, int bf16, int64_t m, int64_t k, int64_t ldx, int nthreads) {
+  const int64_t elem = bf16 ? 2 : 4;
+  int found = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : found) if (m * k >= (1 << 18))
+  for (int64_t t = 0; t < m; ++t) found |= row_nonfinite(static_cast<const char*>(x) + t * ldx * elem, bf16, k);
+  return found;
+}
+
+// A sparse Linear's output made like the dense layer's for inputs holding NaN/inf: rows t of x [m, k] with a NaN or
+// inf get every finite output y[t, 0 .. n) set to NaN (the dense layer's 0 * inf and NaN products reach every
+// output of the row; a sparse product skips the pruned blocks). x_bf16 / y_bf16: bf16 rather than fp32. Returns the
+// number of rows changed.
+extern "C" int64_t accel_nonfinite_rows(const void* x, int x_bf16, int64_t m, int64_t k, int64_t ldx, void* y,
+                                        int y_bf16, int64_t n, int64_t ldy) {
+  const int64_t elem = x_bf16 ? 2 : 4;
+  int64_t changed = 0;
+  for (int64_t t = 0; t < m; ++t) {
+    if (!row_nonfinite(static_cast<const char*>(x) + t * ldx * elem, x_bf16, k)) continue;
+    ++changed;
+    for (int64_t j = 0; j < n; ++j) {
+      if (y_bf16) {
+        uint16_t& v = static_cast<uint16_t*>(y)[t * ldy + j];
+        if ((v & 0x7F80u) != 0x7F80u) v = 0x7FC0;
+      } else {
+        float& v = static_cast<float*>(y)[t * ldy + j];
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        if ((u & 0x7F800000u) != 0x7F800000u) {
+          const uint32_t nan = 0x7FC00000u;
+          std::memcpy(&v, &nan, 4);
+        }
+      }
+    }
+  }
+  return changed;
+}

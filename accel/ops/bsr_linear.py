@@ -154,10 +154,23 @@ def any_nonfinite(x: torch.Tensor) -> bool:
     kernels run (``accel.cpu.native.any_nonfinite``: exact, a few microseconds per token), else one sum (the
     cheapest full reduction, about a read of ``x``) and one sync: NaN and inf propagate through it; a sum of finite
     values overflowing gives a false alarm, which the callers' exact per-row / per-pixel check then clears."""
-    if x.dim() == 2 and x.dtype in _SCANNED and x.stride(-1) == 1 and x.device.type == "cpu" and \
-            cpu_native.scan_available():
-        return cpu_native.any_nonfinite(x)
+    if x.dtype in _SCANNED and x.device.type == "cpu" and x.dim() >= 2 and cpu_native.scan_available():
+        rows = _as_rows(x)
+        if rows is not None:
+            return cpu_native.any_nonfinite(rows)
     return not math.isfinite(x.sum().item())
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x``'s elements as a 2-D view with rows of unit stride (a 2-D matrix as it is, a contiguous tensor as rows of
+    its last dim, a channels_last image batch as rows of channels), or None."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    if x.is_contiguous():
+        return x.view(-1, x.shape[-1])
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (a view: contiguous in this order)
+    return None
 
 
 _SCANNED = (torch.float32, torch.bfloat16)

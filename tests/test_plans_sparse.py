@@ -138,3 +138,54 @@ def test_conv_plan_is_dropped_by_a_move_and_refuses_other_inputs(accel_env):
         s.double()
         assert s not in _plans._PLANS
         assert s(x.double()).dtype == torch.float64
+
+
+INT8_BSR_STRATEGIES = engines.known_ops()["int8_bsr_linear"]
+
+
+@pytest.mark.parametrize("strategy", INT8_BSR_STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_settled_sparse_quant_linear_follows_the_layer(strategy, dtype, accel_env, monkeypatch):
+    """A ``SparseQuantLinear`` settles per kind of input like the float layers: the settled call equals the op bit for
+    bit (every strategy, ranks, bf16 in and out), resolves nothing, and in-place edits, a replaced bias, a changed
+    activation, an in-place load and a move each make the next call resolve again."""
+    from accel import SparseQuantLinear, int8_bsr_linear
+
+    cpu_int8_bsr = importlib.import_module("accel.cpu.int8_bsr")
+    if strategy not in cpu_int8_bsr.strategies(127):
+        pytest.skip(f"{strategy} does not run here")
+    ops = importlib.import_module("accel.ops.int8_bsr_linear")
+    resolved = []
+    real = ops._resolve_cpu
+    monkeypatch.setattr(ops, "_resolve_cpu", lambda *a: resolved.append(1) or real(*a))
+    accel_env(ACCEL_ENGINE=f"int8_bsr_linear={strategy}")
+    torch.manual_seed(0)
+    q = SparseQuantLinear.from_sparse(SparseLinear.from_dense(nn.Linear(96, 64), sparsity=0.5, block=16))
+    q.act_qmax = 127
+
+    def op(x):
+        return int8_bsr_linear(x, q.values_q, q.weight_scale, q.crow_indices, q.col_indices, (64, 96), q.bias,
+                               activation=q.activation, act_qmax=q.act_qmax)
+    with torch.no_grad():
+        for shape in ((5, 96), (2, 7, 96), (1, 96)):
+            x = torch.randn(shape).to(dtype)
+            for _ in range(2):
+                y = q(x)
+                assert y.dtype == dtype and y.shape == (*shape[:-1], 64)
+                assert torch.equal(y, op(x)), (strategy, shape)
+        assert len(resolved) == 3 and q in _plans._PLANS
+        x = torch.randn(5, 96).to(dtype)
+        q(x)
+        assert len(resolved) == 3
+        q.values_q.neg_()  # in place
+        assert torch.equal(q(x), op(x)) and len(resolved) == 4
+        q.bias = torch.randn(64)  # a new tensor
+        assert torch.equal(q(x), op(x)) and len(resolved) == 5
+        q.activation = "relu"
+        assert torch.equal(q(x), op(x)) and bool((q(x) >= 0).all()) and len(resolved) == 6
+        other = copy.deepcopy(q)
+        other.weight_scale.mul_(3)
+        q.load_state_dict(other.state_dict())
+        assert torch.equal(q(x), op(x)) and len(resolved) == 7
+        q.to(torch.float64)  # _apply drops the plans (float buffers follow; the scales stay fp32)
+        assert q not in _plans._PLANS

@@ -307,15 +307,22 @@ def _stacked(q, values_q, crow, col, nbr, bs, wide: bool = False) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # vnni (the native kernel)
 # ---------------------------------------------------------------------------------------------
-def _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax,
-                   amx: bool) -> torch.Tensor:
+def native_runner(values_q, w_scale, crow, col, out_features: int, k: int, bias, activation: str, qmax: int,
+                  dtype: torch.dtype, amx: bool):
+    """The ``vnni`` / ``vnni_amx`` strategy for one layer's operands, fetched once (the packed blocks, fp32 scales and
+    bias): a function of ``x [M, k]`` in ``dtype`` (``accel.cpu.native.int8_runner``, then the activation and the
+    conversion to ``dtype``)."""
     w = cached("int8_bsr_native", (values_q, crow, col), (), lambda: cpu_native.pack(values_q, crow, col))
-    u, scale = cpu_native.quantize_rows(x if x.stride(-1) == 1 else x.contiguous(), qmax, nbc * bs, spread=True)
-    b = None if bias is None else bias.float().contiguous()
-    y = cpu_native.int8_bsr_linear(u, w, scale, w_scale.float().contiguous(), b, out_features, amx,
-                                   out_dtype=cpu_native.out_dtype(x.dtype, activation))
-    y = activate(y, activation, inplace=True)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    b = None if bias is None else bias.detach().float().contiguous()
+    run = cpu_native.int8_runner(w, w_scale.detach().float().contiguous(), b, out_features, qmax, k, amx,
+                                 out_dtype=cpu_native.out_dtype(dtype, activation))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = run(x if x.stride(-1) == 1 else x.contiguous())
+        if activation != "none":
+            y = activate(y, activation, inplace=True)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,8 +367,8 @@ def int8_bsr_linear_cpu(
         scale, _ = cpu_int8.act_scale_inv(x if x.dtype == torch.float32 else x.float(), qmax, None)
         return epilogue(torch.zeros(m, out_features, dtype=torch.int32), scale, w_scale, bias, activation, x.dtype)
     if strategy in ("vnni", "vnni_amx"):
-        return _native_linear(x, values_q, w_scale, crow, col, out_features, nbc, bs, bias, activation, qmax,
-                              strategy == "vnni_amx")
+        return native_runner(values_q, w_scale, crow, col, out_features, k, bias, activation, qmax, x.dtype,
+                             strategy == "vnni_amx")(x)
     pad = bs if strategy in STACKED else 0  # a zero block column for the padding slots
     v, q, scale = quantize_padded(x, qmax, nbc * bs + pad)
     if strategy == "float":

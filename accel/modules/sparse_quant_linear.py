@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..formats import BSRMatrix, block_grid, bsr_row_indices, bsr_to_dense, check_block_size, check_bsr
+from ..ops._plans import forget_plans
 from ..ops.int8_bsr_linear import check_weight, dequantized_values, module_int8_bsr_linear
 from ..quant import ACTIVATIONS, QMAX, ieee_div
 from ._common import load_refused, per_component, refuse_weight, weight_view
@@ -146,7 +147,8 @@ class SparseQuantLinear(nn.Module):
             return per_component(self, x)
         b = self._buffers
         return module_int8_bsr_linear(x, b["values_q"], b["weight_scale"], b["crow_indices"], b["col_indices"],
-                                      (self.out_features, self.in_features), b["bias"], self.activation, self.act_qmax)
+                                      (self.out_features, self.in_features), b["bias"], self.activation, self.act_qmax,
+                                      self)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self):
@@ -229,6 +231,7 @@ class SparseQuantLinear(nn.Module):
             self.activation, self.act_qmax = saved[1], saved[2]
 
     def _apply(self, fn, recurse=True):
+        forget_plans(self)  # the resolved calls hold the tensors (and weights derived from them) being replaced
         # weight_scale follows the module's device but stays float32 (fp16 would turn small scales into 0)
         keep = self._buffers["weight_scale"]
         self._buffers["weight_scale"] = None

@@ -42,7 +42,8 @@ class _Plan:
     def valid(self, tensors, settings, stamp) -> bool:
         mine = self.tensors
         if self.stamp != stamp or self.settings != settings or mine[0] is not tensors[0] or \
-                mine[1] is not tensors[1] or mine[2] is not tensors[2] or mine[3] is not tensors[3]:
+                mine[1] is not tensors[1] or mine[2] is not tensors[2] or mine[3] is not tensors[3] or \
+                (len(mine) > 4 and mine[4] is not tensors[4]):
             return False
         for t, version, ptr in self.checks:
             if (version is not None and t._version != version) or t.data_ptr() != ptr:

@@ -33,6 +33,7 @@ from ..cpu.packcache import cached
 from ..formats import BLOCK_SIZES, block_grid, bsr_row_indices, check_bsr_cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate
 from ._dispatch import check_tensors, needs_op, use_triton
+from ._plans import _plan_key, _planned, _settled, call_linear
 from .bsr_linear import check_shape
 from .int8 import _check_w_scale, _checked_once
 
@@ -226,14 +227,38 @@ def int8_bsr_linear(
 
 def module_int8_bsr_linear(x: torch.Tensor, values_q: torch.Tensor, w_scale: torch.Tensor, crow: torch.Tensor,
                            col: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None, activation: str,
-                           act_qmax: int) -> torch.Tensor:
+                           act_qmax: int, owner: object | None = None) -> torch.Tensor:
     """:func:`int8_bsr_linear` for a module's own buffers (validated when set or loaded): ``x`` and the
-    (cached) structure check only."""
+    (cached) structure check only. ``owner`` (the module) keeps the resolved call per kind of input for CPU
+    inference (``accel.ops._plans``): a settled call then costs a lookup and identity/version checks before its
+    strategy."""
     out_features, in_features = shape
+    tensors = (values_q, w_scale, crow, col, bias)
+    settings = (shape, activation, act_qmax)
+    if owner is not None:
+        settled = _settled(owner, x, x.shape, tensors, settings)
+        if settled is not None:
+            return call_linear(settled, x, out_features)
     if needs_op(x) or x.dtype not in FLOAT_DTYPES or x.device != values_q.device or x.dim() == 0 or \
             x.shape[-1] != in_features or (activation == "gelu" and x.requires_grad and torch.is_grad_enabled()):
         return int8_bsr_linear(x, values_q, w_scale, crow, col, shape, bias, activation=activation, act_qmax=act_qmax)
     check_bsr_cached(crow, col, values_q.shape[0], shape, values_q.shape[1], "int8_bsr_linear")
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), in_features)
+    if owner is not None and x.device.type == "cpu" and not use_triton(x2, "int8_bsr_linear") and x2.shape[0] and \
+            in_features and out_features and values_q.shape[0]:
+        return call_linear(_planned(owner, _plan_key(x, x.shape, False), tensors, settings, ("int8_bsr_linear",),
+                                    lambda: _resolve_cpu(x2, values_q, w_scale, crow, col, out_features, bias,
+                                                         activation, act_qmax)), x, out_features)
     y = _impl(x2, values_q, w_scale, crow, col, out_features, bias, activation, act_qmax)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+
+
+def _resolve_cpu(x, values_q, w_scale, crow, col, out_features, bias, activation, act_qmax):
+    """``(fn, any_rank)``: the CPU call :func:`_impl` makes for ``x``'s kind of input (deciding the strategy now)."""
+    qmax = _qmax(act_qmax, False)
+    strategy = _strategy(x, values_q, w_scale, crow, col, out_features, bias, activation, qmax)
+    if strategy in ("vnni", "vnni_amx"):
+        return cpu_int8_bsr.native_runner(values_q, w_scale, crow, col, out_features, x.shape[1], bias, activation,
+                                          qmax, x.dtype, strategy == "vnni_amx"), False
+    return (lambda x2: cpu_int8_bsr.int8_bsr_linear_cpu(x2, values_q, w_scale, crow, col, out_features, bias,
+                                                        activation, qmax, strategy)), False

@@ -324,3 +324,21 @@ def test_the_fused_form_never_loses_to_the_per_token_form():
     wide = QuantLinear.from_float(nn.Linear(cpu_int8.FUSED_MAX_K + 1, 2), "auto")
     assert "dynamic_fused" not in ops._auto_forms(torch.ones(1, cpu_int8.FUSED_MAX_K + 1), wide.in_features)
 
+
+
+@pytest.mark.parametrize("engine", [e for e in engines.known_ops()["int8_linear"]
+                                    if e in cpu_int8.exact_engines(cpu_int8.act_qmax())])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_planned_int8_engines_equal_the_dispatch_path(engine, activation):
+    """Each exact dense int8 engine (the amx_tiles plan binds its operands once) gives the dispatch path's bits,
+    fp32 and bf16, through the plan and after the weight changes in place."""
+    q = QuantLinear.from_float(nn.Linear(200, 70), "dynamic", activation=activation)
+    with engines.force(int8_linear=engine), torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            for m in (1, 17):
+                x = torch.randn(m, 200, dtype=dtype)
+                for _ in range(2):
+                    assert torch.equal(q(x), _unplanned_linear(q, x)), (dtype, m)
+        q.weight_q.neg_()
+        x = torch.randn(5, 200)
+        assert torch.equal(q(x), _unplanned_linear(q, x))

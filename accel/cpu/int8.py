@@ -457,6 +457,8 @@ def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.
     """The ``amx_tiles`` engine: accel's native int8 block kernel on AMX tiles with the weight as dense 64 x 64 blocks
     (the same integers and the other engines' epilogue, ``fma(acc * w_scale, x_scale, bias)`` in fp32, then ``x``'s
     dtype)."""
+    if static_scale is None:
+        return amx_linear_runner(w_q, w_scale, bias, activation, qmax, x.dtype)(x)
     n, k = w_q.shape
     bs = AMX_BLOCK
     width = -(-k // bs) * bs
@@ -467,6 +469,24 @@ def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.
                                dense_order=True, out_dtype=native.out_dtype(x.dtype, activation))
     y = activate(y, activation, inplace=True)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def amx_linear_runner(w_q, w_scale, bias, activation: str, qmax: int, dtype: torch.dtype):
+    """The dynamic ``amx_tiles`` Linear for one layer's operands, fetched once (the dense blocks, fp32 scales and
+    bias): a function of ``x [M, K]`` in ``dtype`` (``accel.cpu.native.int8_runner`` in the dense engines' epilogue
+    order, then the activation and ``dtype``), for a settled layer's plan."""
+    n, k = w_q.shape
+    w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, AMX_BLOCK)))
+    run = native.int8_runner(w, w_scale.detach().float().contiguous(),
+                             None if bias is None else bias.detach().float().contiguous(), n, qmax, k, True,
+                             out_dtype=native.out_dtype(dtype, activation), dense_order=True)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = run(x if x.stride(-1) == 1 else x.contiguous())
+        if activation != "none":
+            y = activate(y, activation, inplace=True)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+    return fn
 
 
 _FP32_MAX = float(np.finfo(np.float32).max)

@@ -3,7 +3,9 @@
 For a small layer (default Linear 256x256; Conv2d 64->64 3x3 on 8x8) the accel module call is timed
 side by side with the engine's own call (the ``accel.cpu`` function the dispatch picked, called
 directly with the same arguments) and with the float layer: ``fixed µs = module - engine`` is what
-validation, dispatch and the engine decision cost per call.
+validation, dispatch and the engine decision cost per call. The conv rows run NCHW and channels_last images: the
+engines compute in channels_last, so for NCHW the module's fixed cost also holds converting its output back to
+NCHW (as ``nn.Conv2d`` returns it), a copy that grows with the output.
 
     python -m bench.overhead_bench             # JSON in bench/results/overhead_bench-cpu.json
 """
@@ -57,14 +59,16 @@ def cases(n: int):
                lambda s=s, x=x, e=strat: ops_bsr_linear.run_cpu(e, x, s.values, s.crow_indices, s.col_indices, n,
                                                                  s.bias),
                lambda x=x: lin(x))
-    for b in (1, 8):
+    for b, fmt in ((1, "NCHW"), (8, "NCHW"), (1, "channels_last"), (8, "channels_last")):
         x = torch.randn(b, 64, 8, 8)
+        if fmt == "channels_last":  # (the engines' own layout: no conversion of the output to the input's layout)
+            x = x.contiguous(memory_format=torch.channels_last)
         qc = QuantConv2d.from_float(conv)
         with torch.no_grad():
             qc(x)
         eng = _engine("int8_conv2d")
         eng = "onednn" if eng == "(default)" else eng
-        yield ("QuantConv2d 64->64 3x3 8x8", b, eng, lambda x=x, qc=qc: qc(x),
+        yield (f"QuantConv2d 64->64 3x3 8x8 {fmt}", b, eng, lambda x=x, qc=qc: qc(x),
                lambda x=x, qc=qc, e=eng: cpu_int8.conv2d_int8_cpu(x, qc.weight_q, qc.weight_scale, qc.bias, qc.stride,
                                                                    qc.padding, qc.dilation, "none", None,
                                                                    cpu_int8.act_qmax(), e),

@@ -477,16 +477,9 @@ def amx_linear_runner(w_q, w_scale, bias, activation: str, qmax: int, dtype: tor
     order, then the activation and ``dtype``), for a settled layer's plan."""
     n, k = w_q.shape
     w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, AMX_BLOCK)))
-    run = native.int8_runner(w, w_scale.detach().float().contiguous(),
-                             None if bias is None else bias.detach().float().contiguous(), n, qmax, k, True,
-                             out_dtype=native.out_dtype(dtype, activation), dense_order=True)
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        y = run(x if x.stride(-1) == 1 else x.contiguous())
-        if activation != "none":
-            y = activate(y, activation, inplace=True)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-    return fn
+    return native.int8_runner(w, w_scale.detach().float().contiguous(),
+                              None if bias is None else bias.detach().float().contiguous(), n, qmax, k, True, dtype,
+                              activation, dense_order=True)
 
 
 _FP32_MAX = float(np.finfo(np.float32).max)

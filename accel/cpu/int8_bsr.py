@@ -314,15 +314,8 @@ def native_runner(values_q, w_scale, crow, col, out_features: int, k: int, bias,
     conversion to ``dtype``)."""
     w = cached("int8_bsr_native", (values_q, crow, col), (), lambda: cpu_native.pack(values_q, crow, col))
     b = None if bias is None else bias.detach().float().contiguous()
-    run = cpu_native.int8_runner(w, w_scale.detach().float().contiguous(), b, out_features, qmax, k, amx,
-                                 out_dtype=cpu_native.out_dtype(dtype, activation))
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        y = run(x if x.stride(-1) == 1 else x.contiguous())
-        if activation != "none":
-            y = activate(y, activation, inplace=True)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-    return fn
+    return cpu_native.int8_runner(w, w_scale.detach().float().contiguous(), b, out_features, qmax, k, amx, dtype,
+                                  activation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -481,10 +481,14 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
 
 
 def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: int, qmax: int, k: int, amx: bool,
-                out_dtype: torch.dtype = torch.float32, dense_order: bool = False):
-    """:func:`quantize_rows` (spread rows) then :func:`int8_bsr_linear` for one layer's operands, checked once here: a
-    function of ``x [M, k]`` (fp32/bf16/fp16, rows of unit stride) making two native calls, for a settled layer's plan
-    (``accel.ops._plans``), where each Python step costs microseconds between a model's other ops."""
+                dtype: torch.dtype, activation: str = "none", dense_order: bool = False):
+    """:func:`quantize_rows` (spread rows), :func:`int8_bsr_linear` and the activation for one int8 layer of ``dtype``
+    activations, its operands checked once here: a function of ``x [M, k]`` (a layer's input of that dtype) making two
+    native calls and returning ``dtype`` (:func:`out_dtype`), for a settled layer's plan (``accel.ops._plans``), where
+    each Python step costs microseconds between a model's other ops."""
+    from ..quant import ACTIVATIONS, activate
+
+    y_dtype = out_dtype(dtype, activation)
     bs = w.blocks.shape[2]
     nbr = w.crow.numel() - 1
     width = -(-k // bs) * bs
@@ -492,10 +496,10 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
     vec = (w_scale,) + (() if bias is None else (bias,))
     if not (0 <= n <= nbr * bs and w.width <= width and w_scale.numel() == n and (bias is None or bias.numel() == n) and
             all(t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu" for t in vec)
-            and isinstance(qmax, int) and 1 <= qmax <= 127 and out_dtype in (torch.float32, torch.bfloat16)):
+            and isinstance(qmax, int) and 1 <= qmax <= 127 and dtype in _DTYPES and activation in ACTIVATIONS):
         raise ValueError(f"int8_bsr_linear (native): w_scale {w_scale.dtype} {tuple(w_scale.shape)}, bias "
                          f"{None if bias is None else (bias.dtype, tuple(bias.shape))}, n {n}, K {k} (blocks of {bs} "
-                         f"reading {w.width} columns), qmax {qmax}, output {out_dtype}")
+                         f"reading {w.width} columns), qmax {qmax}, activations {dtype}, activation {activation!r}")
     if amx and not int8_amx_available():
         raise RuntimeError("int8_bsr_linear (native): the AMX product is not available here (tiles, ACCEL_CPU_ISA, or "
                            "Linux's tile state)")
@@ -505,13 +509,14 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
     quantize, product = lib.accel_quantize_rows, lib.accel_int8_bsr_amx if amx else lib.accel_int8_bsr_vnni
     weights = (w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), nbr, bs, w.comp.data_ptr())
     tail = (w_scale.data_ptr(), None if bias is None else bias.data_ptr())
-    y_bf16 = int(out_dtype == torch.bfloat16)
+    y_bf16 = int(y_dtype == torch.bfloat16)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in _DTYPES or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or \
-                (x.stride(1) != 1 and k > 1):
-            raise ValueError(f"int8_bsr_linear (native): x {x.dtype} {tuple(x.shape)} strides {x.stride()} on "
-                             f"{x.device}: expected fp32/bf16/fp16 [M, {k}] rows of unit stride on the CPU")
+        if x.dtype != dtype or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+            raise ValueError(f"int8_bsr_linear (native): x {x.dtype} {tuple(x.shape)} on {x.device}: expected {dtype} "
+                             f"[M, {k}] on the CPU")
+        if x.stride(1) != 1 and k > 1:
+            x = x.contiguous()
         m = x.shape[0]
         threads = torch.get_num_threads()
         u = scratch("native.u8", m * ld, torch.uint8)
@@ -520,7 +525,7 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
                       scale.data_ptr(), threads)
         if rc != 0:
             raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
-        y = torch.empty(m, n, dtype=out_dtype)
+        y = torch.empty(m, n, dtype=y_dtype)
         if amx:
             rc = product(u.data_ptr(), m, ld, *weights, scale.data_ptr(), *tail, y.data_ptr(), y_bf16, n, n, threads,
                          int(dense_order))
@@ -529,7 +534,9 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
                          threads)
         if rc != 0:
             raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
-        return y
+        if activation != "none":
+            y = activate(y, activation, inplace=True)
+        return y if y.dtype == dtype else y.to(dtype)
 
     run.operands = (w, w_scale, bias)  # (alive while the function is)
     return run

@@ -594,3 +594,30 @@ def test_nonfinite_scan_and_rows_like_dense(dtype):
         run(torch.randn(5, k + 1).to(dtype))
     with pytest.raises(ValueError, match="bsr_linear"):
         run(torch.randn(5, k, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX kernels here")
+def test_amx_conv_scans_while_padding():
+    """The AMX conv's padded copy reports NaN/inf in x (any pixel, any channel, first and last image) and the conv
+    equals the one on a separately padded input; no padding or an NCHW input leaves the scan to the caller (None)."""
+    from accel.cpu.bsr_conv import padded_nhwc
+
+    bs, c, o = 32, 64, 40
+    keep = torch.rand(2, 9 * c // bs) < 0.5
+    keep[:, 0] = True
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    col = keep.nonzero()[:, 1].contiguous()
+    w = native.pack_float(torch.randn(col.numel(), bs, bs), crow, col, 9 * c // bs, torch.bfloat16)
+    x = torch.randn(3, c, 7, 5).bfloat16().contiguous(memory_format=torch.channels_last)
+    for padding in ((1, 1), (2, 0), (0, 3)):
+        y, bad = native.bsr_conv2d_amx_scanned(x, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1))
+        assert bad is False
+        assert torch.equal(y, native.bsr_conv2d_amx(x.contiguous(), w, (o, c, 3, 3), None, (1, 1), padding, (1, 1)))
+        xp = padded_nhwc(x, padding, "test.pad").clone()
+        assert torch.equal(native.scratch("native.xpad", xp.numel(), torch.bfloat16)[:xp.numel()].view_as(xp), xp)
+        for pos in ((0, 0, 0, 0), (2, c - 1, 6, 4), (1, 17, 3, 2)):
+            xb = x.clone()
+            xb[pos] = float("inf") if pos[0] == 1 else float("nan")
+            assert native.bsr_conv2d_amx_scanned(xb, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1))[1] is True
+    assert native.bsr_conv2d_amx_scanned(x, w, (o, c, 3, 3), None, (1, 1), (0, 0), (1, 1))[1] is None
+    assert native.bsr_conv2d_amx_scanned(x.contiguous(), w, (o, c, 3, 3), None, (1, 1), (1, 1), (1, 1))[1] is None

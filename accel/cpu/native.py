@@ -285,6 +285,8 @@ def _load(name: str, path: str):
         lib.accel_any_nonfinite.argtypes = [p, i32, i64, i64, i64, i32]
         lib.accel_nonfinite_rows.restype = i64
         lib.accel_nonfinite_rows.argtypes = [p, i32, i64, i64, i64, p, i32, i64, i64]
+        lib.accel_pad_nhwc.restype = i32
+        lib.accel_pad_nhwc.argtypes = [p, i32] + [i64] * 6 + [p, i32]
         return lib
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
@@ -743,6 +745,14 @@ def _amx_raw(lib, xp, w: PackedFloat, kw, stride, dilation, oh, ow, bias, y) -> 
 def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
                    dilation) -> torch.Tensor:
     """:func:`bsr_conv2d` for bf16 on AMX tiles (``w`` packed for bf16): ``[N, O, OH, OW]`` channels_last bf16."""
+    return bsr_conv2d_amx_scanned(x, w, weight_shape, bias, stride, padding, dilation)[0]
+
+
+def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
+                           dilation) -> tuple[torch.Tensor, bool | None]:
+    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf, learnt while copying a channels_last ``x``
+    into the padded input the kernel reads (``accel_pad_nhwc``), or None when no copy was made (no padding, or another
+    layout: the caller scans)."""
     o, c, kh, kw = weight_shape
     n, cx, h, wd = x.shape
     if x.dtype != torch.bfloat16:
@@ -755,11 +765,18 @@ def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Te
         raise ValueError(f"bsr_conv2d (native AMX): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
     y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
+    bad = None
     if y.numel():
-        xp = padded_nhwc(x, padding, "native.xpad")
+        xn, (ph, pw) = x.permute(0, 2, 3, 1), padding
+        if (ph or pw) and xn.is_contiguous():  # the padded copy, scanned as it is made
+            hp, wp = h + 2 * ph, wd + 2 * pw
+            xp = scratch("native.xpad", n * hp * wp * c, x.dtype).view(n, hp, wp, c)
+            bad = bool(_lib("bsr_float").accel_pad_nhwc(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(),
+                                                        torch.get_num_threads()))
+        else:
+            xp = padded_nhwc(x, padding, "native.xpad")
         _amx_raw(_lib("bsr_amx"), xp, w, kw, stride, dilation, oh, ow, bias, y)
-    return y.permute(0, 3, 1, 2)
-
+    return y.permute(0, 3, 1, 2), bad
 
 def _check_amx(lib) -> None:
     """The AMX kernel against PyTorch's conv (fp64) before first use: every block size, stride, dilation, output

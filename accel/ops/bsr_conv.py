@@ -154,32 +154,38 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
     """Run one CPU engine (see :func:`cpu_engines`)."""
     if engine == "dense":
         return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+    bad = None  # (whether x holds NaN/inf, where an engine learnt it on the way)
     if engine == "gather":
         y = cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
     elif engine in ("native", "native_amx"):
-        y = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, engine == "native_amx")
+        y, bad = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
+                             engine == "native_amx")
     elif engine.startswith("im2col_"):
         y = cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
                                        engine[len("im2col_"):])
     else:
         raise ValueError(f"bsr_conv2d: unknown CPU engine {engine!r}")
-    return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation)
+    return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad)
 
 
-def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, amx: bool) -> torch.Tensor:
+def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, amx: bool):
+    """``(y, bad)``: the native engine's output, and whether ``x`` holds NaN/inf where the AMX engine's padded copy
+    found out (else None)."""
     o, c, kh, kw = weight_shape
     nbc = kh * kw * c // values.shape[1]
     w = cpu_native.packed_float(values, crow, col, nbc, x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
-    run = cpu_native.bsr_conv2d_amx if amx else cpu_native.bsr_conv2d
-    return run(x, w, weight_shape, b, stride, padding, dilation)
+    if amx:
+        return cpu_native.bsr_conv2d_amx_scanned(x, w, weight_shape, b, stride, padding, dilation)
+    return cpu_native.bsr_conv2d(x, w, weight_shape, b, stride, padding, dilation), None
 
 
-def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation) -> torch.Tensor:
+def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad: bool | None = None) -> torch.Tensor:
     """``y`` with the finite outputs whose window reads a NaN/inf input pixel made NaN (the conv analogue of
     ``accel.ops.bsr_linear.nonfinite_rows_like_dense``): the dense conv multiplies that pixel by the pruned
-    zeros too, so every output channel there is NaN or inf; a sparse engine reaches only stored blocks."""
-    if not x.numel() or not y.numel() or not any_nonfinite(x):
+    zeros too, so every output channel there is NaN or inf; a sparse engine reaches only stored blocks. ``bad``:
+    whether ``x`` holds NaN/inf, when the engine already knows (else ``x`` is scanned)."""
+    if not x.numel() or not y.numel() or not (any_nonfinite(x) if bad is None else bad):
         return y
     kh, kw = weight_shape[2:]
     bad = (~torch.isfinite(x)).any(dim=1, keepdim=True).float()  # [N, 1, H, W]

@@ -297,3 +297,28 @@ extern "C" int64_t accel_nonfinite_rows(const void* x, int x_bf16, int64_t m, in
   }
   return changed;
 }
+
+// x [n, h, w, c] NHWC (contiguous; fp32, or bf16 with bf16 = 1) copied into xp [n, h + 2ph, w + 2pw, c] with zeros
+// around each image (the AMX conv's padded input), every input row scanned as it is copied: returns 1 when x holds a
+// NaN or an inf (the sparse conv's check, without another read of x), else 0.
+extern "C" int accel_pad_nhwc(const void* x, int bf16, int64_t n, int64_t h, int64_t w, int64_t c, int64_t ph,
+                              int64_t pw, void* xp, int nthreads) {
+  const int64_t elem = bf16 ? 2 : 4, hp = h + 2 * ph, wp = w + 2 * pw;
+  const int64_t row = w * c * elem, prow = wp * c * elem, side = pw * c * elem;
+  int found = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : found) if (n * h * row >= (1 << 18))
+  for (int64_t it = 0; it < n * hp; ++it) {
+    const int64_t img = it / hp, r = it % hp;
+    char* dst = static_cast<char*>(xp) + it * prow;
+    if (r < ph || r >= ph + h) {
+      std::memset(dst, 0, prow);
+      continue;
+    }
+    const char* src = static_cast<const char*>(x) + (img * h + (r - ph)) * row;
+    std::memset(dst, 0, side);
+    std::memcpy(dst + side, src, row);
+    std::memset(dst + side + row, 0, side);
+    found |= row_nonfinite(src, bf16, w * c);
+  }
+  return found;
+}

@@ -202,6 +202,9 @@ def _build(name: str) -> str:
     flags = _COMMON + KERNELS[name].flags
     with open(source, "rb") as f:
         src = f.read()
+    for header in sorted(h for h in os.listdir(_CSRC) if h.endswith(".h")):  # (the sources include them)
+        with open(os.path.join(_CSRC, header), "rb") as f:
+            src += f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()[:1]
     digest = hashlib.sha1(src + repr((cxx, flags, version)).encode()).hexdigest()[:16]
     private = os.path.join(tempfile.gettempdir(), f"accel-native-{os.getuid()}")

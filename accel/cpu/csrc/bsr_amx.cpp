@@ -8,26 +8,21 @@
 // operand of tdpbf16ps, a row per input pair). For 16 consecutive output pixels of one output row, the window rows
 // of a block are 16 rows of xp sw*C apart: one tile load. y[m, o] = sum + bias[o], rounded once to bf16 (o < O).
 //
-// Tiles: 2 pixel groups (A, 16 rows each) x 2 groups of 16 outputs (B) -> 4 accumulators (C, 16 x 16 fp32).
+// Tiles (amx_tiles.h): 2 pixel groups (A, 16 rows each) x 2 groups of 16 outputs (B) -> 4 accumulators (C, 16 x 16).
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
 
+#include "amx_tiles.h"
+
 namespace {
 
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureXtiledata = 18;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+using accel_amx::block_products;
+using accel_amx::configure;
+using accel_amx::store_sums;
+using accel_amx::TileConfig;
+using accel_amx::zero_sums;
 
 struct Geometry {
   int64_t hp, wp, c;  // padded input NHWC (per image hp * wp * c)
@@ -54,31 +49,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_rows(
     _mm256_mask_storeu_epi16(y + t * ldy + o, k, to_bf16(_mm512_add_ps(_mm512_loadu_ps(acc + t * 16), b)));
 }
 
-// Configure the tiles for pixel groups of r0 and r1 rows (r1 may be 0) and K chunks of kc inputs.
-__attribute__((target("amx-tile"))) inline void configure(TileConfig& cur, int r0, int r1, int kc) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  const int rows[2] = {r0, r1 ? r1 : 1};
-  for (int g = 0; g < 2; ++g) {  // A: tmm0, tmm1 (pixels x kc bf16)
-    cfg.rows[g] = static_cast<uint8_t>(rows[g]);
-    cfg.colsb[g] = static_cast<uint16_t>(kc * 2);
-  }
-  for (int h = 0; h < 2; ++h) {  // B: tmm2, tmm3 (kc/2 input pairs x 16 outputs x 2)
-    cfg.rows[2 + h] = static_cast<uint8_t>(kc / 2);
-    cfg.colsb[2 + h] = 64;
-  }
-  for (int g = 0; g < 2; ++g)
-    for (int h = 0; h < 2; ++h) {  // C: tmm4..7 (pixels x 16 fp32)
-      cfg.rows[4 + 2 * g + h] = static_cast<uint8_t>(rows[g]);
-      cfg.colsb[4 + 2 * g + h] = 64;
-    }
-  if (std::memcmp(&cfg, &cur, sizeof(cfg)) != 0) {
-    cur = cfg;
-    _tile_loadconfig(&cur);
-  }
-}
-
 // One item: the output pixels [ow0, ow0 + np) of output row (n, oh), block row r, outputs [o0, o0 + 16 * og).
 // og: output groups of 16 in this pass (1 or 2).
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void item(
@@ -86,48 +56,25 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void item
     int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const float* bias, uint16_t* y, int64_t ldy,
     int64_t nout, TileConfig& cur) {
   const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
-  const int64_t kc = bs < 32 ? bs : 32;  // inputs per tile multiply
-  configure(cur, r0, r1, static_cast<int>(kc));
-  _tile_zero(4);
-  _tile_zero(5);
-  _tile_zero(6);
-  _tile_zero(7);
+  const int64_t kbytes = (bs < 32 ? bs : 32) * 2;  // 32 inputs per tile multiply
+  configure(cur, r0, r1, static_cast<int>(kbytes));
+  zero_sums();
   const int64_t astride = g.sw * g.c * 2;  // bytes between consecutive pixels' window rows
-  const int64_t bstride = bs * 2 * 2;      // bytes between consecutive input pairs of a packed block
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t tap = col[p] / g.ncb, c0 = (col[p] % g.ncb) * bs;
     const int64_t ih = oh * g.sh + (tap / g.kw) * g.dh, iw = ow0 * g.sw + (tap % g.kw) * g.dw;
     const uint16_t* a = xp + ((n * g.hp + ih) * g.wp + iw) * g.c + c0;
     const uint16_t* wb = w + p * bs * bs + o0 % bs * 2;
-    for (int64_t k = 0; k < bs; k += kc) {
-      _tile_loadd(0, a + k, astride);
-      if (r1) _tile_loadd(1, a + k + 16 * g.sw * g.c, astride);
-      _tile_loadd(2, wb + k / 2 * bs * 2, bstride);
-      if (og > 1) _tile_loadd(3, wb + k / 2 * bs * 2 + 32, bstride);
-      _tile_dpbf16ps(4, 0, 2);
-      if (og > 1) _tile_dpbf16ps(5, 0, 3);
-      if (r1) {
-        _tile_dpbf16ps(6, 1, 2);
-        if (og > 1) _tile_dpbf16ps(7, 1, 3);
-      }
-    }
+    block_products<false>(reinterpret_cast<const char*>(a), astride, reinterpret_cast<const char*>(wb), bs * 4, bs * 2,
+                          kbytes, r1, og);
   }
   alignas(64) float acc[16 * 16];
   const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
-  _tile_stored(4, acc, 64);
-  store_rows(acc, r0, o0, nout, bias, y + m0 * ldy, ldy);
-  if (og > 1) {
-    _tile_stored(5, acc, 64);
-    store_rows(acc, r0, o0 + 16, nout, bias, y + m0 * ldy, ldy);
-  }
-  if (r1) {
-    _tile_stored(6, acc, 64);
-    store_rows(acc, r1, o0, nout, bias, y + (m0 + 16) * ldy, ldy);
-    if (og > 1) {
-      _tile_stored(7, acc, 64);
-      store_rows(acc, r1, o0 + 16, nout, bias, y + (m0 + 16) * ldy, ldy);
+  for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
+    for (int h = 0; h < og; ++h) {
+      store_sums(gr, h, acc);
+      store_rows(acc, gr ? r1 : r0, o0 + 16 * h, nout, bias, y + (m0 + 16 * gr) * ldy, ldy);
     }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------- int8 (tdpbusd)
@@ -144,27 +91,6 @@ struct I8Out {
   int64_t ldy, nout;
   int bf16;
 };
-
-__attribute__((target("amx-tile"))) inline void configure_i8(TileConfig& cur, int r0, int r1, int kc) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  const int rows[2] = {r0, r1 ? r1 : 1};
-  for (int g = 0; g < 2; ++g) {
-    cfg.rows[g] = static_cast<uint8_t>(rows[g]);  // A: pixels x kc uint8
-    cfg.colsb[g] = static_cast<uint16_t>(kc);
-    cfg.rows[2 + g] = static_cast<uint8_t>(kc / 4);  // B: kc/4 input quads x 16 outputs x 4
-    cfg.colsb[2 + g] = 64;
-    for (int h = 0; h < 2; ++h) {  // C: pixels x 16 int32
-      cfg.rows[4 + 2 * g + h] = static_cast<uint8_t>(rows[g]);
-      cfg.colsb[4 + 2 * g + h] = 64;
-    }
-  }
-  if (std::memcmp(&cfg, &cur, sizeof(cfg)) != 0) {
-    cur = cfg;
-    _tile_loadconfig(&cur);
-  }
-}
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_i8(const int32_t* acc, int64_t rows, int64_t o,
                                                                         int64_t ob, float s, const I8Out& out,
@@ -191,120 +117,36 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl"))) void item
     const uint8_t* xp, const Geometry& g, const int8_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
     int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out, TileConfig& cur) {
   const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
-  const int64_t kc = bs < 64 ? bs : 64;  // inputs per tile multiply
-  configure_i8(cur, r0, r1, static_cast<int>(kc));
-  _tile_zero(4);
-  _tile_zero(5);
-  _tile_zero(6);
-  _tile_zero(7);
+  const int64_t kbytes = bs < 64 ? bs : 64;  // 64 inputs per tile multiply
+  configure(cur, r0, r1, static_cast<int>(kbytes));
+  zero_sums();
   const int64_t astride = g.sw * g.c;  // bytes between consecutive pixels' window rows
-  const int64_t bstride = bs * 4;      // bytes between consecutive input quads of a packed block
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t tap = col[p] / g.ncb, c0 = (col[p] % g.ncb) * bs;
     const int64_t ih = oh * g.sh + (tap / g.kw) * g.dh, iw = ow0 * g.sw + (tap % g.kw) * g.dw;
     const uint8_t* a = xp + ((n * g.hp + ih) * g.wp + iw) * g.c + c0;
     const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
-    for (int64_t k = 0; k < bs; k += kc) {
-      _tile_loadd(0, a + k, astride);
-      if (r1) _tile_loadd(1, a + k + 16 * astride, astride);
-      _tile_loadd(2, wb + k * bs, bstride);
-      if (og > 1) _tile_loadd(3, wb + k * bs + 64, bstride);
-      _tile_dpbusd(4, 0, 2);
-      if (og > 1) _tile_dpbusd(5, 0, 3);
-      if (r1) {
-        _tile_dpbusd(6, 1, 2);
-        if (og > 1) _tile_dpbusd(7, 1, 3);
-      }
-    }
+    block_products<true>(reinterpret_cast<const char*>(a), astride, reinterpret_cast<const char*>(wb), bs * 4, bs,
+                         kbytes, r1, og);
   }
   alignas(64) int32_t acc[16 * 16];
   const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
-  const int64_t ob = o0;  // (comp is per output)
   const float s = out.scale[n];
-  _tile_stored(4, acc, 64);
-  store_i8(acc, r0, o0, ob, s, out, m0);
-  if (og > 1) {
-    _tile_stored(5, acc, 64);
-    store_i8(acc, r0, o0 + 16, ob + 16, s, out, m0);
-  }
-  if (r1) {
-    _tile_stored(6, acc, 64);
-    store_i8(acc, r1, o0, ob, s, out, m0 + 16);
-    if (og > 1) {
-      _tile_stored(7, acc, 64);
-      store_i8(acc, r1, o0 + 16, ob + 16, s, out, m0 + 16);
+  for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
+    for (int h = 0; h < og; ++h) {
+      store_sums(gr, h, acc);
+      store_i8(acc, gr ? r1 : r0, o0 + 16 * h, o0 + 16 * h, s, out, m0 + 16 * gr);  // (comp is per output)
     }
-  }
 }
 
-__attribute__((target("amx-tile"))) void release() { _tile_release(); }
-
-}  // namespace
-
-// Ask Linux for the AMX tile state (once per process; oneDNN asks the same). 0: granted.
-extern "C" int accel_amx_init() {
-  return static_cast<int>(syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata));
-}
-
-// xp: padded NHWC bf16 [n, hp, wp, c]; y: bf16 [n*oh*ow, ldy]. Returns 0, or a code for refused arguments.
-extern "C" int accel_bsr_conv_amx(const void* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw, int64_t sh,
-                                  int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow, const void* wpack,
-                                  const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs, const float* bias,
-                                  void* y, int64_t ldy, int64_t nout, int nthreads) {
-  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
-  if (c % bs || n < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || nout > nbr * bs ||
-      ldy < nout || nthreads < 1)
-    return 2;
-  if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
-  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
-  const int og = bs >= 32 ? 2 : 1;              // output groups of 16 per item
-  const int64_t passes = bs / (16 * og);        // items per block row and pixel chunk
+// Every item of a conv call, on each thread's own tiles: f(cur, image, output row, ow0, np, r, o0, og) for the pixels
+// [ow0, ow0 + np) (np <= 32) of that output row, block row r, outputs [o0, o0 + 16 * og). Consecutive items: the same
+// pixels, the next outputs.
+template <typename F>
+void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64_t nout, int nthreads, F&& f) {
+  const int og = bs >= 32 ? 2 : 1;                // output groups of 16 per item
+  const int64_t passes = bs / (16 * og);          // items per block row and pixel chunk
   const int64_t chunks_per_row = (ow + 31) / 32;  // pixel chunks of 32 (two groups of 16) per output row
-  const int64_t rows = n * oh;
-  const int64_t items = rows * chunks_per_row * nbr * passes;
-  const uint16_t* x16 = static_cast<const uint16_t*>(xp);
-  const uint16_t* w16 = static_cast<const uint16_t*>(wpack);
-  uint16_t* y16 = static_cast<uint16_t*>(y);
-#pragma omp parallel num_threads(nthreads)
-  {
-    TileConfig cur;
-    std::memset(&cur, 0, sizeof(cur));
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      int64_t rest = it;
-      const int64_t q = rest % passes;
-      rest /= passes;
-      const int64_t r = rest % nbr;  // (consecutive items: the same pixels, the next outputs)
-      rest /= nbr;
-      const int64_t ch = rest % chunks_per_row, row = rest / chunks_per_row;
-      const int64_t ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
-      const int64_t o0 = r * bs + q * 16 * og;
-      if (o0 >= nout) continue;
-      item(x16, g, w16, bs, col, crow[r], crow[r + 1], row / oh, row % oh, ow0, np, o0, og, bias, y16, ldy, nout, cur);
-    }
-    if (cur.palette_id) release();
-  }
-  return 0;
-}
-
-// accel's int8 conv on tiles. xp: the padded per-image-quantized input NHWC uint8 [n, hp, wp, c] (padding 128);
-// w: int8 blocks [nnz][B/4][B][4] of W [O, KH*KW*C]; comp [nbr * B]; scale [n]; y [n*oh*ow, ldy] fp32, or bf16 with
-// y_bf16.
-extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw,
-                                   int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
-                                   const int8_t* w, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
-                                   const int32_t* comp, const float* scale, const float* wscale, const float* bias,
-                                   void* y, int y_bf16, int64_t ldy, int64_t nout, int nthreads) {
-  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
-  if (c % bs || n < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || nout > nbr * bs ||
-      ldy < nout || nthreads < 1)
-    return 2;
-  if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
-  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
-  const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
-  const int og = bs >= 32 ? 2 : 1;
-  const int64_t passes = bs / (16 * og);
-  const int64_t chunks_per_row = (ow + 31) / 32;
   const int64_t items = n * oh * chunks_per_row * nbr * passes;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -320,10 +162,62 @@ extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int
       const int64_t ch = rest % chunks_per_row, row = rest / chunks_per_row;
       const int64_t ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
       const int64_t o0 = r * bs + q * 16 * og;
-      if (o0 >= nout) continue;
-      item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], row / oh, row % oh, ow0, np, o0, og, out, cur);
+      if (o0 < nout) f(cur, row / oh, row % oh, ow0, np, r, o0, og);
     }
-    if (cur.palette_id) release();
+    if (cur.palette_id) accel_amx::release();
   }
+}
+
+// The entry points' argument check: 1 for a block size the kernels lack, 2 for a refused geometry, else 0.
+int refuse(int64_t n, int64_t c, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
+           int64_t nbr, int64_t bs, int64_t ldy, int64_t nout, int nthreads) {
+  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
+  if (c % bs || n < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || nout > nbr * bs ||
+      ldy < nout || nthreads < 1)
+    return 2;
+  return 0;
+}
+
+}  // namespace
+
+// Ask Linux for the AMX tile state (once per process; oneDNN asks the same). 0: granted.
+extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
+
+// xp: padded NHWC bf16 [n, hp, wp, c]; y: bf16 [n*oh*ow, ldy]. Returns 0, or a code for refused arguments.
+extern "C" int accel_bsr_conv_amx(const void* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw, int64_t sh,
+                                  int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow, const void* wpack,
+                                  const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs, const float* bias,
+                                  void* y, int64_t ldy, int64_t nout, int nthreads) {
+  const int refused = refuse(n, c, kw, sh, sw, dh, dw, oh, ow, nbr, bs, ldy, nout, nthreads);
+  if (refused) return refused;
+  if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
+  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
+  const uint16_t* x16 = static_cast<const uint16_t*>(xp);
+  const uint16_t* w16 = static_cast<const uint16_t*>(wpack);
+  uint16_t* y16 = static_cast<uint16_t*>(y);
+  for_items(n, oh, ow, nbr, bs, nout, nthreads,
+            [&](TileConfig& cur, int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r, int64_t o0, int og) {
+              item(x16, g, w16, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, bias, y16, ldy, nout, cur);
+            });
+  return 0;
+}
+
+// accel's int8 conv on tiles. xp: the padded per-image-quantized input NHWC uint8 [n, hp, wp, c] (padding 128);
+// w: int8 blocks [nnz][B/4][B][4] of W [O, KH*KW*C]; comp [nbr * B]; scale [n]; y [n*oh*ow, ldy] fp32, or bf16 with
+// y_bf16.
+extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw,
+                                   int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
+                                   const int8_t* w, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
+                                   const int32_t* comp, const float* scale, const float* wscale, const float* bias,
+                                   void* y, int y_bf16, int64_t ldy, int64_t nout, int nthreads) {
+  const int refused = refuse(n, c, kw, sh, sw, dh, dw, oh, ow, nbr, bs, ldy, nout, nthreads);
+  if (refused) return refused;
+  if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
+  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
+  const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
+  for_items(n, oh, ow, nbr, bs, nout, nthreads,
+            [&](TileConfig& cur, int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r, int64_t o0, int og) {
+              item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, out, cur);
+            });
   return 0;
 }

@@ -19,13 +19,13 @@
 // Built with -ffp-contract=off: no fused multiply-adds but the one written, every step rounds like the PyTorch ops it
 // replaces (accel.cpu.int8_bsr.epilogue: a mul, then torch.addcmul's fused multiply-add).
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -228,81 +228,32 @@ void block_row(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, in
 // ---------------------------------------------------------------------------------------------- AMX (tdpbusd)
 // The same product on AMX tiles: for 16 tokens x 16 outputs, C += A (tokens x kc uint8) . B (kc/4 input quads x 16
 // outputs x 4 int8), kc = min(B, 64) inputs per tile multiply; the packed blocks [nnz][B/4][B][4] are B's layout.
-// Tiles: A tmm0, tmm1 (two groups of 16 tokens), B tmm2, tmm3 (two groups of 16 outputs), C tmm4..7.
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-__attribute__((target("amx-tile"))) inline void configure(TileConfig& cur, int r0, int r1, int kc) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  const int rows[2] = {r0, r1 ? r1 : 1};
-  for (int g = 0; g < 2; ++g) {
-    cfg.rows[g] = static_cast<uint8_t>(rows[g]);
-    cfg.colsb[g] = static_cast<uint16_t>(kc);
-    cfg.rows[2 + g] = static_cast<uint8_t>(kc / 4);
-    cfg.colsb[2 + g] = 64;
-    for (int h = 0; h < 2; ++h) {
-      cfg.rows[4 + 2 * g + h] = static_cast<uint8_t>(rows[g]);
-      cfg.colsb[4 + 2 * g + h] = 64;
-    }
-  }
-  if (std::memcmp(&cfg, &cur, sizeof(cfg)) != 0) {
-    cur = cfg;
-    _tile_loadconfig(&cur);
-  }
-}
-
+// Tiles (amx_tiles.h): A tmm0, tmm1 (two groups of 16 tokens), B tmm2, tmm3 (two groups of 16 outputs), C tmm4..7.
 // tokens [t0, t0 + nt) (nt <= 32), block row r, outputs [o0, o0 + 16 * og)
 __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int64_t ldu, const int8_t* w,
                                                            int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
                                                            int64_t t0, int64_t nt, int64_t o0, int og,
-                                                           const int32_t* comp, const Epilogue& e, TileConfig& cur,
-                                                           int dense_order) {
+                                                           const int32_t* comp, const Epilogue& e,
+                                                           accel_amx::TileConfig& cur, int dense_order) {
   const int r0 = static_cast<int>(nt < 16 ? nt : 16), r1 = static_cast<int>(nt - r0);
-  const int64_t kc = bs < 64 ? bs : 64;
-  configure(cur, r0, r1, static_cast<int>(kc));
-  _tile_zero(4);
-  _tile_zero(5);
-  _tile_zero(6);
-  _tile_zero(7);
+  const int64_t kbytes = bs < 64 ? bs : 64;  // 64 inputs per tile multiply
+  accel_amx::configure(cur, r0, r1, static_cast<int>(kbytes));
+  accel_amx::zero_sums();
   const uint8_t* ut = u + t0 * ldu;
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* a = ut + col[p] * bs;
     const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
-    for (int64_t k = 0; k < bs; k += kc) {
-      _tile_loadd(0, a + k, ldu);
-      if (r1) _tile_loadd(1, a + k + 16 * ldu, ldu);
-      _tile_loadd(2, wb + k * bs, bs * 4);
-      if (og > 1) _tile_loadd(3, wb + k * bs + 64, bs * 4);
-      _tile_dpbusd(4, 0, 2);
-      if (og > 1) _tile_dpbusd(5, 0, 3);
-      if (r1) {
-        _tile_dpbusd(6, 1, 2);
-        if (og > 1) _tile_dpbusd(7, 1, 3);
-      }
-    }
+    accel_amx::block_products<true>(reinterpret_cast<const char*>(a), ldu, reinterpret_cast<const char*>(wb), bs * 4,
+                                    bs, kbytes, r1, og);
   }
   alignas(64) int32_t acc[16 * 16];
   const int64_t ob = o0 % bs;  // (comp is the block row's)
   for (int g = 0; g < (r1 ? 2 : 1); ++g)
     for (int h = 0; h < og; ++h) {
-      switch (4 + 2 * g + h) {  // (tile numbers are immediates)
-        case 4: _tile_stored(4, acc, 64); break;
-        case 5: _tile_stored(5, acc, 64); break;
-        case 6: _tile_stored(6, acc, 64); break;
-        default: _tile_stored(7, acc, 64); break;
-      }
+      accel_amx::store_sums(g, h, acc);
       store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc, _mm512_loadu_si512(comp + ob + h * 16), dense_order);
     }
 }
-
-__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
 }  // namespace
 
@@ -407,9 +358,7 @@ extern "C" int accel_int8_bsr_vnni(const void* x, int x_is_u8, int64_t m, int64_
 }
 
 // Ask Linux for the AMX tile state (once per process; oneDNN asks the same). 0: granted.
-extern "C" int accel_amx_init() {
-  return static_cast<int>(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */));
-}
+extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 
 // accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
 // dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows. y: fp32, or
@@ -428,7 +377,7 @@ extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, cons
   const int64_t items = chunks * nbr * passes;
 #pragma omp parallel num_threads(nthreads)
   {
-    TileConfig cur;
+    accel_amx::TileConfig cur;
     std::memset(&cur, 0, sizeof(cur));
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
@@ -438,7 +387,7 @@ extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, cons
       if (o0 >= n) continue;
       amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur, dense_order);
     }
-    if (cur.palette_id) amx_release();
+    if (cur.palette_id) accel_amx::release();
   }
   return 0;
 }

@@ -584,7 +584,7 @@ def test_nonfinite_scan_and_rows_like_dense(dtype):
     from accel.formats import bsr_to_dense
     dense = bsr_to_dense(values.to(dtype).float(), crow, col, (96, k))[:n]
     want = x.float() @ dense.t()
-    run = native.linear_runner(w, None, n, dtype, amx=False)
+    run = native.linear_runner(w, None, n, x, amx=False)
     y = run(x)
     assert not bool(torch.isfinite(y[[1, 3]]).any()) and bool(torch.isfinite(y[[0, 2, 4]]).all())
     assert torch.equal(torch.isnan(y[1]), torch.isnan(want[1]))  # (inf where the dense sum is inf, NaN elsewhere)

@@ -652,19 +652,19 @@ def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_f
     ``x`` holding NaN/inf NaN in every finite output (as the dense layer); ``amx``: on AMX tiles (bf16 only)."""
     if x.dim() != 2:
         raise ValueError(f"bsr_linear (native): x must be [M, K], got {tuple(x.shape)}")
-    return linear_runner(w, bias, out_features, x.dtype, amx)(x)
+    return linear_runner(w, bias, out_features, x, amx)(x)
 
 
-def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, dtype: torch.dtype,
-                  amx: bool = False):
-    """:func:`bsr_linear` for one layer's operands, checked once here: a function of ``x [M, K]`` (``dtype``) that
-    checks only ``x`` and makes two native calls (the product, then the rows holding NaN/inf), for a settled layer's
-    plan (``accel.ops._plans``), where each Python step costs microseconds between a model's other ops."""
+def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, x: torch.Tensor, amx: bool = False):
+    """:func:`bsr_linear` for one layer's operands, checked once here with an input ``x [M, K]`` of the layer: a
+    function of such inputs (``x``'s dtype and K) that checks only the input and makes two native calls (the product,
+    then the rows holding NaN/inf), for a settled layer's plan (``accel.ops._plans``), where each Python step costs
+    microseconds between a model's other ops."""
     bs = w.blocks.shape[2]
-    k = w.ncols * bs
+    k, dtype = x.shape[-1], x.dtype
     if amx and dtype != torch.bfloat16:
         raise ValueError(f"bsr_linear (native AMX): x must be bfloat16, got {dtype}")
-    _float_operands(torch.empty(0, k, dtype=dtype), w, bias, k, w.ncols, "bsr_linear")
+    _float_operands(x, w, bias, k, k // bs, "bsr_linear")
     nbr = w.crow.numel() - 1
     if out_features > nbr * bs or bias is not None and bias.numel() != out_features:
         raise ValueError(f"bsr_linear (native): out_features {out_features} with {nbr} block rows of {bs}, bias "

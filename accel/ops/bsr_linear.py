@@ -110,7 +110,7 @@ def _native_runner(x, values, crow, col, out_features, bias, strategy: str):
     made like the dense layer's there)."""
     w = cpu_native.packed_float(values, crow, col, x.shape[1] // values.shape[1], x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
-    return cpu_native.linear_runner(w, b, out_features, x.dtype, amx=strategy == "native_amx")
+    return cpu_native.linear_runner(w, b, out_features, x, amx=strategy == "native_amx")
 
 
 def _run_native(x, values, crow, col, out_features, bias, strategy: str) -> torch.Tensor:

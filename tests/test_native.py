@@ -425,18 +425,27 @@ AMX = native.amx_available()
     (128, 70, 7, 33, 1, 1, (1, 1), (0, 0), (1, 1), 64, 2),
     (64, 128, 9, 9, 3, 3, (1, 1), (2, 2), (2, 2), 64, 1),
     (32, 32, 4, 4, 3, 3, (1, 1), (3, 3), (1, 1), 32, 1),  # padding past the kernel: rows of bias only
+    # windows reaching into the left and right padding in both pixel groups of 32-pixel chunks, and all of a group
+    (16, 20, 5, 35, 3, 5, (1, 3), (1, 4), (1, 2), 16, 2),
+    (128, 64, 3, 20, 3, 3, (2, 1), (2, 9), (1, 3), 128, 1),
+    (64, 32, 6, 3, 3, 3, (1, 1), (1, 20), (1, 1), 64, 2),
 ])
 def test_amx_conv_matches_pytorchs_conv(geometry):
+    """Both AMX engines (x read in place, its padding never stored; and on a padded copy) against PyTorch's conv, and
+    bit for bit against each other (the padding's products are exact zeros)."""
     c, o, h, w, kh, kw, stride, padding, dilation, bs, n = geometry
     v, crow, col = float_weight(o, kh * kw * c, bs, 0.4, (1,) if o > bs else (), dtype=torch.bfloat16)
     bias = torch.randn(o).bfloat16()
     x = torch.randn(n, c, h, w).bfloat16()
     for xin in (x, x.contiguous(memory_format=torch.channels_last)):
         for b in (bias, None):
-            y = ops_conv.run_cpu("native_amx", xin, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
             ref = conv_reference(x, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
-            assert y.shape == ref.shape and y.dtype == torch.bfloat16
-            assert y.is_contiguous(memory_format=torch.channels_last) and rel_err(y, ref) < 1e-2
+            ys = [ops_conv.run_cpu(e, xin, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
+                  for e in ("native_amx", "native_amx_padded")]
+            for y in ys:
+                assert y.shape == ref.shape and y.dtype == torch.bfloat16
+                assert y.is_contiguous(memory_format=torch.channels_last) and rel_err(y, ref) < 1e-2
+            assert torch.equal(ys[0].view(torch.int16), ys[1].view(torch.int16))
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
@@ -453,12 +462,38 @@ def test_amx_linear_matches_dense(m):
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
+def test_amx_rounds_outputs_as_pytorch():
+    """The AMX kernel's bf16 outputs are PyTorch's rounding of the fp32 sum + bias, bit for bit, also where its one-
+    instruction rounding would differ: denormal results (sum and bias nearly cancelling)."""
+    n, k, bs = 48, 32, 16
+    tiny = torch.finfo(torch.float32).tiny
+    w = torch.zeros(n, k)
+    w[:, 0] = torch.linspace(1, 3, n) * tiny  # x[:, 0] = 1: the fp32 sum is w[:, 0]
+    w[:, 1] = torch.linspace(-2, 2, n)
+    w = w.bfloat16()
+    bias = -(w[:, 0].float() * torch.linspace(0.5, 1.0, n)).bfloat16()  # w + bias: denormal (or zero) in fp32
+    crow = torch.tensor([0, 2, 4, 6])
+    col = torch.tensor([0, 1, 0, 1, 0, 1])
+    values = torch.stack([w[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] for r in range(3) for c in range(2)])
+    x = torch.zeros(20, k)
+    x[:10, 0] = 1  # rows of denormal outputs
+    x[10:, 1] = torch.linspace(-3, 3, 10) * (1 + 2 ** -7)  # rows of normal ones (products of 16 significant bits)
+    x = x.bfloat16()
+    run = native.linear_runner(native.pack_float(values, crow, col, 2, torch.bfloat16), bias.float(), n, x, amx=True)
+    want = (x.float() @ w.float().T + bias.float()).bfloat16()  # (each fp32 sum exact: at most two products)
+    got = run(x)
+    assert ((want.float().abs() < tiny) & (want != 0)).sum() > 100  # (denormals reached)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
 def test_amx_offered_only_for_bf16_on_amx(accel_env):
-    assert "native_amx" in ops_conv.cpu_engines(64, 32, torch.bfloat16, False)
+    assert {"native_amx", "native_amx_padded"} <= set(ops_conv.cpu_engines(64, 32, torch.bfloat16, False))
     assert "native_amx" not in ops_conv.cpu_engines(64, 32, torch.float32, False)
     assert ops_linear_strategies(torch.zeros(2, 64, dtype=torch.bfloat16), 32)[-1] == "native_amx"
     accel_env(ACCEL_CPU_ISA="avx512_vnni")
-    assert not native.amx_available() and "native_amx" not in ops_conv.cpu_engines(64, 32, torch.bfloat16, False)
+    assert not native.amx_available() and not {"native_amx", "native_amx_padded"} & set(
+        ops_conv.cpu_engines(64, 32, torch.bfloat16, False))
     assert native.float_available(torch.bfloat16)  # (the AVX-512 kernel stays)
     with pytest.raises(ValueError, match="x must be bfloat16"):
         native.bsr_linear(torch.zeros(2, 64), native.pack_float(*float_weight(64, 64, 32, 0.5), 2, torch.float32),
@@ -597,11 +632,10 @@ def test_nonfinite_scan_and_rows_like_dense(dtype):
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX kernels here")
-def test_amx_conv_scans_while_padding():
-    """The AMX conv's padded copy reports NaN/inf in x (any pixel, any channel, first and last image) and the conv
-    equals the one on a separately padded input; no padding or an NCHW input leaves the scan to the caller (None)."""
-    from accel.cpu.bsr_conv import padded_nhwc
-
+@pytest.mark.parametrize("padded", [False, True])
+def test_amx_conv_reports_nonfinite_inputs(padded):
+    """The AMX conv says whether x holds NaN/inf (any pixel, any channel, first and last image; channels_last or not,
+    padded or not), and its output does not depend on the input's layout."""
     bs, c, o = 32, 64, 40
     keep = torch.rand(2, 9 * c // bs) < 0.5
     keep[:, 0] = True
@@ -609,15 +643,14 @@ def test_amx_conv_scans_while_padding():
     col = keep.nonzero()[:, 1].contiguous()
     w = native.pack_float(torch.randn(col.numel(), bs, bs), crow, col, 9 * c // bs, torch.bfloat16)
     x = torch.randn(3, c, 7, 5).bfloat16().contiguous(memory_format=torch.channels_last)
-    for padding in ((1, 1), (2, 0), (0, 3)):
-        y, bad = native.bsr_conv2d_amx_scanned(x, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1))
+    for padding in ((1, 1), (2, 0), (0, 3), (0, 0)):
+        y, bad = native.bsr_conv2d_amx_scanned(x, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1), padded)
         assert bad is False
-        assert torch.equal(y, native.bsr_conv2d_amx(x.contiguous(), w, (o, c, 3, 3), None, (1, 1), padding, (1, 1)))
-        xp = padded_nhwc(x, padding, "test.pad").clone()
-        assert torch.equal(native.scratch("native.xpad", xp.numel(), torch.bfloat16)[:xp.numel()].view_as(xp), xp)
+        assert torch.equal(y, native.bsr_conv2d_amx(x.contiguous(), w, (o, c, 3, 3), None, (1, 1), padding, (1, 1),
+                                                    padded))
         for pos in ((0, 0, 0, 0), (2, c - 1, 6, 4), (1, 17, 3, 2)):
             xb = x.clone()
             xb[pos] = float("inf") if pos[0] == 1 else float("nan")
-            assert native.bsr_conv2d_amx_scanned(xb, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1))[1] is True
-    assert native.bsr_conv2d_amx_scanned(x, w, (o, c, 3, 3), None, (1, 1), (0, 0), (1, 1))[1] is None
-    assert native.bsr_conv2d_amx_scanned(x.contiguous(), w, (o, c, 3, 3), None, (1, 1), (1, 1), (1, 1))[1] is None
+            for xin in (xb, xb.contiguous()):
+                assert native.bsr_conv2d_amx_scanned(xin, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1),
+                                                     padded)[1] is True

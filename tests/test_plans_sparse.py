@@ -14,13 +14,15 @@ from accel import SparseConv2d, SparseLinear, bsr_conv2d, bsr_linear, engines
 from accel.ops import _plans
 
 LINEAR_ENGINES = engines.known_ops()["bsr_linear"]
-CONV_ENGINES = ("gather", "im2col_gather_bmm", "im2col_rows", "im2col_panels", "dense", "native", "native_amx")
+CONV_ENGINES = ("gather", "im2col_gather_bmm", "im2col_rows", "im2col_panels", "dense", "native", "native_amx",
+                "native_amx_padded")
 
 
 def _skip_unavailable(engine, dtype):
     """The native engines run where their kernels build (AVX-512; AMX for bf16 only)."""
     ops = importlib.import_module("accel.ops.bsr_linear")
-    if engine.startswith("native") and engine not in ops.native_strategies(torch.zeros(1, 32, dtype=dtype), 16):
+    if engine.startswith("native") and engine.removesuffix("_padded") not in ops.native_strategies(
+            torch.zeros(1, 32, dtype=dtype), 16):
         pytest.skip(f"{engine} does not run {dtype} here")
 
 

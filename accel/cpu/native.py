@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .. import engines
-from .bsr_conv import output_size, padded_nhwc
+from .bsr_conv import output_size
 from .packcache import cached
 from .workspace import scratch
 
@@ -61,9 +61,11 @@ KERNELS = {
                            ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"), "avx512_vnni"),
     # (the bf16 functions carry their own target attribute: the library loads on AVX-512 CPUs without BF16)
     "bsr_float": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"), ("avx512f", "avx512bw", "avx512vl"), "avx512"),
-    # (AMX through target attributes too; the process asks Linux for the tile state before first use)
+    # (AMX and the bf16 rounding instruction through target attributes too; the process asks Linux for the tile
+    # state before first use)
     "bsr_amx": _Spec(("-mavx512f", "-mavx512bw", "-mavx512vl"),
-                     ("avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16", "amx_int8"), "amx"),
+                     ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"),
+                     "amx"),
 }
 #: the CPU flag the bf16 path of ``bsr_float`` needs besides its library's
 BF16_NEEDS = "avx512_bf16"
@@ -275,7 +277,7 @@ def _load(name: str, path: str):
         lib.accel_amx_init.restype = i32
         lib.accel_amx_init.argtypes = []
         lib.accel_bsr_conv_amx.restype = i32
-        lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32]
         lib.accel_int8_conv_amx.restype = i32
         lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32]
         if lib.accel_amx_init() != 0:  # (before any tile instruction: without the permission they fault)
@@ -686,7 +688,7 @@ def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, 
         y = torch.empty(m, n, dtype=dtype)
         if m and n:
             if amx:  # (the conv kernels over one image row of m pixels: a 1x1 conv)
-                rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
+                rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
                           torch.get_num_threads())
             else:
                 rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
@@ -734,28 +736,34 @@ def _check_float(lib) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ AMX (bsr_amx)
-def _amx_raw(lib, xp, w: PackedFloat, kw, stride, dilation, oh, ow, bias, y) -> None:
-    n, hp, wp, c = xp.shape
+def _amx_raw(lib, xn, w: PackedFloat, kw, stride, padding, dilation, oh, ow, bias, y) -> None:
+    """The AMX kernel on ``xn``, a contiguous NHWC bf16 input (its zero padding is not stored)."""
+    n, h, wd, c = xn.shape
     bs = w.blocks.shape[2]
-    rc = lib.accel_bsr_conv_amx(xp.data_ptr(), n, hp, wp, c, kw, stride[0], stride[1], dilation[0], dilation[1], oh, ow,
-                                w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
-                                None if bias is None else bias.data_ptr(), y.data_ptr(), y.shape[-1], y.shape[-1],
-                                torch.get_num_threads())
+    rc = lib.accel_bsr_conv_amx(xn.data_ptr(), n, h, wd, c, kw, stride[0], stride[1], padding[0], padding[1],
+                                dilation[0], dilation[1], oh, ow, w.blocks.data_ptr(), w.crow.data_ptr(),
+                                w.col.data_ptr(), w.crow.numel() - 1, bs, None if bias is None else bias.data_ptr(),
+                                y.data_ptr(), y.shape[-1], y.shape[-1], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the AMX block-sparse kernel refused its arguments (code {rc})")
 
 
 def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
-                   dilation) -> torch.Tensor:
+                   dilation, padded: bool = False) -> torch.Tensor:
     """:func:`bsr_conv2d` for bf16 on AMX tiles (``w`` packed for bf16): ``[N, O, OH, OW]`` channels_last bf16."""
-    return bsr_conv2d_amx_scanned(x, w, weight_shape, bias, stride, padding, dilation)[0]
+    return bsr_conv2d_amx_scanned(x, w, weight_shape, bias, stride, padding, dilation, padded)[0]
 
 
 def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
-                           dilation) -> tuple[torch.Tensor, bool | None]:
-    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf, learnt while copying a channels_last ``x``
-    into the padded input the kernel reads (``accel_pad_nhwc``), or None when no copy was made (no padding, or another
-    layout: the caller scans)."""
+                           dilation, padded: bool = False) -> tuple[torch.Tensor, bool]:
+    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf (one native read of ``x``: the kernel reads only
+    the channels of its stored blocks).
+
+    The kernel reads a channels_last ``x`` in place (other layouts are copied to channels_last first). The zero
+    padding is not stored: pixel groups whose windows reach into it are copied into a small buffer first, which costs
+    more where most of them do (narrow images). ``padded``: copy ``x`` into a zero-padded buffer instead, scanning it
+    on the way (``accel_pad_nhwc``); ``accel.ops.bsr_conv`` measures both (engines ``native_amx`` and
+    ``native_amx_padded``)."""
     o, c, kh, kw = weight_shape
     n, cx, h, wd = x.shape
     if x.dtype != torch.bfloat16:
@@ -768,18 +776,22 @@ def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: 
         raise ValueError(f"bsr_conv2d (native AMX): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
     y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
-    bad = None
+    xn = x.permute(0, 2, 3, 1)
+    if not xn.is_contiguous():
+        xn = xn.contiguous()
+    threads, (ph, pw) = torch.get_num_threads(), padding
+    if padded and (ph or pw) and xn.numel():  # the padded copy, scanned as it is made
+        hp, wp = h + 2 * ph, wd + 2 * pw
+        xp = scratch("native.xpad", n * hp * wp * c, x.dtype).view(n, hp, wp, c)
+        bad = bool(_lib("bsr_float").accel_pad_nhwc(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(), threads))
+        xn, padding = xp, (0, 0)
+    else:
+        bad = bool(xn.numel()) and bool(_lib("bsr_float").accel_any_nonfinite(xn.data_ptr(), 1, n * h, wd * c, wd * c,
+                                                                              threads))
     if y.numel():
-        xn, (ph, pw) = x.permute(0, 2, 3, 1), padding
-        if (ph or pw) and xn.is_contiguous():  # the padded copy, scanned as it is made
-            hp, wp = h + 2 * ph, wd + 2 * pw
-            xp = scratch("native.xpad", n * hp * wp * c, x.dtype).view(n, hp, wp, c)
-            bad = bool(_lib("bsr_float").accel_pad_nhwc(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(),
-                                                        torch.get_num_threads()))
-        else:
-            xp = padded_nhwc(x, padding, "native.xpad")
-        _amx_raw(_lib("bsr_amx"), xp, w, kw, stride, dilation, oh, ow, bias, y)
+        _amx_raw(_lib("bsr_amx"), xn, w, kw, stride, padding, dilation, oh, ow, bias, y)
     return y.permute(0, 3, 1, 2), bad
+
 
 def _check_amx(lib) -> None:
     """The AMX kernel against PyTorch's conv (fp64) before first use: every block size, stride, dilation, output
@@ -805,8 +817,8 @@ def _check_amx(lib) -> None:
             x = torch.randn(2, c, 5, width + (kw - 1) * dilation[1], generator=g).bfloat16()
             want = torch.nn.functional.conv2d(x.double(), dense, bias.double(), stride, padding, dilation)
             y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=torch.bfloat16)
-            xp = padded_nhwc(x, padding, "native.check")
-            _amx_raw(lib, xp, w, kw, stride, dilation, want.shape[2], want.shape[3], bias, y)
+            _amx_raw(lib, x.permute(0, 2, 3, 1).contiguous(), w, kw, stride, padding, dilation, want.shape[2],
+                     want.shape[3], bias, y)
             err = float((y.permute(0, 3, 1, 2).double() - want).abs().max() / want.abs().max())
             if not err < 1e-2:
                 raise RuntimeError(f"the AMX block-sparse conv (block {bs}, width {width}, stride {stride}, padding "

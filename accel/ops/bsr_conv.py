@@ -139,7 +139,7 @@ def cpu_engines(c: int, bs: int, dtype: torch.dtype, allow_dense: bool) -> tuple
     if c % bs == 0 and cpu_native.float_available(dtype):
         names += ("native",)
     if c % bs == 0 and dtype == torch.bfloat16 and cpu_native.amx_available():
-        names += ("native_amx",)
+        names += ("native_amx", "native_amx_padded")
     return names + (("dense",) if allow_dense else ())
 
 
@@ -157,9 +157,8 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
     bad = None  # (whether x holds NaN/inf, where an engine learnt it on the way)
     if engine == "gather":
         y = cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
-    elif engine in ("native", "native_amx"):
-        y, bad = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
-                             engine == "native_amx")
+    elif engine in ("native", "native_amx", "native_amx_padded"):
+        y, bad = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, engine)
     elif engine.startswith("im2col_"):
         y = cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
                                        engine[len("im2col_"):])
@@ -168,15 +167,16 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
     return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad)
 
 
-def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, amx: bool):
-    """``(y, bad)``: the native engine's output, and whether ``x`` holds NaN/inf where the AMX engine's padded copy
-    found out (else None)."""
+def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, engine: str):
+    """``(y, bad)``: the native engine's output, and whether ``x`` holds NaN/inf where the AMX engines found out on
+    the way (else None)."""
     o, c, kh, kw = weight_shape
     nbc = kh * kw * c // values.shape[1]
     w = cpu_native.packed_float(values, crow, col, nbc, x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
-    if amx:
-        return cpu_native.bsr_conv2d_amx_scanned(x, w, weight_shape, b, stride, padding, dilation)
+    if engine != "native":
+        return cpu_native.bsr_conv2d_amx_scanned(x, w, weight_shape, b, stride, padding, dilation,
+                                                 padded=engine == "native_amx_padded")
     return cpu_native.bsr_conv2d(x, w, weight_shape, b, stride, padding, dilation), None
 
 

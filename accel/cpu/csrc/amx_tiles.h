@@ -51,19 +51,21 @@ __attribute__((target("amx-tile"))) inline void configure(TileConfig& cur, int r
   }
 }
 
-// C += A . B over one stored block: `a` the block's inputs in the first A row (A rows `astride` bytes apart, the second
-// group 16 rows on), `wb` the block's B rows for the item's first output group (`bstride` bytes apart, the second group
-// 64 bytes on), `row_bytes` input bytes per A row (B times the element size), in multiplies of `kbytes`. r1: a second
-// A group; og: output groups (1 or 2). I8: tdpbusd (uint8 x int8), else tdpbf16ps (bf16 pairs).
+// C += A . B over one stored block: `a0` the block's inputs in the first A row of group 0 (its rows `as0` bytes apart),
+// `a1` / `as1` the same for group 1 (r1 rows; none when r1 = 0), `wb` the block's B rows for the item's first output
+// group (`bstride` bytes apart, the second group 64 bytes on), `row_bytes` input bytes per A row (B times the element
+// size), in multiplies of `kbytes`. og: output groups (1 or 2). I8: tdpbusd (uint8 x int8), else tdpbf16ps (bf16
+// pairs).
 template <bool I8>
-__attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void block_products(const char* a, int64_t astride,
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void block_products(const char* a0, int64_t as0,
+                                                                                  const char* a1, int64_t as1,
                                                                                   const char* wb, int64_t bstride,
                                                                                   int64_t row_bytes, int64_t kbytes,
                                                                                   int r1, int og) {
   for (int64_t kb = 0; kb < row_bytes; kb += kbytes) {
     const char* b = wb + kb / 4 * bstride;  // (kb input bytes: kb / 4 rows of B)
-    _tile_loadd(0, a + kb, astride);
-    if (r1) _tile_loadd(1, a + kb + 16 * astride, astride);
+    _tile_loadd(0, a0 + kb, as0);
+    if (r1) _tile_loadd(1, a1 + kb, as1);
     _tile_loadd(2, b, bstride);
     if (og > 1) _tile_loadd(3, b + 64, bstride);
     if constexpr (I8) {

@@ -2,11 +2,13 @@
 // bsr_float.cpp with each stored block's products done by tile multiplies (tdpbf16ps: 16 pixels x 16 outputs x 32
 // inputs per instruction, fp32 sums).
 //
-// The input is the zero-padded channels_last copy xp [N, Hp, Wp, C] bf16 (every tap of every output pixel reads
-// inside it: no bounds checks). The weight [O, C, KH, KW] is W [O, KH*KW*C] in (kh, kw, c) order, block-sparse with
-// B x B blocks, C % B == 0, packed [nnz][B/2][B][2] bf16 (two consecutive inputs of one output together: the B
-// operand of tdpbf16ps, a row per input pair). For 16 consecutive output pixels of one output row, the window rows
-// of a block are 16 rows of xp sw*C apart: one tile load. y[m, o] = sum + bias[o], rounded once to bf16 (o < O).
+// The input is channels_last x [N, H, W, C] bf16, read in place: the zero padding is never materialised. A stored
+// block of tap (kh, kw) whose input row falls in the padding is skipped (its products are zero); for 16 consecutive
+// output pixels of one output row whose window columns all lie inside x, the block's inputs are 16 rows of x sw*C
+// apart (one tile load); a group reaching into the left or right padding is first copied, zeros for the padding, into
+// a small buffer of the thread's. The weight [O, C, KH, KW] is W [O, KH*KW*C] in (kh, kw, c) order, block-sparse
+// with B x B blocks, C % B == 0, packed [nnz][B/2][B][2] bf16 (two consecutive inputs of one output together: the
+// B operand of tdpbf16ps, a row per input pair). y[m, o] = sum + bias[o], rounded once to bf16 (o < O).
 //
 // Tiles (amx_tiles.h): 2 pixel groups (A, 16 rows each) x 2 groups of 16 outputs (B) -> 4 accumulators (C, 16 x 16).
 #include <immintrin.h>
@@ -25,14 +27,53 @@ using accel_amx::TileConfig;
 using accel_amx::zero_sums;
 
 struct Geometry {
-  int64_t hp, wp, c;  // padded input NHWC (per image hp * wp * c)
+  int64_t h, w, c;  // input NHWC (per image h * w * c)
+  int64_t ph, pw;   // zero padding (top and bottom, left and right)
   int64_t oh, ow;
   int64_t sh, sw, dh, dw, kw;
   int64_t ncb;  // C / B
 };
 
-// fp32 -> bf16, round to nearest even (NaN -> a NaN): PyTorch's float -> bf16 conversion, bit for bit
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16(__m512 v) {
+// The A operands of one stored block (tap `tap`, channels [c0, c0 + B)) for output row (n, oh), pixels [ow0, ow0 + r0
+// + r1): false when the tap's input row is padding (no products), else a[g] / as[g], the first A row of pixel group g
+// and the bytes between its rows: in x itself, or in stage[g] (16 rows of `row` bytes) where the group's window
+// columns reach into the padding. T: the element type of x (its padding value is 0 in these bits).
+// `bytes` bytes from src to dst, or zeros (src null): 64-byte vector moves (a call to memcpy per row costs more)
+__attribute__((target("avx512f,avx512bw"))) inline void copy_row(char* dst, const char* src, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) {
+    const __mmask64 m = bytes - i >= 64 ? ~0ULL : (1ULL << (bytes - i)) - 1;
+    _mm512_mask_storeu_epi8(dst + i, m, src ? _mm512_maskz_loadu_epi8(m, src + i) : _mm512_setzero_si512());
+  }
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw"))) inline bool a_groups(const T* x, const Geometry& g, int64_t tap, int64_t c0, int64_t n, int64_t oh, int64_t ow0, int r0,
+                     int r1, int64_t row, char (*stage)[16 * 256], const char** a, int64_t* as) {
+  const int64_t ih = oh * g.sh - g.ph + (tap / g.kw) * g.dh;
+  if (ih < 0 || ih >= g.h) return false;
+  const T* xrow = x + (n * g.h + ih) * g.w * g.c + c0;  // pixel iw of the input row at xrow + iw * c
+  const int64_t iw0 = ow0 * g.sw - g.pw + (tap % g.kw) * g.dw;
+  for (int gr = 0; gr < (r1 ? 2 : 1); ++gr) {
+    const int64_t rows = gr ? r1 : r0, first = iw0 + 16 * gr * g.sw, last = first + (rows - 1) * g.sw;
+    if (first >= 0 && last < g.w) {
+      a[gr] = reinterpret_cast<const char*>(xrow + first * g.c);
+      as[gr] = g.sw * g.c * static_cast<int64_t>(sizeof(T));
+      continue;
+    }
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t iw = first + j * g.sw;
+      copy_row(stage[gr] + j * row, iw >= 0 && iw < g.w ? reinterpret_cast<const char*>(xrow + iw * g.c) : nullptr,
+               row);
+    }
+    a[gr] = stage[gr];
+    as[gr] = row;
+  }
+  if (!r1) a[1] = a[0], as[1] = as[0];  // (unused)
+  return true;
+}
+
+// fp32 -> bf16, round to nearest even (NaN -> 0x7FC0): PyTorch's float -> bf16 conversion, bit for bit
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16_exact(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
@@ -40,7 +81,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16(__m5
   return _mm512_cvtepi32_epi16(r);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_rows(
+// The same in one instruction (vcvtneps2bf16 rounds to nearest even too) where it agrees: it flushes denormals to zero
+// and keeps a NaN's payload, so vectors holding either take the exact path.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline __m256i to_bf16(__m512 v) {
+  if (_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80)) return to_bf16_exact(v);  // (QNaN, denormal, SNaN)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_rows(
     const float* acc, int64_t rows, int64_t o, int64_t nout, const float* bias, uint16_t* y, int64_t ldy) {
   if (o >= nout) return;
   const __mmask16 k = nout - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nout - o)) - 1);
@@ -51,22 +99,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_rows(
 
 // One item: the output pixels [ow0, ow0 + np) of output row (n, oh), block row r, outputs [o0, o0 + 16 * og).
 // og: output groups of 16 in this pass (1 or 2).
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void item(
-    const uint16_t* xp, const Geometry& g, const uint16_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void item(
+    const uint16_t* x, const Geometry& g, const uint16_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
     int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const float* bias, uint16_t* y, int64_t ldy,
-    int64_t nout, TileConfig& cur) {
+    int64_t nout, TileConfig& cur, char (*stage)[16 * 256]) {
   const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
   const int64_t kbytes = (bs < 32 ? bs : 32) * 2;  // 32 inputs per tile multiply
   configure(cur, r0, r1, static_cast<int>(kbytes));
   zero_sums();
-  const int64_t astride = g.sw * g.c * 2;  // bytes between consecutive pixels' window rows
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t tap = col[p] / g.ncb, c0 = (col[p] % g.ncb) * bs;
-    const int64_t ih = oh * g.sh + (tap / g.kw) * g.dh, iw = ow0 * g.sw + (tap % g.kw) * g.dw;
-    const uint16_t* a = xp + ((n * g.hp + ih) * g.wp + iw) * g.c + c0;
+    const char* a[2];
+    int64_t as[2];
+    if (!a_groups(x, g, col[p] / g.ncb, (col[p] % g.ncb) * bs, n, oh, ow0, r0, r1, bs * 2, stage, a, as)) continue;
     const uint16_t* wb = w + p * bs * bs + o0 % bs * 2;
-    block_products<false>(reinterpret_cast<const char*>(a), astride, reinterpret_cast<const char*>(wb), bs * 4, bs * 2,
-                          kbytes, r1, og);
+    block_products<false>(a[0], as[0], a[1], as[1], reinterpret_cast<const char*>(wb), bs * 4, bs * 2, kbytes, r1, og);
   }
   alignas(64) float acc[16 * 16];
   const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
@@ -92,9 +138,9 @@ struct I8Out {
   int bf16;
 };
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_i8(const int32_t* acc, int64_t rows, int64_t o,
-                                                                        int64_t ob, float s, const I8Out& out,
-                                                                        int64_t m0) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_i8(const int32_t* acc, int64_t rows, int64_t o,
+                                                                                         int64_t ob, float s,
+                                                                                         const I8Out& out, int64_t m0) {
   if (o >= out.nout) return;
   const __mmask16 k = out.nout - o >= 16 ? static_cast<__mmask16>(0xFFFF)
                                          : static_cast<__mmask16>((1u << (out.nout - o)) - 1);
@@ -113,21 +159,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_i8(const 
   }
 }
 
-__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl"))) void item_i8(
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void item_i8(
     const uint8_t* xp, const Geometry& g, const int8_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
-    int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out, TileConfig& cur) {
+    int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out, TileConfig& cur,
+    char (*stage)[16 * 256]) {
   const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
   const int64_t kbytes = bs < 64 ? bs : 64;  // 64 inputs per tile multiply
   configure(cur, r0, r1, static_cast<int>(kbytes));
   zero_sums();
-  const int64_t astride = g.sw * g.c;  // bytes between consecutive pixels' window rows
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t tap = col[p] / g.ncb, c0 = (col[p] % g.ncb) * bs;
-    const int64_t ih = oh * g.sh + (tap / g.kw) * g.dh, iw = ow0 * g.sw + (tap % g.kw) * g.dw;
-    const uint8_t* a = xp + ((n * g.hp + ih) * g.wp + iw) * g.c + c0;
+    const char* a[2];
+    int64_t as[2];  // (the padded input: always in place)
+    if (!a_groups(xp, g, col[p] / g.ncb, (col[p] % g.ncb) * bs, n, oh, ow0, r0, r1, bs, stage, a, as)) continue;
     const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
-    block_products<true>(reinterpret_cast<const char*>(a), astride, reinterpret_cast<const char*>(wb), bs * 4, bs,
-                         kbytes, r1, og);
+    block_products<true>(a[0], as[0], a[1], as[1], reinterpret_cast<const char*>(wb), bs * 4, bs, kbytes, r1, og);
   }
   alignas(64) int32_t acc[16 * 16];
   const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
@@ -139,9 +184,9 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl"))) void item
     }
 }
 
-// Every item of a conv call, on each thread's own tiles: f(cur, image, output row, ow0, np, r, o0, og) for the pixels
-// [ow0, ow0 + np) (np <= 32) of that output row, block row r, outputs [o0, o0 + 16 * og). Consecutive items: the same
-// pixels, the next outputs.
+// Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, output row, ow0, np,
+// r, o0, og) for the pixels [ow0, ow0 + np) (np <= 32) of that output row, block row r, outputs [o0, o0 + 16 * og).
+// Consecutive items: the same pixels, the next outputs.
 template <typename F>
 void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64_t nout, int nthreads, F&& f) {
   const int og = bs >= 32 ? 2 : 1;                // output groups of 16 per item
@@ -152,6 +197,7 @@ void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64
   {
     TileConfig cur;
     std::memset(&cur, 0, sizeof(cur));
+    alignas(64) char stage[2][16 * 256];  // (two pixel groups of 16 rows of up to 128 bf16 inputs)
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       int64_t rest = it;
@@ -162,7 +208,7 @@ void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64
       const int64_t ch = rest % chunks_per_row, row = rest / chunks_per_row;
       const int64_t ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
       const int64_t o0 = r * bs + q * 16 * og;
-      if (o0 < nout) f(cur, row / oh, row % oh, ow0, np, r, o0, og);
+      if (o0 < nout) f(cur, stage, row / oh, row % oh, ow0, np, r, o0, og);
     }
     if (cur.palette_id) accel_amx::release();
   }
@@ -183,21 +229,25 @@ int refuse(int64_t n, int64_t c, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
 // Ask Linux for the AMX tile state (once per process; oneDNN asks the same). 0: granted.
 extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 
-// xp: padded NHWC bf16 [n, hp, wp, c]; y: bf16 [n*oh*ow, ldy]. Returns 0, or a code for refused arguments.
-extern "C" int accel_bsr_conv_amx(const void* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw, int64_t sh,
-                                  int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow, const void* wpack,
-                                  const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs, const float* bias,
-                                  void* y, int64_t ldy, int64_t nout, int nthreads) {
+// x: NHWC bf16 [n, h, w, c] (contiguous), zero padding ph, pw around each image (not stored); y: bf16
+// [n*oh*ow, ldy]. Returns 0, or a code for refused arguments.
+extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw, int64_t sh,
+                                  int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
+                                  const void* wpack, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
+                                  const float* bias, void* y, int64_t ldy, int64_t nout, int nthreads) {
   const int refused = refuse(n, c, kw, sh, sw, dh, dw, oh, ow, nbr, bs, ldy, nout, nthreads);
   if (refused) return refused;
+  if (ph < 0 || pw < 0 || h < 0 || w < 0) return 2;
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
-  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
-  const uint16_t* x16 = static_cast<const uint16_t*>(xp);
+  const Geometry g{h, w, c, ph, pw, oh, ow, sh, sw, dh, dw, kw, c / bs};
+  const uint16_t* x16 = static_cast<const uint16_t*>(x);
   const uint16_t* w16 = static_cast<const uint16_t*>(wpack);
   uint16_t* y16 = static_cast<uint16_t*>(y);
   for_items(n, oh, ow, nbr, bs, nout, nthreads,
-            [&](TileConfig& cur, int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r, int64_t o0, int og) {
-              item(x16, g, w16, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, bias, y16, ldy, nout, cur);
+            [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
+                int64_t o0, int og) {
+              item(x16, g, w16, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, bias, y16, ldy, nout, cur,
+                   stage);
             });
   return 0;
 }
@@ -213,11 +263,12 @@ extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int
   const int refused = refuse(n, c, kw, sh, sw, dh, dw, oh, ow, nbr, bs, ldy, nout, nthreads);
   if (refused) return refused;
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
-  const Geometry g{hp, wp, c, oh, ow, sh, sw, dh, dw, kw, c / bs};
+  const Geometry g{hp, wp, c, 0, 0, oh, ow, sh, sw, dh, dw, kw, c / bs};  // (the padding is in xp)
   const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
   for_items(n, oh, ow, nbr, bs, nout, nthreads,
-            [&](TileConfig& cur, int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r, int64_t o0, int og) {
-              item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, out, cur);
+            [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
+                int64_t o0, int og) {
+              item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, out, cur, stage);
             });
   return 0;
 }

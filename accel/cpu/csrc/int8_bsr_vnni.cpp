@@ -243,8 +243,8 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* a = ut + col[p] * bs;
     const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
-    accel_amx::block_products<true>(reinterpret_cast<const char*>(a), ldu, reinterpret_cast<const char*>(wb), bs * 4,
-                                    bs, kbytes, r1, og);
+    accel_amx::block_products<true>(reinterpret_cast<const char*>(a), ldu, reinterpret_cast<const char*>(a + 16 * ldu),
+                                    ldu, reinterpret_cast<const char*>(wb), bs * 4, bs, kbytes, r1, og);
   }
   alignas(64) int32_t acc[16 * 16];
   const int64_t ob = o0 % bs;  // (comp is the block row's)

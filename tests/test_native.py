@@ -641,7 +641,8 @@ def test_amx_conv_reports_nonfinite_inputs(padded):
     keep[:, 0] = True
     crow = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
     col = keep.nonzero()[:, 1].contiguous()
-    w = native.pack_float(torch.randn(col.numel(), bs, bs), crow, col, 9 * c // bs, torch.bfloat16)
+    w_values = torch.randn(col.numel(), bs, bs).bfloat16()
+    w = native.pack_float(w_values, crow, col, 9 * c // bs, torch.bfloat16)
     x = torch.randn(3, c, 7, 5).bfloat16().contiguous(memory_format=torch.channels_last)
     for padding in ((1, 1), (2, 0), (0, 3), (0, 0)):
         y, bad = native.bsr_conv2d_amx_scanned(x, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1), padded)
@@ -654,3 +655,11 @@ def test_amx_conv_reports_nonfinite_inputs(padded):
             for xin in (xb, xb.contiguous()):
                 assert native.bsr_conv2d_amx_scanned(xin, w, (o, c, 3, 3), None, (1, 1), padding, (1, 1),
                                                      padded)[1] is True
+    # a NaN in the last row, which no window of stride 3 reads (the padded copy scans all of x): no output changes
+    xb = x.clone()
+    xb[1, 5, 6, 2] = float("nan")
+    y, bad = native.bsr_conv2d_amx_scanned(xb, w, (o, c, 3, 3), None, (3, 1), (0, 1), (1, 1), padded)
+    assert bad is padded
+    assert torch.equal(y, native.bsr_conv2d_amx(x, w, (o, c, 3, 3), None, (3, 1), (0, 1), (1, 1)))
+    assert torch.equal(y, ops_conv.run_cpu("native_amx_padded" if padded else "native_amx", xb, w_values, crow, col,
+                                           (o, c, 3, 3), None, (3, 1), (0, 1), (1, 1)))

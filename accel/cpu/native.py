@@ -277,7 +277,7 @@ def _load(name: str, path: str):
         lib.accel_amx_init.restype = i32
         lib.accel_amx_init.argtypes = []
         lib.accel_bsr_conv_amx.restype = i32
-        lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 14 + [p, p, p, i64, i64, p, p, i64, i64, p, i32]
         lib.accel_int8_conv_amx.restype = i32
         lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32]
         if lib.accel_amx_init() != 0:  # (before any tile instruction: without the permission they fault)
@@ -688,8 +688,8 @@ def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, 
         y = torch.empty(m, n, dtype=dtype)
         if m and n:
             if amx:  # (the conv kernels over one image row of m pixels: a 1x1 conv)
-                rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
-                          torch.get_num_threads())
+                rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
+                          None, torch.get_num_threads())
             else:
                 rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
                           torch.get_num_threads())
@@ -736,16 +736,20 @@ def _check_float(lib) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ AMX (bsr_amx)
-def _amx_raw(lib, xn, w: PackedFloat, kw, stride, padding, dilation, oh, ow, bias, y) -> None:
-    """The AMX kernel on ``xn``, a contiguous NHWC bf16 input (its zero padding is not stored)."""
+def _amx_raw(lib, xn, w: PackedFloat, kh, kw, stride, padding, dilation, oh, ow, bias, y, scan: bool = False):
+    """The AMX kernel on ``xn``, a contiguous NHWC bf16 input (its zero padding is not stored). ``scan``: returns
+    whether the input rows the windows reach hold a NaN or an inf (else None)."""
     n, h, wd, c = xn.shape
     bs = w.blocks.shape[2]
-    rc = lib.accel_bsr_conv_amx(xn.data_ptr(), n, h, wd, c, kw, stride[0], stride[1], padding[0], padding[1],
+    found = ctypes.c_int(0)
+    rc = lib.accel_bsr_conv_amx(xn.data_ptr(), n, h, wd, c, kh, kw, stride[0], stride[1], padding[0], padding[1],
                                 dilation[0], dilation[1], oh, ow, w.blocks.data_ptr(), w.crow.data_ptr(),
                                 w.col.data_ptr(), w.crow.numel() - 1, bs, None if bias is None else bias.data_ptr(),
-                                y.data_ptr(), y.shape[-1], y.shape[-1], torch.get_num_threads())
+                                y.data_ptr(), y.shape[-1], y.shape[-1], ctypes.byref(found) if scan else None,
+                                torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the AMX block-sparse kernel refused its arguments (code {rc})")
+    return bool(found.value) if scan else None
 
 
 def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
@@ -756,14 +760,14 @@ def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Te
 
 def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
                            dilation, padded: bool = False) -> tuple[torch.Tensor, bool]:
-    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf (one native read of ``x``: the kernel reads only
-    the channels of its stored blocks).
+    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf in an input row some window reads (the caller
+    then makes the outputs of the windows holding one NaN, as the dense conv's).
 
-    The kernel reads a channels_last ``x`` in place (other layouts are copied to channels_last first). The zero
-    padding is not stored: pixel groups whose windows reach into it are copied into a small buffer first, which costs
-    more where most of them do (narrow images). ``padded``: copy ``x`` into a zero-padded buffer instead, scanning it
-    on the way (``accel_pad_nhwc``); ``accel.ops.bsr_conv`` measures both (engines ``native_amx`` and
-    ``native_amx_padded``)."""
+    The kernel reads a channels_last ``x`` in place (other layouts are copied to channels_last first) and scans each
+    input row just before its first use. The zero padding is not stored: pixel groups whose windows reach into it are
+    copied into a small buffer first, which costs more where most of them do (narrow images). ``padded``: copy ``x``
+    into a zero-padded buffer instead, scanning all of it on the way (``accel_pad_nhwc``); ``accel.ops.bsr_conv``
+    measures both (engines ``native_amx`` and ``native_amx_padded``)."""
     o, c, kh, kw = weight_shape
     n, cx, h, wd = x.shape
     if x.dtype != torch.bfloat16:
@@ -779,17 +783,16 @@ def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: 
     xn = x.permute(0, 2, 3, 1)
     if not xn.is_contiguous():
         xn = xn.contiguous()
-    threads, (ph, pw) = torch.get_num_threads(), padding
-    if padded and (ph or pw) and xn.numel():  # the padded copy, scanned as it is made
+    ph, pw = padding
+    bad = False  # (no outputs: nothing to make NaN)
+    if y.numel() and padded and (ph or pw):  # the padded copy, scanned as it is made
         hp, wp = h + 2 * ph, wd + 2 * pw
         xp = scratch("native.xpad", n * hp * wp * c, x.dtype).view(n, hp, wp, c)
-        bad = bool(_lib("bsr_float").accel_pad_nhwc(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(), threads))
-        xn, padding = xp, (0, 0)
-    else:
-        bad = bool(xn.numel()) and bool(_lib("bsr_float").accel_any_nonfinite(xn.data_ptr(), 1, n * h, wd * c, wd * c,
-                                                                              threads))
-    if y.numel():
-        _amx_raw(_lib("bsr_amx"), xn, w, kw, stride, padding, dilation, oh, ow, bias, y)
+        bad = bool(_lib("bsr_float").accel_pad_nhwc(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(),
+                                                    torch.get_num_threads()))
+        _amx_raw(_lib("bsr_amx"), xp, w, kh, kw, stride, (0, 0), dilation, oh, ow, bias, y)
+    elif y.numel():  # the rows the windows reach, scanned by the kernel as it goes
+        bad = _amx_raw(_lib("bsr_amx"), xn, w, kh, kw, stride, padding, dilation, oh, ow, bias, y, scan=True)
     return y.permute(0, 3, 1, 2), bad
 
 
@@ -817,7 +820,7 @@ def _check_amx(lib) -> None:
             x = torch.randn(2, c, 5, width + (kw - 1) * dilation[1], generator=g).bfloat16()
             want = torch.nn.functional.conv2d(x.double(), dense, bias.double(), stride, padding, dilation)
             y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=torch.bfloat16)
-            _amx_raw(lib, x.permute(0, 2, 3, 1).contiguous(), w, kw, stride, padding, dilation, want.shape[2],
+            _amx_raw(lib, x.permute(0, 2, 3, 1).contiguous(), w, kh, kw, stride, padding, dilation, want.shape[2],
                      want.shape[3], bias, y)
             err = float((y.permute(0, 3, 1, 2).double() - want).abs().max() / want.abs().max())
             if not err < 1e-2:

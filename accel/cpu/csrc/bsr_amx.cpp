@@ -15,8 +15,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "amx_tiles.h"
+#include "nonfinite.h"
 
 namespace {
 
@@ -186,9 +188,11 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx5
 
 // Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, output row, ow0, np,
 // r, o0, og) for the pixels [ow0, ow0 + np) (np <= 32) of that output row, block row r, outputs [o0, o0 + 16 * og).
-// Consecutive items: the same pixels, the next outputs.
-template <typename F>
-void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64_t nout, int nthreads, F&& f) {
+// Consecutive items: the same pixels, the next outputs. Before a thread's first item of an output row: rows(image,
+// output row), where the caller may look at the input rows it reads (a thread's output rows come in order).
+template <typename F, typename R>
+void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64_t nout, int nthreads, F&& f,
+               R&& rows) {
   const int og = bs >= 32 ? 2 : 1;                // output groups of 16 per item
   const int64_t passes = bs / (16 * og);          // items per block row and pixel chunk
   const int64_t chunks_per_row = (ow + 31) / 32;  // pixel chunks of 32 (two groups of 16) per output row
@@ -198,6 +202,8 @@ void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64
     TileConfig cur;
     std::memset(&cur, 0, sizeof(cur));
     alignas(64) char stage[2][16 * 256];  // (two pixel groups of 16 rows of up to 128 bf16 inputs)
+    int64_t last_row = -1;
+    std::decay_t<R> on_row = rows;  // (the thread's own copy: it may keep state)
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       int64_t rest = it;
@@ -206,6 +212,7 @@ void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64
       const int64_t r = rest % nbr;
       rest /= nbr;
       const int64_t ch = rest % chunks_per_row, row = rest / chunks_per_row;
+      if (row != last_row) on_row(row / oh, row % oh), last_row = row;
       const int64_t ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
       const int64_t o0 = r * bs + q * 16 * og;
       if (o0 < nout) f(cur, stage, row / oh, row % oh, ow0, np, r, o0, og);
@@ -229,26 +236,42 @@ int refuse(int64_t n, int64_t c, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
 // Ask Linux for the AMX tile state (once per process; oneDNN asks the same). 0: granted.
 extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 
-// x: NHWC bf16 [n, h, w, c] (contiguous), zero padding ph, pw around each image (not stored); y: bf16
-// [n*oh*ow, ldy]. Returns 0, or a code for refused arguments.
-extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw, int64_t sh,
-                                  int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
-                                  const void* wpack, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
-                                  const float* bias, void* y, int64_t ldy, int64_t nout, int nthreads) {
+// x: NHWC bf16 [n, h, w, c] (contiguous), zero padding ph, pw around each image (not stored), kh x kw taps; y: bf16
+// [n*oh*ow, ldy]. nonfinite (or null): set to 1 when an input row that a window reaches holds a NaN or an inf (each
+// thread scans the rows of its output rows just before reading them: the sparse conv's check, and a prefetch of rows
+// the tile loads read a few channels of), else left. Returns 0, or a code for refused arguments.
+extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw,
+                                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
+                                  int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col, int64_t nbr,
+                                  int64_t bs, const float* bias, void* y, int64_t ldy, int64_t nout, int* nonfinite,
+                                  int nthreads) {
   const int refused = refuse(n, c, kw, sh, sw, dh, dw, oh, ow, nbr, bs, ldy, nout, nthreads);
   if (refused) return refused;
-  if (ph < 0 || pw < 0 || h < 0 || w < 0) return 2;
+  if (ph < 0 || pw < 0 || h < 0 || w < 0 || kh < 1) return 2;
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
   const Geometry g{h, w, c, ph, pw, oh, ow, sh, sw, dh, dw, kw, c / bs};
   const uint16_t* x16 = static_cast<const uint16_t*>(x);
   const uint16_t* w16 = static_cast<const uint16_t*>(wpack);
   uint16_t* y16 = static_cast<uint16_t*>(y);
-  for_items(n, oh, ow, nbr, bs, nout, nthreads,
-            [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
-                int64_t o0, int og) {
-              item(x16, g, w16, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, bias, y16, ldy, nout, cur,
-                   stage);
-            });
+  int found = 0;
+  for_items(
+      n, oh, ow, nbr, bs, nout, nthreads,
+      [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
+          int64_t o0, int og) {
+        item(x16, g, w16, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, bias, y16, ldy, nout, cur, stage);
+      },
+      [&, next = int64_t{-1}](int64_t img, int64_t orow) mutable {  // (a copy per thread: next is its own)
+        if (!nonfinite) return;
+        const int64_t lo = orow * sh - ph, hi = lo + (kh - 1) * dh;  // the input rows of this output row's windows
+        for (int64_t ih = lo < 0 ? 0 : lo; ih <= hi && ih < h; ++ih) {
+          const int64_t at = img * h + ih;  // (rows of earlier output rows scanned already)
+          if (at < next) continue;
+          if (accel_rows::row_nonfinite(reinterpret_cast<const char*>(x16 + at * w * c), 1, w * c))
+            __atomic_store_n(&found, 1, __ATOMIC_RELAXED);
+          next = at + 1;
+        }
+      });
+  if (nonfinite && found) *nonfinite = 1;
   return 0;
 }
 
@@ -269,6 +292,7 @@ extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int
             [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
                 int64_t o0, int og) {
               item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, out, cur, stage);
-            });
+            },
+            [](int64_t, int64_t) {});
   return 0;
 }

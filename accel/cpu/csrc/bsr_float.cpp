@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include "nonfinite.h"
+
 namespace {
 
 struct Geometry {
@@ -229,35 +231,7 @@ extern "C" int accel_bsr_conv_float(const void* x, int bf16, int64_t n, int64_t 
   return 0;
 }
 
-namespace {
-
-// whether row x[0, k) (fp32, or bf16) holds a NaN or an inf (exponent bits all ones)
-bool row_nonfinite(const char* row, int bf16, int64_t k) {
-  const __m512i expo = _mm512_set1_epi32(0x7F800000);
-  __mmask16 bad = 0;
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m512i u = bf16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                 reinterpret_cast<const __m256i*>(row + i * 2))), 16)
-                           : _mm512_loadu_si512(row + i * 4);
-    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, expo), expo);
-  }
-  bool tail = false;
-  for (; i < k; ++i) {
-    uint32_t u;
-    if (bf16) {
-      uint16_t h;
-      std::memcpy(&h, row + i * 2, 2);
-      u = static_cast<uint32_t>(h) << 16;
-    } else {
-      std::memcpy(&u, row + i * 4, 4);
-    }
-    tail = tail || (u & 0x7F800000u) == 0x7F800000u;
-  }
-  return bad != 0 || tail;
-}
-
-}  // namespace
+using accel_rows::row_nonfinite;
 
 // Whether rows x [m, k] (row stride ldx elements; fp32, or bf16 with bf16 = 1) hold a NaN or an inf: 1 or 0. The
 // sparse layers' check for inputs whose pruned products the dense layer would turn into NaN.

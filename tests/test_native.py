@@ -543,6 +543,9 @@ def test_amx_tiles_dense_int8_engine(accel_env):
     (32, 64, 9, 40, 3, (2, 1), (1, 2), (1, 1), 1),
     (64, 70, 8, 8, 1, (1, 1), (0, 0), (1, 1), 3),
     (128, 32, 6, 17, 3, (1, 2), (2, 2), (2, 2), 1),
+    # the padding (never stored) past the kernel: windows all zero point, pixel groups of 33-pixel rows reaching in
+    (32, 40, 3, 20, 3, (1, 1), (3, 9), (1, 1), 2),
+    (64, 16, 5, 33, 3, (2, 1), (1, 1), (1, 1), 1),
 ])
 def test_amx_tiles_int8_conv_equals_the_eager_engine(geometry):
     """The same integers and the same epilogue order as the eager im2col engine: equal bit for bit (fp32), for

@@ -425,8 +425,10 @@ AMX = native.amx_available()
     (128, 70, 7, 33, 1, 1, (1, 1), (0, 0), (1, 1), 64, 2),
     (64, 128, 9, 9, 3, 3, (1, 1), (2, 2), (2, 2), 64, 1),
     (32, 32, 4, 4, 3, 3, (1, 1), (3, 3), (1, 1), 32, 1),  # padding past the kernel: rows of bias only
-    # windows reaching into the left and right padding in both pixel groups of 32-pixel chunks, and all of a group
+    # windows reaching into the left and right padding (a 12-pixel row: one group), all of a group, and a 50-pixel
+    # row whose second chunk has its first group read in place and its second staged
     (16, 20, 5, 35, 3, 5, (1, 3), (1, 4), (1, 2), 16, 2),
+    (32, 24, 4, 50, 3, 3, (1, 1), (1, 1), (1, 1), 32, 1),
     (128, 64, 3, 20, 3, 3, (2, 1), (2, 9), (1, 3), 128, 1),
     (64, 32, 6, 3, 3, 3, (1, 1), (1, 20), (1, 1), 64, 2),
 ])

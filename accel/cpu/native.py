@@ -760,11 +760,12 @@ def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Te
 
 def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
                            dilation, padded: bool = False) -> tuple[torch.Tensor, bool]:
-    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf in an input row some window reads (the caller
-    then makes the outputs of the windows holding one NaN, as the dense conv's).
+    """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf in the input rows its windows span (whole rows,
+    from each output row's first tap row to its last; the caller then makes NaN the outputs of exactly the windows
+    holding one, as the dense conv's).
 
     The kernel reads a channels_last ``x`` in place (other layouts are copied to channels_last first) and scans each
-    input row just before its first use. The zero padding is not stored: pixel groups whose windows reach into it are
+    of those rows just before its first use. The zero padding is not stored: pixel groups whose windows reach into it are
     copied into a small buffer first, which costs more where most of them do (narrow images). ``padded``: copy ``x``
     into a zero-padded buffer instead, scanning all of it on the way (``accel_pad_nhwc``); ``accel.ops.bsr_conv``
     measures both (engines ``native_amx`` and ``native_amx_padded``)."""

@@ -245,9 +245,9 @@ int refuse(int64_t n, int64_t c, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
 extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 
 // x: NHWC bf16 [n, h, w, c] (contiguous), zero padding ph, pw around each image (not stored), kh x kw taps; y: bf16
-// [n*oh*ow, ldy]. nonfinite (or null): set to 1 when an input row that a window reaches holds a NaN or an inf (each
-// thread scans the rows of its output rows just before reading them: the sparse conv's check, and a prefetch of rows
-// the tile loads read a few channels of), else left. Returns 0, or a code for refused arguments.
+// [n*oh*ow, ldy]. nonfinite (or null): set to 1 when an input row spanned by the windows (from an output row's first
+// tap row to its last, whole rows) holds a NaN or an inf (each thread scans the rows of its output rows just before
+// reading them: the sparse conv's check, and a prefetch of rows the tile loads read a few channels of), else left. Returns 0, or a code for refused arguments.
 extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw,
                                   int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
                                   int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col, int64_t nbr,

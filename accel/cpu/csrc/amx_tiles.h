@@ -103,6 +103,16 @@ __attribute__((target("amx-tile"))) inline void store_sums(int g, int h, void* a
   }
 }
 
+// C tile of A group g and output group h loaded from 16 rows of 64 bytes at acc (partial sums kept in memory).
+__attribute__((target("amx-tile"))) inline void load_sums(int g, int h, const void* acc) {
+  switch (2 * g + h) {
+    case 0: _tile_loadd(4, acc, 64); break;
+    case 1: _tile_loadd(5, acc, 64); break;
+    case 2: _tile_loadd(6, acc, 64); break;
+    default: _tile_loadd(7, acc, 64); break;
+  }
+}
+
 __attribute__((target("amx-tile"))) inline void release() { _tile_release(); }
 
 }  // namespace accel_amx

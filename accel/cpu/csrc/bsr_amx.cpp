@@ -24,6 +24,7 @@ namespace {
 
 using accel_amx::block_products;
 using accel_amx::configure;
+using accel_amx::load_sums;
 using accel_amx::store_sums;
 using accel_amx::TileConfig;
 using accel_amx::zero_sums;
@@ -169,29 +170,50 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline 
   }
 }
 
+// int8 sums kept for a few output rows at once, so that a stretch of the weight is read once from L2 for all of them
+// (the int8 conv's weight is dense: every item walks all K): the pixels [ow0, ow0 + np) of output rows oh0 ..
+// oh0 + nrows - 1 (nrows <= kRows) of image n, block row r (blocks p0 .. p1), outputs [o0, o0 + 16 * og). The blocks
+// go in stretches of kStretch; each row's sums are stored to `acc` after a stretch and loaded back for the next.
+constexpr int kRows = 4;
+constexpr int64_t kStretch = 8;  // (8 blocks of 64 x 32 int8 outputs: 16 KB of weight, L1 with the sums)
+
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void item_i8(
     const uint8_t* xp, const Geometry& g, const int8_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
-    int64_t n, int64_t oh, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out, TileConfig& cur,
-    char (*stage)[16 * 256]) {
+    int64_t n, int64_t oh0, int nrows, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out,
+    TileConfig& cur, char (*stage)[16 * 256], int32_t* acc) {
   const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
   const int64_t kbytes = bs < 64 ? bs : 64;  // 64 inputs per tile multiply
   configure(cur, r0, r1, static_cast<int>(kbytes));
-  zero_sums();
-  for (int64_t p = p0; p < p1; ++p) {
-    const char* a[2];
-    int64_t as[2];  // (the padded input: always in place)
-    if (!a_groups(xp, g, col[p] / g.ncb, (col[p] % g.ncb) * bs, n, oh, ow0, r0, r1, bs, stage, a, as)) continue;
-    const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
-    block_products<true>(a[0], as[0], a[1], as[1], reinterpret_cast<const char*>(wb), bs * 4, bs, kbytes, r1, og);
-  }
-  alignas(64) int32_t acc[16 * 16];
-  const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
-  const float s = out.scale[n];
-  for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
-    for (int h = 0; h < og; ++h) {
-      store_sums(gr, h, acc);
-      store_i8(acc, gr ? r1 : r0, o0 + 16 * h, o0 + 16 * h, s, out, m0 + 16 * gr);  // (comp is per output)
+  for (int64_t pk = p0; pk < p1 || pk == p0; pk += kStretch) {
+    const int64_t pe = pk + kStretch < p1 ? pk + kStretch : p1;
+    for (int j = 0; j < nrows; ++j) {
+      int32_t* aj = acc + j * 4 * 256;
+      if (pk == p0) {
+        zero_sums();
+      } else {
+        for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
+          for (int h = 0; h < og; ++h) load_sums(gr, h, aj + (2 * gr + h) * 256);
+      }
+      for (int64_t p = pk; p < pe; ++p) {
+        const char* a[2];
+        int64_t as[2];  // (the padded input: always in place)
+        if (!a_groups(xp, g, col[p] / g.ncb, (col[p] % g.ncb) * bs, n, oh0 + j, ow0, r0, r1, bs, stage, a, as))
+          continue;
+        const int8_t* wb = w + p * bs * bs + (o0 % bs) * 4;
+        block_products<true>(a[0], as[0], a[1], as[1], reinterpret_cast<const char*>(wb), bs * 4, bs, kbytes, r1, og);
+      }
+      for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
+        for (int h = 0; h < og; ++h) store_sums(gr, h, aj + (2 * gr + h) * 256);
     }
+  }
+  const float s = out.scale[n];
+  for (int j = 0; j < nrows; ++j) {
+    const int64_t m0 = (n * g.oh + oh0 + j) * g.ow + ow0;
+    for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
+      for (int h = 0; h < og; ++h)  // (comp is per output)
+        store_i8(acc + j * 4 * 256 + (2 * gr + h) * 256, gr ? r1 : r0, o0 + 16 * h, o0 + 16 * h, s, out,
+                 m0 + 16 * gr);
+  }
 }
 
 // Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, output row, ow0, np,
@@ -296,11 +318,34 @@ extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
   const Geometry g{hp, wp, c, 0, 0, oh, ow, sh, sw, dh, dw, kw, c / bs, crow[nbr], false};  // (padding in xp)
   const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
-  for_items(n, oh, ow, nbr, bs, nout, nthreads,
-            [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
-                int64_t o0, int og) {
-              item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, out, cur, stage);
-            },
-            [](int64_t, int64_t) {});
+  const int og = bs >= 32 ? 2 : 1;                   // output groups of 16 per item
+  const int64_t passes = bs / (16 * og);             // items per block row and pixel chunk
+  const int64_t chunks_per_row = (ow + 31) / 32;     // pixel chunks of 32 (two groups of 16) per output row
+  const int64_t row_groups = (oh + kRows - 1) / kRows;  // kRows output rows per item
+  const int64_t items = n * row_groups * chunks_per_row * nbr * passes;
+#pragma omp parallel num_threads(nthreads)
+  {
+    TileConfig cur;
+    std::memset(&cur, 0, sizeof(cur));
+    alignas(64) char stage[2][16 * 256];  // (unused: the padded input is read in place)
+    alignas(64) int32_t acc[kRows * 4 * 256];
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      int64_t rest = it;
+      const int64_t q = rest % passes;
+      rest /= passes;
+      const int64_t r = rest % nbr;
+      rest /= nbr;
+      const int64_t ch = rest % chunks_per_row;
+      rest /= chunks_per_row;
+      const int64_t grp = rest % row_groups, img = rest / row_groups;
+      const int64_t oh0 = grp * kRows, ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
+      const int nrows = static_cast<int>(oh - oh0 < kRows ? oh - oh0 : kRows);
+      const int64_t o0 = r * bs + q * 16 * og;
+      if (o0 < nout)
+        item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, oh0, nrows, ow0, np, o0, og, out, cur, stage, acc);
+    }
+    if (cur.palette_id) accel_amx::release();
+  }
   return 0;
 }

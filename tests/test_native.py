@@ -464,19 +464,26 @@ def test_amx_linear_matches_dense(m):
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX bf16 kernel here")
-def test_amx_rounds_outputs_as_pytorch():
+@pytest.mark.parametrize("bs", [16, 32])
+def test_amx_rounds_outputs_as_pytorch(bs):
     """The AMX kernel's bf16 outputs are PyTorch's rounding of the fp32 sum + bias, bit for bit, also where its one-
-    instruction rounding would differ: denormal results (sum and bias nearly cancelling)."""
-    n, k, bs = 48, 32, 16
+    instruction rounding would differ: denormal results (sum and bias nearly cancelling) in the first 16 outputs of
+    each 32 (block 32: rows of 32 outputs converted together, so the normal half takes the exact path too), and a
+    last block row of 16 outputs."""
+    n, k = 80, 2 * bs
     tiny = torch.finfo(torch.float32).tiny
+    low = torch.arange(n) % 32 < 16
     w = torch.zeros(n, k)
-    w[:, 0] = torch.linspace(1, 3, n) * tiny  # x[:, 0] = 1: the fp32 sum is w[:, 0]
+    w[:, 0] = torch.linspace(1, 3, n) * torch.where(low, tiny, 1.0)  # x[:, 0] = 1: the fp32 sum is w[:, 0]
     w[:, 1] = torch.linspace(-2, 2, n)
     w = w.bfloat16()
-    bias = -(w[:, 0].float() * torch.linspace(0.5, 1.0, n)).bfloat16()  # w + bias: denormal (or zero) in fp32
-    crow = torch.tensor([0, 2, 4, 6])
-    col = torch.tensor([0, 1, 0, 1, 0, 1])
-    values = torch.stack([w[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] for r in range(3) for c in range(2)])
+    bias = torch.where(low, -(w[:, 0].float() * torch.linspace(0.5, 1.0, n)), 0.5).bfloat16()  # low: denormal sums
+    nbr = -(-n // bs)
+    wp = torch.zeros(nbr * bs, k, dtype=torch.bfloat16)
+    wp[:n] = w
+    crow = torch.arange(nbr + 1) * 2
+    col = torch.tensor([0, 1] * nbr)
+    values = torch.stack([wp[r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] for r in range(nbr) for c in range(2)])
     x = torch.zeros(20, k)
     x[:10, 0] = 1  # rows of denormal outputs
     x[10:, 1] = torch.linspace(-3, 3, 10) * (1 + 2 ** -7)  # rows of normal ones (products of 16 significant bits)

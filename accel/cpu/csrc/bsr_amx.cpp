@@ -95,6 +95,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline 
   return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
 }
 
+// store_rows for outputs [o, o + 32) from the sums of two output groups: vcvtne2ps2bf16 and one 64-byte store per row
+// (the exact conversion, two halves, for rows holding a NaN or a denormal)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_pairs(
+    const float* lo, const float* hi, int64_t rows, int64_t o, const float* bias, uint16_t* y, int64_t ldy) {
+  const __m512 b0 = bias ? _mm512_loadu_ps(bias + o) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_loadu_ps(bias + o + 16) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < rows; ++t) {
+    const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(lo + t * 16), b0);
+    const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(hi + t * 16), b1);
+    uint16_t* yt = y + t * ldy + o;
+    if (_mm512_fpclass_ps_mask(v0, 0x01 | 0x20 | 0x80) | _mm512_fpclass_ps_mask(v1, 0x01 | 0x20 | 0x80)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt), to_bf16_exact(v0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt + 16), to_bf16_exact(v1));
+    } else {
+      _mm512_storeu_si512(yt, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+    }
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_rows(
     const float* acc, int64_t rows, int64_t o, int64_t nout, const float* bias, uint16_t* y, int64_t ldy) {
   if (o >= nout) return;
@@ -125,13 +144,22 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx5
     }
     block_products<false>(a[0], as[0], a[1], as[1], reinterpret_cast<const char*>(wb), bs * 4, bs * 2, kbytes, r1, og);
   }
-  alignas(64) float acc[16 * 16];
+  alignas(64) float acc[2][16 * 16];
   const int64_t m0 = (n * g.oh + oh) * g.ow + ow0;
-  for (int gr = 0; gr < (r1 ? 2 : 1); ++gr)
-    for (int h = 0; h < og; ++h) {
-      store_sums(gr, h, acc);
-      store_rows(acc, gr ? r1 : r0, o0 + 16 * h, nout, bias, y + (m0 + 16 * gr) * ldy, ldy);
+  for (int gr = 0; gr < (r1 ? 2 : 1); ++gr) {
+    uint16_t* yg = y + (m0 + 16 * gr) * ldy;
+    const int64_t rows = gr ? r1 : r0;
+    if (og == 2 && o0 + 32 <= nout) {  // both output groups whole: one 64-byte row of 32 bf16 per pixel
+      store_sums(gr, 0, acc[0]);
+      store_sums(gr, 1, acc[1]);
+      store_pairs(acc[0], acc[1], rows, o0, bias, yg, ldy);
+      continue;
     }
+    for (int h = 0; h < og; ++h) {
+      store_sums(gr, h, acc[0]);
+      store_rows(acc[0], rows, o0 + 16 * h, nout, bias, yg, ldy);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- int8 (tdpbusd)

@@ -208,9 +208,10 @@ constexpr int64_t kStretch = 8;  // (8 blocks of 64 x 32 int8 outputs: 16 KB of 
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) void item_i8(
     const uint8_t* xp, const Geometry& g, const int8_t* w, int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
     int64_t n, int64_t oh0, int nrows, int64_t ow0, int64_t np, int64_t o0, int og, const I8Out& out,
-    TileConfig& cur, char (*stage)[16 * 256], int32_t* acc) {
+    TileConfig& cur, char (*stage)[16 * 256]) {
   const int r0 = static_cast<int>(np < 16 ? np : 16), r1 = static_cast<int>(np - r0);
   const int64_t kbytes = bs < 64 ? bs : 64;  // 64 inputs per tile multiply
+  alignas(64) int32_t acc[kRows * 4 * 256];
   configure(cur, r0, r1, static_cast<int>(kbytes));
   for (int64_t pk = p0; pk < p1 || pk == p0; pk += kStretch) {
     const int64_t pe = pk + kStretch < p1 ? pk + kStretch : p1;
@@ -244,24 +245,26 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx5
   }
 }
 
-// Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, output row, ow0, np,
-// r, o0, og) for the pixels [ow0, ow0 + np) (np <= 32) of that output row, block row r, outputs [o0, o0 + 16 * og).
-// Consecutive items: the same pixels, the next outputs. Before a thread's first item of an output row: rows(image,
-// output row), where the caller may look at the input rows it reads (a thread's output rows come in order).
+// Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, oh0, nrows, ow0, np, r,
+// o0, og) for the pixels [ow0, ow0 + np) (np <= 32) of output rows oh0 .. oh0 + nrows - 1 (nrows <= `group`), block
+// row r, outputs [o0, o0 + 16 * og). Consecutive items: the same pixels, the next outputs. Before a thread's first
+// item of a group of output rows: rows(image, oh0, nrows), where the caller may look at the input rows they read (a
+// thread's groups come in order).
 template <typename F, typename R>
-void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64_t nout, int nthreads, F&& f,
-               R&& rows) {
+void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64_t nout, int nthreads, int group,
+               F&& f, R&& rows) {
   const int og = bs >= 32 ? 2 : 1;                // output groups of 16 per item
   const int64_t passes = bs / (16 * og);          // items per block row and pixel chunk
   const int64_t chunks_per_row = (ow + 31) / 32;  // pixel chunks of 32 (two groups of 16) per output row
-  const int64_t items = n * oh * chunks_per_row * nbr * passes;
+  const int64_t groups = (oh + group - 1) / group;
+  const int64_t items = n * groups * chunks_per_row * nbr * passes;
 #pragma omp parallel num_threads(nthreads)
   {
     TileConfig cur;
     std::memset(&cur, 0, sizeof(cur));
     alignas(64) char stage[2][16 * 256];  // (two pixel groups of 16 rows of up to 128 bf16 inputs)
-    int64_t last_row = -1;
-    std::decay_t<R> on_row = rows;  // (the thread's own copy: it may keep state)
+    int64_t last = -1;
+    std::decay_t<R> on_rows = rows;  // (the thread's own copy: it may keep state)
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       int64_t rest = it;
@@ -269,11 +272,13 @@ void for_items(int64_t n, int64_t oh, int64_t ow, int64_t nbr, int64_t bs, int64
       rest /= passes;
       const int64_t r = rest % nbr;
       rest /= nbr;
-      const int64_t ch = rest % chunks_per_row, row = rest / chunks_per_row;
-      if (row != last_row) on_row(row / oh, row % oh), last_row = row;
+      const int64_t ch = rest % chunks_per_row, gi = rest / chunks_per_row;  // (gi: image * groups + group)
+      const int64_t img = gi / groups, oh0 = (gi % groups) * group;
+      const int nrows = static_cast<int>(oh - oh0 < group ? oh - oh0 : group);
+      if (gi != last) on_rows(img, oh0, nrows), last = gi;
       const int64_t ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
       const int64_t o0 = r * bs + q * 16 * og;
-      if (o0 < nout) f(cur, stage, row / oh, row % oh, ow0, np, r, o0, og);
+      if (o0 < nout) f(cur, stage, img, oh0, nrows, ow0, np, r, o0, og);
     }
     if (cur.palette_id) accel_amx::release();
   }
@@ -313,12 +318,12 @@ extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w
   uint16_t* y16 = static_cast<uint16_t*>(y);
   int found = 0;
   for_items(
-      n, oh, ow, nbr, bs, nout, nthreads,
-      [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int64_t ow0, int64_t np, int64_t r,
+      n, oh, ow, nbr, bs, nout, nthreads, 1,
+      [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t orow, int, int64_t ow0, int64_t np, int64_t r,
           int64_t o0, int og) {
         item(x16, g, w16, bs, col, crow[r], crow[r + 1], img, orow, ow0, np, o0, og, bias, y16, ldy, nout, cur, stage);
       },
-      [&, next = int64_t{-1}](int64_t img, int64_t orow) mutable {  // (a copy per thread: next is its own)
+      [&, next = int64_t{-1}](int64_t img, int64_t orow, int) mutable {  // (a copy per thread: next is its own)
         if (!nonfinite) return;
         const int64_t lo = orow * sh - ph, hi = lo + (kh - 1) * dh;  // the input rows of this output row's windows
         for (int64_t ih = lo < 0 ? 0 : lo; ih <= hi && ih < h; ++ih) {
@@ -346,34 +351,12 @@ extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
   const Geometry g{hp, wp, c, 0, 0, oh, ow, sh, sw, dh, dw, kw, c / bs, crow[nbr], false};  // (padding in xp)
   const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
-  const int og = bs >= 32 ? 2 : 1;                   // output groups of 16 per item
-  const int64_t passes = bs / (16 * og);             // items per block row and pixel chunk
-  const int64_t chunks_per_row = (ow + 31) / 32;     // pixel chunks of 32 (two groups of 16) per output row
-  const int64_t row_groups = (oh + kRows - 1) / kRows;  // kRows output rows per item
-  const int64_t items = n * row_groups * chunks_per_row * nbr * passes;
-#pragma omp parallel num_threads(nthreads)
-  {
-    TileConfig cur;
-    std::memset(&cur, 0, sizeof(cur));
-    alignas(64) char stage[2][16 * 256];  // (unused: the padded input is read in place)
-    alignas(64) int32_t acc[kRows * 4 * 256];
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      int64_t rest = it;
-      const int64_t q = rest % passes;
-      rest /= passes;
-      const int64_t r = rest % nbr;
-      rest /= nbr;
-      const int64_t ch = rest % chunks_per_row;
-      rest /= chunks_per_row;
-      const int64_t grp = rest % row_groups, img = rest / row_groups;
-      const int64_t oh0 = grp * kRows, ow0 = ch * 32, np = ow - ow0 < 32 ? ow - ow0 : 32;
-      const int nrows = static_cast<int>(oh - oh0 < kRows ? oh - oh0 : kRows);
-      const int64_t o0 = r * bs + q * 16 * og;
-      if (o0 < nout)
-        item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, oh0, nrows, ow0, np, o0, og, out, cur, stage, acc);
-    }
-    if (cur.palette_id) accel_amx::release();
-  }
+  for_items(
+      n, oh, ow, nbr, bs, nout, nthreads, kRows,
+      [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t oh0, int nrows, int64_t ow0, int64_t np,
+          int64_t r, int64_t o0, int og) {
+        item_i8(xp, g, w, bs, col, crow[r], crow[r + 1], img, oh0, nrows, ow0, np, o0, og, out, cur, stage);
+      },
+      [](int64_t, int64_t, int) {});
   return 0;
 }

@@ -301,6 +301,9 @@ def _load(name: str, path: str):
     lib.accel_amx_init.argtypes = []
     lib.accel_int8_bsr_amx.restype = i32
     lib.accel_int8_bsr_amx.argtypes = [p, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32, i32]
+    lib.accel_int8_linear_amx.restype = i32
+    lib.accel_int8_linear_amx.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, i32,
+                                          i64, i64, i32, i32]
     lib.amx = None  # its AMX product: set up and checked at the first int8_amx_available() that needs it
     return lib
 
@@ -491,8 +494,9 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
                 dtype: torch.dtype, activation: str = "none", dense_order: bool = False):
     """:func:`quantize_rows` (spread rows), :func:`int8_bsr_linear` and the activation for one int8 layer of ``dtype``
     activations, its operands checked once here: a function of ``x [M, k]`` (a layer's input of that dtype) making two
-    native calls and returning ``dtype`` (:func:`out_dtype`), for a settled layer's plan (``accel.ops._plans``), where
-    each Python step costs microseconds between a model's other ops."""
+    native calls (one on AMX: both steps in one parallel region) and returning ``dtype`` (:func:`out_dtype`), for a
+    settled layer's plan (``accel.ops._plans``), where each Python step costs microseconds between a model's other
+    ops."""
     from ..quant import ACTIVATIONS, activate
 
     y_dtype = out_dtype(dtype, activation)
@@ -513,7 +517,8 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
     if dense_order and not amx:
         raise ValueError("int8_bsr_linear (native): the dense engines' epilogue order is an option of the AMX product")
     lib = _lib()
-    quantize, product = lib.accel_quantize_rows, lib.accel_int8_bsr_amx if amx else lib.accel_int8_bsr_vnni
+    quantize, product = lib.accel_quantize_rows, lib.accel_int8_bsr_vnni
+    fused = lib.accel_int8_linear_amx  # (on AMX: the quantization and the product in one parallel region)
     weights = (w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), nbr, bs, w.comp.data_ptr())
     tail = (w_scale.data_ptr(), None if bias is None else bias.data_ptr())
     y_bf16 = int(y_dtype == torch.bfloat16)
@@ -528,19 +533,19 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
         threads = torch.get_num_threads()
         u = scratch("native.u8", m * ld, torch.uint8)
         scale = torch.empty(m, dtype=torch.float32)
-        rc = quantize(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), ld, width,
-                      scale.data_ptr(), threads)
-        if rc != 0:
-            raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
         y = torch.empty(m, n, dtype=y_dtype)
         if amx:
-            rc = product(u.data_ptr(), m, ld, *weights, scale.data_ptr(), *tail, y.data_ptr(), y_bf16, n, n, threads,
-                         int(dense_order))
+            rc = fused(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), ld, width,
+                       scale.data_ptr(), *weights, *tail, y.data_ptr(), y_bf16, n, n, threads, int(dense_order))
         else:
+            rc = quantize(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), ld, width,
+                          scale.data_ptr(), threads)
+            if rc != 0:
+                raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
             rc = product(u.data_ptr(), 1, m, ld, *weights, scale.data_ptr(), *tail, y.data_ptr(), y_bf16, n, n,
                          threads)
         if rc != 0:
-            raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
+            raise RuntimeError(f"the int8 block kernel refused its arguments (code {rc})")
         if activation != "none":
             y = activate(y, activation, inplace=True)
         return y if y.dtype == dtype else y.to(dtype)

@@ -96,6 +96,23 @@ inline void row_scale(float absmax, bool finite, float qmax, float* scale, float
   *inv = absmax > 0.0f ? qmax / absmax : 0.0f;
 }
 
+// Row t of x [m, k] quantized (accel_quantize_rows with whole rows): its max, then its bytes while the row is still in
+// L1/L2; scale[t], and u's row t (bytes k .. width 128)
+void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, float q, uint8_t* u, int64_t ldu,
+                  int64_t width, float* scale) {
+  const int64_t elem = dtype == 0 ? 4 : 2;
+  const void* xt = static_cast<const char*>(x) + t * ldx * elem;
+  uint8_t* ut = u + t * ldu;
+  float absmax = 0.0f, inv = 0.0f;
+  const bool finite = span_absmax(xt, dtype, 0, k, &absmax);
+  row_scale(absmax, finite, q, scale + t, &inv);
+  if (scale[t] != scale[t])  // NaN: bytes 128
+    std::memset(ut, 128, k);
+  else
+    quantize_span(xt, dtype, 0, k, inv, ut);
+  if (width > k) std::memset(ut + k, 128, width - k);
+}
+
 struct Epilogue {
   const float* scale;   // [M]
   const float* wscale;  // [N]
@@ -269,20 +286,9 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
   // per-image rows: one image would otherwise be one thread's work)
   const int64_t span = (m >= nthreads || k < (1 << 16)) ? (k > 0 ? k : 1) : (int64_t{1} << 15);
   const int64_t per_row = (k + span - 1) / span > 0 ? (k + span - 1) / span : 1;
-  if (per_row == 1) {  // whole rows per item: the row's max, then its bytes while the row is still in L1/L2
+  if (per_row == 1) {  // whole rows per item
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k >= 65536)
-    for (int64_t t = 0; t < m; ++t) {
-      const void* xt = static_cast<const char*>(x) + t * ldx * elem;
-      uint8_t* ut = u + t * ldu;
-      float absmax = 0.0f, inv = 0.0f;
-      const bool finite = span_absmax(xt, dtype, 0, k, &absmax);
-      row_scale(absmax, finite, q, scale + t, &inv);
-      if (scale[t] != scale[t])  // NaN: bytes 128
-        std::memset(ut, 128, k);
-      else
-        quantize_span(xt, dtype, 0, k, inv, ut);
-      if (width > k) std::memset(ut + k, 128, width - k);
-    }
+    for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, u, ldu, width, scale);
     return 0;
   }
   const int64_t items = m * per_row;
@@ -363,31 +369,69 @@ extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 // accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
 // dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows. y: fp32, or
 // bf16 with y_bf16 (as accel_int8_bsr_vnni).
-extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow,
-                                  const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
-                                  const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy, int64_t n,
-                                  int nthreads, int dense_order) {
-  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
-  if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
-  if (m == 0 || nbr == 0) return 0;
-  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
+namespace {
+
+// The AMX product's items (token chunks x block rows x passes) on the calling team's threads (inside a parallel
+// region), each thread on its own tiles.
+void amx_items(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow, const int64_t* col,
+               int64_t nbr, int64_t bs, const int32_t* comp, const Epilogue& e, int64_t n, int dense_order) {
   const int og = bs >= 32 ? 2 : 1;            // output groups of 16 per item
   const int64_t passes = bs / (16 * og);      // items per block row and token chunk
   const int64_t chunks = (m + 31) / 32;       // token chunks of 32 (two groups of 16)
   const int64_t items = chunks * nbr * passes;
+  accel_amx::TileConfig cur;
+  std::memset(&cur, 0, sizeof(cur));
+#pragma omp for schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t q = it % passes, r = (it / passes) % nbr, ch = it / (passes * nbr);
+    const int64_t t0 = ch * 32, nt = m - t0 < 32 ? m - t0 : 32;
+    const int64_t o0 = r * bs + q * 16 * og;
+    if (o0 >= n) continue;
+    amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur, dense_order);
+  }
+  if (cur.palette_id) accel_amx::release();
+}
+
+int amx_refuse(int64_t bs, int64_t m, int64_t nbr, int64_t n, int64_t ldy, int nthreads) {
+  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
+  if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow,
+                                  const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
+                                  const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy, int64_t n,
+                                  int nthreads, int dense_order) {
+  if (const int refused = amx_refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
+  if (m == 0 || nbr == 0) return 0;
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
+#pragma omp parallel num_threads(nthreads)
+  amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n, dense_order);
+  return 0;
+}
+
+// accel_quantize_rows (whole rows) and accel_int8_bsr_amx in one parallel region: the threads quantize their rows, meet,
+// then take the product's items (one fork and join per call instead of two). Arguments as theirs; 0, or the code of the
+// first refusal.
+extern "C" int accel_int8_linear_amx(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int qmax, uint8_t* u,
+                                     int64_t ldu, int64_t width, float* scale, const int8_t* w, const int64_t* crow,
+                                     const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp,
+                                     const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy,
+                                     int64_t n, int nthreads, int dense_order) {
+  if (dtype < 0 || dtype > 2 || m < 0 || k < 0 || width < k || ldu < width || qmax < 1 || qmax > 127 || nthreads < 1)
+    return 1;
+  if (const int refused = amx_refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
+  if (m == 0) return 0;
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
+  const float q = static_cast<float>(qmax);
 #pragma omp parallel num_threads(nthreads)
   {
-    accel_amx::TileConfig cur;
-    std::memset(&cur, 0, sizeof(cur));
 #pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t q = it % passes, r = (it / passes) % nbr, ch = it / (passes * nbr);
-      const int64_t t0 = ch * 32, nt = m - t0 < 32 ? m - t0 : 32;
-      const int64_t o0 = r * bs + q * 16 * og;
-      if (o0 >= n) continue;
-      amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur, dense_order);
-    }
-    if (cur.palette_id) accel_amx::release();
+    for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, u, ldu, width, scale);
+    // (the loop's barrier: every row quantized before any product)
+    if (nbr > 0) amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n, dense_order);
   }
   return 0;
 }

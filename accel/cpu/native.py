@@ -352,6 +352,22 @@ def _check_int8(lib, amx: bool = False) -> None:
                     if not torch.equal(y, want.to(out)):
                         raise RuntimeError(f"wrong product (block {bs}, {m} tokens, uint8 {u8}, AMX {tiles}, {out} "
                                            f"output) checked against an exact integer product")
+        if amx:  # the fused entry (quantization and product in one region): the two steps' bits, a NaN row included
+            k, ws, bias = nbc * bs, torch.rand(n, generator=g), torch.randn(n, generator=g)
+            xf = (torch.randn(40, k, generator=g) * 3).bfloat16()
+            xf[7, 3] = float("nan")
+            for m in (17, 40):
+                u, scale = _quantize(lib, xf[:m], 127, k)
+                want = _product(lib, u, w, scale, ws, bias, n, True, out_dtype=torch.bfloat16)
+                u2, scale2 = torch.empty(m, k, dtype=torch.uint8), torch.empty(m)
+                got = torch.empty(m, n, dtype=torch.bfloat16)
+                rc = lib.accel_int8_linear_amx(xf.data_ptr(), 1, m, k, k, 127, u2.data_ptr(), k, k, scale2.data_ptr(),
+                                               w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), nbr, bs,
+                                               w.comp.data_ptr(), ws.data_ptr(), bias.data_ptr(), got.data_ptr(), 1, n,
+                                               n, torch.get_num_threads(), 0)
+                if rc != 0 or not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+                    raise RuntimeError(f"the fused AMX int8 Linear (block {bs}, {m} tokens) differs from its two steps "
+                                       f"(code {rc})")
 
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -878,7 +894,7 @@ def int8_conv2d_amx(up: torch.Tensor, w: Packed, weight_shape, scale: torch.Tens
 
 def _check_amx_int8(lib) -> None:
     """The int8 conv against an exact integer conv (fp64) of the same integers (C = 128, block 64: sums kept in memory
-    between stretches of the weight)."""
+    between stretches of the weight; 8 output rows: two groups of 4 rows per image)."""
     g = torch.Generator().manual_seed(1)
     for bs, c in ((16, 16), (32, 64), (64, 64), (64, 128)):
         o, kh, kw = 2 * bs + 5 if bs < 64 else 70, 3, 2
@@ -890,7 +906,7 @@ def _check_amx_int8(lib) -> None:
         values = wpad.view(nbr, bs, nbc, bs).permute(0, 2, 1, 3).reshape(-1, bs, bs)
         w = pack(values, torch.arange(nbr + 1) * nbc, torch.arange(nbc).repeat(nbr))
         for width, stride, dilation in ((1, (1, 1), (1, 1)), (17, (2, 1), (1, 2)), (40, (1, 2), (2, 1))):
-            q = torch.randint(-127, 128, (2, c, 5, width + (kw - 1) * dilation[1]), generator=g, dtype=torch.int8)
+            q = torch.randint(-127, 128, (2, c, 10, width + (kw - 1) * dilation[1]), generator=g, dtype=torch.int8)
             want = torch.nn.functional.conv2d(q.double(), wq.double(), None, stride, 0, dilation)
             up = (q.permute(0, 2, 3, 1).contiguous().view(torch.uint8) ^ 0x80)
             s, ws = torch.ones(2), torch.ones(o)

@@ -366,9 +366,6 @@ extern "C" int accel_int8_bsr_vnni(const void* x, int x_is_u8, int64_t m, int64_
 // Ask Linux for the AMX tile state (once per process; oneDNN asks the same). 0: granted.
 extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 
-// accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
-// dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows. y: fp32, or
-// bf16 with y_bf16 (as accel_int8_bsr_vnni).
 namespace {
 
 // The AMX product's items (token chunks x block rows x passes) on the calling team's threads (inside a parallel
@@ -400,6 +397,9 @@ int amx_refuse(int64_t bs, int64_t m, int64_t nbr, int64_t n, int64_t ldy, int n
 
 }  // namespace
 
+// accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
+// dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows. y: fp32, or
+// bf16 with y_bf16 (as accel_int8_bsr_vnni).
 extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow,
                                   const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
                                   const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy, int64_t n,

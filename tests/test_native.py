@@ -107,14 +107,16 @@ def assert_same_bf16(y, want):
 def test_bf16_layers_get_the_fp32_result_rounded_once(strategy, activation):
     """bf16 activations: the kernel stores bf16 itself (none) or fp32 for the activation (relu, gelu); either way the
     bits of the fp32 layer's result on the same values, activated, then converted, including NaN rows, a zero row,
-    tokens with a scale past 2**96 (fp64 rows), tiny results (relu of -0.0 / +0.0) and exact bf16 rounding ties."""
+    tokens with a scale past 2**96 (fp64 rows), tiny results (relu of -0.0 / +0.0; denormals in all outputs or in half
+    of each pair of output groups the AMX epilogue rounds together) and exact bf16 rounding ties."""
     n, k, bs = 70, 200, 32
     v, ws, crow, col, bias = make(n, k, bs, 0.6, (1,))
     x = (torch.randn(9, k) * 3).bfloat16()
     x[2, 5] = float("nan")
     x[3] = 0
     x[4] *= 1e33
-    for b, w_scale in ((bias, ws), (None, ws), (None, torch.full_like(ws, 1e-43))):
+    half = torch.where(torch.arange(n) % 32 < 16, 1e-43, ws)  # tiny results in one half of each 32 outputs
+    for b, w_scale in ((bias, ws), (None, ws), (None, torch.full_like(ws, 1e-43)), (bias, half)):
         y = cpu_int8_bsr.int8_bsr_linear_cpu(x, v, w_scale, crow, col, n, b, activation, 127, strategy)
         want = cpu_int8_bsr.int8_bsr_linear_cpu(x.float(), v, w_scale, crow, col, n, b, activation, 127, strategy)
         assert y.dtype == torch.bfloat16 and y.is_contiguous()

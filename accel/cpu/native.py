@@ -70,7 +70,7 @@ KERNELS = {
 #: the CPU flag the bf16 path of ``bsr_float`` needs besides its library's
 BF16_NEEDS = "avx512_bf16"
 #: the CPU flags the AMX product of ``int8_bsr_vnni`` needs besides its library's
-AMX_INT8_NEEDS = ("amx_tile", "amx_int8")
+AMX_INT8_NEEDS = ("amx_tile", "amx_int8", "avx512dq", "avx512_bf16")  # (bf16 outputs rounded two groups at once)
 #: block sizes the kernels handle (all of ``accel.formats.BLOCK_SIZES``)
 BLOCKS = (16, 32, 64, 128)
 #: kept for the int8 kernel's callers and tests

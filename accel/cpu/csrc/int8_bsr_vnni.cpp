@@ -242,6 +242,48 @@ void block_row(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, in
 }
 
 
+// store_tile for the 32 outputs [o, o + 32) of two tiles (lo, hi), bf16 output: each row's two halves computed as
+// store_tile computes them, rounded together by vcvtne2ps2bf16 into one 64-byte store (the exact rounding, per half,
+// for rows holding a NaN or a denormal; store()'s fp64 rows for huge scales). AMX CPUs have AVX512_BF16.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline)) void store_tile_pair(
+    const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* lo, const int32_t* hi, const int32_t* comp,
+    int dense_order) {
+  const __m512 ws0 = _mm512_loadu_ps(e.wscale + o), ws1 = _mm512_loadu_ps(e.wscale + o + 16);
+  const __m512 b0 = e.bias ? _mm512_loadu_ps(e.bias + o) : _mm512_setzero_ps();
+  const __m512 b1 = e.bias ? _mm512_loadu_ps(e.bias + o + 16) : _mm512_setzero_ps();
+  const __m512i c0 = _mm512_loadu_si512(comp), c1 = _mm512_loadu_si512(comp + 16);
+  for (int t = 0; t < rows; ++t) {
+    const __m512i a0 = _mm512_sub_epi32(_mm512_load_si512(lo + t * 16), c0);
+    const __m512i a1 = _mm512_sub_epi32(_mm512_load_si512(hi + t * 16), c1);
+    const float s = e.scale[t0 + t];
+    __m512 v0, v1;
+    if (dense_order) {
+      const __m512 vs = _mm512_set1_ps(s);
+      v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(a0), ws0);
+      v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(a1), ws1);
+      v0 = e.bias ? _mm512_fmadd_ps(v0, vs, b0) : _mm512_mul_ps(v0, vs);
+      v1 = e.bias ? _mm512_fmadd_ps(v1, vs, b1) : _mm512_mul_ps(v1, vs);
+    } else if (s > kHugeScale) {
+      store(e, t0 + t, o, a0);
+      store(e, t0 + t, o + 16, a1);
+      continue;
+    } else {
+      const __m512 vs = _mm512_set1_ps(s);
+      v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(a0), vs);
+      v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(a1), vs);
+      v0 = e.bias ? _mm512_fmadd_ps(v0, ws0, b0) : _mm512_mul_ps(v0, ws0);
+      v1 = e.bias ? _mm512_fmadd_ps(v1, ws1, b1) : _mm512_mul_ps(v1, ws1);
+    }
+    uint16_t* yt = static_cast<uint16_t*>(e.y) + (t0 + t) * e.ldy + o;
+    if (_mm512_fpclass_ps_mask(v0, 0x01 | 0x20 | 0x80) | _mm512_fpclass_ps_mask(v1, 0x01 | 0x20 | 0x80)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt), to_bf16(v0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt + 16), to_bf16(v1));
+    } else {
+      _mm512_storeu_si512(yt, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- AMX (tdpbusd)
 // The same product on AMX tiles: for 16 tokens x 16 outputs, C += A (tokens x kc uint8) . B (kc/4 input quads x 16
 // outputs x 4 int8), kc = min(B, 64) inputs per tile multiply; the packed blocks [nnz][B/4][B][4] are B's layout.
@@ -263,13 +305,20 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
     accel_amx::block_products<true>(reinterpret_cast<const char*>(a), ldu, reinterpret_cast<const char*>(a + 16 * ldu),
                                     ldu, reinterpret_cast<const char*>(wb), bs * 4, bs, kbytes, r1, og);
   }
-  alignas(64) int32_t acc[16 * 16];
+  alignas(64) int32_t acc[2][16 * 16];
   const int64_t ob = o0 % bs;  // (comp is the block row's)
-  for (int g = 0; g < (r1 ? 2 : 1); ++g)
-    for (int h = 0; h < og; ++h) {
-      accel_amx::store_sums(g, h, acc);
-      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc, _mm512_loadu_si512(comp + ob + h * 16), dense_order);
+  for (int g = 0; g < (r1 ? 2 : 1); ++g) {
+    if (og == 2 && e.bf16 && o0 + 32 <= e.n) {  // two whole output groups: rows of 32 bf16
+      accel_amx::store_sums(g, 0, acc[0]);
+      accel_amx::store_sums(g, 1, acc[1]);
+      store_tile_pair(e, t0 + 16 * g, g ? r1 : r0, o0, acc[0], acc[1], comp + ob, dense_order);
+      continue;
     }
+    for (int h = 0; h < og; ++h) {
+      accel_amx::store_sums(g, h, acc[0]);
+      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc[0], _mm512_loadu_si512(comp + ob + h * 16), dense_order);
+    }
+  }
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "amx_tiles.h"
+#include "bf16.h"
 #include "nonfinite.h"
 
 namespace {
@@ -41,10 +42,6 @@ struct Geometry {
   bool prefetch;
 };
 
-// The A operands of one stored block (tap `tap`, channels [c0, c0 + B)) for output row (n, oh), pixels [ow0, ow0 + r0
-// + r1): false when the tap's input row is padding (no products), else a[g] / as[g], the first A row of pixel group g
-// and the bytes between its rows: in x itself, or in stage[g] (16 rows of `row` bytes) where the group's window
-// columns reach into the padding. T: the element type of x (its padding value is 0 in these bits).
 // `bytes` bytes from src to dst, or zeros (src null): 64-byte vector moves (a call to memcpy per row costs more)
 __attribute__((target("avx512f,avx512bw"))) inline void copy_row(char* dst, const char* src, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) {
@@ -53,9 +50,16 @@ __attribute__((target("avx512f,avx512bw"))) inline void copy_row(char* dst, cons
   }
 }
 
+// The A operands of one stored block (tap `tap`, channels [c0, c0 + B)) for output row (n, oh), pixels [ow0, ow0 + r0
+// + r1): false when the tap's input row is padding (no products), else a[g] / as[g], the first A row of pixel group g
+// and the bytes between its rows: in x itself, or in stage[g] (16 rows of `row` bytes) where the group's window
+// columns reach into the padding. T: the element type of x (its padding value is 0 in these bits).
 template <typename T>
-__attribute__((target("avx512f,avx512bw"))) inline bool a_groups(const T* x, const Geometry& g, int64_t tap, int64_t c0, int64_t n, int64_t oh, int64_t ow0, int r0,
-                     int r1, int64_t row, char (*stage)[16 * 256], const char** a, int64_t* as) {
+__attribute__((target("avx512f,avx512bw"))) inline bool a_groups(const T* x, const Geometry& g, int64_t tap,
+                                                                 int64_t c0, int64_t n, int64_t oh, int64_t ow0,
+                                                                 int r0, int r1, int64_t row,
+                                                                 char (*stage)[16 * 256], const char** a,
+                                                                 int64_t* as) {
   const int64_t ih = oh * g.sh - g.ph + (tap / g.kw) * g.dh;
   if (ih < 0 || ih >= g.h) return false;
   const T* xrow = x + (n * g.h + ih) * g.w * g.c + c0;  // pixel iw of the input row at xrow + iw * c
@@ -79,38 +83,14 @@ __attribute__((target("avx512f,avx512bw"))) inline bool a_groups(const T* x, con
   return true;
 }
 
-// fp32 -> bf16, round to nearest even (NaN -> 0x7FC0): PyTorch's float -> bf16 conversion, bit for bit
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i to_bf16_exact(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-// The same in one instruction (vcvtneps2bf16 rounds to nearest even too) where it agrees: it flushes denormals to zero
-// and keeps a NaN's payload, so vectors holding either take the exact path.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline __m256i to_bf16(__m512 v) {
-  if (_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80)) return to_bf16_exact(v);  // (QNaN, denormal, SNaN)
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-}
-
-// store_rows for outputs [o, o + 32) from the sums of two output groups: vcvtne2ps2bf16 and one 64-byte store per row
-// (the exact conversion, two halves, for rows holding a NaN or a denormal)
+// store_rows for outputs [o, o + 32) from the sums of two output groups: one 64-byte store per row
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_pairs(
     const float* lo, const float* hi, int64_t rows, int64_t o, const float* bias, uint16_t* y, int64_t ldy) {
   const __m512 b0 = bias ? _mm512_loadu_ps(bias + o) : _mm512_setzero_ps();
   const __m512 b1 = bias ? _mm512_loadu_ps(bias + o + 16) : _mm512_setzero_ps();
   for (int64_t t = 0; t < rows; ++t) {
-    const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(lo + t * 16), b0);
-    const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(hi + t * 16), b1);
-    uint16_t* yt = y + t * ldy + o;
-    if (_mm512_fpclass_ps_mask(v0, 0x01 | 0x20 | 0x80) | _mm512_fpclass_ps_mask(v1, 0x01 | 0x20 | 0x80)) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt), to_bf16_exact(v0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt + 16), to_bf16_exact(v1));
-    } else {
-      _mm512_storeu_si512(yt, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
-    }
+    accel_bf16::store_pair(y + t * ldy + o, _mm512_add_ps(_mm512_loadu_ps(lo + t * 16), b0),
+                           _mm512_add_ps(_mm512_loadu_ps(hi + t * 16), b1));
   }
 }
 
@@ -120,7 +100,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline 
   const __mmask16 k = nout - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nout - o)) - 1);
   const __m512 b = bias ? _mm512_maskz_loadu_ps(k, bias + o) : _mm512_setzero_ps();
   for (int64_t t = 0; t < rows; ++t)
-    _mm256_mask_storeu_epi16(y + t * ldy + o, k, to_bf16(_mm512_add_ps(_mm512_loadu_ps(acc + t * 16), b)));
+    _mm256_mask_storeu_epi16(y + t * ldy + o, k, accel_bf16::fast(_mm512_add_ps(_mm512_loadu_ps(acc + t * 16), b)));
 }
 
 // One item: the output pixels [ow0, ow0 + np) of output row (n, oh), block row r, outputs [o0, o0 + 16 * og).
@@ -177,9 +157,8 @@ struct I8Out {
   int bf16;
 };
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_i8(const int32_t* acc, int64_t rows, int64_t o,
-                                                                                         int64_t ob, float s,
-                                                                                         const I8Out& out, int64_t m0) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_i8(
+    const int32_t* acc, int64_t rows, int64_t o, int64_t ob, float s, const I8Out& out, int64_t m0) {
   if (o >= out.nout) return;
   const __mmask16 k = out.nout - o >= 16 ? static_cast<__mmask16>(0xFFFF)
                                          : static_cast<__mmask16>((1u << (out.nout - o)) - 1);
@@ -192,7 +171,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline 
     v = out.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs);
     const int64_t at = (m0 + t) * out.ldy + o;
     if (out.bf16)
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, k, to_bf16(v));
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, k, accel_bf16::fast(v));
     else
       _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, k, v);
   }
@@ -245,8 +224,8 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx5
   }
 }
 
-// Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, oh0, nrows, ow0, np, r,
-// o0, og) for the pixels [ow0, ow0 + np) (np <= 32) of output rows oh0 .. oh0 + nrows - 1 (nrows <= `group`), block
+// Every item of a conv call, on each thread's own tiles and staging buffer: f(cur, stage, image, oh0, nrows, ow0, np,
+// r, o0, og) for the pixels [ow0, ow0 + np) (np <= 32) of output rows oh0 .. oh0 + nrows - 1 (nrows <= `group`), block
 // row r, outputs [o0, o0 + 16 * og). Consecutive items: the same pixels, the next outputs. Before a thread's first
 // item of a group of output rows: rows(image, oh0, nrows), where the caller may look at the input rows they read (a
 // thread's groups come in order).
@@ -302,7 +281,8 @@ extern "C" int accel_amx_init() { return accel_amx::request_tiles(); }
 // x: NHWC bf16 [n, h, w, c] (contiguous), zero padding ph, pw around each image (not stored), kh x kw taps; y: bf16
 // [n*oh*ow, ldy]. nonfinite (or null): set to 1 when an input row spanned by the windows (from an output row's first
 // tap row to its last, whole rows) holds a NaN or an inf (each thread scans the rows of its output rows just before
-// reading them: the sparse conv's check, and a prefetch of rows the tile loads read a few channels of), else left. Returns 0, or a code for refused arguments.
+// reading them: the sparse conv's check, and a prefetch of rows the tile loads read a few channels of), else left.
+// Returns 0, or a code for refused arguments.
 extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw,
                                   int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
                                   int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col, int64_t nbr,

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "nonfinite.h"
 
 namespace {
@@ -103,13 +104,7 @@ inline void store(const Out& out, int64_t m0, int64_t nt, int64_t o0, __m512 (&a
     for (int t = 0; t < T && t < nt; ++t) {
       const __m512 v = _mm512_add_ps(acc[t][j], b);
       if (out.bf16) {
-        uint16_t* y = static_cast<uint16_t*>(out.y) + (m0 + t) * out.ldy + o;
-        // round to nearest even, NaN -> 0x7FC0: PyTorch's float -> bf16 conversion, bit for bit (denormals kept)
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-        _mm256_mask_storeu_epi16(y, k, _mm512_cvtepi32_epi16(r));
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + (m0 + t) * out.ldy + o, k, accel_bf16::exact(v));
       } else {
         _mm512_mask_storeu_ps(static_cast<float*>(out.y) + (m0 + t) * out.ldy + o, k, v);
       }

@@ -26,6 +26,7 @@
 #include <new>
 
 #include "amx_tiles.h"
+#include "bf16.h"
 
 namespace {
 
@@ -122,15 +123,7 @@ struct Epilogue {
   int bf16;
 };
 
-// fp32 -> bf16, round to nearest even, NaN -> 0x7FC0: PyTorch's conversion, bit for bit
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
+// fp32 -> bf16, round to nearest even, NaN -> 0x7FC0: PyTorch's conversion, bit for bit (accel_bf16::exact, one value)
 inline uint16_t to_bf16(float f) {
   if (f != f) return 0x7FC0;
   uint32_t u;
@@ -141,9 +134,20 @@ inline uint16_t to_bf16(float f) {
 // y[t, o .. o + 16) under mask m
 inline void put(const Epilogue& e, int64_t t, int64_t o, __mmask16 m, __m512 v) {
   if (e.bf16)
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.y) + t * e.ldy + o, m, to_bf16(v));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.y) + t * e.ldy + o, m, accel_bf16::exact(v));
   else
     _mm512_mask_storeu_ps(static_cast<float*>(e.y) + t * e.ldy + o, m, v);
+}
+
+// The fp32 outputs of sums a (int32, the zero point's share taken out) of a token of scale s, outputs' scales ws and
+// bias b (with e.bias): fma(float(a) * s, ws, b), with a bias one fused multiply-add as torch.addcmul (bias, y,
+// w_scale) computes it on the CPU; dense_order: the dense int8 engines' order, (a * ws), then torch.addcmul(bias, .,
+// s).
+inline __m512 scaled(const Epilogue& e, __m512i a, float s, __m512 ws, __m512 b, int dense_order) {
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), dense_order ? ws : vs);
+  const __m512 f = dense_order ? vs : ws;
+  return e.bias ? _mm512_fmadd_ps(v, f, b) : _mm512_mul_ps(v, f);
 }
 
 inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
@@ -151,11 +155,8 @@ inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
   const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
   const float s = e.scale[t];
   if (!(s > kHugeScale)) {  // (NaN scales here: NaN outputs)
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s));
-    const __m512 ws = _mm512_maskz_loadu_ps(m, e.wscale + o);
-    // with a bias one fused multiply-add, as torch.addcmul (bias, y, w_scale) computes it on the CPU
-    v = e.bias ? _mm512_fmadd_ps(v, ws, _mm512_maskz_loadu_ps(m, e.bias + o)) : _mm512_mul_ps(v, ws);
-    put(e, t, o, m, v);
+    const __m512 b = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + o) : _mm512_setzero_ps();
+    put(e, t, o, m, scaled(e, acc, s, _mm512_maskz_loadu_ps(m, e.wscale + o), b, 0));
     return;
   }
   alignas(64) int32_t a[16];
@@ -181,18 +182,10 @@ inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const
   for (int t = 0; t < rows; ++t) {
     const __m512i a = _mm512_sub_epi32(_mm512_load_si512(acc + t * 16), comp);
     const float s = e.scale[t0 + t];
-    if (dense_order) {  // the dense int8 engines' order: (acc * w_scale), then torch.addcmul(bias, ., x_scale)
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), ws);
-      const __m512 vs = _mm512_set1_ps(s);
-      put(e, t0 + t, o, m, e.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs));
-      continue;
-    }
-    if (s > kHugeScale) {  // (rare: store()'s fp64 rows)
+    if (!dense_order && s > kHugeScale)  // (rare: store()'s fp64 rows)
       store(e, t0 + t, o, a);
-      continue;
-    }
-    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s));
-    put(e, t0 + t, o, m, e.bias ? _mm512_fmadd_ps(v, ws, b) : _mm512_mul_ps(v, ws));
+    else
+      put(e, t0 + t, o, m, scaled(e, a, s, ws, b, dense_order));
   }
 }
 
@@ -243,8 +236,8 @@ void block_row(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, in
 
 
 // store_tile for the 32 outputs [o, o + 32) of two tiles (lo, hi), bf16 output: each row's two halves computed as
-// store_tile computes them, rounded together by vcvtne2ps2bf16 into one 64-byte store (the exact rounding, per half,
-// for rows holding a NaN or a denormal; store()'s fp64 rows for huge scales). AMX CPUs have AVX512_BF16.
+// store_tile computes them, then one 64-byte store (accel_bf16::store_pair; store()'s fp64 rows for huge scales). AMX
+// CPUs have AVX512_BF16.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline)) void store_tile_pair(
     const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* lo, const int32_t* hi, const int32_t* comp,
     int dense_order) {
@@ -256,31 +249,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline
     const __m512i a0 = _mm512_sub_epi32(_mm512_load_si512(lo + t * 16), c0);
     const __m512i a1 = _mm512_sub_epi32(_mm512_load_si512(hi + t * 16), c1);
     const float s = e.scale[t0 + t];
-    __m512 v0, v1;
-    if (dense_order) {
-      const __m512 vs = _mm512_set1_ps(s);
-      v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(a0), ws0);
-      v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(a1), ws1);
-      v0 = e.bias ? _mm512_fmadd_ps(v0, vs, b0) : _mm512_mul_ps(v0, vs);
-      v1 = e.bias ? _mm512_fmadd_ps(v1, vs, b1) : _mm512_mul_ps(v1, vs);
-    } else if (s > kHugeScale) {
+    if (!dense_order && s > kHugeScale) {
       store(e, t0 + t, o, a0);
       store(e, t0 + t, o + 16, a1);
       continue;
-    } else {
-      const __m512 vs = _mm512_set1_ps(s);
-      v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(a0), vs);
-      v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(a1), vs);
-      v0 = e.bias ? _mm512_fmadd_ps(v0, ws0, b0) : _mm512_mul_ps(v0, ws0);
-      v1 = e.bias ? _mm512_fmadd_ps(v1, ws1, b1) : _mm512_mul_ps(v1, ws1);
     }
-    uint16_t* yt = static_cast<uint16_t*>(e.y) + (t0 + t) * e.ldy + o;
-    if (_mm512_fpclass_ps_mask(v0, 0x01 | 0x20 | 0x80) | _mm512_fpclass_ps_mask(v1, 0x01 | 0x20 | 0x80)) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt), to_bf16(v0));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yt + 16), to_bf16(v1));
-    } else {
-      _mm512_storeu_si512(yt, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
-    }
+    accel_bf16::store_pair(static_cast<uint16_t*>(e.y) + (t0 + t) * e.ldy + o, scaled(e, a0, s, ws0, b0, dense_order),
+                           scaled(e, a1, s, ws1, b1, dense_order));
   }
 }
 
@@ -384,12 +359,22 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
   return 0;
 }
 
+namespace {
+
+// The products' argument check: 1 for a block size the kernels lack, 2 for refused shapes, else 0.
+int refuse(int64_t bs, int64_t m, int64_t nbr, int64_t n, int64_t ldy, int nthreads) {
+  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
+  if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
+  return 0;
+}
+
+}  // namespace
+
 extern "C" int accel_int8_bsr_vnni(const void* x, int x_is_u8, int64_t m, int64_t ldx, const int8_t* w,
                                    const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
                                    const int32_t* comp, const float* scale, const float* wscale, const float* bias,
                                    void* y, int y_bf16, int64_t ldy, int64_t n, int nthreads) {
-  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
-  if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
+  if (const int refused = refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
   const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
   const uint8_t* xu = static_cast<const uint8_t*>(x);
   const uint32_t flip = x_is_u8 ? 0u : 0x80808080u;
@@ -438,12 +423,6 @@ void amx_items(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const 
   if (cur.palette_id) accel_amx::release();
 }
 
-int amx_refuse(int64_t bs, int64_t m, int64_t nbr, int64_t n, int64_t ldy, int nthreads) {
-  if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
-  if (m < 0 || nbr < 0 || n > nbr * bs || ldy < n || nthreads < 1) return 2;
-  return 0;
-}
-
 }  // namespace
 
 // accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
@@ -453,7 +432,7 @@ extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, cons
                                   const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
                                   const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy, int64_t n,
                                   int nthreads, int dense_order) {
-  if (const int refused = amx_refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
+  if (const int refused = refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
   if (m == 0 || nbr == 0) return 0;
   const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
 #pragma omp parallel num_threads(nthreads)
@@ -461,9 +440,9 @@ extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, cons
   return 0;
 }
 
-// accel_quantize_rows (whole rows) and accel_int8_bsr_amx in one parallel region: the threads quantize their rows, meet,
-// then take the product's items (one fork and join per call instead of two). Arguments as theirs; 0, or the code of the
-// first refusal.
+// accel_quantize_rows (whole rows) and accel_int8_bsr_amx in one parallel region: the threads quantize their rows,
+// meet, then take the product's items (one fork and join per call instead of two). Arguments as theirs; 0, or the
+// code of the first refusal.
 extern "C" int accel_int8_linear_amx(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int qmax, uint8_t* u,
                                      int64_t ldu, int64_t width, float* scale, const int8_t* w, const int64_t* crow,
                                      const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp,
@@ -471,7 +450,7 @@ extern "C" int accel_int8_linear_amx(const void* x, int dtype, int64_t m, int64_
                                      int64_t n, int nthreads, int dense_order) {
   if (dtype < 0 || dtype > 2 || m < 0 || k < 0 || width < k || ldu < width || qmax < 1 || qmax > 127 || nthreads < 1)
     return 1;
-  if (const int refused = amx_refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
+  if (const int refused = refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
   if (m == 0) return 0;
   const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
   const float q = static_cast<float>(qmax);

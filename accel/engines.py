@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 #: bump when candidates or keys change meaning, so old cache files are not reused
-ENGINE_VERSION = 7
+ENGINE_VERSION = 8
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
 #: two best candidates closer than this get extra rounds between them
@@ -379,7 +379,8 @@ _BSR_STRATEGIES = ("gather_bmm", "gather_bmm_t", "panels", "rows", "mkl")  # acc
 #: the reverse); tests/test_engines.py checks it against the op names in the source and the engine names the
 #: op modules define, so it cannot drift. Code outside accel adds its own ops with :func:`register_op`.
 _OPS: dict[str, tuple[str, ...]] = {
-    "int8_linear": ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq", "amx_tiles"),
+    "int8_linear": ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq", "amx_tiles",
+                    "vnni_tiles"),
     # (accel.cpu.int8.LINEAR_ENGINES)
     "int8_weight_only_linear": ("panels", "int8pack"),  # accel.cpu.int8.WEIGHT_ONLY_ENGINES
     "quant_linear_form": ("dynamic", "dynamic_fused", "weight_only", "float", "float_bf16"),  # accel.ops.int8._auto_forms

@@ -519,10 +519,14 @@ def ops_linear_strategies(x, bs):
     return importlib.import_module("accel.ops.bsr_linear").native_strategies(x, bs)
 
 
-@pytest.mark.skipif(not native.int8_amx_available(), reason="no AMX int8 product here")
-def test_amx_tiles_dense_int8_engine(accel_env):
-    """The dense int8 Linear engine ``amx_tiles`` (the weight as dense 64 x 64 blocks for the AMX kernel): the same
-    integers as the reference for odd shapes, bf16 in and out, dynamic and static scales; gone below AMX."""
+TILE_ENGINES = [e for e, amx in cpu_int8.TILE_ENGINES.items() if not amx or native.int8_amx_available()]
+
+
+@pytest.mark.parametrize("engine", TILE_ENGINES)
+def test_tile_dense_int8_engines(engine, accel_env):
+    """The dense int8 Linear engines ``amx_tiles`` and ``vnni_tiles`` (the weight as dense 64 x 64 blocks for the
+    native kernel): the same integers as the reference for odd shapes, bf16 in and out, dynamic and static scales, the
+    other engines' epilogue order (the same bits); gone below their ISA."""
     from accel.quant import quantize_weight
 
     for m, n, k in ((1, 70, 33), (17, 64, 300), (40, 130, 128)):
@@ -530,23 +534,24 @@ def test_amx_tiles_dense_int8_engine(accel_env):
         wq, ws = quantize_weight(w)
         for static in (None, torch.tensor([0.03])):
             want = cpu_int8.linear_int8_reference(x, wq, ws, bias, "relu", static, 127)
-            y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "relu", static, 127, "amx_tiles")
+            y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "relu", static, 127, engine)
             torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
-        yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, "none", None, 127, "amx_tiles")
+        yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, "none", None, 127, engine)
         assert yb.dtype == torch.bfloat16
         want = cpu_int8.linear_int8_reference(x.bfloat16(), wq, ws, bias, "none", None, 127)
         torch.testing.assert_close(yb.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
         for act in ("relu", "gelu"):  # (bf16 stored by the kernel only without an activation)
-            yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, act, None, 127, "amx_tiles")
-            want = cpu_int8.linear_int8_cpu(x.bfloat16().float(), wq, ws, bias, act, None, 127, "amx_tiles")
+            yb = cpu_int8.linear_int8_cpu(x.bfloat16(), wq, ws, bias, act, None, 127, engine)
+            want = cpu_int8.linear_int8_cpu(x.bfloat16().float(), wq, ws, bias, act, None, 127, engine)
             assert_same_bf16(yb, want.bfloat16())
         if "int_mm" in cpu_int8.exact_engines(127, k):  # the dense engines' epilogue order: the same bits
-            y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", None, 127, "amx_tiles")
-            assert torch.equal(y, cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", None, 127, "int_mm"))
-    accel_env(ACCEL_CPU_ISA="avx512_vnni")
-    assert "amx_tiles" not in cpu_int8.exact_engines(127)
+            for static in (None, torch.tensor([1e30])):  # (a huge scale: no fp64 rows in this order)
+                y = cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", static, 127, engine)
+                assert torch.equal(y, cpu_int8.linear_int8_cpu(x, wq, ws, bias, "none", static, 127, "int_mm"))
+    accel_env(ACCEL_CPU_ISA="avx512_vnni" if engine == "amx_tiles" else "avx2")
+    assert engine not in cpu_int8.exact_engines(127)
     with pytest.raises(ValueError, match="not exact"):
-        cpu_int8.linear_int8_cpu(torch.randn(2, 64), *quantize_weight(torch.randn(8, 64)), engine="amx_tiles")
+        cpu_int8.linear_int8_cpu(torch.randn(2, 64), *quantize_weight(torch.randn(8, 64)), engine=engine)
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX kernels here")

@@ -18,6 +18,9 @@ integers, so they differ only in speed.
   loop on older ones, which measuring drops) and the dequantizing epilogue in PyTorch ops.
 * ``*_split`` (``fbgemm_split``, ``onednn_split``): 8-bit activations on CPUs without VNNI, as two
   exact 7-bit passes (see *Activation bits*).
+* ``amx_tiles``, ``vnni_tiles``: accel's native int8 block kernel (``accel.cpu.native``) with the weight as dense
+  64 x 64 blocks (packed once, shared by both), on AMX tiles or with AVX-512 VNNI dot products (a few tokens: one pass
+  over the weight), the quantization in the same native call, and the other engines' epilogue order.
 * ``onednn_cq`` (and the conv engines ``onednn_cq``, ``im2col_cq``): the same oneDNN GEMM, with the activation
   quantization (and a bf16 output's scale and bias) as loops compiled by ``torch.compile`` (``accel.cpu.compiled``):
   two passes over the input instead of five or six. The integers are the same; offered where a C++ compiler is
@@ -71,10 +74,12 @@ from .workspace import scratch
 #: bytes of converted weight per panel of the weight-only path (measured best of 16..1024 rows at K=4096)
 WEIGHT_ONLY_PANEL_BYTES = 4 << 20
 
-LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq", "amx_tiles")
-#: ``amx_tiles``: the weight as dense blocks of this size for accel's native AMX int8 kernel (``accel.cpu.native``):
-#: 64 int8 inputs fill a tile row, so every ``tdpbusd`` does its full 16 x 16 x 64
-AMX_BLOCK = 64
+LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq", "amx_tiles", "vnni_tiles")
+#: ``amx_tiles`` / ``vnni_tiles``: the weight as dense blocks of this size for accel's native int8 kernel
+#: (``accel.cpu.native``): 64 int8 inputs fill a tile row, so every ``tdpbusd`` does its full 16 x 16 x 64
+TILES_BLOCK = 64
+#: the native engines of :data:`LINEAR_ENGINES`: on AMX tiles or not
+TILE_ENGINES = {"amx_tiles": True, "vnni_tiles": False}
 WEIGHT_ONLY_ENGINES = ("panels", "int8pack")
 CONV_ENGINES = ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "amx_tiles")
 
@@ -136,6 +141,8 @@ def _exact_engines(qmax: int, int_mm_ok: bool, _gen: int) -> tuple[str, ...]:
         out += (["onednn_split"] if not engines.has_vnni(engines.onednn_isa()) else [])
     if native.int8_amx_available():  # (int32 sums of uint8 x int8 products: exact for every qmax)
         out.append("amx_tiles")
+    if native.int8_available():  # (the same sums with VNNI's vpdpbusd)
+        out.append("vnni_tiles")
     return tuple(out)
 
 
@@ -386,8 +393,8 @@ def linear_int8_cpu(
                          f"{exact_engines(qmax, k)}")
     if m == 0:
         return x.new_zeros(0, n)
-    if engine == "amx_tiles":
-        return _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax)
+    if engine in TILE_ENGINES:
+        return _linear_tiles(x, w_q, w_scale, bias, activation, static_scale, qmax, TILE_ENGINES[engine])
     if m == 1 or static_scale is not None:  # one scale for the whole call: fewer, fused ops
         xf = as_fp32(x, "int8.x32")
         uniform = _uniform_scale(xf, qmax, static_scale)
@@ -453,32 +460,33 @@ def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None
     return u, scale
 
 
-def _linear_amx(x, w_q, w_scale, bias, activation, static_scale, qmax) -> torch.Tensor:
-    """The ``amx_tiles`` engine: accel's native int8 block kernel on AMX tiles with the weight as dense 64 x 64 blocks
-    (the same integers and the other engines' epilogue, ``fma(acc * w_scale, x_scale, bias)`` in fp32, then ``x``'s
-    dtype)."""
+def _tile_blocks(w_q: torch.Tensor) -> native.Packed:
+    return cached_tensor("int8.tile_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, TILES_BLOCK)))
+
+
+def _linear_tiles(x, w_q, w_scale, bias, activation, static_scale, qmax, amx: bool) -> torch.Tensor:
+    """The ``amx_tiles`` / ``vnni_tiles`` engines: accel's native int8 block kernel (on AMX tiles, or VNNI) with the
+    weight as dense 64 x 64 blocks (the same integers and the other engines' epilogue, ``fma(acc * w_scale, x_scale,
+    bias)`` in fp32, then ``x``'s dtype)."""
     if static_scale is None:
-        return amx_linear_runner(w_q, w_scale, bias, activation, qmax, x.dtype)(x)
+        return tiles_linear_runner(w_q, w_scale, bias, activation, qmax, x.dtype, amx)(x)
     n, k = w_q.shape
-    bs = AMX_BLOCK
-    width = -(-k // bs) * bs
-    w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, bs)))
+    width = -(-k // TILES_BLOCK) * TILES_BLOCK
     u, scale = _rows_uint8(x if x.stride(-1) == 1 else x.contiguous(), qmax, static_scale, width, spread=True)
     b = None if bias is None else bias.float().contiguous()
-    y = native.int8_bsr_linear(u, w, scale.float().contiguous(), w_scale.float().contiguous(), b, n, amx=True,
-                               dense_order=True, out_dtype=native.out_dtype(x.dtype, activation))
+    y = native.int8_bsr_linear(u, _tile_blocks(w_q), scale.float().contiguous(), w_scale.float().contiguous(), b, n,
+                               amx=amx, dense_order=True, out_dtype=native.out_dtype(x.dtype, activation))
     y = activate(y, activation, inplace=True)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def amx_linear_runner(w_q, w_scale, bias, activation: str, qmax: int, dtype: torch.dtype):
-    """The dynamic ``amx_tiles`` Linear for one layer's operands, fetched once (the dense blocks, fp32 scales and
-    bias): a function of ``x [M, K]`` in ``dtype`` (``accel.cpu.native.int8_runner`` in the dense engines' epilogue
-    order, then the activation and ``dtype``), for a settled layer's plan."""
+def tiles_linear_runner(w_q, w_scale, bias, activation: str, qmax: int, dtype: torch.dtype, amx: bool):
+    """The dynamic ``amx_tiles`` (``amx``) or ``vnni_tiles`` Linear for one layer's operands, fetched once (the dense
+    blocks, fp32 scales and bias): a function of ``x [M, K]`` in ``dtype`` (``accel.cpu.native.int8_runner`` in the
+    dense engines' epilogue order, then the activation and ``dtype``), for a settled layer's plan."""
     n, k = w_q.shape
-    w = cached_tensor("int8.amx_blocks", w_q, lambda: native.pack(*_dense_blocks(w_q, AMX_BLOCK)))
-    return native.int8_runner(w, w_scale.detach().float().contiguous(),
-                              None if bias is None else bias.detach().float().contiguous(), n, qmax, k, True, dtype,
+    return native.int8_runner(_tile_blocks(w_q), w_scale.detach().float().contiguous(),
+                              None if bias is None else bias.detach().float().contiguous(), n, qmax, k, amx, dtype,
                               activation, dense_order=True)
 
 

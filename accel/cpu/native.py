@@ -296,7 +296,7 @@ def _load(name: str, path: str):
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
     lib.accel_int8_bsr_vnni.restype = i32
-    lib.accel_int8_bsr_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32]
+    lib.accel_int8_bsr_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32, i32]
     lib.accel_amx_init.restype = i32
     lib.accel_amx_init.argtypes = []
     lib.accel_int8_bsr_amx.restype = i32
@@ -399,7 +399,7 @@ def _product(lib, x, w, scale, w_scale, bias, n: int, amx: bool = False, dense_o
         rc = lib.accel_int8_bsr_vnni(x.data_ptr(), int(x.dtype == torch.uint8), m, x.stride(0), w.blocks.data_ptr(),
                                      w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs, w.comp.data_ptr(),
                                      scale.data_ptr(), w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                     y.data_ptr(), y_bf16, n, n, torch.get_num_threads())
+                                     y.data_ptr(), y_bf16, n, n, torch.get_num_threads(), int(dense_order))
     if rc != 0:
         raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
     return y
@@ -480,7 +480,9 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
     """``y [M, n]``: ``((acc * scale[t]) * w_scale[o]) + bias[o]`` in fp32 with ``acc[t, o]`` the int32 product of
     the integers in ``u`` (uint8, plus 128, from :func:`quantize_rows`; or int8) and the blocks of ``w``
     (:func:`pack`); rows with a scale past 2**96 in fp64; stored as ``out_dtype`` (fp32, or bf16 rounded once as
-    ``Tensor.to`` rounds). The operands' layout is checked here: the kernel reads raw pointers."""
+    ``Tensor.to`` rounds). ``dense_order``: the dense int8 engines' epilogue instead, ``(acc * w_scale[o]) * scale[t]
+    + bias[o]`` (one fused multiply-add) in fp32 for every row. The operands' layout is checked here: the kernel reads
+    raw pointers."""
     bs = w.blocks.shape[2]
     nbr = w.crow.numel() - 1
     m = u.shape[0] if u.dim() == 2 else -1
@@ -499,8 +501,6 @@ def int8_bsr_linear(u: torch.Tensor, w: Packed, scale: torch.Tensor, w_scale: to
                            "Linux's tile state)")
     if amx and u.dtype != torch.uint8:
         raise ValueError(f"int8_bsr_linear (native AMX): u must be uint8 (integers + 128), got {u.dtype}")
-    if dense_order and not amx:
-        raise ValueError("int8_bsr_linear (native): the dense engines' epilogue order is an option of the AMX product")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"int8_bsr_linear (native): out_dtype must be float32 or bfloat16, got {out_dtype}")
     return _product(_lib(), u, w, scale, w_scale, bias, n, amx, dense_order, out_dtype)
@@ -530,8 +530,6 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
     if amx and not int8_amx_available():
         raise RuntimeError("int8_bsr_linear (native): the AMX product is not available here (tiles, ACCEL_CPU_ISA, or "
                            "Linux's tile state)")
-    if dense_order and not amx:
-        raise ValueError("int8_bsr_linear (native): the dense engines' epilogue order is an option of the AMX product")
     lib = _lib()
     quantize, product = lib.accel_quantize_rows, lib.accel_int8_bsr_vnni
     fused = lib.accel_int8_linear_amx  # (on AMX: the quantization and the product in one parallel region)
@@ -559,7 +557,7 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
             if rc != 0:
                 raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
             rc = product(u.data_ptr(), 1, m, ld, *weights, scale.data_ptr(), *tail, y.data_ptr(), y_bf16, n, n,
-                         threads)
+                         threads, int(dense_order))
         if rc != 0:
             raise RuntimeError(f"the int8 block kernel refused its arguments (code {rc})")
         if activation != "none":

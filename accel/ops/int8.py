@@ -539,8 +539,9 @@ def _resolve(x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax):
     if mode == "dynamic_fused":  # (a plan of the one-row bucket: every input of its kind is one fp32 row)
         return (lambda x: cpu_int8.linear_dynamic_fused_cpu(x, w_q, w_scale, bias, activation)), False
     engine = _linear_engine(x, w_q, w_scale, bias, act_scale, activation, qmax)
-    if engine == "amx_tiles" and act_scale is None and x.dtype in FLOAT_DTYPES:  # (operands bound once)
-        return cpu_int8.amx_linear_runner(w_q, w_scale, bias, activation, qmax, x.dtype), False
+    if engine in cpu_int8.TILE_ENGINES and act_scale is None and x.dtype in FLOAT_DTYPES:  # (operands bound once)
+        return cpu_int8.tiles_linear_runner(w_q, w_scale, bias, activation, qmax, x.dtype,
+                                            cpu_int8.TILE_ENGINES[engine]), False
     return (lambda x: cpu_int8.linear_int8_cpu(x, w_q, w_scale, bias, activation, act_scale, qmax, engine)), False
 
 

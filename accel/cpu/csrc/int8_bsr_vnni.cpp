@@ -14,7 +14,9 @@
 //   = 128 * (sum of W[p, o, :] over the block row's blocks). vpdpbusd multiplies unsigned by signed bytes: the
 //   activation enters as u = q + 128 and comp takes the 128 back out. int32 sums wrap (vpdpbusd does not
 //   saturate): exact modulo 2^32, so exact whenever the true sum fits in int32 (the caller's K bound). Rows with
-//   scale > 2^96 (acc * scale could overflow fp32) take the same formula in fp64.
+//   scale > 2^96 (acc * scale could overflow fp32) take the same formula in fp64. dense_order: the dense int8
+//   engines' epilogue instead, fma(float(acc) * w_scale[o], scale[t], bias[o]) in fp32 for every row (a dense weight
+//   as every block stored: accel.cpu.int8's vnni_tiles and amx_tiles engines).
 //
 // Built with -ffp-contract=off: no fused multiply-adds but the one written, every step rounds like the PyTorch ops it
 // replaces (accel.cpu.int8_bsr.epilogue: a mul, then torch.addcmul's fused multiply-add).
@@ -149,6 +151,7 @@ struct Epilogue {
   void* y;              // [M, ldy] fp32, or bf16 with bf16 = 1
   int64_t ldy, n;
   int bf16;
+  int dense_order;  // the dense int8 engines' epilogue order (scaled()), without store()'s fp64 rows
 };
 
 // fp32 -> bf16, round to nearest even, NaN -> 0x7FC0: PyTorch's conversion, bit for bit (accel_bf16::exact, one value)
@@ -169,12 +172,12 @@ inline void put(const Epilogue& e, int64_t t, int64_t o, __mmask16 m, __m512 v) 
 
 // The fp32 outputs of sums a (int32, the zero point's share taken out) of a token of scale s, outputs' scales ws and
 // bias b (with e.bias): fma(float(a) * s, ws, b), with a bias one fused multiply-add as torch.addcmul (bias, y,
-// w_scale) computes it on the CPU; dense_order: the dense int8 engines' order, (a * ws), then torch.addcmul(bias, .,
+// w_scale) computes it on the CPU; e.dense_order: the dense int8 engines' order, (a * ws), then torch.addcmul(bias, .,
 // s).
-inline __m512 scaled(const Epilogue& e, __m512i a, float s, __m512 ws, __m512 b, int dense_order) {
+inline __m512 scaled(const Epilogue& e, __m512i a, float s, __m512 ws, __m512 b) {
   const __m512 vs = _mm512_set1_ps(s);
-  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), dense_order ? ws : vs);
-  const __m512 f = dense_order ? vs : ws;
+  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), e.dense_order ? ws : vs);
+  const __m512 f = e.dense_order ? vs : ws;
   return e.bias ? _mm512_fmadd_ps(v, f, b) : _mm512_mul_ps(v, f);
 }
 
@@ -182,9 +185,9 @@ inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
   if (o >= e.n) return;
   const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
   const float s = e.scale[t];
-  if (!(s > kHugeScale)) {  // (NaN scales here: NaN outputs)
+  if (e.dense_order || !(s > kHugeScale)) {  // (NaN scales here: NaN outputs)
     const __m512 b = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + o) : _mm512_setzero_ps();
-    put(e, t, o, m, scaled(e, acc, s, _mm512_maskz_loadu_ps(m, e.wscale + o), b, 0));
+    put(e, t, o, m, scaled(e, acc, s, _mm512_maskz_loadu_ps(m, e.wscale + o), b));
     return;
   }
   alignas(64) int32_t a[16];
@@ -201,8 +204,7 @@ inline void store(const Epilogue& e, int64_t t, int64_t o, __m512i acc) {
 }
 
 // store() for the rows of one accumulator tile (``acc`` [rows][16]), the output group's scales and bias loaded once
-inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* acc, __m512i comp,
-                       int dense_order) {
+inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* acc, __m512i comp) {
   if (o >= e.n) return;
   const __mmask16 m = e.n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (e.n - o)) - 1);
   const __m512 ws = _mm512_maskz_loadu_ps(m, e.wscale + o);
@@ -210,10 +212,10 @@ inline void store_tile(const Epilogue& e, int64_t t0, int rows, int64_t o, const
   for (int t = 0; t < rows; ++t) {
     const __m512i a = _mm512_sub_epi32(_mm512_load_si512(acc + t * 16), comp);
     const float s = e.scale[t0 + t];
-    if (!dense_order && s > kHugeScale)  // (rare: store()'s fp64 rows)
+    if (!e.dense_order && s > kHugeScale)  // (rare: store()'s fp64 rows)
       store(e, t0 + t, o, a);
     else
-      put(e, t0 + t, o, m, scaled(e, a, s, ws, b, dense_order));
+      put(e, t0 + t, o, m, scaled(e, a, s, ws, b));
   }
 }
 
@@ -267,8 +269,7 @@ void block_row(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, in
 // store_tile computes them, then one 64-byte store (accel_bf16::store_pair; store()'s fp64 rows for huge scales). AMX
 // CPUs have AVX512_BF16.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline)) void store_tile_pair(
-    const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* lo, const int32_t* hi, const int32_t* comp,
-    int dense_order) {
+    const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* lo, const int32_t* hi, const int32_t* comp) {
   const __m512 ws0 = _mm512_loadu_ps(e.wscale + o), ws1 = _mm512_loadu_ps(e.wscale + o + 16);
   const __m512 b0 = e.bias ? _mm512_loadu_ps(e.bias + o) : _mm512_setzero_ps();
   const __m512 b1 = e.bias ? _mm512_loadu_ps(e.bias + o + 16) : _mm512_setzero_ps();
@@ -277,13 +278,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline
     const __m512i a0 = _mm512_sub_epi32(_mm512_load_si512(lo + t * 16), c0);
     const __m512i a1 = _mm512_sub_epi32(_mm512_load_si512(hi + t * 16), c1);
     const float s = e.scale[t0 + t];
-    if (!dense_order && s > kHugeScale) {
+    if (!e.dense_order && s > kHugeScale) {
       store(e, t0 + t, o, a0);
       store(e, t0 + t, o + 16, a1);
       continue;
     }
-    accel_bf16::store_pair(static_cast<uint16_t*>(e.y) + (t0 + t) * e.ldy + o, scaled(e, a0, s, ws0, b0, dense_order),
-                           scaled(e, a1, s, ws1, b1, dense_order));
+    accel_bf16::store_pair(static_cast<uint16_t*>(e.y) + (t0 + t) * e.ldy + o, scaled(e, a0, s, ws0, b0),
+                           scaled(e, a1, s, ws1, b1));
   }
 }
 
@@ -296,7 +297,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
                                                            int64_t bs, const int64_t* col, int64_t p0, int64_t p1,
                                                            int64_t t0, int64_t nt, int64_t o0, int og,
                                                            const int32_t* comp, const Epilogue& e,
-                                                           accel_amx::TileConfig& cur, int dense_order) {
+                                                           accel_amx::TileConfig& cur) {
   const int r0 = static_cast<int>(nt < 16 ? nt : 16), r1 = static_cast<int>(nt - r0);
   const int64_t kbytes = bs < 64 ? bs : 64;  // 64 inputs per tile multiply
   accel_amx::configure(cur, r0, r1, static_cast<int>(kbytes));
@@ -314,12 +315,12 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
     if (og == 2 && e.bf16 && o0 + 32 <= e.n) {  // two whole output groups: rows of 32 bf16
       accel_amx::store_sums(g, 0, acc[0]);
       accel_amx::store_sums(g, 1, acc[1]);
-      store_tile_pair(e, t0 + 16 * g, g ? r1 : r0, o0, acc[0], acc[1], comp + ob, dense_order);
+      store_tile_pair(e, t0 + 16 * g, g ? r1 : r0, o0, acc[0], acc[1], comp + ob);
       continue;
     }
     for (int h = 0; h < og; ++h) {
       accel_amx::store_sums(g, h, acc[0]);
-      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc[0], _mm512_loadu_si512(comp + ob + h * 16), dense_order);
+      store_tile(e, t0 + 16 * g, g ? r1 : r0, o0 + h * 16, acc[0], _mm512_loadu_si512(comp + ob + h * 16));
     }
   }
 }
@@ -401,9 +402,9 @@ int refuse(int64_t bs, int64_t m, int64_t nbr, int64_t n, int64_t ldy, int nthre
 extern "C" int accel_int8_bsr_vnni(const void* x, int x_is_u8, int64_t m, int64_t ldx, const int8_t* w,
                                    const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
                                    const int32_t* comp, const float* scale, const float* wscale, const float* bias,
-                                   void* y, int y_bf16, int64_t ldy, int64_t n, int nthreads) {
+                                   void* y, int y_bf16, int64_t ldy, int64_t n, int nthreads, int dense_order) {
   if (const int refused = refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
-  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0, dense_order != 0};
   const uint8_t* xu = static_cast<const uint8_t*>(x);
   const uint32_t flip = x_is_u8 ? 0u : 0x80808080u;
   const int64_t T = bs <= 32 ? 8 : 4;  // tokens per tile: T * NB accumulators + NB weights in 32 registers
@@ -433,7 +434,7 @@ namespace {
 // The AMX product's items (token chunks x block rows x passes) on the calling team's threads (inside a parallel
 // region), each thread on its own tiles.
 void amx_items(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow, const int64_t* col,
-               int64_t nbr, int64_t bs, const int32_t* comp, const Epilogue& e, int64_t n, int dense_order) {
+               int64_t nbr, int64_t bs, const int32_t* comp, const Epilogue& e, int64_t n) {
   const int og = bs >= 32 ? 2 : 1;            // output groups of 16 per item
   const int64_t passes = bs / (16 * og);      // items per block row and token chunk
   const int64_t chunks = (m + 31) / 32;       // token chunks of 32 (two groups of 16)
@@ -446,7 +447,7 @@ void amx_items(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const 
     const int64_t t0 = ch * 32, nt = m - t0 < 32 ? m - t0 : 32;
     const int64_t o0 = r * bs + q * 16 * og;
     if (o0 >= n) continue;
-    amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur, dense_order);
+    amx_item(u, ldu, w, bs, col, crow[r], crow[r + 1], t0, nt, o0, og, comp + r * bs, e, cur);
   }
   if (cur.palette_id) accel_amx::release();
 }
@@ -454,17 +455,16 @@ void amx_items(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const 
 }  // namespace
 
 // accel_int8_bsr_vnni's product and epilogue on AMX tiles, for uint8 activations u [M, ldu] (integers + 128);
-// dense_order: the dense engines' epilogue, fma(float(acc) * w_scale, x_scale, bias), without fp64 rows. y: fp32, or
-// bf16 with y_bf16 (as accel_int8_bsr_vnni).
+// dense_order and y (fp32, or bf16 with y_bf16) as accel_int8_bsr_vnni's.
 extern "C" int accel_int8_bsr_amx(const uint8_t* u, int64_t m, int64_t ldu, const int8_t* w, const int64_t* crow,
                                   const int64_t* col, int64_t nbr, int64_t bs, const int32_t* comp, const float* scale,
                                   const float* wscale, const float* bias, void* y, int y_bf16, int64_t ldy, int64_t n,
                                   int nthreads, int dense_order) {
   if (const int refused = refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
   if (m == 0 || nbr == 0) return 0;
-  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0, dense_order != 0};
 #pragma omp parallel num_threads(nthreads)
-  amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n, dense_order);
+  amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n);
   return 0;
 }
 
@@ -480,14 +480,14 @@ extern "C" int accel_int8_linear_amx(const void* x, int dtype, int64_t m, int64_
     return 1;
   if (const int refused = refuse(bs, m, nbr, n, ldy, nthreads)) return refused;
   if (m == 0) return 0;
-  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0};
+  const Epilogue e{scale, wscale, bias, y, ldy, n, y_bf16 != 0, dense_order != 0};
   const float q = static_cast<float>(qmax);
 #pragma omp parallel num_threads(nthreads)
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, u, ldu, width, scale);
     // (the loop's barrier: every row quantized before any product)
-    if (nbr > 0) amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n, dense_order);
+    if (nbr > 0) amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n);
   }
   return 0;
 }

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from accel import engines
 from accel.cpu import int8 as cpu_int8
@@ -57,6 +58,33 @@ def test_quantization_is_accels_rule_bit_for_bit(dtype, qmax, k):
 
 
 INT8_NATIVE = ["vnni"] + (["vnni_amx"] if native.int8_amx_available() else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_images_quantized_into_their_padding_as_rows(dtype, threads):
+    """A conv's images quantized straight into the padded buffer: each image the integers and scale of its row of
+    quantize_rows, the padding 128; an image holding NaN/inf all 128 (scale NaN), an all-zero image scale 0."""
+    g = torch.Generator().manual_seed(threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, h, w, c, ph, pw in ((3, 5, 7, 16, 1, 1), (2, 9, 4, 64, 0, 2), (1, 1, 1, 3, 3, 0), (4, 56, 11, 32, 2, 1),
+                                   (2, 3, 3, 8, 0, 0), (0, 4, 4, 16, 1, 1)):
+            x = (torch.randn(n, h, w, c, generator=g) * 5).to(dtype)
+            if n > 1:
+                x[1] = 0
+                x[-1, h // 2, w - 1, c - 1] = float("nan") if n % 2 else float("-inf")
+            up, scale = native.quantize_images_padded(x, 127, (ph, pw))
+            u, want_scale = native.quantize_rows(x.reshape(n, h * w * c), 127, h * w * c)
+            want = F.pad(u.view(n, h, w, c).permute(0, 3, 1, 2), (pw, pw, ph, ph), value=128).permute(0, 2, 3, 1)
+            assert up.shape == (n, h + 2 * ph, w + 2 * pw, c)
+            assert torch.equal(up, want), (n, h, w, c, ph, pw)
+            assert torch.equal(scale.nan_to_num(-1.0), want_scale.nan_to_num(-1.0))
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ValueError, match="quantize_images_padded"):
+        native.quantize_images_padded(torch.randn(2, 4, 4, 8).permute(0, 2, 1, 3), 127, (1, 1))
 
 
 @pytest.mark.parametrize("strategy", INT8_NATIVE)

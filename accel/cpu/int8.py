@@ -819,7 +819,8 @@ def conv2d_int8_cpu(
 
 def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax) -> torch.Tensor:
     """The ``amx_tiles`` conv engine: accel's native AMX int8 implicit GEMM (``accel.cpu.native``) over the input
-    quantized per image (one native pass; static scales through the eager steps), padded with the zero point."""
+    quantized per image straight into a buffer padded with the zero point (one native pass; static scales through the
+    eager steps and a padded copy)."""
     b, c, h, w = x.shape
     o, _, kh, kw = w_q.shape
     (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
@@ -830,13 +831,17 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
     xn = x.permute(0, 2, 3, 1)
     if not xn.is_contiguous():
         xn = xn.contiguous()
-    u, scale = _rows_uint8(xn.reshape(b, h * w * c), qmax, static_scale, h * w * c)
-    u = u.view(b, h, w, c)
-    if ph or pw:  # the zero point around the image: the padding's zeros
-        up = scratch("int8.amx_pad", b * (h + 2 * ph) * (w + 2 * pw) * c, torch.uint8).view(b, h + 2 * ph, w + 2 * pw, c)
-        up.fill_(128)
-        up[:, ph:ph + h, pw:pw + w].copy_(u)
-        u = up
+    if static_scale is None:  # (quantized straight into the padded buffer)
+        u, scale = native.quantize_images_padded(xn, qmax, (ph, pw))
+    else:
+        u, scale = _rows_uint8(xn.reshape(b, h * w * c), qmax, static_scale, h * w * c)
+        u = u.view(b, h, w, c)
+        if ph or pw:  # the zero point around the image: the padding's zeros
+            up = scratch("int8.amx_pad", b * (h + 2 * ph) * (w + 2 * pw) * c, torch.uint8).view(b, h + 2 * ph,
+                                                                                               w + 2 * pw, c)
+            up.fill_(128)
+            up[:, ph:ph + h, pw:pw + w].copy_(u)
+            u = up
     y = native.int8_conv2d_amx(u, packed, (o, c, kh, kw), scale.float().contiguous(), w_scale.float().contiguous(),
                                None if bias is None else bias.float().contiguous(), (sh, sw), (dh, dw), (oh, ow),
                                native.out_dtype(x.dtype, activation))

@@ -388,6 +388,60 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
   return 0;
 }
 
+// accel_quantize_rows for the images of a conv: x [n, h, w, c] (NHWC, contiguous) quantized per image (one row of
+// h * w * c values each: the same integers and scales) straight into up [n, h + 2 ph, w + 2 pw, c], the padding the
+// zero point 128: no padded copy of a quantized image. Returns 0, or a code for refused arguments.
+extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n, int64_t h, int64_t w, int64_t c,
+                                            int qmax, uint8_t* up, int64_t ph, int64_t pw, float* scale,
+                                            int nthreads) {
+  if (dtype < 0 || dtype > 2 || n < 0 || h < 0 || w < 0 || c < 0 || ph < 0 || pw < 0 || qmax < 1 || qmax > 127 ||
+      nthreads < 1)
+    return 1;
+  const int64_t elem = dtype == 0 ? 4 : 2, row = w * c, hp = h + 2 * ph, prow = (w + 2 * pw) * c;
+  const float q = static_cast<float>(qmax);
+  float* part = new (std::nothrow) float[n * h > 0 ? n * h : 1];
+  bool* fin = new (std::nothrow) bool[n * h > 0 ? n * h : 1];
+  float* inv = new (std::nothrow) float[n > 0 ? n : 1];
+  if (!part || !fin || !inv) {
+    delete[] part;
+    delete[] fin;
+    delete[] inv;
+    return 3;
+  }
+  const char* xb = static_cast<const char*>(x);
+#pragma omp parallel num_threads(nthreads) if (n * h * row >= 65536)
+  {
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < n * h; ++j) fin[j] = span_absmax(xb + j * row * elem, dtype, 0, row, part + j);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      float absmax = 0.0f;
+      bool finite = true;
+      for (int64_t j = b * h; j < (b + 1) * h; ++j) {  // (max is exact in any order)
+        absmax = part[j] > absmax ? part[j] : absmax;
+        finite = finite && fin[j];
+      }
+      row_scale(absmax, finite, q, scale + b, inv + b);
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < n * hp; ++j) {  // padded rows
+      const int64_t b = j / hp, r = j % hp - ph;
+      uint8_t* ur = up + j * prow;
+      if (r < 0 || r >= h || scale[b] != scale[b]) {  // a padding row, or an image holding NaN/inf: bytes 128
+        std::memset(ur, 128, prow);
+        continue;
+      }
+      std::memset(ur, 128, pw * c);
+      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, inv[b], ur + pw * c);
+      std::memset(ur + pw * c + row, 128, pw * c);
+    }
+  }
+  delete[] part;
+  delete[] fin;
+  delete[] inv;
+  return 0;
+}
+
 namespace {
 
 // The products' argument check: 1 for a block size the kernels lack, 2 for refused shapes, else 0.

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
 
 #include "amx_tiles.h"
@@ -143,6 +144,28 @@ void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, f
     quantize_span(xt, dtype, 0, k, inv, ut);
   if (width > k) std::memset(ut + k, 128, width - k);
 }
+
+// Rows quantized in pieces spread over threads: each piece's max |x| and finiteness, then each row's (scale, inv)
+// from its `per` pieces (max is exact in any order).
+struct Pieces {
+  std::unique_ptr<float[]> max;
+  std::unique_ptr<bool[]> finite;
+  std::unique_ptr<float[]> inv;  // per row
+  Pieces(int64_t pieces, int64_t rows)
+      : max(new (std::nothrow) float[pieces > 0 ? pieces : 1]),
+        finite(new (std::nothrow) bool[pieces > 0 ? pieces : 1]),
+        inv(new (std::nothrow) float[rows > 0 ? rows : 1]) {}
+  bool ok() const { return max && finite && inv; }
+  void settle(int64_t t, int64_t per, float q, float* scale) {
+    float absmax = 0.0f;
+    bool fin = true;
+    for (int64_t j = t * per; j < (t + 1) * per; ++j) {
+      absmax = max[j] > absmax ? max[j] : absmax;
+      fin = fin && finite[j];
+    }
+    row_scale(absmax, fin, q, scale + t, inv.get() + t);
+  }
+};
 
 struct Epilogue {
   const float* scale;   // [M]
@@ -345,32 +368,17 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
     return 0;
   }
   const int64_t items = m * per_row;
-  float* part = new (std::nothrow) float[items];
-  bool* fin = new (std::nothrow) bool[items];
-  float* inv = new (std::nothrow) float[m > 0 ? m : 1];
-  if (!part || !fin || !inv) {
-    delete[] part;
-    delete[] fin;
-    delete[] inv;
-    return 3;
-  }
+  Pieces pc(items, m);
+  if (!pc.ok()) return 3;
 #pragma omp parallel num_threads(nthreads) if (m * k >= 65536)
   {
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < items; ++j) {
       const int64_t t = j / per_row, lo = (j % per_row) * span, hi = lo + span < k ? lo + span : k;
-      fin[j] = span_absmax(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, part + j);
+      pc.finite[j] = span_absmax(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, &pc.max[j]);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < m; ++t) {
-      float absmax = 0.0f;
-      bool finite = true;
-      for (int64_t j = t * per_row; j < (t + 1) * per_row; ++j) {  // (max is exact in any order)
-        absmax = part[j] > absmax ? part[j] : absmax;
-        finite = finite && fin[j];
-      }
-      row_scale(absmax, finite, q, scale + t, inv + t);
-    }
+    for (int64_t t = 0; t < m; ++t) pc.settle(t, per_row, q, scale);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < items; ++j) {
       const int64_t t = j / per_row, lo = (j % per_row) * span, hi = lo + span < k ? lo + span : k;
@@ -378,13 +386,10 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
       if (scale[t] != scale[t])  // NaN: bytes 128
         std::memset(ut + lo, 128, hi - lo);
       else
-        quantize_span(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, inv[t], ut);
+        quantize_span(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, pc.inv[t], ut);
       if (hi == k && width > k) std::memset(ut + k, 128, width - k);
     }
   }
-  delete[] part;
-  delete[] fin;
-  delete[] inv;
   return 0;
 }
 
@@ -399,30 +404,15 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n,
     return 1;
   const int64_t elem = dtype == 0 ? 4 : 2, row = w * c, hp = h + 2 * ph, prow = (w + 2 * pw) * c;
   const float q = static_cast<float>(qmax);
-  float* part = new (std::nothrow) float[n * h > 0 ? n * h : 1];
-  bool* fin = new (std::nothrow) bool[n * h > 0 ? n * h : 1];
-  float* inv = new (std::nothrow) float[n > 0 ? n : 1];
-  if (!part || !fin || !inv) {
-    delete[] part;
-    delete[] fin;
-    delete[] inv;
-    return 3;
-  }
+  Pieces pc(n * h, n);  // (an image's pieces: its rows)
+  if (!pc.ok()) return 3;
   const char* xb = static_cast<const char*>(x);
 #pragma omp parallel num_threads(nthreads) if (n * h * row >= 65536)
   {
 #pragma omp for schedule(static)
-    for (int64_t j = 0; j < n * h; ++j) fin[j] = span_absmax(xb + j * row * elem, dtype, 0, row, part + j);
+    for (int64_t j = 0; j < n * h; ++j) pc.finite[j] = span_absmax(xb + j * row * elem, dtype, 0, row, &pc.max[j]);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) {
-      float absmax = 0.0f;
-      bool finite = true;
-      for (int64_t j = b * h; j < (b + 1) * h; ++j) {  // (max is exact in any order)
-        absmax = part[j] > absmax ? part[j] : absmax;
-        finite = finite && fin[j];
-      }
-      row_scale(absmax, finite, q, scale + b, inv + b);
-    }
+    for (int64_t b = 0; b < n; ++b) pc.settle(b, h, q, scale);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * hp; ++j) {  // padded rows
       const int64_t b = j / hp, r = j % hp - ph;
@@ -432,13 +422,10 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n,
         continue;
       }
       std::memset(ur, 128, pw * c);
-      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, inv[b], ur + pw * c);
+      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
       std::memset(ur + pw * c + row, 128, pw * c);
     }
   }
-  delete[] part;
-  delete[] fin;
-  delete[] inv;
   return 0;
 }
 

@@ -19,8 +19,10 @@ integers, so they differ only in speed.
 * ``*_split`` (``fbgemm_split``, ``onednn_split``): 8-bit activations on CPUs without VNNI, as two
   exact 7-bit passes (see *Activation bits*).
 * ``amx_tiles``, ``vnni_tiles``: accel's native int8 block kernel (``accel.cpu.native``) with the weight as dense
-  64 x 64 blocks (packed once, shared by both), on AMX tiles or with AVX-512 VNNI dot products (a few tokens: one pass
-  over the weight), the quantization in the same native call, and the other engines' epilogue order.
+  64 x 64 blocks (packed once, shared by both), on AMX tiles or with AVX-512 VNNI dot products (``vnni_tiles`` wins
+  for one or a few tokens, where the product is one pass over the weight at memory speed); dynamic scales quantized
+  natively (on AMX in the product's own call), static scales through the eager steps; the other engines' epilogue
+  order, so the same bits as ``int_mm``.
 * ``onednn_cq`` (and the conv engines ``onednn_cq``, ``im2col_cq``): the same oneDNN GEMM, with the activation
   quantization (and a bf16 output's scale and bias) as loops compiled by ``torch.compile`` (``accel.cpu.compiled``):
   two passes over the input instead of five or six. The integers are the same; offered where a C++ compiler is
@@ -76,7 +78,8 @@ WEIGHT_ONLY_PANEL_BYTES = 4 << 20
 
 LINEAR_ENGINES = ("fbgemm", "onednn", "int_mm", "fbgemm_split", "onednn_split", "onednn_cq", "amx_tiles", "vnni_tiles")
 #: ``amx_tiles`` / ``vnni_tiles``: the weight as dense blocks of this size for accel's native int8 kernel
-#: (``accel.cpu.native``): 64 int8 inputs fill a tile row, so every ``tdpbusd`` does its full 16 x 16 x 64
+#: (``accel.cpu.native``), one packing for both: 64 int8 inputs fill a tile row, so every ``tdpbusd`` does its full
+#: 16 x 16 x 64 (the VNNI product measured no slower at 64 than at 32 or 128: 4096x4096, M = 1)
 TILES_BLOCK = 64
 #: the native engines of :data:`LINEAR_ENGINES`: on AMX tiles or not
 TILE_ENGINES = {"amx_tiles": True, "vnni_tiles": False}
@@ -445,7 +448,7 @@ def _dense_blocks(w_q: torch.Tensor, bs: int):
 def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None, width: int, spread: bool = False):
     """``(u [M, width] uint8, scale [M])``: accel's quantization of each row of ``rows [M, K]`` (rows of unit stride)
     as the integers + 128, the zero point past K; per row in one native pass, or with ``static_scale`` through the
-    eager steps (saturating). The ``amx_tiles`` engines' input; ``spread``: rows apart by
+    eager steps (saturating). The tile engines' input (``amx_tiles``, ``vnni_tiles``); ``spread``: rows apart by
     :func:`accel.cpu.native.spread_stride`."""
     if static_scale is None:
         return native.quantize_rows(rows, qmax, width, spread)

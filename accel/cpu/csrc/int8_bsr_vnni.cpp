@@ -92,9 +92,9 @@ bool span_absmax(const void* x, int dtype, int64_t lo, int64_t hi, float* absmax
   return m < 0x7C00u;
 }
 
-// u[i] = round_half_even(x[i] * inv) + 128 for i in [lo, hi), |x[i] * inv| <= 127.5 (a finite row's inv): 64 values
-// per step, their int32 integers narrowed by two saturating packs (exact in this range) and put back in order by one
-// permutation; + 128 as the sign bit flipped.
+// u[i] = round_half_even(x[i] * inv) + 128 for i in [lo, hi), with a finite row's inv (row_scale: |x * inv| <=
+// qmax * (1 + 2^-23), so every integer lies in [-qmax, qmax]): 64 values per step, their int32 integers narrowed by
+// two saturating packs (exact in this range) and put back in order by one permutation; + 128 as the sign bit flipped.
 void quantize_span(const void* x, int dtype, int64_t lo, int64_t hi, float inv, uint8_t* u) {
   const __m512 vinv = _mm512_set1_ps(inv);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -125,7 +125,7 @@ inline void row_scale(float absmax, bool finite, float qmax, float* scale, float
   }
   *scale = absmax / qmax;
   const float r = absmax > 0.0f ? qmax / absmax : 0.0f;
-  *inv = r < INFINITY ? r : 0.0f;  // (qmax / absmax overflows below absmax ~ 4e-37: 0, as accel's rule)
+  *inv = r < INFINITY ? r : 0.0f;  // (qmax / absmax overflows for absmax below qmax / FLT_MAX: 0, as accel's rule)
 }
 
 // Row t of x [m, k] quantized (accel_quantize_rows with whole rows): its max, then its bytes while the row is still in
@@ -289,7 +289,8 @@ void block_row(const uint8_t* x, int64_t ldx, uint32_t flip, const int8_t* w, in
 
 
 // store_tile for the 32 outputs [o, o + 32) of two tiles (lo, hi), bf16 output: each row's two halves computed as
-// store_tile computes them, then one 64-byte store (accel_bf16::store_pair; store()'s fp64 rows for huge scales). AMX
+// store_tile computes them, then one 64-byte store (accel_bf16::store_pair; store()'s fp64 rows for huge scales
+// unless dense_order). AMX
 // CPUs have AVX512_BF16.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), noinline)) void store_tile_pair(
     const Epilogue& e, int64_t t0, int rows, int64_t o, const int32_t* lo, const int32_t* hi, const int32_t* comp) {

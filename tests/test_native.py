@@ -69,8 +69,9 @@ def test_images_quantized_into_their_padding_as_rows(dtype, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        # (the last: images of 2-4 MB, past half of any L2 here: whole images per thread)
         for n, h, w, c, ph, pw in ((3, 5, 7, 16, 1, 1), (2, 9, 4, 64, 0, 2), (1, 1, 1, 3, 3, 0), (4, 56, 11, 32, 2, 1),
-                                   (2, 3, 3, 8, 0, 0), (0, 4, 4, 16, 1, 1)):
+                                   (2, 3, 3, 8, 0, 0), (0, 4, 4, 16, 1, 1), (3, 130, 120, 64, 1, 2)):
             x = (torch.randn(n, h, w, c, generator=g) * 5).to(dtype)
             if n > 1:
                 x[1] = 0

@@ -28,6 +28,8 @@
 #include <memory>
 #include <new>
 
+#include <unistd.h>
+
 #include "amx_tiles.h"
 #include "bf16.h"
 
@@ -408,24 +410,39 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n,
   Pieces pc(n * h, n);  // (an image's pieces: its rows)
   if (!pc.ok()) return 3;
   const char* xb = static_cast<const char*>(x);
+  auto put_row = [&](int64_t j) {  // padded row j
+    const int64_t b = j / hp, r = j % hp - ph;
+    uint8_t* ur = up + j * prow;
+    if (r < 0 || r >= h || scale[b] != scale[b]) {  // a padding row, or an image holding NaN/inf: bytes 128
+      std::memset(ur, 128, prow);
+      return;
+    }
+    std::memset(ur, 128, pw * c);
+    quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
+    std::memset(ur + pw * c + row, 128, pw * c);
+  };
+  // Whole images per thread when a thread's share of the input outgrows its L2 (the per-row passes would then read it
+  // twice from L3 or memory): an image's bytes right after its maximum, while the image is in L2. Smaller inputs
+  // take the row passes (two streams in parallel, the second pass from L2).
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  const int64_t share = (n + nthreads - 1) / nthreads * h * row * elem;
+  if (n >= nthreads && share > (l2 > 0 ? l2 : int64_t{1} << 20) / 2) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n * h * row >= 65536)
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t j = b * h; j < (b + 1) * h; ++j) pc.finite[j] = span_absmax(xb + j * row * elem, dtype, 0, row, &pc.max[j]);
+      pc.settle(b, h, q, scale);
+      for (int64_t j = b * hp; j < (b + 1) * hp; ++j) put_row(j);
+    }
+    return 0;
+  }
 #pragma omp parallel num_threads(nthreads) if (n * h * row >= 65536)
-  {
+  {  // (fewer images than threads: each image's rows spread over the threads)
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * h; ++j) pc.finite[j] = span_absmax(xb + j * row * elem, dtype, 0, row, &pc.max[j]);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) pc.settle(b, h, q, scale);
 #pragma omp for schedule(static)
-    for (int64_t j = 0; j < n * hp; ++j) {  // padded rows
-      const int64_t b = j / hp, r = j % hp - ph;
-      uint8_t* ur = up + j * prow;
-      if (r < 0 || r >= h || scale[b] != scale[b]) {  // a padding row, or an image holding NaN/inf: bytes 128
-        std::memset(ur, 128, prow);
-        continue;
-      }
-      std::memset(ur, 128, pw * c);
-      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
-      std::memset(ur + pw * c + row, 128, pw * c);
-    }
+    for (int64_t j = 0; j < n * hp; ++j) put_row(j);
   }
   return 0;
 }

@@ -63,29 +63,36 @@ INT8_NATIVE = ["vnni"] + (["vnni_amx"] if native.int8_amx_available() else [])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_images_quantized_into_their_padding_as_rows(dtype, threads):
-    """A conv's images quantized straight into the padded buffer: each image the integers and scale of its row of
-    quantize_rows, the padding 128; an image holding NaN/inf all 128 (scale NaN), an all-zero image scale 0."""
+    """A conv's images (channels_last, or NCHW with whole groups of 16 channels) quantized straight into the padded
+    NHWC buffer: each image the integers and scale of its row of quantize_rows, the padding 128; an image holding
+    NaN/inf all 128 (scale NaN), an all-zero image scale 0."""
     g = torch.Generator().manual_seed(threads)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         # (the last: images of 2-4 MB, past half of any L2 here: whole images per thread)
         for n, h, w, c, ph, pw in ((3, 5, 7, 16, 1, 1), (2, 9, 4, 64, 0, 2), (1, 1, 1, 3, 3, 0), (4, 56, 11, 32, 2, 1),
-                                   (2, 3, 3, 8, 0, 0), (0, 4, 4, 16, 1, 1), (3, 130, 120, 64, 1, 2)):
+                                   (2, 3, 3, 8, 0, 0), (0, 4, 4, 16, 1, 1), (2, 7, 37, 48, 1, 1),
+                                   (3, 130, 120, 64, 1, 2)):
             x = (torch.randn(n, h, w, c, generator=g) * 5).to(dtype)
             if n > 1:
                 x[1] = 0
                 x[-1, h // 2, w - 1, c - 1] = float("nan") if n % 2 else float("-inf")
-            up, scale = native.quantize_images_padded(x, 127, (ph, pw))
             u, want_scale = native.quantize_rows(x.reshape(n, h * w * c), 127, h * w * c)
             want = F.pad(u.view(n, h, w, c).permute(0, 3, 1, 2), (pw, pw, ph, ph), value=128).permute(0, 2, 3, 1)
-            assert up.shape == (n, h + 2 * ph, w + 2 * pw, c)
-            assert torch.equal(up, want), (n, h, w, c, ph, pw)
-            assert torch.equal(scale.nan_to_num(-1.0), want_scale.nan_to_num(-1.0))
+            want = want.contiguous()
+            cl = x.permute(0, 3, 1, 2)  # [N, C, H, W], channels_last
+            for layout in (cl, cl.contiguous()) if c % 16 == 0 else (cl,):
+                up, scale = native.quantize_images_padded(layout, 127, (ph, pw))
+                assert up.shape == (n, h + 2 * ph, w + 2 * pw, c)
+                assert torch.equal(up, want), (n, h, w, c, ph, pw, layout.is_contiguous())
+                assert torch.equal(scale.nan_to_num(-1.0), want_scale.nan_to_num(-1.0))
     finally:
         torch.set_num_threads(old)
+    with pytest.raises(ValueError, match="quantize_images_padded"):  # NCHW with channels not in groups of 16
+        native.quantize_images_padded(torch.randn(2, 8, 4, 4), 127, (1, 1))
     with pytest.raises(ValueError, match="quantize_images_padded"):
-        native.quantize_images_padded(torch.randn(2, 4, 4, 8).permute(0, 2, 1, 3), 127, (1, 1))
+        native.quantize_images_padded(torch.randn(2, 16, 4, 4).transpose(2, 3), 127, (1, 1))
 
 
 @pytest.mark.parametrize("strategy", INT8_NATIVE)

@@ -822,8 +822,8 @@ def conv2d_int8_cpu(
 
 def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax) -> torch.Tensor:
     """The ``amx_tiles`` conv engine: accel's native AMX int8 implicit GEMM (``accel.cpu.native``) over the input
-    quantized per image straight into a buffer padded with the zero point (one native pass; static scales through the
-    eager steps and a padded copy)."""
+    quantized per image straight into a buffer padded with the zero point (one native pass reading a channels_last or
+    an NCHW input in place; static scales through the eager steps, an NHWC copy and a padded copy)."""
     b, c, h, w = x.shape
     o, _, kh, kw = w_q.shape
     (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
@@ -831,12 +831,12 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
     bs = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
     packed = cached_tensor(f"int8.amx_conv_blocks{bs}", w_q,
                            lambda: native.pack(*_dense_blocks(w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bs)))
-    xn = x.permute(0, 2, 3, 1)
-    if not xn.is_contiguous():
-        xn = xn.contiguous()
-    if static_scale is None:  # (quantized straight into the padded buffer)
-        u, scale = native.quantize_images_padded(xn, qmax, (ph, pw))
+    if static_scale is None and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
+        u, scale = native.quantize_images_padded(x, qmax, (ph, pw))  # (straight into the padded NHWC buffer)
     else:
+        xn = x.permute(0, 2, 3, 1)
+        if not xn.is_contiguous():
+            xn = xn.contiguous()
         u, scale = _rows_uint8(xn.reshape(b, h * w * c), qmax, static_scale, h * w * c)
         u = u.view(b, h, w, c)
         if ph or pw:  # the zero point around the image: the padding's zeros

@@ -118,6 +118,61 @@ void quantize_span(const void* x, int dtype, int64_t lo, int64_t hi, float inv, 
   for (; i < hi; ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(load1(x, dtype, i) * inv)) + 128);
 }
 
+// load16 of lanes m only (the others 0)
+inline __m512 load16_masked(const void* x, int dtype, int64_t i, __mmask16 m) {
+  if (dtype == 0) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
+  if (dtype == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16
+  return _mm512_cvtph_ps(h);                                                                      // fp16
+}
+
+// Rows a[0..16) of 16 bytes transposed in place (a[i] byte j <-> a[j] byte i): four rounds of interleaves, each
+// doubling the width of the elements that hold consecutive rows.
+inline void transpose16_bytes(__m128i* a) {
+  __m128i l1[8], h1[8], p2[4][4], p3[2][8];
+  for (int i = 0; i < 8; ++i) {  // 16-bit element j of l1[i] / h1[i]: (a[2i][j], a[2i+1][j]), j < 8 / j >= 8
+    l1[i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+    h1[i] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 32-bit element e of p2[i][g]: rows 4i .. 4i+3 of column 4g + e
+    p2[i][0] = _mm_unpacklo_epi16(l1[2 * i], l1[2 * i + 1]);
+    p2[i][1] = _mm_unpackhi_epi16(l1[2 * i], l1[2 * i + 1]);
+    p2[i][2] = _mm_unpacklo_epi16(h1[2 * i], h1[2 * i + 1]);
+    p2[i][3] = _mm_unpackhi_epi16(h1[2 * i], h1[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i)  // 64-bit element e of p3[i][k]: rows 8i .. 8i+7 of column 2k + e
+    for (int g = 0; g < 4; ++g) {
+      p3[i][2 * g] = _mm_unpacklo_epi32(p2[2 * i][g], p2[2 * i + 1][g]);
+      p3[i][2 * g + 1] = _mm_unpackhi_epi32(p2[2 * i][g], p2[2 * i + 1][g]);
+    }
+  for (int k = 0; k < 8; ++k) {  // column 2k and 2k + 1: all 16 rows
+    a[2 * k] = _mm_unpacklo_epi64(p3[0][k], p3[1][k]);
+    a[2 * k + 1] = _mm_unpackhi_epi64(p3[0][k], p3[1][k]);
+  }
+}
+
+// One image row of an NCHW input quantized into NHWC bytes: out[p * c + ch] = round_half_even(x[ch * plane + p] *
+// inv) + 128 for p < w, ch < c (c a multiple of 16; x at the row's first value of channel 0; inv as quantize_span's):
+// 16 channels x 16 pixels at a time, each channel's 16 values quantized to bytes, then the 16 x 16 bytes transposed.
+void quantize_row_nchw(const void* x, int dtype, int64_t c, int64_t plane, int64_t w, float inv, uint8_t* out) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  for (int64_t p0 = 0; p0 < w; p0 += 16) {
+    const int np = static_cast<int>(w - p0 < 16 ? w - p0 : 16);
+    const __mmask16 m = np == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << np) - 1);
+    for (int64_t c0 = 0; c0 < c; c0 += 16) {
+      __m128i a[16];
+      for (int i = 0; i < 16; ++i)
+        a[i] = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(
+            _mm512_mul_ps(load16_masked(x, dtype, (c0 + i) * plane + p0, m), vinv),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      transpose16_bytes(a);
+      for (int j = 0; j < np; ++j)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (p0 + j) * c + c0), _mm_xor_si128(a[j], flip));
+    }
+  }
+}
+
 // accel's rule from a row's absmax: (scale, inv); a row holding NaN/inf gets (NaN, 0)
 inline void row_scale(float absmax, bool finite, float qmax, float* scale, float* inv) {
   if (!finite) {
@@ -396,18 +451,21 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
   return 0;
 }
 
-// accel_quantize_rows for the images of a conv: x [n, h, w, c] (NHWC, contiguous) quantized per image (one row of
-// h * w * c values each: the same integers and scales) straight into up [n, h + 2 ph, w + 2 pw, c], the padding the
-// zero point 128: no padded copy of a quantized image. Returns 0, or a code for refused arguments.
-extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n, int64_t h, int64_t w, int64_t c,
-                                            int qmax, uint8_t* up, int64_t ph, int64_t pw, float* scale,
+// accel_quantize_rows for the images of a conv: x [n, h, w, c] (NHWC, contiguous), or with nchw x [n, c, h, w] (NCHW,
+// contiguous, c a multiple of 16), quantized per image (one row of h * w * c values each: the same integers and
+// scales) straight into up [n, h + 2 ph, w + 2 pw, c] (NHWC), the padding the zero point 128: no padded copy of a
+// quantized image, and no NHWC copy of an NCHW input. Returns 0, or a code for refused arguments.
+extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, int64_t n, int64_t h, int64_t w,
+                                            int64_t c, int qmax, uint8_t* up, int64_t ph, int64_t pw, float* scale,
                                             int nthreads) {
   if (dtype < 0 || dtype > 2 || n < 0 || h < 0 || w < 0 || c < 0 || ph < 0 || pw < 0 || qmax < 1 || qmax > 127 ||
-      nthreads < 1)
+      nthreads < 1 || (nchw && c % 16 != 0))
     return 1;
   const int64_t elem = dtype == 0 ? 4 : 2, row = w * c, hp = h + 2 * ph, prow = (w + 2 * pw) * c;
   const float q = static_cast<float>(qmax);
-  Pieces pc(n * h, n);  // (an image's pieces: its rows)
+  // an image's maximum from pieces of it: its rows (NHWC) or its channel planes (NCHW), plen values each
+  const int64_t per = nchw ? c : h, plen = nchw ? h * w : row;
+  Pieces pc(n * per, n);
   if (!pc.ok()) return 3;
   const char* xb = static_cast<const char*>(x);
   auto put_row = [&](int64_t j) {  // padded row j
@@ -418,7 +476,10 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n,
       return;
     }
     std::memset(ur, 128, pw * c);
-    quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
+    if (nchw)
+      quantize_row_nchw(xb + (b * c * h + r) * w * elem, dtype, c, h * w, w, pc.inv[b], ur + pw * c);
+    else
+      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
     std::memset(ur + pw * c + row, 128, pw * c);
   };
   // Whole images per thread when a thread's share of the input outgrows its L2 (the per-row passes would then read it
@@ -429,8 +490,9 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n,
   if (n >= nthreads && share > (l2 > 0 ? l2 : int64_t{1} << 20) / 2) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * h * row >= 65536)
     for (int64_t b = 0; b < n; ++b) {
-      for (int64_t j = b * h; j < (b + 1) * h; ++j) pc.finite[j] = span_absmax(xb + j * row * elem, dtype, 0, row, &pc.max[j]);
-      pc.settle(b, h, q, scale);
+      for (int64_t j = b * per; j < (b + 1) * per; ++j)
+        pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
+      pc.settle(b, per, q, scale);
       for (int64_t j = b * hp; j < (b + 1) * hp; ++j) put_row(j);
     }
     return 0;
@@ -438,9 +500,9 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int64_t n,
 #pragma omp parallel num_threads(nthreads) if (n * h * row >= 65536)
   {  // (fewer images than threads: each image's rows spread over the threads)
 #pragma omp for schedule(static)
-    for (int64_t j = 0; j < n * h; ++j) pc.finite[j] = span_absmax(xb + j * row * elem, dtype, 0, row, &pc.max[j]);
+    for (int64_t j = 0; j < n * per; ++j) pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) pc.settle(b, h, q, scale);
+    for (int64_t b = 0; b < n; ++b) pc.settle(b, per, q, scale);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * hp; ++j) put_row(j);
   }

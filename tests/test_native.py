@@ -649,6 +649,32 @@ def test_amx_tiles_int8_conv_needs_whole_channel_blocks():
 
 
 @pytest.mark.skipif(not native.scan_available(), reason="no native float library here")
+def test_nchw_copy_of_channels_last_outputs():
+    """The native NHWC -> NCHW copy gives Tensor.contiguous's bits for odd sizes (pixel and channel tails, NaN/inf);
+    small tensors and other layouts are not its; as_conv_output takes it for a large fp32 output without autograd
+    history, and keeps PyTorch's copy (and the gradient) for one with."""
+    from accel.ops._dispatch import as_conv_output
+
+    for shape in ((2, 40, 30, 30), (1, 17, 61, 67), (3, 16, 1500, 1), (1, 300, 15, 15)):
+        y = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+        y[0, -1, -1, -1], y[-1, 0, 0, 0] = float("nan"), float("-inf")
+        z = native.to_nchw(y)
+        assert z.is_contiguous() and torch.equal(z.view(torch.int32), y.contiguous().view(torch.int32)), shape
+    assert native.to_nchw(torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)) is None
+    with pytest.raises(ValueError, match="to_nchw"):
+        native.to_nchw(torch.randn(2, 40, 30, 30))
+    x = torch.randn(2, 8, 30, 30)  # an NCHW input: an NCHW output
+    y = torch.randn(2, 40, 30, 30).contiguous(memory_format=torch.channels_last)
+    out = as_conv_output(y, x)
+    assert out.is_contiguous() and torch.equal(out, y)
+    yg = y.clone().requires_grad_()
+    out = as_conv_output(yg * 2, x)
+    assert out.is_contiguous() and out.grad_fn is not None
+    out.sum().backward()
+    assert torch.equal(yg.grad, torch.full_like(y, 2.0))
+
+
+@pytest.mark.skipif(not native.scan_available(), reason="no native float library here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nonfinite_scan_and_rows_like_dense(dtype):
     """The scan finds a NaN/inf anywhere (vector body and tail, first and last row) and nothing in finite extremes;

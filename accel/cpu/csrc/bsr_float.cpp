@@ -291,3 +291,58 @@ extern "C" int accel_pad_nhwc(const void* x, int bf16, int64_t n, int64_t h, int
   }
   return found;
 }
+
+namespace {
+
+// Rows r[0..16) of 16 fp32 transposed in place (r[i][j] <-> r[j][i]): pairs, quads, then two rounds of 128-bit lanes.
+inline void transpose16_ps(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+}  // namespace
+
+// y [n, c, hw] (NCHW, contiguous) = x [n, hw, c] (NHWC, contiguous), fp32: 16 pixels x 16 channels at a time, loaded
+// as rows of pixels, transposed in registers and stored as rows of channels (masked at the edges). A channels_last
+// conv output returned to an NCHW caller without PyTorch's strided copy.
+extern "C" int accel_nhwc_to_nchw(const float* x, int64_t n, int64_t hw, int64_t c, float* y, int nthreads) {
+  if (n < 0 || hw < 0 || c < 0 || nthreads < 1) return 1;
+  const int64_t pb = (hw + 15) / 16, cb = (c + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n * hw * c >= (1 << 16))
+  for (int64_t it = 0; it < n * pb; ++it) {
+    const int64_t b = it / pb, p0 = (it % pb) * 16;
+    const int np = static_cast<int>(hw - p0 < 16 ? hw - p0 : 16);
+    const __mmask16 pm = np == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << np) - 1);
+    const float* xs = x + (b * hw + p0) * c;
+    float* ys = y + b * c * hw + p0;
+    for (int64_t k = 0; k < cb; ++k) {
+      const int64_t c0 = k * 16;
+      const int nc = static_cast<int>(c - c0 < 16 ? c - c0 : 16);
+      const __mmask16 cm = nc == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = i < np ? _mm512_maskz_loadu_ps(cm, xs + i * c + c0) : _mm512_setzero_ps();
+      transpose16_ps(r);
+      for (int j = 0; j < nc; ++j) _mm512_mask_storeu_ps(ys + (c0 + j) * hw, pm, r[j]);
+    }
+  }
+  return 0;
+}

@@ -650,16 +650,18 @@ def test_amx_tiles_int8_conv_needs_whole_channel_blocks():
 
 @pytest.mark.skipif(not native.scan_available(), reason="no native float library here")
 def test_nchw_copy_of_channels_last_outputs():
-    """The native NHWC -> NCHW copy gives Tensor.contiguous's bits for odd sizes (pixel and channel tails, NaN/inf);
-    small tensors and other layouts are not its; as_conv_output takes it for a large fp32 output without autograd
-    history, and keeps PyTorch's copy (and the gradient) for one with."""
+    """The native NHWC -> NCHW copy gives Tensor.contiguous's bits (fp32, bf16, fp16) for odd sizes (pixel and channel
+    tails, NaN/inf); small tensors and other layouts are not its; as_conv_output takes it for a large output without
+    autograd history, and keeps PyTorch's copy (and the gradient) for one with."""
     from accel.ops._dispatch import as_conv_output
 
     for shape in ((2, 40, 30, 30), (1, 17, 61, 67), (3, 16, 1500, 1), (1, 300, 15, 15)):
-        y = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
-        y[0, -1, -1, -1], y[-1, 0, 0, 0] = float("nan"), float("-inf")
-        z = native.to_nchw(y)
-        assert z.is_contiguous() and torch.equal(z.view(torch.int32), y.contiguous().view(torch.int32)), shape
+        for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
+            y = torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
+            y[0, -1, -1, -1], y[-1, 0, 0, 0] = float("nan"), float("-inf")
+            z = native.to_nchw(y)
+            assert z.dtype == dtype and z.is_contiguous(), (shape, dtype)
+            assert torch.equal(z.view(bits), y.contiguous().view(bits)), (shape, dtype)
     assert native.to_nchw(torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)) is None
     with pytest.raises(ValueError, match="to_nchw"):
         native.to_nchw(torch.randn(2, 40, 30, 30))

@@ -137,18 +137,20 @@ NCHW_COPY_MIN = 1 << 16
 
 
 def to_nchw(y: torch.Tensor) -> torch.Tensor | None:
-    """A channels_last fp32 CPU tensor ``y [N, C, H, W]`` copied to contiguous NCHW by the native transposing copy
-    (16 x 16 blocks in registers; PyTorch's strided copy is about 3x slower on a 6 MB conv output), or None where
-    that kernel is not available here or ``y`` is small (the caller copies with ``Tensor.contiguous``)."""
-    if not (y.dtype == torch.float32 and y.dim() == 4 and y.device.type == "cpu" and
+    """A channels_last CPU tensor ``y [N, C, H, W]`` (fp32, bf16 or fp16) copied to contiguous NCHW by the native
+    transposing copy (16 x 16 blocks in registers; PyTorch's strided copy is about 3x slower on a 6 MB fp32 conv
+    output), or None where that kernel is not available here or ``y`` is small (the caller copies with
+    ``Tensor.contiguous``)."""
+    if not (y.dtype in _DTYPES and y.dim() == 4 and y.device.type == "cpu" and
             y.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError(f"to_nchw: y {y.dtype} {tuple(y.shape)} strides {y.stride()} on {y.device}: expected a "
-                         f"channels_last fp32 [N, C, H, W] CPU tensor")
+                         f"channels_last fp32/bf16/fp16 [N, C, H, W] CPU tensor")
     if y.numel() < NCHW_COPY_MIN or not scan_available():
         return None
     n, c, h, w = y.shape
-    out = torch.empty(n, c, h, w, dtype=torch.float32)
-    rc = _lib("bsr_float").accel_nhwc_to_nchw(y.data_ptr(), n, h * w, c, out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(n, c, h, w, dtype=y.dtype)
+    rc = _lib("bsr_float").accel_nhwc_to_nchw(y.data_ptr(), int(y.dtype != torch.float32), n, h * w, c,
+                                              out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the NHWC -> NCHW copy refused its arguments (code {rc})")
     return out
@@ -315,7 +317,7 @@ def _load(name: str, path: str):
         lib.accel_pad_nhwc.restype = i32
         lib.accel_pad_nhwc.argtypes = [p, i32] + [i64] * 6 + [p, i32]
         lib.accel_nhwc_to_nchw.restype = i32
-        lib.accel_nhwc_to_nchw.argtypes = [p, i64, i64, i64, p, i32]
+        lib.accel_nhwc_to_nchw.argtypes = [p, i32, i64, i64, i64, p, i32]
         return lib
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]

@@ -60,15 +60,19 @@ def conv_out_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_NCHW_COPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # (accel.cpu.native.to_nchw)
+
+
 def as_conv_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y`` in :func:`conv_out_format` of ``x`` (a copy only when the engine produced the other layout; a large
-    channels_last fp32 CPU output without autograd history goes to NCHW by accel's native transposing copy)."""
+    channels_last fp32/bf16/fp16 CPU output without autograd history goes to NCHW by accel's native transposing
+    copy)."""
     fmt = conv_out_format(x)
     if y.numel() == 0 and y.dim() == 4:  # (an empty tensor counts as contiguous in every format: give it the strides
         return y.as_strided(y.shape, torch.empty(y.shape, memory_format=fmt, device="meta").stride())  # nn.Conv2d's)
     if y.is_contiguous(memory_format=fmt):
         return y
-    if (fmt == torch.contiguous_format and y.device.type == "cpu" and y.dtype == torch.float32 and y.dim() == 4 and
+    if (fmt == torch.contiguous_format and y.device.type == "cpu" and y.dtype in _NCHW_COPY_DTYPES and y.dim() == 4 and
             not y.requires_grad and y.is_contiguous(memory_format=torch.channels_last)):
         from ..cpu import native
 

@@ -321,10 +321,11 @@ inline void transpose16_ps(__m512* r) {
 
 }  // namespace
 
-// y [n, c, hw] (NCHW, contiguous) = x [n, hw, c] (NHWC, contiguous), fp32: 16 pixels x 16 channels at a time, loaded
-// as rows of pixels, transposed in registers and stored as rows of channels (masked at the edges). A channels_last
-// conv output returned to an NCHW caller without PyTorch's strided copy.
-extern "C" int accel_nhwc_to_nchw(const float* x, int64_t n, int64_t hw, int64_t c, float* y, int nthreads) {
+// y [n, c, hw] (NCHW, contiguous) = x [n, hw, c] (NHWC, contiguous), 32-bit values, or 16-bit ones (bf16, fp16) with
+// half = 1 (widened to 32-bit lanes for the transpose: the bits are only moved): 16 pixels x 16 channels at a time,
+// loaded as rows of pixels, transposed in registers and stored as rows of channels (masked at the edges). A
+// channels_last conv output returned to an NCHW caller without PyTorch's strided copy.
+extern "C" int accel_nhwc_to_nchw(const void* x, int half, int64_t n, int64_t hw, int64_t c, void* y, int nthreads) {
   if (n < 0 || hw < 0 || c < 0 || nthreads < 1) return 1;
   const int64_t pb = (hw + 15) / 16, cb = (c + 15) / 16;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * hw * c >= (1 << 16))
@@ -332,16 +333,29 @@ extern "C" int accel_nhwc_to_nchw(const float* x, int64_t n, int64_t hw, int64_t
     const int64_t b = it / pb, p0 = (it % pb) * 16;
     const int np = static_cast<int>(hw - p0 < 16 ? hw - p0 : 16);
     const __mmask16 pm = np == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << np) - 1);
-    const float* xs = x + (b * hw + p0) * c;
-    float* ys = y + b * c * hw + p0;
+    const int64_t src = (b * hw + p0) * c, dst = b * c * hw + p0;  // (in values)
     for (int64_t k = 0; k < cb; ++k) {
       const int64_t c0 = k * 16;
       const int nc = static_cast<int>(c - c0 < 16 ? c - c0 : 16);
       const __mmask16 cm = nc == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = i < np ? _mm512_maskz_loadu_ps(cm, xs + i * c + c0) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; ++i) {
+        if (i >= np)
+          r[i] = _mm512_setzero_ps();
+        else if (half)
+          r[i] = _mm512_castsi512_ps(_mm512_cvtepu16_epi32(
+              _mm256_maskz_loadu_epi16(cm, static_cast<const uint16_t*>(x) + src + i * c + c0)));
+        else
+          r[i] = _mm512_maskz_loadu_ps(cm, static_cast<const float*>(x) + src + i * c + c0);
+      }
       transpose16_ps(r);
-      for (int j = 0; j < nc; ++j) _mm512_mask_storeu_ps(ys + (c0 + j) * hw, pm, r[j]);
+      for (int j = 0; j < nc; ++j) {
+        if (half)
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + dst + (c0 + j) * hw, pm,
+                                   _mm512_cvtepi32_epi16(_mm512_castps_si512(r[j])));
+        else
+          _mm512_mask_storeu_ps(static_cast<float*>(y) + dst + (c0 + j) * hw, pm, r[j]);
+      }
     }
   }
   return 0;

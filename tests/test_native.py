@@ -651,8 +651,9 @@ def test_amx_tiles_int8_conv_needs_whole_channel_blocks():
 @pytest.mark.skipif(not native.scan_available(), reason="no native float library here")
 def test_nchw_copy_of_channels_last_outputs():
     """The native NHWC -> NCHW copy gives Tensor.contiguous's bits (fp32, bf16, fp16) for odd sizes (pixel and channel
-    tails, NaN/inf); small tensors and other layouts are not its; as_conv_output takes it for a large output without
-    autograd history, and keeps PyTorch's copy (and the gradient) for one with."""
+    tails, NaN/inf); small tensors and other layouts are not its; as_conv_output takes it for a large plain output in
+    an eager call, and keeps PyTorch's copy for one with autograd history (the gradient), under tracing (the traced
+    function's values), forward-mode AD (the tangent) and for a subclass (its type)."""
     from accel.ops._dispatch import as_conv_output
 
     for shape in ((2, 40, 30, 30), (1, 17, 61, 67), (3, 16, 1500, 1), (1, 300, 15, 15)):
@@ -674,6 +675,23 @@ def test_nchw_copy_of_channels_last_outputs():
     assert out.is_contiguous() and out.grad_fn is not None
     out.sum().backward()
     assert torch.equal(yg.grad, torch.full_like(y, 2.0))
+    # not under tracing (the trace would keep the empty output, not the native write), forward-mode AD or a subclass
+    y2 = torch.randn_like(y)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda v: as_conv_output(v * 1.0, x), (y,), check_trace=False)
+    assert torch.equal(traced(y2), y2.contiguous())
+    import torch.autograd.forward_ad as fwad
+
+    with torch.no_grad(), fwad.dual_level():
+        out = as_conv_output(fwad.make_dual(y, torch.ones_like(y)), x)
+        tangent = fwad.unpack_dual(out).tangent
+        assert tangent is not None and torch.equal(tangent, torch.ones(y.shape)) and torch.equal(out, y)
+
+    class Sub(torch.Tensor):
+        pass
+
+    out = as_conv_output(y.as_subclass(Sub), x)
+    assert type(out) is Sub and out.is_contiguous() and torch.equal(out.as_subclass(torch.Tensor), y)
 
 
 @pytest.mark.skipif(not native.scan_available(), reason="no native float library here")

@@ -491,13 +491,15 @@ def quantize_images_padded(x: torch.Tensor, qmax: int, padding) -> tuple[torch.T
     contiguous NCHW with C a multiple of 16: read in place, no NHWC copy), one row per image, written straight into
     the padded ``up [N, H + 2 ph, W + 2 pw, C]`` uint8 (NHWC; a reused buffer, the caller's until its next call) whose
     padding is the zero point 128: ``(up, scale [N])``, the same integers and scales as the rows'."""
-    ph, pw = (int(v) for v in padding)
+    pad = tuple(padding) if isinstance(padding, (tuple, list)) else ()
+    ph, pw = (int(v) for v in pad) if len(pad) == 2 and all(isinstance(v, int) for v in pad) else (-1, -1)
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     if not (x.dtype in _DTYPES and x.dim() == 4 and (cl or (x.is_contiguous() and x.shape[1] % 16 == 0)) and
-            x.device.type == "cpu" and ph >= 0 and pw >= 0 and isinstance(qmax, int) and 1 <= qmax <= 127):
+            x.device.type == "cpu" and ph >= 0 and pw >= 0 and type(qmax) is int and 1 <= qmax <= 127):
         raise ValueError(f"quantize_images_padded: x {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}, "
                          f"qmax {qmax}, padding {padding}: expected fp32/bf16/fp16 [N, C, H, W] on the CPU, "
-                         f"channels_last or contiguous with C a multiple of 16, padding >= 0, 1 <= qmax <= 127")
+                         f"channels_last or contiguous with C a multiple of 16, padding a pair of ints >= 0, "
+                         f"1 <= qmax <= 127")
     n, c, h, w = x.shape
     up = scratch("native.up8", n * (h + 2 * ph) * (w + 2 * pw) * c, torch.uint8).view(n, h + 2 * ph, w + 2 * pw, c)
     scale = torch.empty(n, dtype=torch.float32)

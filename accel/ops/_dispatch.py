@@ -65,18 +65,27 @@ _NCHW_COPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # (accel.cpu
 
 def as_conv_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y`` in :func:`conv_out_format` of ``x`` (a copy only when the engine produced the other layout; a large
-    channels_last fp32/bf16/fp16 CPU output without autograd history goes to NCHW by accel's native transposing
-    copy)."""
+    channels_last fp32/bf16/fp16 CPU output in a plain eager call (:func:`_plain_eager`) goes to NCHW by accel's
+    native transposing copy)."""
     fmt = conv_out_format(x)
     if y.numel() == 0 and y.dim() == 4:  # (an empty tensor counts as contiguous in every format: give it the strides
         return y.as_strided(y.shape, torch.empty(y.shape, memory_format=fmt, device="meta").stride())  # nn.Conv2d's)
     if y.is_contiguous(memory_format=fmt):
         return y
-    if (fmt == torch.contiguous_format and y.device.type == "cpu" and y.dtype in _NCHW_COPY_DTYPES and y.dim() == 4 and
-            not y.requires_grad and y.is_contiguous(memory_format=torch.channels_last)):
+    if (fmt == torch.contiguous_format and _plain_eager(y) and y.device.type == "cpu" and y.dtype in _NCHW_COPY_DTYPES
+            and y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)):
         from ..cpu import native
 
         out = native.to_nchw(y)
         if out is not None:
             return out
     return y.contiguous(memory_format=fmt)
+
+
+def _plain_eager(y: torch.Tensor) -> bool:
+    """Whether ``y`` is a plain tensor in a plain eager call, so a native kernel may write a copy of it through raw
+    pointers: no autograd history or forward-mode tangent, no tracing or compiling (which would record the empty
+    output and not the write), no functorch wrapper or tensor subclass."""
+    return (type(y) is torch.Tensor and not y.requires_grad and not torch.jit.is_tracing() and
+            not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level < 0 and
+            not torch._C._functorch.is_functorch_wrapped_tensor(y))

@@ -482,9 +482,10 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
       quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
     std::memset(ur + pw * c + row, 128, pw * c);
   };
-  // Whole images per thread when a thread's share of the input outgrows its L2 (the per-row passes would then read it
-  // twice from L3 or memory): an image's bytes right after its maximum, while the image is in L2. Smaller inputs
-  // take the row passes (two streams in parallel, the second pass from L2).
+  // Whole images per thread when a thread's share of the input outgrows half its L2 (the two passes below would then
+  // read it twice from L3 or memory): an image's bytes right after its maximum, while the image is in L2. Smaller
+  // inputs, and fewer images than threads, take the two passes over pieces (rows or channel planes) spread over the
+  // threads (two streams in parallel, the second pass mostly from L2).
   const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
   const int64_t share = (n + nthreads - 1) / nthreads * h * row * elem;
   if (n >= nthreads && share > (l2 > 0 ? l2 : int64_t{1} << 20) / 2) {
@@ -498,7 +499,7 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
     return 0;
   }
 #pragma omp parallel num_threads(nthreads) if (n * h * row >= 65536)
-  {  // (fewer images than threads: each image's rows spread over the threads)
+  {
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * per; ++j) pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
 #pragma omp for schedule(static)

@@ -471,8 +471,11 @@ def _linear_tiles(x, w_q, w_scale, bias, activation, static_scale, qmax, amx: bo
     """The ``amx_tiles`` / ``vnni_tiles`` engines: accel's native int8 block kernel (on AMX tiles, or VNNI) with the
     weight as dense 64 x 64 blocks (the same integers and the other engines' epilogue, ``fma(acc * w_scale, x_scale,
     bias)`` in fp32, then ``x``'s dtype)."""
-    if static_scale is None:
-        return tiles_linear_runner(w_q, w_scale, bias, activation, qmax, x.dtype, amx)(x)
+    if static_scale is None:  # (the runner, its operands checked and converted, once per weight state)
+        run = _cached("int8.tiles_runner", (w_q, w_scale) + (() if bias is None else (bias,)),
+                      (activation, qmax, x.dtype, amx), lambda: tiles_linear_runner(w_q, w_scale, bias, activation,
+                                                                                    qmax, x.dtype, amx))
+        return run(x)
     n, k = w_q.shape
     width = -(-k // TILES_BLOCK) * TILES_BLOCK
     u, scale = _rows_uint8(x if x.stride(-1) == 1 else x.contiguous(), qmax, static_scale, width, spread=True)

@@ -825,8 +825,9 @@ def conv2d_int8_cpu(
 
 def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax) -> torch.Tensor:
     """The ``amx_tiles`` conv engine: accel's native AMX int8 implicit GEMM (``accel.cpu.native``) over the input
-    quantized per image straight into a buffer padded with the zero point (one native pass reading a channels_last or
-    an NCHW input in place; static scales through the eager steps, an NHWC copy and a padded copy)."""
+    quantized per image (or with one fp32 static scale) straight into a buffer padded with the zero point (one native
+    pass reading a channels_last or an NCHW input in place; other layouts and static scales through the eager steps,
+    an NHWC copy and a padded copy)."""
     b, c, h, w = x.shape
     o, _, kh, kw = w_q.shape
     (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
@@ -834,8 +835,10 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
     bs = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
     packed = cached_tensor(f"int8.amx_conv_blocks{bs}", w_q,
                            lambda: native.pack(*_dense_blocks(w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bs)))
-    if static_scale is None and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
-        u, scale = native.quantize_images_padded(x, qmax, (ph, pw))  # (straight into the padded NHWC buffer)
+    native_static = static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1 and
+                                             static_scale.device.type == "cpu")
+    if native_static and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
+        u, scale = native.quantize_images_padded(x, qmax, (ph, pw), static_scale)  # (into the padded NHWC buffer)
     else:
         xn = x.permute(0, 2, 3, 1)
         if not xn.is_contiguous():

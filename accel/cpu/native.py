@@ -322,7 +322,8 @@ def _load(name: str, path: str):
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
     lib.accel_quantize_images_padded.restype = i32
-    lib.accel_quantize_images_padded.argtypes = [p, i32, i32, i64, i64, i64, i64, i32, p, i64, i64, p, i32]
+    lib.accel_quantize_images_padded.argtypes = [p, i32, i32, i64, i64, i64, i64, i32, i32, ctypes.c_float, p, i64,
+                                                 i64, p, i32]
     lib.accel_int8_bsr_vnni.restype = i32
     lib.accel_int8_bsr_vnni.argtypes = [p, i32, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32, i32]
     lib.accel_amx_init.restype = i32
@@ -486,25 +487,32 @@ def quantize_rows(x: torch.Tensor, qmax: int, width: int, spread: bool = False) 
     return _quantize(_lib(), x, qmax, width, u)
 
 
-def quantize_images_padded(x: torch.Tensor, qmax: int, padding) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_images_padded(x: torch.Tensor, qmax: int, padding,
+                           static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows` for the images of a conv input ``x [N, C, H, W]`` (fp32, bf16 or fp16; channels_last, or
     contiguous NCHW with C a multiple of 16: read in place, no NHWC copy), one row per image, written straight into
     the padded ``up [N, H + 2 ph, W + 2 pw, C]`` uint8 (NHWC; a reused buffer, the caller's until its next call) whose
-    padding is the zero point 128: ``(up, scale [N])``, the same integers and scales as the rows'."""
+    padding is the zero point 128: ``(up, scale [N])``, the same integers and scales as the rows'. ``static_scale``
+    (one fp32 value): accel's static rule instead (``accel.cpu.int8.scale_inv``, values saturating at +-qmax)."""
     pad = tuple(padding) if isinstance(padding, (tuple, list)) else ()
     ph, pw = (int(v) for v in pad) if len(pad) == 2 and all(isinstance(v, int) for v in pad) else (-1, -1)
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     if not (x.dtype in _DTYPES and x.dim() == 4 and (cl or (x.is_contiguous() and x.shape[1] % 16 == 0)) and
-            x.device.type == "cpu" and ph >= 0 and pw >= 0 and type(qmax) is int and 1 <= qmax <= 127):
+            x.device.type == "cpu" and ph >= 0 and pw >= 0 and type(qmax) is int and 1 <= qmax <= 127 and
+            (static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1))):
         raise ValueError(f"quantize_images_padded: x {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}, "
-                         f"qmax {qmax}, padding {padding}: expected fp32/bf16/fp16 [N, C, H, W] on the CPU, "
+                         f"qmax {qmax}, padding {padding}, static scale "
+                         f"{None if static_scale is None else (static_scale.dtype, tuple(static_scale.shape))}: "
+                         f"expected fp32/bf16/fp16 [N, C, H, W] on the CPU, one fp32 static scale or none, "
                          f"channels_last or contiguous with C a multiple of 16, padding a pair of ints >= 0, "
                          f"1 <= qmax <= 127")
     n, c, h, w = x.shape
     up = scratch("native.up8", n * (h + 2 * ph) * (w + 2 * pw) * c, torch.uint8).view(n, h + 2 * ph, w + 2 * pw, c)
     scale = torch.empty(n, dtype=torch.float32)
+    s = 0.0 if static_scale is None else float(static_scale.reshape(()))
     rc = _lib().accel_quantize_images_padded(x.data_ptr(), _DTYPES[x.dtype], int(not cl), n, h, w, c, qmax,
-                                             up.data_ptr(), ph, pw, scale.data_ptr(), torch.get_num_threads())
+                                             int(static_scale is not None), s, up.data_ptr(), ph, pw, scale.data_ptr(),
+                                             torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
     return up, scale

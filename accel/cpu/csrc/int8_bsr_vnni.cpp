@@ -22,6 +22,7 @@
 // replaces (accel.cpu.int8_bsr.epilogue: a mul, then torch.addcmul's fused multiply-add).
 #include <immintrin.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -94,28 +95,36 @@ bool span_absmax(const void* x, int dtype, int64_t lo, int64_t hi, float* absmax
   return m < 0x7C00u;
 }
 
-// u[i] = round_half_even(x[i] * inv) + 128 for i in [lo, hi), with a finite row's inv (row_scale: |x * inv| <=
-// qmax * (1 + 2^-23), so every integer lies in [-qmax, qmax]): 64 values per step, their int32 integers narrowed by
-// two saturating packs (exact in this range) and put back in order by one permutation; + 128 as the sign bit flipped.
-void quantize_span(const void* x, int dtype, int64_t lo, int64_t hi, float inv, uint8_t* u) {
-  const __m512 vinv = _mm512_set1_ps(inv);
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+// x * inv clamped to [-lim, lim] (lim = qmax: a static scale saturates; a dynamic row's values lie within qmax * (1 +
+// 2^-23), where the clamp changes no rounded integer), then rounded half to even: accel's rule in either case
+inline __m512i scaled_int(__m512 x, __m512 vinv, __m512 vlim) {
+  const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, vinv), _mm512_sub_ps(_mm512_setzero_ps(), vlim)), vlim);
+  return _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// u[i] = round_half_even(clamp(x[i] * inv, -lim, lim)) + 128 for i in [lo, hi), with a finite row's inv (so every
+// integer lies in [-lim, lim], lim <= 127): 64 values per step, their int32 integers narrowed by two saturating packs
+// (exact in this range) and put back in order by one permutation; + 128 as the sign bit flipped.
+void quantize_span(const void* x, int dtype, int64_t lo, int64_t hi, float inv, float lim, uint8_t* u) {
+  const __m512 vinv = _mm512_set1_ps(inv), vlim = _mm512_set1_ps(lim);
   // the packs leave 4-byte groups ordered (128-bit lane l, vector j) as 4l + j; output group 4j + l
   const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   int64_t i = lo;
   for (; i + 64 <= hi; i += 64) {
     __m512i q[4];
-    for (int j = 0; j < 4; ++j) q[j] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(x, dtype, i + 16 * j), vinv), kRound);
+    for (int j = 0; j < 4; ++j) q[j] = scaled_int(load16(x, dtype, i + 16 * j), vinv, vlim);
     const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
     _mm512_storeu_si512(u + i, _mm512_xor_si512(_mm512_permutexvar_epi32(order, bytes), flip));
   }
   const __m512i zp = _mm512_set1_epi32(128);
   for (; i + 16 <= hi; i += 16) {
-    const __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(x, dtype, i), vinv), kRound);
+    const __m512i v = scaled_int(load16(x, dtype, i), vinv, vlim);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), _mm512_cvtepi32_epi8(_mm512_add_epi32(v, zp)));
   }
-  for (; i < hi; ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(load1(x, dtype, i) * inv)) + 128);
+  for (; i < hi; ++i)
+    u[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(std::fmin(std::fmax(load1(x, dtype, i) * inv, -lim),
+                                                                              lim))) + 128);
 }
 
 // load16 of lanes m only (the others 0)
@@ -151,11 +160,13 @@ inline void transpose16_bytes(__m128i* a) {
   }
 }
 
-// One image row of an NCHW input quantized into NHWC bytes: out[p * c + ch] = round_half_even(x[ch * plane + p] *
-// inv) + 128 for p < w, ch < c (c a multiple of 16; x at the row's first value of channel 0; inv as quantize_span's):
-// 16 channels x 16 pixels at a time, each channel's 16 values quantized to bytes, then the 16 x 16 bytes transposed.
-void quantize_row_nchw(const void* x, int dtype, int64_t c, int64_t plane, int64_t w, float inv, uint8_t* out) {
-  const __m512 vinv = _mm512_set1_ps(inv);
+// One image row of an NCHW input quantized into NHWC bytes: out[p * c + ch] = round_half_even(clamp(x[ch * plane + p]
+// * inv, -lim, lim)) + 128 for p < w, ch < c (c a multiple of 16; x at the row's first value of channel 0; inv and lim
+// as quantize_span's): 16 channels x 16 pixels at a time, each channel's 16 values quantized to bytes, then the 16 x
+// 16 bytes transposed.
+void quantize_row_nchw(const void* x, int dtype, int64_t c, int64_t plane, int64_t w, float inv, float lim,
+                       uint8_t* out) {
+  const __m512 vinv = _mm512_set1_ps(inv), vlim = _mm512_set1_ps(lim);
   const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
   for (int64_t p0 = 0; p0 < w; p0 += 16) {
     const int np = static_cast<int>(w - p0 < 16 ? w - p0 : 16);
@@ -163,9 +174,7 @@ void quantize_row_nchw(const void* x, int dtype, int64_t c, int64_t plane, int64
     for (int64_t c0 = 0; c0 < c; c0 += 16) {
       __m128i a[16];
       for (int i = 0; i < 16; ++i)
-        a[i] = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(
-            _mm512_mul_ps(load16_masked(x, dtype, (c0 + i) * plane + p0, m), vinv),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        a[i] = _mm512_cvtepi32_epi8(scaled_int(load16_masked(x, dtype, (c0 + i) * plane + p0, m), vinv, vlim));
       transpose16_bytes(a);
       for (int j = 0; j < np; ++j)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (p0 + j) * c + c0), _mm_xor_si128(a[j], flip));
@@ -198,7 +207,7 @@ void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, f
   if (scale[t] != scale[t])  // NaN: bytes 128
     std::memset(ut, 128, k);
   else
-    quantize_span(xt, dtype, 0, k, inv, ut);
+    quantize_span(xt, dtype, 0, k, inv, q, ut);
   if (width > k) std::memset(ut + k, 128, width - k);
 }
 
@@ -221,6 +230,15 @@ struct Pieces {
       fin = fin && finite[j];
     }
     row_scale(absmax, fin, q, scale + t, inv.get() + t);
+  }
+  // a static scale s instead (accel.cpu.int8.scale_inv): scale s and inv = 1 / s (inf -> 0, -inf -> -FLT_MAX, NaN ->
+  // 0) for a finite row, (NaN, 0) for a row holding NaN/inf
+  void settle_static(int64_t t, int64_t per, float s, float* scale) {
+    bool fin = true;
+    for (int64_t j = t * per; j < (t + 1) * per; ++j) fin = fin && finite[j];
+    const float r = 1.0f / s;
+    scale[t] = fin ? s : NAN;
+    inv[t] = !fin || r != r || r == INFINITY ? 0.0f : (r == -INFINITY ? -FLT_MAX : r);
   }
 };
 
@@ -444,7 +462,7 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
       if (scale[t] != scale[t])  // NaN: bytes 128
         std::memset(ut + lo, 128, hi - lo);
       else
-        quantize_span(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, pc.inv[t], ut);
+        quantize_span(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, pc.inv[t], q, ut);
       if (hi == k && width > k) std::memset(ut + k, 128, width - k);
     }
   }
@@ -454,10 +472,12 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
 // accel_quantize_rows for the images of a conv: x [n, h, w, c] (NHWC, contiguous), or with nchw x [n, c, h, w] (NCHW,
 // contiguous, c a multiple of 16), quantized per image (one row of h * w * c values each: the same integers and
 // scales) straight into up [n, h + 2 ph, w + 2 pw, c] (NHWC), the padding the zero point 128: no padded copy of a
-// quantized image, and no NHWC copy of an NCHW input. Returns 0, or a code for refused arguments.
+// quantized image, and no NHWC copy of an NCHW input. is_static: every image's scale static_scale instead (the
+// saturating static rule of accel.cpu.int8: inv = 1 / s, values clamped to +-qmax; an image holding NaN/inf scale NaN
+// and bytes 128 as in the dynamic rule). Returns 0, or a code for refused arguments.
 extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, int64_t n, int64_t h, int64_t w,
-                                            int64_t c, int qmax, uint8_t* up, int64_t ph, int64_t pw, float* scale,
-                                            int nthreads) {
+                                            int64_t c, int qmax, int is_static, float static_scale, uint8_t* up,
+                                            int64_t ph, int64_t pw, float* scale, int nthreads) {
   if (dtype < 0 || dtype > 2 || n < 0 || h < 0 || w < 0 || c < 0 || ph < 0 || pw < 0 || qmax < 1 || qmax > 127 ||
       nthreads < 1 || (nchw && c % 16 != 0))
     return 1;
@@ -468,6 +488,12 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
   Pieces pc(n * per, n);
   if (!pc.ok()) return 3;
   const char* xb = static_cast<const char*>(x);
+  auto settle = [&](int64_t b) {
+    if (is_static)
+      pc.settle_static(b, per, static_scale, scale);
+    else
+      pc.settle(b, per, q, scale);
+  };
   auto put_row = [&](int64_t j) {  // padded row j
     const int64_t b = j / hp, r = j % hp - ph;
     uint8_t* ur = up + j * prow;
@@ -477,9 +503,9 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
     }
     std::memset(ur, 128, pw * c);
     if (nchw)
-      quantize_row_nchw(xb + (b * c * h + r) * w * elem, dtype, c, h * w, w, pc.inv[b], ur + pw * c);
+      quantize_row_nchw(xb + (b * c * h + r) * w * elem, dtype, c, h * w, w, pc.inv[b], q, ur + pw * c);
     else
-      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], ur + pw * c);
+      quantize_span(xb + (b * h + r) * row * elem, dtype, 0, row, pc.inv[b], q, ur + pw * c);
     std::memset(ur + pw * c + row, 128, pw * c);
   };
   // Whole images per thread when a thread's share of the input outgrows half its L2 (the two passes below would then
@@ -493,7 +519,7 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
     for (int64_t b = 0; b < n; ++b) {
       for (int64_t j = b * per; j < (b + 1) * per; ++j)
         pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
-      pc.settle(b, per, q, scale);
+      settle(b);
       for (int64_t j = b * hp; j < (b + 1) * hp; ++j) put_row(j);
     }
     return 0;
@@ -503,7 +529,7 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * per; ++j) pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) pc.settle(b, per, q, scale);
+    for (int64_t b = 0; b < n; ++b) settle(b);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * hp; ++j) put_row(j);
   }

@@ -87,14 +87,16 @@ def test_images_quantized_into_their_padding_as_rows(dtype, threads):
                 assert up.shape == (n, h + 2 * ph, w + 2 * pw, c)
                 assert torch.equal(up, want), (n, h, w, c, ph, pw, layout.is_contiguous())
                 assert torch.equal(scale.nan_to_num(-1.0), want_scale.nan_to_num(-1.0))
-                for s, qmax in ((0.02, 127), (3e-3, 63), (0.0, 127)):  # static scales: x * 50 saturates at +-qmax
+                # static scales: x * 50 saturates at +-qmax; -0.0 is +0.0 in the rule (its poison + s)
+                for s, qmax in ((0.02, 127), (3e-3, 63), (0.0, 127), (-0.0, 127), (-0.02, 63)):
                     static = torch.tensor([s])
                     us, ss = cpu_int8._rows_uint8(x.reshape(n, h * w * c), qmax, static, h * w * c)  # (eager steps)
                     ws = F.pad(us.view(n, h, w, c).permute(0, 3, 1, 2), (pw, pw, ph, ph), value=128).permute(0, 2, 3, 1)
                     up, scale = native.quantize_images_padded(layout, qmax, (ph, pw), static)
                     ok = torch.isfinite(ss)  # (the eager bytes of an image holding NaN/inf are undefined; its scale NaN)
                     assert torch.equal(up[ok], ws[ok]), (n, h, w, c, s, qmax)
-                    assert torch.equal(scale.nan_to_num(-1.0), ss.float().nan_to_num(-1.0)) and bool((up[~ok] == 128).all())
+                    assert torch.equal(scale.nan_to_num(-1.0).view(torch.int32), ss.float().nan_to_num(-1.0).view(torch.int32))
+                    assert bool((up[~ok] == 128).all())
     finally:
         torch.set_num_threads(old)
     with pytest.raises(ValueError, match="quantize_images_padded"):  # NCHW with channels not in groups of 16

@@ -826,8 +826,8 @@ def conv2d_int8_cpu(
 def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax) -> torch.Tensor:
     """The ``amx_tiles`` conv engine: accel's native AMX int8 implicit GEMM (``accel.cpu.native``) over the input
     quantized per image (or with one fp32 static scale) straight into a buffer padded with the zero point (one native
-    pass reading a channels_last or an NCHW input in place; other layouts and static scales through the eager steps,
-    an NHWC copy and a padded copy)."""
+    pass reading a channels_last or an NCHW input in place; other layouts, and a static scale that is not one fp32
+    value on the CPU, through the eager steps, an NHWC copy and a padded copy)."""
     b, c, h, w = x.shape
     o, _, kh, kw = w_q.shape
     (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)

@@ -237,7 +237,7 @@ struct Pieces {
     bool fin = true;
     for (int64_t j = t * per; j < (t + 1) * per; ++j) fin = fin && finite[j];
     const float r = 1.0f / s;
-    scale[t] = fin ? s : NAN;
+    scale[t] = fin ? 0.0f + s : NAN;  // (0 + s: the rule's poison + s, so -0.0 becomes +0.0)
     inv[t] = !fin || r != r || r == INFINITY ? 0.0f : (r == -INFINITY ? -FLT_MAX : r);
   }
 };

@@ -660,10 +660,10 @@ def test_amx_tiles_int8_conv_needs_whole_channel_blocks():
 
 @pytest.mark.skipif(not native.scan_available(), reason="no native float library here")
 def test_nchw_copy_of_channels_last_outputs():
-    """The native NHWC -> NCHW copy gives Tensor.contiguous's bits (fp32, bf16, fp16) for odd sizes (pixel and channel
-    tails, NaN/inf); small tensors and other layouts are not its; as_conv_output takes it for a large plain output in
-    an eager call, and keeps PyTorch's copy for one with autograd history (the gradient), under tracing (the traced
-    function's values), forward-mode AD (the tangent) and for a subclass (its type)."""
+    """The native NHWC -> NCHW copy (and back) gives Tensor.contiguous's bits (fp32, bf16, fp16) for odd sizes (pixel
+    and channel tails, NaN/inf); small tensors and other layouts are not its; as_conv_output takes it for a large
+    plain output in an eager call, and keeps PyTorch's copy for one with autograd history (the gradient), under
+    tracing (the traced function's values), forward-mode AD (the tangent) and for a subclass (its type)."""
     from accel.ops._dispatch import as_conv_output
 
     for shape in ((2, 40, 30, 30), (1, 17, 61, 67), (3, 16, 1500, 1), (1, 300, 15, 15)):
@@ -673,9 +673,13 @@ def test_nchw_copy_of_channels_last_outputs():
             z = native.to_nchw(y)
             assert z.dtype == dtype and z.is_contiguous(), (shape, dtype)
             assert torch.equal(z.view(bits), y.contiguous().view(bits)), (shape, dtype)
+            back = native.to_nhwc(z)  # (the other direction)
+            assert back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back.view(bits), y.view(bits))
     assert native.to_nchw(torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)) is None
     with pytest.raises(ValueError, match="to_nchw"):
         native.to_nchw(torch.randn(2, 40, 30, 30))
+    with pytest.raises(ValueError, match="to_nhwc"):
+        native.to_nhwc(torch.randn(2, 40, 30, 30).contiguous(memory_format=torch.channels_last))
     x = torch.randn(2, 8, 30, 30)  # an NCHW input: an NCHW output
     y = torch.randn(2, 40, 30, 30).contiguous(memory_format=torch.channels_last)
     out = as_conv_output(y, x)

@@ -132,8 +132,26 @@ def scan_available() -> bool:
     return _library("bsr_float", engines.generation()) is not None
 
 
-#: below this many values the native NHWC -> NCHW copy's call costs more than it saves (:func:`to_nchw`)
+#: below this many values the native layout copies cost more than they save (:func:`to_nchw`, :func:`to_nhwc`)
 NCHW_COPY_MIN = 1 << 16
+
+
+def _relayout(y: torch.Tensor, to_cl: bool) -> torch.Tensor | None:
+    src, dst = ("contiguous", "channels_last") if to_cl else ("channels_last", "contiguous")
+    fmt = torch.contiguous_format if to_cl else torch.channels_last
+    if not (y.dtype in _DTYPES and y.dim() == 4 and y.device.type == "cpu" and y.is_contiguous(memory_format=fmt)):
+        raise ValueError(f"to_{'nhwc' if to_cl else 'nchw'}: y {y.dtype} {tuple(y.shape)} strides {y.stride()} on "
+                         f"{y.device}: expected a {src} fp32/bf16/fp16 [N, C, H, W] CPU tensor")
+    if y.numel() < NCHW_COPY_MIN or not scan_available():
+        return None
+    n, c, h, w = y.shape
+    out = torch.empty(n, c, h, w, dtype=y.dtype, memory_format=torch.channels_last if to_cl else torch.contiguous_format)
+    rows, cols = (c, h * w) if to_cl else (h * w, c)  # (each image's matrix, transposed)
+    rc = _lib("bsr_float").accel_transpose_images(y.data_ptr(), int(y.dtype != torch.float32), n, rows, cols,
+                                                  out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the {src} -> {dst} copy refused its arguments (code {rc})")
+    return out
 
 
 def to_nchw(y: torch.Tensor) -> torch.Tensor | None:
@@ -141,19 +159,23 @@ def to_nchw(y: torch.Tensor) -> torch.Tensor | None:
     transposing copy (16 x 16 blocks in registers; PyTorch's strided copy is about 3x slower on a 6 MB fp32 conv
     output), or None where that kernel is not available here or ``y`` is small (the caller copies with
     ``Tensor.contiguous``)."""
-    if not (y.dtype in _DTYPES and y.dim() == 4 and y.device.type == "cpu" and
-            y.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"to_nchw: y {y.dtype} {tuple(y.shape)} strides {y.stride()} on {y.device}: expected a "
-                         f"channels_last fp32/bf16/fp16 [N, C, H, W] CPU tensor")
-    if y.numel() < NCHW_COPY_MIN or not scan_available():
-        return None
-    n, c, h, w = y.shape
-    out = torch.empty(n, c, h, w, dtype=y.dtype)
-    rc = _lib("bsr_float").accel_nhwc_to_nchw(y.data_ptr(), int(y.dtype != torch.float32), n, h * w, c,
-                                              out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"the NHWC -> NCHW copy refused its arguments (code {rc})")
-    return out
+    return _relayout(y, False)
+
+
+def to_nhwc(x: torch.Tensor) -> torch.Tensor | None:
+    """:func:`to_nchw`'s other direction: a contiguous NCHW CPU tensor ``x [N, C, H, W]`` copied to channels_last
+    (None where the kernel is not available or ``x`` is small)."""
+    return _relayout(x, True)
+
+
+def _nhwc_view(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, C, H, W]`` as a contiguous ``[N, H, W, C]``: a view of a channels_last tensor, else a copy (the native
+    transposing copy for a large NCHW one)."""
+    xn = x.permute(0, 2, 3, 1)
+    if xn.is_contiguous():
+        return xn
+    t = to_nhwc(x) if x.dtype in _DTYPES and x.is_contiguous() else None
+    return t.permute(0, 2, 3, 1) if t is not None else xn.contiguous()
 
 
 def any_nonfinite(x: torch.Tensor) -> bool:
@@ -316,8 +338,8 @@ def _load(name: str, path: str):
         lib.accel_nonfinite_rows.argtypes = [p, i32, i64, i64, i64, p, i32, i64, i64]
         lib.accel_pad_nhwc.restype = i32
         lib.accel_pad_nhwc.argtypes = [p, i32] + [i64] * 6 + [p, i32]
-        lib.accel_nhwc_to_nchw.restype = i32
-        lib.accel_nhwc_to_nchw.argtypes = [p, i32, i64, i64, i64, p, i32]
+        lib.accel_transpose_images.restype = i32
+        lib.accel_transpose_images.argtypes = [p, i32, i64, i64, i64, p, i32]
         return lib
     lib.accel_quantize_rows.restype = i32
     lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
@@ -717,9 +739,7 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
     if cx != c or oh < 0 or ow < 0 or bias is not None and bias.numel() != o or o > nbr * bs:
         raise ValueError(f"bsr_conv2d (native): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
-    xn = x.permute(0, 2, 3, 1)
-    if not xn.is_contiguous():
-        xn = xn.contiguous()
+    xn = _nhwc_view(x)
     y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
     if y.numel():
         _conv_raw(_lib("bsr_float"), xn, w, kw, stride, padding, dilation, oh, ow, bias, y)
@@ -860,9 +880,7 @@ def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: 
         raise ValueError(f"bsr_conv2d (native AMX): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
     y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
-    xn = x.permute(0, 2, 3, 1)
-    if not xn.is_contiguous():
-        xn = xn.contiguous()
+    xn = _nhwc_view(x)
     ph, pw = padding
     bad = False  # (no outputs: nothing to make NaN)
     if y.numel() and padded and (ph or pw):  # the padded copy, scanned as it is made

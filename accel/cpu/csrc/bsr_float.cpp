@@ -321,11 +321,12 @@ inline void transpose16_ps(__m512* r) {
 
 }  // namespace
 
-// y [n, c, hw] (NCHW, contiguous) = x [n, hw, c] (NHWC, contiguous), 32-bit values, or 16-bit ones (bf16, fp16) with
-// half = 1 (widened to 32-bit lanes for the transpose: the bits are only moved): 16 pixels x 16 channels at a time,
-// loaded as rows of pixels, transposed in registers and stored as rows of channels (masked at the edges). A
-// channels_last conv output returned to an NCHW caller without PyTorch's strided copy.
-extern "C" int accel_nhwc_to_nchw(const void* x, int half, int64_t n, int64_t hw, int64_t c, void* y, int nthreads) {
+// y[b][j][i] = x[b][i][j] for n images of [hw][c] (both contiguous): NHWC -> NCHW, or with (hw, c) = (C, H*W) NCHW
+// -> NHWC. 32-bit values, or 16-bit ones (bf16, fp16) with half = 1 (widened to 32-bit lanes for the transpose: the
+// bits are only moved): 16 x 16 at a time, loaded as rows, transposed in registers and stored as columns (masked at
+// the edges). Conv inputs and outputs between the layouts without PyTorch's strided copy.
+extern "C" int accel_transpose_images(const void* x, int half, int64_t n, int64_t hw, int64_t c, void* y,
+                                      int nthreads) {
   if (n < 0 || hw < 0 || c < 0 || nthreads < 1) return 1;
   const int64_t pb = (hw + 15) / 16, cb = (c + 15) / 16;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * hw * c >= (1 << 16))

@@ -28,9 +28,10 @@ def make(n, k, block, density, empty_rows=(), seed=0):
     return v, torch.rand(n, generator=g) * 0.01 + 1e-4, crow, col, torch.randn(n, generator=g)
 
 
-def eager_quantized(x, qmax):
-    scale, inv = cpu_int8.act_scale_inv(x.float(), qmax, None)
-    return torch.round(x.float() * inv[:, None]), scale
+def eager_quantized(x, qmax, static=None):
+    """accel's rule in eager steps: ``(integers, scale)`` per row (a static scale saturates at +-qmax)."""
+    scale, inv = cpu_int8.act_scale_inv(x.float(), qmax, static)
+    return torch.round(torch.clamp(x.float() * inv[:, None], -qmax, qmax)), scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -58,6 +59,31 @@ def test_quantization_is_accels_rule_bit_for_bit(dtype, qmax, k):
 
 
 INT8_NATIVE = ["vnni"] + (["vnni_amx"] if native.int8_amx_available() else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_static_scale_rows_saturate_as_the_eager_rule(dtype, threads):
+    """quantize_rows with one fp32 static scale: the eager rule's integers (clamped to +-qmax) and scales bit for bit,
+    for short rows, rows split between threads, -0.0 / 0 / negative scales; rows holding NaN/inf scale NaN, bytes 128."""
+    g = torch.Generator().manual_seed(threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, k in ((5, 70), (2, 70001), (9, 1)):
+            x = (torch.randn(m, k, generator=g) * 4).to(dtype)
+            x[1, k // 2] = float("nan")
+            x[-1] = 0
+            for s, qmax in ((0.02, 127), (0.5, 63), (0.0, 127), (-0.0, 127), (-0.02, 63), (1e30, 127)):
+                static = torch.tensor([s])
+                u, scale = native.quantize_rows(x, qmax, k + 3, static_scale=static)
+                v, want = eager_quantized(x, qmax, static)
+                ok = torch.isfinite(want)
+                assert torch.equal(scale.nan_to_num(-1.0).view(torch.int32), want.nan_to_num(-1.0).view(torch.int32))
+                assert torch.equal(u[ok, :k].int() - 128, v[ok].int()), (m, k, s, qmax)
+                assert bool((u[~ok] == 128).all()) and bool((u[:, k:] == 128).all())
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -90,7 +116,8 @@ def test_images_quantized_into_their_padding_as_rows(dtype, threads):
                 # static scales: x * 50 saturates at +-qmax; -0.0 is +0.0 in the rule (its poison + s)
                 for s, qmax in ((0.02, 127), (3e-3, 63), (0.0, 127), (-0.0, 127), (-0.02, 63)):
                     static = torch.tensor([s])
-                    us, ss = cpu_int8._rows_uint8(x.reshape(n, h * w * c), qmax, static, h * w * c)  # (eager steps)
+                    v, ss = eager_quantized(x.reshape(n, h * w * c), qmax, static)
+                    us = (v.nan_to_num(0.0) + 128).to(torch.uint8)
                     ws = F.pad(us.view(n, h, w, c).permute(0, 3, 1, 2), (pw, pw, ph, ph), value=128).permute(0, 2, 3, 1)
                     up, scale = native.quantize_images_padded(layout, qmax, (ph, pw), static)
                     ok = torch.isfinite(ss)  # (the eager bytes of an image holding NaN/inf are undefined; its scale NaN)

@@ -447,11 +447,12 @@ def _dense_blocks(w_q: torch.Tensor, bs: int):
 
 def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None, width: int, spread: bool = False):
     """``(u [M, width] uint8, scale [M])``: accel's quantization of each row of ``rows [M, K]`` (rows of unit stride)
-    as the integers + 128, the zero point past K; per row in one native pass, or with ``static_scale`` through the
-    eager steps (saturating). The tile engines' input (``amx_tiles``, ``vnni_tiles``); ``spread``: rows apart by
-    :func:`accel.cpu.native.spread_stride`."""
-    if static_scale is None:
-        return native.quantize_rows(rows, qmax, width, spread)
+    as the integers + 128, the zero point past K; per row in one native pass (dynamic, or one fp32 static scale,
+    saturating), or with another static scale through the eager steps. The tile engines' input (``amx_tiles``,
+    ``vnni_tiles``); ``spread``: rows apart by :func:`accel.cpu.native.spread_stride`."""
+    if static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1 and
+                                static_scale.device.type == "cpu"):
+        return native.quantize_rows(rows, qmax, width, spread, static_scale)
     m, k = rows.shape
     xf = as_fp32(rows, "int8.x32")
     scale, inv = act_scale_inv(xf, qmax, static_scale)

@@ -342,7 +342,7 @@ def _load(name: str, path: str):
         lib.accel_transpose_images.argtypes = [p, i32, i64, i64, i64, p, i32]
         return lib
     lib.accel_quantize_rows.restype = i32
-    lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, p, i64, i64, p, i32]
+    lib.accel_quantize_rows.argtypes = [p, i32, i64, i64, i64, i32, i32, ctypes.c_float, p, i64, i64, p, i32]
     lib.accel_quantize_images_padded.restype = i32
     lib.accel_quantize_images_padded.argtypes = [p, i32, i32, i64, i64, i64, i64, i32, i32, ctypes.c_float, p, i64,
                                                  i64, p, i32]
@@ -424,12 +424,14 @@ def _check_int8(lib, amx: bool = False) -> None:
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _quantize(lib, x: torch.Tensor, qmax: int, width: int, u: torch.Tensor | None = None):
+def _quantize(lib, x: torch.Tensor, qmax: int, width: int, u: torch.Tensor | None = None,
+              static_scale: float | None = None):
     m, k = x.shape
     u = torch.empty(m, width, dtype=torch.uint8) if u is None else u
     scale = torch.empty(m, dtype=torch.float32)
-    rc = lib.accel_quantize_rows(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), u.stride(0),
-                                 width, scale.data_ptr(), torch.get_num_threads())
+    rc = lib.accel_quantize_rows(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, int(static_scale is not None),
+                                 0.0 if static_scale is None else static_scale, u.data_ptr(), u.stride(0), width,
+                                 scale.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
     return u, scale
@@ -493,20 +495,26 @@ def _lib(name: str = "int8_bsr_vnni"):
     return lib
 
 
-def quantize_rows(x: torch.Tensor, qmax: int, width: int, spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, qmax: int, width: int, spread: bool = False,
+                  static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """accel's per-token quantization of ``x [M, K]`` (fp32, bf16 or fp16, rows of unit stride) in one pass:
     ``(u, scale)``, ``u [M, width]`` uint8 the integers plus 128 (128 past K: zeros), in a reused buffer (the
     caller's until its next call), and ``scale [M]`` fp32 (NaN for rows holding NaN/inf: their bytes are 128).
-    ``spread``: rows an odd number of cache lines apart (:func:`spread_stride`), for the kernels' tile loads."""
+    ``spread``: rows an odd number of cache lines apart (:func:`spread_stride`), for the kernels' tile loads.
+    ``static_scale`` (one fp32 value): accel's static rule instead (``accel.cpu.int8.scale_inv``, values saturating
+    at +-qmax)."""
     if not (x.dtype in _DTYPES and x.dim() == 2 and x.device.type == "cpu" and (x.stride(1) == 1 or x.shape[1] <= 1)
-            and width >= x.shape[1] and isinstance(qmax, int) and 1 <= qmax <= 127):
+            and width >= x.shape[1] and type(qmax) is int and 1 <= qmax <= 127 and
+            (static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1))):
         raise ValueError(f"quantize_rows: x {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}, qmax {qmax}, "
-                         f"width {width}: expected fp32/bf16/fp16 [M, K] rows of unit stride on the CPU, K <= width, "
-                         f"1 <= qmax <= 127")
+                         f"width {width}, static scale "
+                         f"{None if static_scale is None else (static_scale.dtype, tuple(static_scale.shape))}: "
+                         f"expected fp32/bf16/fp16 [M, K] rows of unit stride on the CPU, K <= width, "
+                         f"1 <= qmax <= 127, one fp32 static scale or none")
     m = x.shape[0]
     ld = spread_stride(width) if spread else width
     u = scratch("native.u8", m * ld, torch.uint8).view(m, ld)[:, :width]
-    return _quantize(_lib(), x, qmax, width, u)
+    return _quantize(_lib(), x, qmax, width, u, None if static_scale is None else float(static_scale.reshape(())))
 
 
 def quantize_images_padded(x: torch.Tensor, qmax: int, padding,
@@ -634,7 +642,7 @@ def int8_runner(w: Packed, w_scale: torch.Tensor, bias: torch.Tensor | None, n: 
             rc = fused(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), ld, width,
                        scale.data_ptr(), *weights, *tail, y.data_ptr(), y_bf16, n, n, threads, int(dense_order))
         else:
-            rc = quantize(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, u.data_ptr(), ld, width,
+            rc = quantize(x.data_ptr(), _DTYPES[x.dtype], m, k, x.stride(0), qmax, 0, 0.0, u.data_ptr(), ld, width,
                           scale.data_ptr(), threads)
             if rc != 0:
                 raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")

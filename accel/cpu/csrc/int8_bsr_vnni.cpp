@@ -194,16 +194,28 @@ inline void row_scale(float absmax, bool finite, float qmax, float* scale, float
   *inv = r < INFINITY ? r : 0.0f;  // (qmax / absmax overflows for absmax below qmax / FLT_MAX: 0, as accel's rule)
 }
 
+// accel's static rule (accel.cpu.int8.scale_inv) for a row: scale s and inv = 1 / s (inf -> 0, -inf -> -FLT_MAX, NaN
+// -> 0) when the row is finite, (NaN, 0) when it holds NaN/inf; the scale is 0 + s, the rule's poison + s (-0.0 is
+// +0.0 there)
+inline void static_scale_inv(bool finite, float s, float* scale, float* inv) {
+  const float r = 1.0f / s;
+  *scale = finite ? 0.0f + s : NAN;
+  *inv = !finite || r != r || r == INFINITY ? 0.0f : (r == -INFINITY ? -FLT_MAX : r);
+}
+
 // Row t of x [m, k] quantized (accel_quantize_rows with whole rows): its max, then its bytes while the row is still in
-// L1/L2; scale[t], and u's row t (bytes k .. width 128)
-void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, float q, uint8_t* u, int64_t ldu,
-                  int64_t width, float* scale) {
+// L1/L2; scale[t], and u's row t (bytes k .. width 128). static_scale: that scale's rule instead of the row's own.
+void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, float q, const float* static_scale,
+                  uint8_t* u, int64_t ldu, int64_t width, float* scale) {
   const int64_t elem = dtype == 0 ? 4 : 2;
   const void* xt = static_cast<const char*>(x) + t * ldx * elem;
   uint8_t* ut = u + t * ldu;
   float absmax = 0.0f, inv = 0.0f;
   const bool finite = span_absmax(xt, dtype, 0, k, &absmax);
-  row_scale(absmax, finite, q, scale + t, &inv);
+  if (static_scale)
+    static_scale_inv(finite, *static_scale, scale + t, &inv);
+  else
+    row_scale(absmax, finite, q, scale + t, &inv);
   if (scale[t] != scale[t])  // NaN: bytes 128
     std::memset(ut, 128, k);
   else
@@ -231,14 +243,17 @@ struct Pieces {
     }
     row_scale(absmax, fin, q, scale + t, inv.get() + t);
   }
-  // a static scale s instead (accel.cpu.int8.scale_inv): scale s and inv = 1 / s (inf -> 0, -inf -> -FLT_MAX, NaN ->
-  // 0) for a finite row, (NaN, 0) for a row holding NaN/inf
+  // a static scale s instead (static_scale_inv)
   void settle_static(int64_t t, int64_t per, float s, float* scale) {
     bool fin = true;
     for (int64_t j = t * per; j < (t + 1) * per; ++j) fin = fin && finite[j];
-    const float r = 1.0f / s;
-    scale[t] = fin ? 0.0f + s : NAN;  // (0 + s: the rule's poison + s, so -0.0 becomes +0.0)
-    inv[t] = !fin || r != r || r == INFINITY ? 0.0f : (r == -INFINITY ? -FLT_MAX : r);
+    static_scale_inv(fin, s, scale + t, inv.get() + t);
+  }
+  void settle_any(int64_t t, int64_t per, float q, const float* static_scale, float* scale) {
+    if (static_scale)
+      settle_static(t, per, *static_scale, scale);
+    else
+      settle(t, per, q, scale);
   }
 };
 
@@ -426,21 +441,24 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_item(const uint8_t* u, int
 
 }  // namespace
 
-// dtype: 0 fp32, 1 bf16, 2 fp16. Returns 0, or a code for refused arguments.
-extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int qmax, uint8_t* u,
-                                   int64_t ldu, int64_t width, float* scale, int nthreads) {
+// dtype: 0 fp32, 1 bf16, 2 fp16. is_static: every row's scale static_scale (static_scale_inv, values clamped to
+// +-qmax). Returns 0, or a code for refused arguments.
+extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int qmax, int is_static,
+                                   float static_scale, uint8_t* u, int64_t ldu, int64_t width, float* scale,
+                                   int nthreads) {
   if (dtype < 0 || dtype > 2 || m < 0 || k < 0 || width < k || ldu < width || qmax < 1 || qmax > 127 ||
       nthreads < 1)
     return 1;
   const int64_t elem = dtype == 0 ? 4 : 2;
   const float q = static_cast<float>(qmax);
+  const float* st = is_static ? &static_scale : nullptr;
   // spans of a row per work item: whole rows when there are enough of them, else pieces of long rows (a conv's
   // per-image rows: one image would otherwise be one thread's work)
   const int64_t span = (m >= nthreads || k < (1 << 16)) ? (k > 0 ? k : 1) : (int64_t{1} << 15);
   const int64_t per_row = (k + span - 1) / span > 0 ? (k + span - 1) / span : 1;
   if (per_row == 1) {  // whole rows per item
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k >= 65536)
-    for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, u, ldu, width, scale);
+    for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, st, u, ldu, width, scale);
     return 0;
   }
   const int64_t items = m * per_row;
@@ -454,7 +472,7 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
       pc.finite[j] = span_absmax(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, &pc.max[j]);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < m; ++t) pc.settle(t, per_row, q, scale);
+    for (int64_t t = 0; t < m; ++t) pc.settle_any(t, per_row, q, st, scale);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < items; ++j) {
       const int64_t t = j / per_row, lo = (j % per_row) * span, hi = lo + span < k ? lo + span : k;
@@ -488,12 +506,8 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
   Pieces pc(n * per, n);
   if (!pc.ok()) return 3;
   const char* xb = static_cast<const char*>(x);
-  auto settle = [&](int64_t b) {
-    if (is_static)
-      pc.settle_static(b, per, static_scale, scale);
-    else
-      pc.settle(b, per, q, scale);
-  };
+  const float* st = is_static ? &static_scale : nullptr;
+  auto settle = [&](int64_t b) { pc.settle_any(b, per, q, st, scale); };
   auto put_row = [&](int64_t j) {  // padded row j
     const int64_t b = j / hp, r = j % hp - ph;
     uint8_t* ur = up + j * prow;
@@ -633,7 +647,7 @@ extern "C" int accel_int8_linear_amx(const void* x, int dtype, int64_t m, int64_
 #pragma omp parallel num_threads(nthreads)
   {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, u, ldu, width, scale);
+    for (int64_t t = 0; t < m; ++t) quantize_row(x, dtype, t, k, ldx, q, nullptr, u, ldu, width, scale);
     // (the loop's barrier: every row quantized before any product)
     if (nbr > 0) amx_items(u, m, ldu, w, crow, col, nbr, bs, comp, e, n);
   }

@@ -61,6 +61,21 @@ def test_linear_static_scale_saturates(engine):
     _close(y, int8_linear_ref(xq, xs, wq, ws))
 
 
+@pytest.mark.parametrize("engine", C.exact_engines(127))
+def test_linear_degenerate_static_scales(engine):
+    """A static scale of 0, -0.0, a negative one or one whose inverse overflows: the rule's answer (inverse 0 or
+    -FLT_MAX), for one row and for many, in every engine; never an exception."""
+    wq, ws = quantize_weight(torch.randn(20, 50))
+    bias = torch.randn(20)
+    for m in (1, 9):
+        x = torch.randn(m, 50) * 4
+        for s in (0.0, -0.0, -0.5, 1e-39):
+            static = torch.tensor([s])
+            y = C.linear_int8_cpu(x, wq, ws, bias, "none", static, 127, engine)
+            want = C.linear_int8_reference(x, wq, ws, bias, "none", static, 127)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * (1 + float(want.abs().max())), msg=f"{m} {s}")
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_linear_special_rows(engine):
     x, w = torch.randn(5, 40), torch.randn(8, 40)

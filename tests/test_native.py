@@ -693,7 +693,7 @@ def test_nchw_copy_of_channels_last_outputs():
     tracing (the traced function's values), forward-mode AD (the tangent) and for a subclass (its type)."""
     from accel.ops._dispatch import as_conv_output
 
-    for shape in ((2, 40, 30, 30), (1, 17, 61, 67), (3, 16, 1500, 1), (1, 300, 15, 15)):
+    for shape in ((2, 40, 60, 60), (1, 17, 123, 131), (3, 16, 6000, 1), (1, 300, 30, 30)):
         for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
             y = torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
             y[0, -1, -1, -1], y[-1, 0, 0, 0] = float("nan"), float("-inf")
@@ -704,11 +704,11 @@ def test_nchw_copy_of_channels_last_outputs():
             assert back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back.view(bits), y.view(bits))
     assert native.to_nchw(torch.randn(1, 3, 4, 4).contiguous(memory_format=torch.channels_last)) is None
     with pytest.raises(ValueError, match="to_nchw"):
-        native.to_nchw(torch.randn(2, 40, 30, 30))
+        native.to_nchw(torch.randn(2, 40, 60, 60))
     with pytest.raises(ValueError, match="to_nhwc"):
-        native.to_nhwc(torch.randn(2, 40, 30, 30).contiguous(memory_format=torch.channels_last))
-    x = torch.randn(2, 8, 30, 30)  # an NCHW input: an NCHW output
-    y = torch.randn(2, 40, 30, 30).contiguous(memory_format=torch.channels_last)
+        native.to_nhwc(torch.randn(2, 40, 60, 60).contiguous(memory_format=torch.channels_last))
+    x = torch.randn(2, 8, 60, 60)  # an NCHW input: an NCHW output
+    y = torch.randn(2, 40, 60, 60).contiguous(memory_format=torch.channels_last)
     out = as_conv_output(y, x)
     assert out.is_contiguous() and torch.equal(out, y)
     yg = y.clone().requires_grad_()

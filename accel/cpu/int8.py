@@ -21,8 +21,8 @@ integers, so they differ only in speed.
 * ``amx_tiles``, ``vnni_tiles``: accel's native int8 block kernel (``accel.cpu.native``) with the weight as dense
   64 x 64 blocks (packed once, shared by both), on AMX tiles or with AVX-512 VNNI dot products (``vnni_tiles`` wins
   for one or a few tokens, where the product is one pass over the weight at memory speed); dynamic scales quantized
-  natively (on AMX in the product's own call), static scales through the eager steps; the other engines' epilogue
-  order, so the same bits as ``int_mm``.
+  natively (on AMX in the product's own call), a static scale of one fp32 value too (others through the eager
+  steps); the other engines' epilogue order, so the same bits as ``int_mm``.
 * ``onednn_cq`` (and the conv engines ``onednn_cq``, ``im2col_cq``): the same oneDNN GEMM, with the activation
   quantization (and a bf16 output's scale and bias) as loops compiled by ``torch.compile`` (``accel.cpu.compiled``):
   two passes over the input instead of five or six. The integers are the same; offered where a C++ compiler is
@@ -516,7 +516,7 @@ def _uniform_scale(xf: torch.Tensor, qmax: int, static_scale: torch.Tensor | Non
     if not math.isfinite(xf.sum().item()):  # NaN or inf somewhere (or an overflowing sum): per-row path
         return None
     sc = np.float32(static_scale.item())
-    if 1.0 / float(sc) >= _FP32_MAX:
+    if not (sc != 0 and abs(1.0 / float(sc)) < _FP32_MAX):  # 0, NaN, or an inverse past fp32: the per-row rule
         return None
     return float(sc), float(np.float32(1.0) / sc)
 

@@ -133,7 +133,7 @@ def scan_available() -> bool:
 
 
 #: below this many values the native layout copies cost more than they save (:func:`to_nchw`, :func:`to_nhwc`)
-NCHW_COPY_MIN = 1 << 16
+NCHW_COPY_MIN = 1 << 18  # (1x64x56x56: PyTorch's copy is as fast)
 
 
 def _relayout(y: torch.Tensor, to_cl: bool) -> torch.Tensor | None:

@@ -329,34 +329,32 @@ extern "C" int accel_transpose_images(const void* x, int half, int64_t n, int64_
                                       int nthreads) {
   if (n < 0 || hw < 0 || c < 0 || nthreads < 1) return 1;
   const int64_t pb = (hw + 15) / 16, cb = (c + 15) / 16;
+  // one 16 x 16 block per item (a batch-1 NCHW -> NHWC copy of 64 channels has only 4 row blocks per image)
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * hw * c >= (1 << 16))
-  for (int64_t it = 0; it < n * pb; ++it) {
-    const int64_t b = it / pb, p0 = (it % pb) * 16;
+  for (int64_t it = 0; it < n * pb * cb; ++it) {
+    const int64_t b = it / (pb * cb), p0 = (it / cb % pb) * 16, c0 = (it % cb) * 16;
     const int np = static_cast<int>(hw - p0 < 16 ? hw - p0 : 16);
     const __mmask16 pm = np == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << np) - 1);
     const int64_t src = (b * hw + p0) * c, dst = b * c * hw + p0;  // (in values)
-    for (int64_t k = 0; k < cb; ++k) {
-      const int64_t c0 = k * 16;
-      const int nc = static_cast<int>(c - c0 < 16 ? c - c0 : 16);
-      const __mmask16 cm = nc == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        if (i >= np)
-          r[i] = _mm512_setzero_ps();
-        else if (half)
-          r[i] = _mm512_castsi512_ps(_mm512_cvtepu16_epi32(
-              _mm256_maskz_loadu_epi16(cm, static_cast<const uint16_t*>(x) + src + i * c + c0)));
-        else
-          r[i] = _mm512_maskz_loadu_ps(cm, static_cast<const float*>(x) + src + i * c + c0);
-      }
-      transpose16_ps(r);
-      for (int j = 0; j < nc; ++j) {
-        if (half)
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + dst + (c0 + j) * hw, pm,
-                                   _mm512_cvtepi32_epi16(_mm512_castps_si512(r[j])));
-        else
-          _mm512_mask_storeu_ps(static_cast<float*>(y) + dst + (c0 + j) * hw, pm, r[j]);
-      }
+    const int nc = static_cast<int>(c - c0 < 16 ? c - c0 : 16);
+    const __mmask16 cm = nc == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nc) - 1);
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i >= np)
+        r[i] = _mm512_setzero_ps();
+      else if (half)
+        r[i] = _mm512_castsi512_ps(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(cm, static_cast<const uint16_t*>(x) + src + i * c + c0)));
+      else
+        r[i] = _mm512_maskz_loadu_ps(cm, static_cast<const float*>(x) + src + i * c + c0);
+    }
+    transpose16_ps(r);
+    for (int j = 0; j < nc; ++j) {
+      if (half)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + dst + (c0 + j) * hw, pm,
+                                 _mm512_cvtepi32_epi16(_mm512_castps_si512(r[j])));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + dst + (c0 + j) * hw, pm, r[j]);
     }
   }
   return 0;

@@ -445,13 +445,18 @@ def _dense_blocks(w_q: torch.Tensor, bs: int):
     return values, crow, torch.arange(nbc, dtype=torch.int64).repeat(nbr)
 
 
+def _native_scale(static_scale: torch.Tensor | None) -> bool:
+    """Whether the native quantization takes this activation scale: none (dynamic), or one fp32 value on the CPU."""
+    return static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1 and
+                                    static_scale.device.type == "cpu")
+
+
 def _rows_uint8(rows: torch.Tensor, qmax: int, static_scale: torch.Tensor | None, width: int, spread: bool = False):
     """``(u [M, width] uint8, scale [M])``: accel's quantization of each row of ``rows [M, K]`` (rows of unit stride)
     as the integers + 128, the zero point past K; per row in one native pass (dynamic, or one fp32 static scale,
     saturating), or with another static scale through the eager steps. The tile engines' input (``amx_tiles``,
     ``vnni_tiles``); ``spread``: rows apart by :func:`accel.cpu.native.spread_stride`."""
-    if static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1 and
-                                static_scale.device.type == "cpu"):
+    if _native_scale(static_scale):
         return native.quantize_rows(rows, qmax, width, spread, static_scale)
     m, k = rows.shape
     xf = as_fp32(rows, "int8.x32")
@@ -836,9 +841,7 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
     bs = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
     packed = cached_tensor(f"int8.amx_conv_blocks{bs}", w_q,
                            lambda: native.pack(*_dense_blocks(w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bs)))
-    native_static = static_scale is None or (static_scale.dtype == torch.float32 and static_scale.numel() == 1 and
-                                             static_scale.device.type == "cpu")
-    if native_static and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
+    if _native_scale(static_scale) and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
         u, scale = native.quantize_images_padded(x, qmax, (ph, pw), static_scale)  # (into the padded NHWC buffer)
     else:
         xn = x.permute(0, 2, 3, 1)

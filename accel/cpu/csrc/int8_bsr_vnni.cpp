@@ -38,11 +38,16 @@ namespace {
 
 constexpr float kHugeScale = 79228162514264337593543950336.0f;  // 2^96
 
-inline __m512 load16(const void* x, int dtype, int64_t i) {
-  if (dtype == 0) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+// 16 values of x from i as fp32 (fp32, bf16 or fp16), lanes m only (the others 0)
+inline __m512 load16_masked(const void* x, int dtype, int64_t i, __mmask16 m) {
+  if (dtype == 0) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
   if (dtype == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16
   return _mm512_cvtph_ps(h);                                                                      // fp16
+}
+
+inline __m512 load16(const void* x, int dtype, int64_t i) {
+  return load16_masked(x, dtype, i, static_cast<__mmask16>(0xFFFF));
 }
 
 inline float load1(const void* x, int dtype, int64_t i) {
@@ -127,14 +132,6 @@ void quantize_span(const void* x, int dtype, int64_t lo, int64_t hi, float inv, 
                                                                               lim))) + 128);
 }
 
-// load16 of lanes m only (the others 0)
-inline __m512 load16_masked(const void* x, int dtype, int64_t i, __mmask16 m) {
-  if (dtype == 0) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
-  if (dtype == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16
-  return _mm512_cvtph_ps(h);                                                                      // fp16
-}
-
 // Rows a[0..16) of 16 bytes transposed in place (a[i] byte j <-> a[j] byte i): four rounds of interleaves, each
 // doubling the width of the elements that hold consecutive rows.
 inline void transpose16_bytes(__m128i* a) {
@@ -203,6 +200,14 @@ inline void static_scale_inv(bool finite, float s, float* scale, float* inv) {
   *inv = !finite || r != r || r == INFINITY ? 0.0f : (r == -INFINITY ? -FLT_MAX : r);
 }
 
+// A row's (scale, inv): accel's rule from its max |x| (row_scale), or with static_scale that scale's rule
+inline void rule(float absmax, bool finite, float q, const float* static_scale, float* scale, float* inv) {
+  if (static_scale)
+    static_scale_inv(finite, *static_scale, scale, inv);
+  else
+    row_scale(absmax, finite, q, scale, inv);
+}
+
 // Row t of x [m, k] quantized (accel_quantize_rows with whole rows): its max, then its bytes while the row is still in
 // L1/L2; scale[t], and u's row t (bytes k .. width 128). static_scale: that scale's rule instead of the row's own.
 void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, float q, const float* static_scale,
@@ -212,10 +217,7 @@ void quantize_row(const void* x, int dtype, int64_t t, int64_t k, int64_t ldx, f
   uint8_t* ut = u + t * ldu;
   float absmax = 0.0f, inv = 0.0f;
   const bool finite = span_absmax(xt, dtype, 0, k, &absmax);
-  if (static_scale)
-    static_scale_inv(finite, *static_scale, scale + t, &inv);
-  else
-    row_scale(absmax, finite, q, scale + t, &inv);
+  rule(absmax, finite, q, static_scale, scale + t, &inv);
   if (scale[t] != scale[t])  // NaN: bytes 128
     std::memset(ut, 128, k);
   else
@@ -234,26 +236,14 @@ struct Pieces {
         finite(new (std::nothrow) bool[pieces > 0 ? pieces : 1]),
         inv(new (std::nothrow) float[rows > 0 ? rows : 1]) {}
   bool ok() const { return max && finite && inv; }
-  void settle(int64_t t, int64_t per, float q, float* scale) {
+  void settle(int64_t t, int64_t per, float q, const float* static_scale, float* scale) {
     float absmax = 0.0f;
     bool fin = true;
     for (int64_t j = t * per; j < (t + 1) * per; ++j) {
       absmax = max[j] > absmax ? max[j] : absmax;
       fin = fin && finite[j];
     }
-    row_scale(absmax, fin, q, scale + t, inv.get() + t);
-  }
-  // a static scale s instead (static_scale_inv)
-  void settle_static(int64_t t, int64_t per, float s, float* scale) {
-    bool fin = true;
-    for (int64_t j = t * per; j < (t + 1) * per; ++j) fin = fin && finite[j];
-    static_scale_inv(fin, s, scale + t, inv.get() + t);
-  }
-  void settle_any(int64_t t, int64_t per, float q, const float* static_scale, float* scale) {
-    if (static_scale)
-      settle_static(t, per, *static_scale, scale);
-    else
-      settle(t, per, q, scale);
+    rule(absmax, fin, q, static_scale, scale + t, inv.get() + t);
   }
 };
 
@@ -472,7 +462,7 @@ extern "C" int accel_quantize_rows(const void* x, int dtype, int64_t m, int64_t 
       pc.finite[j] = span_absmax(static_cast<const char*>(x) + t * ldx * elem, dtype, lo, hi, &pc.max[j]);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < m; ++t) pc.settle_any(t, per_row, q, st, scale);
+    for (int64_t t = 0; t < m; ++t) pc.settle(t, per_row, q, st, scale);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < items; ++j) {
       const int64_t t = j / per_row, lo = (j % per_row) * span, hi = lo + span < k ? lo + span : k;
@@ -507,7 +497,6 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
   if (!pc.ok()) return 3;
   const char* xb = static_cast<const char*>(x);
   const float* st = is_static ? &static_scale : nullptr;
-  auto settle = [&](int64_t b) { pc.settle_any(b, per, q, st, scale); };
   auto put_row = [&](int64_t j) {  // padded row j
     const int64_t b = j / hp, r = j % hp - ph;
     uint8_t* ur = up + j * prow;
@@ -533,7 +522,7 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
     for (int64_t b = 0; b < n; ++b) {
       for (int64_t j = b * per; j < (b + 1) * per; ++j)
         pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
-      settle(b);
+      pc.settle(b, per, q, st, scale);
       for (int64_t j = b * hp; j < (b + 1) * hp; ++j) put_row(j);
     }
     return 0;
@@ -543,7 +532,7 @@ extern "C" int accel_quantize_images_padded(const void* x, int dtype, int nchw, 
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * per; ++j) pc.finite[j] = span_absmax(xb + j * plen * elem, dtype, 0, plen, &pc.max[j]);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) settle(b);
+    for (int64_t b = 0; b < n; ++b) pc.settle(b, per, q, st, scale);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n * hp; ++j) put_row(j);
   }

@@ -1,11 +1,11 @@
 """Fixed cost of an accel layer call, next to the engine it runs.
 
-For a small layer (default Linear 256x256; Conv2d 64->64 3x3 on 8x8) the accel module call is timed
-side by side with the engine's own call (the ``accel.cpu`` function the dispatch picked, called
-directly with the same arguments) and with the float layer: ``fixed µs = module - engine`` is what
-validation, dispatch and the engine decision cost per call. The conv rows run NCHW and channels_last images: the
-engines compute in channels_last, so for NCHW the module's fixed cost also holds converting its output back to
-NCHW (as ``nn.Conv2d`` returns it), a copy that grows with the output.
+For a small layer (default Linear 256x256; Conv2d 64->64 3x3 on 8x8: int8, and 75% block-sparse in fp32 and bf16)
+the accel module call is timed side by side with the engine's own call (the function the dispatch picked, called
+directly with the same arguments) and with the float layer: ``fixed µs = module - engine`` is what validation,
+dispatch and the engine decision cost per call. The int8 conv rows run NCHW and channels_last images: the engines
+compute in channels_last, so for NCHW the module's fixed cost also holds converting its output back to NCHW (as
+``nn.Conv2d`` returns it), a copy that grows with the output.
 
     python -m bench.overhead_bench             # JSON in bench/results/overhead_bench-cpu.json
 """
@@ -18,13 +18,14 @@ import importlib
 import torch
 import torch.nn as nn
 
-from accel import QuantConv2d, QuantLinear, SparseLinear, engines
+from accel import QuantConv2d, QuantLinear, SparseConv2d, SparseLinear, engines
 from accel.cpu import bsr as cpu_bsr
 from accel.cpu import int8 as cpu_int8
 
 from .common import compare, format_table, save_results
 
 ops_bsr_linear = importlib.import_module("accel.ops.bsr_linear")  # (accel.ops.bsr_linear is also the function)
+ops_bsr_conv = importlib.import_module("accel.ops.bsr_conv")
 
 
 def _engine(op: str) -> str:
@@ -73,6 +74,20 @@ def cases(n: int):
                                                                    qc.padding, qc.dilation, "none", None,
                                                                    cpu_int8.act_qmax(), e),
                lambda x=x: conv(x))
+    for dtype in (torch.float32, torch.bfloat16):  # (channels_last: the engines' layout)
+        sc = SparseConv2d.from_dense(conv, sparsity=0.75, mode="sparse").to(dtype)
+        fconv = nn.Conv2d(64, 64, 3, padding=1).to(dtype)
+        for b in (1, 8):
+            x = torch.randn(b, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                sc(x)
+            eng = _engine("bsr_conv2d")
+            eng = ops_bsr_conv.default_engine(64, sc.block_size, b * 64) if eng == "(default)" else eng
+            yield (f"SparseConv2d 64->64 3x3 8x8 75% {str(dtype)[6:]}", b, eng, lambda x=x, sc=sc: sc(x),
+                   lambda x=x, sc=sc, e=eng: ops_bsr_conv.run_cpu(e, x, sc.values, sc.crow_indices, sc.col_indices,
+                                                                  sc.weight_shape, sc.bias, sc.stride, sc.padding,
+                                                                  sc.dilation),
+                   lambda x=x, fconv=fconv: fconv(x))
 
 
 def main(argv=None) -> None:

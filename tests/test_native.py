@@ -476,6 +476,19 @@ def test_float_operands_are_checked(monkeypatch):
         native.bsr_linear(torch.randn(2, 96), w, None, 65)
     with pytest.raises(ValueError, match="bias"):
         native.bsr_linear(torch.randn(2, 96), w, torch.randn(64).double(), 64)
+    wc = native.pack_float(*float_weight(32, 288, 32, 0.5), 9, torch.float32)
+    run = native.conv_runner(wc, (32, 32, 3, 3), None, (1, 1), (1, 1), (1, 1), torch.randn(1, 32, 5, 5), "native")
+    for bad, what in ((torch.randn(1, 64, 5, 5), r"x torch.float32 \(1, 64, 5, 5\)"),
+                      (torch.randn(1, 32, 5, 5).double(), "x torch.float64"), (torch.randn(32, 5, 5), r"\(32, 5, 5\)")):
+        with pytest.raises(ValueError, match=what):
+            run(bad)
+    with pytest.raises(ValueError, match="smaller than the dilated 3x3 kernel"):
+        native.conv_runner(wc, (32, 32, 3, 3), None, (1, 1), (0, 0), (1, 1), torch.randn(1, 32, 5, 5), "native")(
+            torch.randn(1, 32, 1, 5))
+    with pytest.raises(ValueError, match="unknown engine 'amx'"):
+        native.conv_runner(wc, (32, 32, 3, 3), None, (1, 1), (1, 1), (1, 1), torch.randn(1, 32, 5, 5), "amx")
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        native.conv_runner(wc, (32, 32, 3, 3), None, (1, 1), (1, 1), (1, 1), torch.randn(1, 32, 5, 5), "native_amx")
 
 
 def test_nonfinite_inputs_poison_like_the_dense_conv():

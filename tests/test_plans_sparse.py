@@ -79,6 +79,12 @@ def test_settled_sparse_conv_equals_the_op(engine, channels_last, dtype, accel_e
                 y = s(x)
                 assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
                 assert torch.equal(y, _op_conv(s, x)), (engine, b, hw)
+        x = torch.randn(2, 32, 9, 9, dtype=dtype).contiguous(memory_format=fmt)
+        s(x)
+        x[1, 3, 4, 0] = float("nan")  # the settled call: the windows reading it NaN in every output, as the op's
+        y = s(x)
+        assert y[1, :, 3:6, :2].isnan().all() and not y[0].isnan().any()
+        torch.testing.assert_close(y, _op_conv(s, x), rtol=0, atol=0, equal_nan=True)
 
 
 def test_a_plan_follows_the_layer_and_the_decisions(accel_env, monkeypatch):

@@ -42,7 +42,6 @@ from typing import NamedTuple
 import torch
 
 from .. import engines
-from .bsr_conv import output_size
 from .packcache import cached
 from .workspace import scratch
 
@@ -701,18 +700,6 @@ def packed_float(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, nc
                   lambda: pack_float(values, crow, col, ncols, dtype))
 
 
-def _conv_raw(lib, x_nhwc, w: PackedFloat, kw, stride, padding, dilation, oh, ow, bias, y) -> None:
-    n, h, wd, c = x_nhwc.shape
-    bs = w.blocks.shape[2]
-    rc = lib.accel_bsr_conv_float(x_nhwc.data_ptr(), int(x_nhwc.dtype == torch.bfloat16), n, h, wd, c, kw, stride[0],
-                                  stride[1], padding[0], padding[1], dilation[0], dilation[1], oh, ow,
-                                  w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
-                                  None if bias is None else bias.data_ptr(), y.data_ptr(), y.shape[-1], y.shape[-1],
-                                  torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"the block-sparse float kernel refused its arguments (code {rc})")
-
-
 def _float_operands(x, w: PackedFloat, bias, c: int, k_blocks: int, what: str):
     bs = w.blocks.shape[2]  # (B in both packings)
     if x.dtype == torch.bfloat16 and BF16_NEEDS not in engines._cpu_flags():  # (vdpbf16ps would fault)
@@ -738,20 +725,81 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
                dilation) -> torch.Tensor:
     """``conv2d(x, W) + bias`` for the block-sparse ``W [O, C, KH, KW]`` packed by :func:`pack_float` (``(kh, kw, c)``
     order, ``C % B == 0``): ``[N, O, OH, OW]`` channels_last in ``x``'s dtype (fp32 sums, rounded once)."""
+    return conv_runner(w, weight_shape, bias, stride, padding, dilation, x, "native")(x)[0]
+
+
+#: the native float conv engines (:func:`conv_runner`)
+CONV_ENGINES = ("native", "native_amx", "native_amx_padded")
+
+
+def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding, dilation, x: torch.Tensor,
+                engine: str, lib=None):
+    """One layer's native block-sparse conv, its operands checked once here with an input ``x`` of the layer: a
+    function of such inputs (``x``'s dtype and channels, any batch and image size) that checks only the input and
+    returns ``(y, bad)``: ``y [N, O, OH, OW]`` channels_last in ``x``'s dtype, and whether ``x`` holds a NaN or an inf
+    in the input rows the windows reach where the engine learnt it on the way (the AMX engines; None from
+    ``native``). For a settled layer's plan (``accel.ops._plans``), where each Python step costs microseconds between a
+    model's other ops (the checked path cost ~50 us more per call than its kernel).
+
+    Engines (:data:`CONV_ENGINES`): ``native`` the float kernel (fp32 or bf16, fp32 sums); ``native_amx`` bf16 on AMX
+    tiles, reading a channels_last ``x`` in place (other layouts are copied first) and scanning each input row the
+    windows reach just before its first use; pixel groups whose windows reach into the zero padding are copied into a
+    small buffer first, which costs more where most of them do (narrow images); ``native_amx_padded`` copies ``x``
+    into a zero-padded buffer instead, scanning all of it on the way (``accel_pad_nhwc``). ``lib``: the kernel's
+    library (its check before first use), else the loaded one."""
+    if engine not in CONV_ENGINES:
+        raise ValueError(f"bsr_conv2d (native): unknown engine {engine!r}; one of {CONV_ENGINES}")
     o, c, kh, kw = weight_shape
-    n, cx, h, wd = x.shape
+    dtype, amx = x.dtype, engine != "native"
+    if amx and dtype != torch.bfloat16:
+        raise ValueError(f"bsr_conv2d (native AMX): x must be bfloat16, got {dtype}")
     bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
     _check_geometry(stride, padding, dilation)
-    oh, ow = output_size(h, wd, kh, kw, stride, padding, dilation)
     nbr = w.crow.numel() - 1
-    if cx != c or oh < 0 or ow < 0 or bias is not None and bias.numel() != o or o > nbr * bs:
+    if x.dim() != 4 or x.shape[1] != c or bias is not None and bias.numel() != o or o > nbr * bs:
         raise ValueError(f"bsr_conv2d (native): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
-    xn = _nhwc_view(x)
-    y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
-    if y.numel():
-        _conv_raw(_lib("bsr_float"), xn, w, kw, stride, padding, dilation, oh, ow, bias, y)
-    return y.permute(0, 3, 1, 2)
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    weights = (w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), nbr, bs,
+               None if bias is None else bias.data_ptr())
+    lib = lib or _lib("bsr_amx" if amx else "bsr_float")
+    kern = lib.accel_bsr_conv_amx if amx else lib.accel_bsr_conv_float
+    pad = _lib("bsr_float").accel_pad_nhwc if engine == "native_amx_padded" and (ph or pw) else None
+    flag = int(dtype == torch.bfloat16)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, bool | None]:
+        if x.dtype != dtype or x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu":
+            raise ValueError(f"bsr_conv2d (native): x {x.dtype} {tuple(x.shape)} on {x.device}: expected {dtype} "
+                             f"[N, {c}, H, W] on the CPU")
+        n, _, h, wd = x.shape
+        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if oh < 0 or ow < 0:
+            raise ValueError(f"bsr_conv2d (native): input {h}x{wd} with padding {(ph, pw)} is smaller than the "
+                             f"dilated {kh}x{kw} kernel (dilation {(dh, dw)})")
+        y = torch.empty(n, oh, ow, o, dtype=dtype)
+        bad = False if amx else None  # (no outputs: nothing to make NaN)
+        if y.numel():
+            xn, threads = _nhwc_view(x), torch.get_num_threads()
+            if not amx:
+                rc = kern(xn.data_ptr(), flag, n, h, wd, c, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
+                          o, o, threads)
+            elif pad is not None:  # the padded copy, scanned as it is made
+                hp, wp = h + 2 * ph, wd + 2 * pw
+                xp = scratch("native.xpad", n * hp * wp * c, dtype)
+                bad = bool(pad(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(), threads))
+                rc = kern(xp.data_ptr(), n, hp, wp, c, kh, kw, sh, sw, 0, 0, dh, dw, oh, ow, *weights, y.data_ptr(),
+                          o, o, None, threads)
+            else:  # the rows the windows reach, scanned by the kernel as it goes
+                found = ctypes.c_int(0)
+                rc = kern(xn.data_ptr(), n, h, wd, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
+                          o, o, ctypes.byref(found), threads)
+                bad = bool(found.value)
+            if rc != 0:
+                raise RuntimeError(f"the block-sparse conv kernel ({engine}) refused its arguments (code {rc})")
+        return y.permute(0, 3, 1, 2), bad
+
+    run.operands = (w, bias)  # (alive while the function is)
+    return run
 
 
 def bsr_linear(x: torch.Tensor, w: PackedFloat, bias: torch.Tensor | None, out_features: int,
@@ -833,32 +881,15 @@ def _check_float(lib) -> None:
                 xd = x.to(dtype)
                 want = torch.nn.functional.conv2d(xd.double(), dense if dtype == torch.float32 else
                                                   dense.to(dtype).double(), bias.double(), stride, padding, dilation)
-                y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=dtype)
-                _conv_raw(lib, xd.permute(0, 2, 3, 1).contiguous(), w, kw, stride, padding, dilation, want.shape[2],
-                          want.shape[3], bias, y)
-                err = float((y.permute(0, 3, 1, 2).double() - want).abs().max() / want.abs().max())
+                xl = xd.contiguous(memory_format=torch.channels_last)  # (read in place: no layout copy inside the check)
+                y = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xl, "native", lib)(xl)[0]
+                err = float((y.double() - want).abs().max() / want.abs().max())
                 if not err < (1e-5 if dtype == torch.float32 else 1e-2):
                     raise RuntimeError(f"the {dtype} block-sparse conv (block {bs}, stride {stride}, padding {padding}, "
                                        f"dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
 
 
 # ------------------------------------------------------------------------------------------------ AMX (bsr_amx)
-def _amx_raw(lib, xn, w: PackedFloat, kh, kw, stride, padding, dilation, oh, ow, bias, y, scan: bool = False):
-    """The AMX kernel on ``xn``, a contiguous NHWC bf16 input (its zero padding is not stored). ``scan``: returns
-    whether the input rows the windows reach hold a NaN or an inf (else None)."""
-    n, h, wd, c = xn.shape
-    bs = w.blocks.shape[2]
-    found = ctypes.c_int(0)
-    rc = lib.accel_bsr_conv_amx(xn.data_ptr(), n, h, wd, c, kh, kw, stride[0], stride[1], padding[0], padding[1],
-                                dilation[0], dilation[1], oh, ow, w.blocks.data_ptr(), w.crow.data_ptr(),
-                                w.col.data_ptr(), w.crow.numel() - 1, bs, None if bias is None else bias.data_ptr(),
-                                y.data_ptr(), y.shape[-1], y.shape[-1], ctypes.byref(found) if scan else None,
-                                torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"the AMX block-sparse kernel refused its arguments (code {rc})")
-    return bool(found.value) if scan else None
-
-
 def bsr_conv2d_amx(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
                    dilation, padded: bool = False) -> torch.Tensor:
     """:func:`bsr_conv2d` for bf16 on AMX tiles (``w`` packed for bf16): ``[N, O, OH, OW]`` channels_last bf16."""
@@ -869,37 +900,10 @@ def bsr_conv2d_amx_scanned(x: torch.Tensor, w: PackedFloat, weight_shape, bias: 
                            dilation, padded: bool = False) -> tuple[torch.Tensor, bool]:
     """:func:`bsr_conv2d_amx` and whether ``x`` holds a NaN or an inf in the input rows its windows span (whole rows,
     from each output row's first tap row to its last; the caller then makes NaN the outputs of exactly the windows
-    holding one, as the dense conv's).
-
-    The kernel reads a channels_last ``x`` in place (other layouts are copied to channels_last first) and scans each
-    of those rows just before its first use. The zero padding is not stored: pixel groups whose windows reach into it are
-    copied into a small buffer first, which costs more where most of them do (narrow images). ``padded``: copy ``x``
-    into a zero-padded buffer instead, scanning all of it on the way (``accel_pad_nhwc``); ``accel.ops.bsr_conv``
-    measures both (engines ``native_amx`` and ``native_amx_padded``)."""
-    o, c, kh, kw = weight_shape
-    n, cx, h, wd = x.shape
-    if x.dtype != torch.bfloat16:
-        raise ValueError(f"bsr_conv2d (native AMX): x must be bfloat16, got {x.dtype}")
-    bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
-    _check_geometry(stride, padding, dilation)
-    oh, ow = output_size(h, wd, kh, kw, stride, padding, dilation)
-    nbr = w.crow.numel() - 1
-    if cx != c or bias is not None and bias.numel() != o or o > nbr * bs:
-        raise ValueError(f"bsr_conv2d (native AMX): x {tuple(x.shape)} for weight {tuple(weight_shape)}, bias "
-                         f"{None if bias is None else tuple(bias.shape)}, {nbr} block rows of {bs}")
-    y = torch.empty(n, max(oh, 0), max(ow, 0), o, dtype=x.dtype)
-    xn = _nhwc_view(x)
-    ph, pw = padding
-    bad = False  # (no outputs: nothing to make NaN)
-    if y.numel() and padded and (ph or pw):  # the padded copy, scanned as it is made
-        hp, wp = h + 2 * ph, wd + 2 * pw
-        xp = scratch("native.xpad", n * hp * wp * c, x.dtype).view(n, hp, wp, c)
-        bad = bool(_lib("bsr_float").accel_pad_nhwc(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(),
-                                                    torch.get_num_threads()))
-        _amx_raw(_lib("bsr_amx"), xp, w, kh, kw, stride, (0, 0), dilation, oh, ow, bias, y)
-    elif y.numel():  # the rows the windows reach, scanned by the kernel as it goes
-        bad = _amx_raw(_lib("bsr_amx"), xn, w, kh, kw, stride, padding, dilation, oh, ow, bias, y, scan=True)
-    return y.permute(0, 3, 1, 2), bad
+    holding one, as the dense conv's): :func:`conv_runner`'s ``native_amx`` engine, or with ``padded``
+    ``native_amx_padded``."""
+    return conv_runner(w, weight_shape, bias, stride, padding, dilation, x,
+                       "native_amx_padded" if padded else "native_amx")(x)
 
 
 def _check_amx(lib) -> None:
@@ -925,10 +929,9 @@ def _check_amx(lib) -> None:
                                                  (40, (1, 2), (0, 1), (2, 1))):
             x = torch.randn(2, c, 5, width + (kw - 1) * dilation[1], generator=g).bfloat16()
             want = torch.nn.functional.conv2d(x.double(), dense, bias.double(), stride, padding, dilation)
-            y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=torch.bfloat16)
-            _amx_raw(lib, x.permute(0, 2, 3, 1).contiguous(), w, kh, kw, stride, padding, dilation, want.shape[2],
-                     want.shape[3], bias, y)
-            err = float((y.permute(0, 3, 1, 2).double() - want).abs().max() / want.abs().max())
+            xl = x.contiguous(memory_format=torch.channels_last)
+            y = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xl, "native_amx", lib)(xl)[0]
+            err = float((y.double() - want).abs().max() / want.abs().max())
             if not err < 1e-2:
                 raise RuntimeError(f"the AMX block-sparse conv (block {bs}, width {width}, stride {stride}, padding "
                                    f"{padding}, dilation {dilation}) is off by {err:.2e} against PyTorch's conv")

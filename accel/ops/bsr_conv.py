@@ -154,30 +154,31 @@ def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, paddi
     """Run one CPU engine (see :func:`cpu_engines`)."""
     if engine == "dense":
         return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
-    bad = None  # (whether x holds NaN/inf, where an engine learnt it on the way)
+    if engine in cpu_native.CONV_ENGINES:
+        return _native_runner(engine, x, values, crow, col, weight_shape, bias, stride, padding, dilation)(x)
     if engine == "gather":
         y = cpu_conv.bsr_conv2d_gather(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
-    elif engine in ("native", "native_amx", "native_amx_padded"):
-        y, bad = _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, engine)
     elif engine.startswith("im2col_"):
         y = cpu_conv.bsr_conv2d_im2col(x, values, crow, col, weight_shape, bias, stride, padding, dilation,
                                        engine[len("im2col_"):])
     else:
         raise ValueError(f"bsr_conv2d: unknown CPU engine {engine!r}")
-    return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad)
+    return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation)
 
 
-def _run_native(x, values, crow, col, weight_shape, bias, stride, padding, dilation, engine: str):
-    """``(y, bad)``: the native engine's output, and whether ``x`` holds NaN/inf where the AMX engines found out on
-    the way (else None)."""
+def _native_runner(engine: str, x, values, crow, col, weight_shape, bias, stride, padding, dilation):
+    """The native engine's call for ``x``'s kind of input, the layer's packed blocks and fp32 bias fetched once
+    (``accel.cpu.native.conv_runner``), the outputs whose windows read NaN/inf made as the dense conv's."""
     o, c, kh, kw = weight_shape
-    nbc = kh * kw * c // values.shape[1]
-    w = cpu_native.packed_float(values, crow, col, nbc, x.dtype)
+    w = cpu_native.packed_float(values, crow, col, kh * kw * c // values.shape[1], x.dtype)
     b = None if bias is None else bias.detach().float().contiguous()
-    if engine != "native":
-        return cpu_native.bsr_conv2d_amx_scanned(x, w, weight_shape, b, stride, padding, dilation,
-                                                 padded=engine == "native_amx_padded")
-    return cpu_native.bsr_conv2d(x, w, weight_shape, b, stride, padding, dilation), None
+    run = cpu_native.conv_runner(w, weight_shape, b, stride, padding, dilation, x, engine)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y, bad = run(x)
+        return _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad)
+
+    return fn
 
 
 def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad: bool | None = None) -> torch.Tensor:
@@ -418,5 +419,8 @@ def _resolve_cpu(x, values, crow, col, weight_shape, bias, stride, padding, dila
         # what _run_dense does for a channels_last input: torch's conv of the densified (channels_last) weight
         w = _dense_weight(values, crow, col, weight_shape, x.dtype)
         return functools.partial(F.conv2d, weight=w, bias=bias, stride=stride, padding=padding, dilation=dilation), True
+    if engine in cpu_native.CONV_ENGINES:  # (operands fetched and checked once, for every input of the plan's kind)
+        run = _native_runner(engine, x, values, crow, col, weight_shape, bias, stride, padding, dilation)
+        return (lambda x: as_conv_output(run(x), x)), True
     return (lambda x: as_conv_output(run_cpu(engine, x, values, crow, col, weight_shape, bias, stride, padding,
                                              dilation), x)), True

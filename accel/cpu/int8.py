@@ -838,9 +838,7 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
     o, _, kh, kw = w_q.shape
     (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
     oh, ow = conv_output_hw(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
-    bs = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
-    packed = cached_tensor(f"int8.amx_conv_blocks{bs}", w_q,
-                           lambda: native.pack(*_dense_blocks(w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bs)))
+    packed = _amx_conv_blocks(w_q)
     if _native_scale(static_scale) and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
         u, scale = native.quantize_images_padded(x, qmax, (ph, pw), static_scale)  # (into the padded NHWC buffer)
     else:
@@ -860,6 +858,39 @@ def _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, stat
                                native.out_dtype(x.dtype, activation))
     y = activate(y, activation, inplace=True).permute(0, 3, 1, 2)  # [B, O, OH, OW] channels_last
     return y if y.dtype == x.dtype else y.to(x.dtype, memory_format=torch.channels_last)
+
+
+def _amx_conv_blocks(w_q: torch.Tensor) -> native.Packed:
+    """The ``amx_tiles`` conv's weight, ``[O, KH*KW*C]`` in ``(kh, kw, c)`` order as dense blocks of the widest size
+    dividing C (64, 32 or 16), packed for the kernel once per weight."""
+    o, c, kh, kw = w_q.shape
+    bs = 64 if c % 64 == 0 else 32 if c % 32 == 0 else 16
+    return cached_tensor(f"int8.amx_conv_blocks{bs}", w_q,
+                         lambda: native.pack(*_dense_blocks(w_q.permute(0, 2, 3, 1).reshape(o, kh * kw * c), bs)))
+
+
+def tiles_conv_runner(x, w_q, w_scale, bias, stride, padding, dilation, activation: str,
+                      static_scale: torch.Tensor | None, qmax: int):
+    """The ``amx_tiles`` conv engine for one layer's operands, bound once (the packed blocks, the fp32 scales and
+    bias, the kernels: ``accel.cpu.native.int8_conv_runner``): a function of inputs of ``x``'s dtype and channels,
+    for a settled layer's plan. Inputs the native quantization cannot read in place (neither channels_last nor
+    contiguous), and activation scales it does not take, go through :func:`conv2d_int8_cpu`'s steps."""
+    def general(x):
+        return _conv_amx(x, w_q, w_scale, bias, stride, padding, dilation, activation, static_scale, qmax)
+
+    if not (_native_scale(static_scale) and amx_conv_ok(w_q.shape[1])):
+        return general
+    run = native.int8_conv_runner(_amx_conv_blocks(w_q), tuple(w_q.shape), w_scale.detach().float().contiguous(),
+                                  None if bias is None else bias.detach().float().contiguous(), stride, padding,
+                                  dilation, qmax, x.dtype, activation,
+                                  None if static_scale is None else float(static_scale.reshape(())))
+
+    def fn(x):
+        if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+            return run(x)
+        return general(x)
+
+    return fn
 
 
 def canonical(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

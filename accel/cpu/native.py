@@ -728,6 +728,17 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
     return conv_runner(w, weight_shape, bias, stride, padding, dilation, x, "native")(x)[0]
 
 
+def _runner_out_hw(what: str, h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                   dw: int) -> tuple[int, int]:
+    """A conv runner's output size for an ``h x w`` input, or a ValueError where the input is smaller than the
+    dilated kernel."""
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 0 or ow < 0:
+        raise ValueError(f"{what}: input {h}x{w} with padding {(ph, pw)} is smaller than the dilated {kh}x{kw} kernel "
+                         f"(dilation {(dh, dw)})")
+    return oh, ow
+
+
 #: the native float conv engines (:func:`conv_runner`)
 CONV_ENGINES = ("native", "native_amx", "native_amx_padded")
 
@@ -772,10 +783,7 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
             raise ValueError(f"bsr_conv2d (native): x {x.dtype} {tuple(x.shape)} on {x.device}: expected {dtype} "
                              f"[N, {c}, H, W] on the CPU")
         n, _, h, wd = x.shape
-        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if oh < 0 or ow < 0:
-            raise ValueError(f"bsr_conv2d (native): input {h}x{wd} with padding {(ph, pw)} is smaller than the "
-                             f"dilated {kh}x{kw} kernel (dilation {(dh, dw)})")
+        oh, ow = _runner_out_hw("bsr_conv2d (native)", h, wd, kh, kw, sh, sw, ph, pw, dh, dw)
         y = torch.empty(n, oh, ow, o, dtype=dtype)
         bad = False if amx else None  # (no outputs: nothing to make NaN)
         if y.numel():
@@ -977,6 +985,71 @@ def int8_conv2d_amx(up: torch.Tensor, w: Packed, weight_shape, scale: torch.Tens
     if y.numel():
         _int8_conv_raw(_lib("bsr_amx"), up, w, kw, stride, dilation, oh, ow, scale, w_scale, bias, y)
     return y
+
+
+def int8_conv_runner(w: Packed, weight_shape, w_scale: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                     dilation, qmax: int, dtype: torch.dtype, activation: str = "none",
+                     static_scale: float | None = None):
+    """:func:`quantize_images_padded` then :func:`int8_conv2d_amx` for one layer's operands, checked once here: a
+    function of inputs ``x [N, C, H, W]`` in ``dtype`` (channels_last, or contiguous NCHW: read in place) making two
+    native calls and returning ``[N, O, OH, OW]`` channels_last in ``dtype``, activated: for a settled layer's plan
+    (``accel.ops._plans``), where each Python step costs microseconds between a model's other ops (the checked path
+    cost ~0.1 ms more per call than its two kernels on 8x64x56x56). ``static_scale``: one activation scale (accel's
+    static rule), else per image."""
+    from ..quant import ACTIVATIONS, activate
+
+    o, c, kh, kw = weight_shape
+    bs = w.blocks.shape[2]
+    nbr = w.crow.numel() - 1
+    y_dtype = out_dtype(dtype, activation)
+    vec = (w_scale,) + (() if bias is None else (bias,))
+    _check_geometry(stride, padding, dilation)
+    if not (dtype in _DTYPES and c % 16 == 0 and c % bs == 0 and nbr == -(-o // bs) and w.width <= kh * kw * c and
+            w_scale.numel() == o and (bias is None or bias.numel() == o) and
+            all(t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu" for t in vec)
+            and isinstance(qmax, int) and 1 <= qmax <= 127 and activation in ACTIVATIONS):
+        raise ValueError(f"int8_conv2d (native AMX): weight {tuple(weight_shape)} in {nbr} block rows of {bs}, w_scale "
+                         f"{w_scale.dtype} {tuple(w_scale.shape)}, bias "
+                         f"{None if bias is None else (bias.dtype, tuple(bias.shape))}, qmax {qmax}, activations {dtype}, "
+                         f"activation {activation!r}")
+    if not int8_amx_available():
+        raise RuntimeError("int8_conv2d (native AMX): the AMX kernels are not available here (tiles, ACCEL_CPU_ISA, or "
+                           "Linux's tile state)")
+    (sh, sw), (ph, pw), (dh, dw) = tuple(stride), tuple(padding), tuple(dilation)
+    quantize, conv = _lib().accel_quantize_images_padded, _lib("bsr_amx").accel_int8_conv_amx
+    weights = (w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), nbr, bs, w.comp.data_ptr())
+    tail = (w_scale.data_ptr(), None if bias is None else bias.data_ptr())
+    static = (0, 0.0) if static_scale is None else (1, float(static_scale))
+    y_bf16 = int(y_dtype == torch.bfloat16)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        if x.dtype != dtype or x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu" or \
+                not (cl or x.is_contiguous()):
+            raise ValueError(f"int8_conv2d (native AMX): x {x.dtype} {tuple(x.shape)} strides {x.stride()} on "
+                             f"{x.device}: expected {dtype} [N, {c}, H, W], channels_last or contiguous, on the CPU")
+        n, _, h, wd = x.shape
+        oh, ow = _runner_out_hw("int8_conv2d (native AMX)", h, wd, kh, kw, sh, sw, ph, pw, dh, dw)
+        y = torch.empty(n, oh, ow, o, dtype=y_dtype)
+        if y.numel():
+            hp, wp, threads = h + 2 * ph, wd + 2 * pw, torch.get_num_threads()
+            up = scratch("native.up8", n * hp * wp * c, torch.uint8)
+            scale = torch.empty(n, dtype=torch.float32)
+            rc = quantize(x.data_ptr(), _DTYPES[dtype], int(not cl), n, h, wd, c, qmax, *static, up.data_ptr(), ph, pw,
+                          scale.data_ptr(), threads)
+            if rc != 0:
+                raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
+            rc = conv(up.data_ptr(), n, hp, wp, c, kw, sh, sw, dh, dw, oh, ow, *weights, scale.data_ptr(), *tail,
+                      y.data_ptr(), y_bf16, o, o, threads)
+            if rc != 0:
+                raise RuntimeError(f"the AMX int8 conv kernel refused its arguments (code {rc})")
+        if activation != "none":
+            y = activate(y, activation, inplace=True)
+        y = y.permute(0, 3, 1, 2)
+        return y if y.dtype == dtype else y.to(dtype, memory_format=torch.channels_last)
+
+    run.operands = (w, w_scale, bias)  # (alive while the function is)
+    return run
 
 
 def _check_amx_int8(lib) -> None:

@@ -632,6 +632,9 @@ def _resolve_conv(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, a
     if mode == "int8":
         check_int32_k("QuantConv2d", w_q)
     engine = _conv_engine(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, qmax, mode)
+    if engine == "amx_tiles" and x.dtype in FLOAT_DTYPES and cpu_int8.amx_conv_ok(x.shape[1]):
+        run = cpu_int8.tiles_conv_runner(x, w_q, w_scale, bias, stride, padding, dilation, activation, act_scale, qmax)
+        return lambda x: as_conv_output(run(x), x)  # (operands bound once)
     if engine not in FLOAT_CONV_FORMS:
         return lambda x: as_conv_output(cpu_int8.conv2d_int8_cpu(x, w_q, w_scale, bias, stride, padding, dilation,
                                                                  activation, act_scale, qmax, engine), x)

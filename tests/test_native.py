@@ -483,8 +483,8 @@ def test_float_operands_are_checked(monkeypatch):
         with pytest.raises(ValueError, match=what):
             run(bad)
     with pytest.raises(ValueError, match="smaller than the dilated 3x3 kernel"):
-        native.conv_runner(wc, (32, 32, 3, 3), None, (1, 1), (0, 0), (1, 1), torch.randn(1, 32, 5, 5), "native")(
-            torch.randn(1, 32, 1, 5))
+        native.conv_runner(wc, (32, 32, 3, 3), None, (2, 2), (0, 0), (1, 1), torch.randn(1, 32, 5, 5), "native")(
+            torch.randn(1, 32, 2, 5))  # (one row short: a floor division would give an empty output)
     with pytest.raises(ValueError, match="unknown engine 'amx'"):
         native.conv_runner(wc, (32, 32, 3, 3), None, (1, 1), (1, 1), (1, 1), torch.randn(1, 32, 5, 5), "amx")
     with pytest.raises(ValueError, match="must be bfloat16"):

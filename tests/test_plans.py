@@ -347,24 +347,35 @@ def test_planned_int8_engines_equal_the_dispatch_path(engine, activation):
 @pytest.mark.parametrize("engine", [e for e in engines.known_ops()["int8_conv2d"]
                                     if e in cpu_int8.conv_engines(cpu_int8.act_qmax())])
 @pytest.mark.parametrize("mode, activation", [("dynamic", "none"), ("dynamic", "relu"), ("static", "gelu")])
-def test_planned_int8_conv_engines_equal_the_dispatch_path(engine, mode, activation):
+def test_planned_int8_conv_engines_equal_the_dispatch_path(engine, mode, activation, accel_env, monkeypatch):
     """Each exact int8 conv engine (the amx_tiles plan binds its operands once) gives the dispatch path's bits: fp32
-    and bf16, NCHW, channels_last and strided inputs, a NaN pixel, and after the weight changes in place."""
+    and bf16, NCHW, channels_last and strided inputs, a NaN pixel, and after the weight and the static scale change
+    in place. (The engine pinned through the environment: plans are kept, as in use; a thread's engines.force makes
+    none.)"""
+    resolved = []
+    real = ops._resolve_conv
+    monkeypatch.setattr(ops, "_resolve_conv", lambda *a: resolved.append(1) or real(*a))
+    accel_env(ACCEL_ENGINE=f"int8_conv2d={engine}")
     conv = nn.Conv2d(32, 24, 3, stride=(1, 2), padding=(1, 2))
     q = QuantConv2d.from_float(conv, mode, act_scale=torch.tensor(0.03) if mode == "static" else None,
                                activation=activation)
-    with engines.force(int8_conv2d=engine), torch.no_grad():
+    with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(3, 32, 7, 9, dtype=dtype)
             for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, 1:]):
-                for _ in range(2):  # the second call runs the plan the first made
+                for call in range(2):  # the second call runs the plan the first made
+                    n = len(resolved)
                     y = q(inp)
-                    assert y.dtype == dtype
+                    assert y.dtype == dtype and (call == 0 or len(resolved) == n)
                     assert torch.equal(y, _unplanned_conv(q, inp)), (dtype, inp.stride())
         x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
         q(x)
         x[1, 4, 2, 3] = float("nan")
         torch.testing.assert_close(q(x), _unplanned_conv(q, x), rtol=0, atol=0, equal_nan=True)
         assert q(x)[1].isnan().any() and not q(x)[0].isnan().any()
+        y = q(x[:1])
         q.weight_q.neg_()
-        assert torch.equal(q(x[:1]), _unplanned_conv(q, x[:1]))
+        assert torch.equal(q(x[:1]), _unplanned_conv(q, x[:1])) and not torch.equal(q(x[:1]), y)
+        if mode == "static":
+            q.act_scale.mul_(4)
+            assert torch.equal(q(x[:1]), _unplanned_conv(q, x[:1]))

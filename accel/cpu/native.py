@@ -730,10 +730,10 @@ def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor
 
 def _runner_out_hw(what: str, h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                    dw: int) -> tuple[int, int]:
-    """A conv runner's output size for an ``h x w`` input, or a ValueError where the input is smaller than the
-    dilated kernel."""
+    """A conv runner's output size for an ``h x w`` input, or a ValueError where the padded input is smaller than the
+    dilated kernel (as PyTorch's conv)."""
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if oh < 0 or ow < 0:
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
         raise ValueError(f"{what}: input {h}x{w} with padding {(ph, pw)} is smaller than the dilated {kh}x{kw} kernel "
                          f"(dilation {(dh, dw)})")
     return oh, ow

@@ -740,10 +740,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     A block-sparse ``SparseLinear`` (after ``sparsify_``) becomes an int8 block-sparse ``SparseQuantLinear``
     (``linear_mode`` "auto" / "dynamic"); with ``example_inputs`` it becomes whichever of the sparse float layer,
     the dense int8 ``QuantLinear`` and the int8 block-sparse layer measures fastest here (all three times
-    reported). Layers QuantConv2d cannot serve stay in floating point, with the reason. The ``auto`` modes
-    (default) decide per batch bucket on the running machine between int8 and the dequantized float
-    weight; with ``example_inputs`` (and ``config.measure``) those decisions are made now, at each
-    layer's real input, and reported with the int8 layer's speed against the float one.
+    reported). A block-sparse ``SparseConv2d`` (there is no int8 block-sparse conv) becomes the dense int8
+    ``QuantConv2d`` of its masked weight where, with ``example_inputs``, that measures faster than the sparse
+    float layer (both times reported); otherwise it stays. Layers QuantConv2d cannot serve stay in floating
+    point, with the reason. The ``auto`` modes (default) decide per batch bucket on the running machine between
+    int8 and the dequantized float weight; with ``example_inputs`` (and ``config.measure``) those decisions are
+    made now, at each layer's real input, and reported with the int8 layer's speed against the float one.
 
     Layers: Hugging Face ``Conv1D`` (GPT-2) counts as the Linear it is (weight transposed). A layer whose
     weight is computed (``torch.nn.utils.parametrize`` / ``parametrizations.weight_norm``, old-style
@@ -783,8 +785,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
     for name, m in model.named_modules():  # layers quantize_ leaves as they are are reported, not skipped silently
         if name in candidates or (filter_fn is not None and not filter_fn(m, name)):
             continue
-        if isinstance(m, SparseConv2d):
-            rows.append(_row(name, m, None, "sparse float", "no int8 block-sparse conv: the SparseConv2d stays"))
+        if isinstance(m, SparseConv2d):  # (stored dense: its mask kept on a dense weight)
+            rows.append(_row(name, m, None, "sparse float", "stored dense (mode 'dense'): kept"))
         elif (why := _no_int8_form(m, config.embeddings)) is not None:
             rows.append(_row(name, m, None, "float", why))
         elif isinstance(m, SparseLinear) and m.storage == "dense":
@@ -809,6 +811,14 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                     rows.append(_row(name, m, None, "float", "max_norm / sparse embedding"))
                     continue
                 news[name] = QuantEmbedding.from_float(as_plain(m))
+            elif isinstance(m, SparseConv2d):  # no int8 block-sparse conv: the dense int8 conv of its masked weight,
+                dense = m.to_dense()  # where it measures faster than the sparse float layer (_sparse_form)
+                reason = QuantConv2d.unsupported_reason(dense)
+                if reason is not None:
+                    rows.append(_row(name, m, None, "sparse float", reason))
+                    continue
+                news[name] = QuantConv2d.from_float(dense, mode_of(name, config.conv_mode, scale), act_scale=scale,
+                                                    act_qmax=qmax)
             elif kind is nn.Conv2d:
                 reason = QuantConv2d.unsupported_reason(m)
                 if reason is not None:
@@ -906,7 +916,7 @@ def _quantize_layer(model, name, new, candidates, aliases, per_batch, no_scale, 
     note = _origin_note(m, name, aliases)
     if name in no_scale:
         note = "no act_scale (calibrate saw no input for it): dynamic" + (f"; {note}" if note else "")
-    if isinstance(new, SparseQuantLinear):
+    if isinstance(new, SparseQuantLinear) or isinstance(m, SparseConv2d):
         chosen, layer_rows = _sparse_form(name, m, new, [(b, x) for b, _, _, x in per_batch], config)
         if chosen is not m:
             replace_modules(model, {name: carry_over(m, chosen)}, aliases)
@@ -962,59 +972,72 @@ def _check_act_scales(scales) -> None:
 
 
 def _is_sparse(m: nn.Module) -> bool:
-    return isinstance(m, SparseLinear) and m.storage == "sparse"
+    return isinstance(m, (SparseLinear, SparseConv2d)) and m.storage == "sparse"
 
 
 SPARSE_FORMS = ("sparse float", "int8 dense", "int8 block-sparse")
 
 
 @torch.no_grad()
-def _sparse_form(name: str, old: SparseLinear, new: SparseQuantLinear, per_batch, config: QuantConfig):
-    """The fastest of the sparse float layer, the dense int8 ``QuantLinear`` of its (masked) weight and the int8
-    block-sparse layer at the layer's real inputs, measured like every engine decision (``accel.engines.choose``:
-    interleaved rounds, the int8 block-sparse layer kept unless another form is faster by the margin, cached per
-    shape, density, bucket and dtype). Over several batch sizes the form chosen at most of them wins (ties: the
-    least total time). Returns ``(module to use, report rows)``."""
+def _sparse_form(name: str, old: SparseLinear | SparseConv2d, new: SparseQuantLinear | QuantConv2d, per_batch,
+                 config: QuantConfig):
+    """The fastest int8 form of a block-sparse layer at its real inputs, measured like every engine decision
+    (``accel.engines.choose``: interleaved rounds, the default form kept unless another is faster by the margin,
+    cached per shape, density, bucket and dtype). A ``SparseLinear``: the sparse float layer, the dense int8
+    ``QuantLinear`` of its (masked) weight, or the int8 block-sparse layer ``new`` (the default). A ``SparseConv2d``
+    (there is no int8 block-sparse conv): the sparse float layer (the default: it stays) or the dense int8
+    ``QuantConv2d`` of its masked weight, ``new``. Over several batch sizes the form chosen at most of them wins
+    (ties: the least total time). Returns ``(module to use, report rows)``."""
+    conv = isinstance(old, SparseConv2d)
+    if conv:
+        forms = {"sparse float": old, "int8 dense": new}
+        default = "sparse float"
+        parts = dict(old="SparseConv2d", new="QuantConv2d", mode=new.mode,
+                     w=(old.weight_shape, old.stride, old.padding, old.dilation, old.block_size, old.values.shape[0]))
+    else:
+        dense = QuantLinear.from_float(old.to_linear(), config.linear_mode, act_qmax=config.act_qmax)
+        forms = dict(zip(SPARSE_FORMS, (old, dense, new)))
+        default = "int8 block-sparse"
+        parts = dict(old="SparseLinear", new="SparseQuantLinear|QuantLinear",
+                     w=(new.out_features, new.in_features, new.block_size, new.nnz))
     measured = [(b, inputs[name]) for b, inputs in per_batch if inputs.get(name) is not None]
     if not measured:
-        return new, [_row(name, old, None, "int8 block-sparse", f"density {new.density:.3f} (not measured)")]
-    dense = QuantLinear.from_float(old.to_linear(), config.linear_mode, act_qmax=config.act_qmax)
-    forms = dict(zip(SPARSE_FORMS, (old, dense, new)))
+        why = "not measured: example_inputs let quantize_ time the dense int8 conv against it" if conv else \
+            "not measured"
+        return forms[default], [_row(name, old, None, default, f"density {old.density:.3f} ({why})")]
+    names = tuple(forms)
     results = []
     for batch, x in measured:
         for f in forms.values():
             f(x)  # each form's own engine decisions first, so they are not timed
-        key = engines.make_key("replace", old="SparseLinear", new="SparseQuantLinear|QuantLinear",
-                               w=(new.out_features, new.in_features, new.block_size, new.nnz), x=tuple(x.shape[1:]),
-                               m=engines.m_bucket(x.shape[0]), dt=str(x.dtype)[6:], q=new.act_qmax)
-        calls = {f: (lambda f=f: forms[f](x)) for f in SPARSE_FORMS}
-        winner = engines.choose("replace", key, calls, default="int8 block-sparse", device=x.device.type,
-                                budget_s=config.budget_s, allowed=SPARSE_FORMS)
+        key = engines.make_key("replace", **parts, x=tuple(x.shape[1:]), m=engines.m_bucket(x.shape[0]),
+                               dt=str(x.dtype)[6:], q=getattr(new, "act_qmax", 0))
+        calls = {f: (lambda f=f: forms[f](x)) for f in names}
+        winner = engines.choose("replace", key, calls, default=default, device=x.device.type,
+                                budget_s=config.budget_s, allowed=names)
         dec = engines.decision(key)
         busy = dec is None or dec.contended
-        if dec is not None and set(SPARSE_FORMS) <= dec.times_ms.keys():
+        if dec is not None and set(names) <= dec.times_ms.keys():
             times = dec.times_ms
         else:
             again = engines.measure(calls, incumbent=winner, device=x.device.type, budget_s=config.budget_s)
             times, busy = again.times_ms, again.contended
         results.append((batch, x, winner, times, busy))
-    wins = {f: sum(r[2] == f for r in results) for f in SPARSE_FORMS}
-    total = {f: sum(r[3].get(f, math.inf) for r in results) for f in SPARSE_FORMS}
-    chosen = max(SPARSE_FORMS, key=lambda f: (wins[f], -total[f]))
-    shown = {"sparse float": lambda x: f"sparse float: {_decision_of(old, x)}",
-             "int8 dense": lambda x: _decision_of(dense, x),
-             "int8 block-sparse": lambda x: _decision_of(new, x)}
+    wins = {f: sum(r[2] == f for r in results) for f in names}
+    total = {f: sum(r[3].get(f, math.inf) for r in results) for f in names}
+    chosen = max(names, key=lambda f: (wins[f], -total[f]))
     rows = []
     for batch, x, winner, times, busy in results:
         old(x), forms[chosen](x)  # so the report names the engines this batch runs
-        ms = ", ".join(f"{f} {times[f]:.3f} ms" for f in SPARSE_FORMS if f in times)
+        ms = ", ".join(f"{f} {times[f]:.3f} ms" for f in names if f in times)
         note = "" if winner == chosen else f"; {winner} at this batch"
         if busy or chosen not in times or "sparse float" not in times:  # the timings decided nothing here
             note += "; not timed (the machine was busy): the default form" if busy else ""
             timing = None  # (no speedup claimed from them)
         else:
             timing = (times["sparse float"], times[chosen], times["sparse float"] / times[chosen])
-        rows.append(_row(name, old, x, shown[chosen](x), f"density {new.density:.3f}; {ms}{note}", timing, batch))
+        shown = f"sparse float: {_decision_of(old, x)}" if chosen == "sparse float" else _decision_of(forms[chosen], x)
+        rows.append(_row(name, old, x, shown, f"density {old.density:.3f}; {ms}{note}", timing, batch))
     return forms[chosen], rows
 
 

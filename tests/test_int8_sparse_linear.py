@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import accel
-from accel import SparseLinear, SparseQuantLinear, engines
+from accel import QuantConv2d, SparseConv2d, SparseLinear, SparseQuantLinear, engines
 from accel.cpu import int8_bsr as cpu_int8_bsr
 from accel.formats import expand_block_mask
 from accel.ops.int8_bsr_linear import int8_bsr_linear
@@ -398,6 +398,42 @@ def test_quantize_keeps_the_fastest_sparse_form(measuring, monkeypatch):
     monkeypatch.setattr(SparseLinear, "forward", slow2)
     accel.quantize_(model2, accel.QuantConfig(budget_s=0.02), example_inputs=(x,))
     assert not isinstance(model2[0], SparseLinear) and not isinstance(model2[2], SparseLinear)
+
+
+def test_quantize_keeps_the_faster_form_of_a_sparse_conv(measuring, monkeypatch, tmp_path):
+    """With example inputs a SparseConv2d becomes the dense int8 QuantConv2d of its masked weight where that is faster
+    than the sparse float layer, else stays; the rows report both times; a saved and loaded model computes the
+    same. Each direction forced by making the other form artificially slow."""
+    import time
+
+    def model_():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+        accel.sparsify_(m, accel.SparsityConfig(sparsity=0.75, block=16, scope="layer", convs=True, mode="sparse"))
+        assert isinstance(m[0], SparseConv2d) and isinstance(m[2], SparseConv2d)
+        return m
+
+    x = torch.randn(2, 32, 8, 8)
+    for slow_cls, kept in ((SparseConv2d, QuantConv2d), (QuantConv2d, SparseConv2d)):
+        engines.clear(disk=True)
+        model = model_()
+        with torch.no_grad():
+            want = model(x)
+        real = slow_cls.forward
+        monkeypatch.setattr(slow_cls, "forward", lambda self, inp, real=real: time.sleep(0.01) or real(self, inp))
+        rows = accel.quantize_(model, accel.QuantConfig(budget_s=0.02), example_inputs=(x,))
+        monkeypatch.setattr(slow_cls, "forward", real)
+        by = {r["layer"]: r for r in rows}
+        assert isinstance(model[0], kept) and isinstance(model[2], kept), rows
+        assert "sparse float" in by["0"]["reason"] and "int8 dense" in by["0"]["reason"] and by["0"]["ms_after"] > 0
+        assert by["0"]["decision"].startswith("int8" if kept is QuantConv2d else "sparse float")
+        with torch.no_grad():
+            y = model(x)
+            assert accel.quant.sqnr(want, y) > 30  # (the pruned zeros stay zeros in the int8 weight)
+            accel.save(model, str(tmp_path / "m.safetensors"))
+            torch.manual_seed(1)
+            fresh = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+            assert torch.equal(accel.load(fresh, str(tmp_path / "m.safetensors"))(x), y)
 
 
 def test_quantize_static_mode_leaves_sparse_layers():

@@ -407,7 +407,8 @@ def test_native_conv_matches_pytorchs_conv(dtype, geometry):
         for b in (bias, None):
             y = ops_conv.run_cpu("native", xin, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
             ref = conv_reference(x, v, crow, col, (o, c, kh, kw), b, stride, padding, dilation)
-            assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+            fmt = torch.contiguous_format if xin is x else torch.channels_last  # (nn.Conv2d's: NCHW stored natively)
+            assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous(memory_format=fmt)
             assert rel_err(y, ref) < tol
 
 

@@ -324,13 +324,14 @@ def _load(name: str, path: str):
         lib.accel_bsr_conv_amx.restype = i32
         lib.accel_bsr_conv_amx.argtypes = [p] + [i64] * 14 + [p, p, p, i64, i64, p, p, i64, i64, p, i32]
         lib.accel_int8_conv_amx.restype = i32
-        lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32]
+        lib.accel_int8_conv_amx.argtypes = [p] + [i64] * 11 + [p, p, p, i64, i64, p, p, p, p, p, i32, i64, i64, i32,
+                                                                i32]
         if lib.accel_amx_init() != 0:  # (before any tile instruction: without the permission they fault)
             raise RuntimeError("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
         return lib
     if name == "bsr_float":
         lib.accel_bsr_conv_float.restype = i32
-        lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32]
+        lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32, i32]
         lib.accel_any_nonfinite.restype = i32
         lib.accel_any_nonfinite.argtypes = [p, i32, i64, i64, i64, i32]
         lib.accel_nonfinite_rows.restype = i64
@@ -724,7 +725,8 @@ def _check_geometry(stride, padding, dilation) -> None:
 def bsr_conv2d(x: torch.Tensor, w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding,
                dilation) -> torch.Tensor:
     """``conv2d(x, W) + bias`` for the block-sparse ``W [O, C, KH, KW]`` packed by :func:`pack_float` (``(kh, kw, c)``
-    order, ``C % B == 0``): ``[N, O, OH, OW]`` channels_last in ``x``'s dtype (fp32 sums, rounded once)."""
+    order, ``C % B == 0``): ``[N, O, OH, OW]`` in ``x``'s dtype (fp32 sums, rounded once), in the layout
+    ``nn.Conv2d`` gives ``x`` (the kernel stores NCHW itself)."""
     return conv_runner(w, weight_shape, bias, stride, padding, dilation, x, "native")(x)[0]
 
 
@@ -747,7 +749,8 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
                 engine: str, lib=None):
     """One layer's native block-sparse conv, its operands checked once here with an input ``x`` of the layer: a
     function of such inputs (``x``'s dtype and channels, any batch and image size) that checks only the input and
-    returns ``(y, bad)``: ``y [N, O, OH, OW]`` channels_last in ``x``'s dtype, and whether ``x`` holds a NaN or an inf
+    returns ``(y, bad)``: ``y [N, O, OH, OW]`` in ``x``'s dtype (channels_last; from ``native``, in the layout
+    ``nn.Conv2d`` gives ``x``, NCHW stored by the kernel), and whether ``x`` holds a NaN or an inf
     in the input rows the windows reach where the engine learnt it on the way (the AMX engines; None from
     ``native``). For a settled layer's plan (``accel.ops._plans``), where each Python step costs microseconds between a
     model's other ops (the checked path cost ~50 us more per call than its kernel).
@@ -784,13 +787,15 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
                              f"[N, {c}, H, W] on the CPU")
         n, _, h, wd = x.shape
         oh, ow = _runner_out_hw("bsr_conv2d (native)", h, wd, kh, kw, sh, sw, ph, pw, dh, dw)
-        y = torch.empty(n, oh, ow, o, dtype=dtype)
+        # the float kernel stores an NCHW result itself for an input nn.Conv2d answers in NCHW (no copy afterwards)
+        nchw = not amx and n > 0 and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last))
+        y = torch.empty(n, o, oh, ow, dtype=dtype) if nchw else torch.empty(n, oh, ow, o, dtype=dtype)
         bad = False if amx else None  # (no outputs: nothing to make NaN)
         if y.numel():
             xn, threads = _nhwc_view(x), torch.get_num_threads()
             if not amx:
                 rc = kern(xn.data_ptr(), flag, n, h, wd, c, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
-                          o, o, threads)
+                          o, o, int(nchw), threads)
             elif pad is not None:  # the padded copy, scanned as it is made
                 hp, wp = h + 2 * ph, wd + 2 * pw
                 xp = scratch("native.xpad", n * hp * wp * c, dtype)
@@ -804,7 +809,7 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
                 bad = bool(found.value)
             if rc != 0:
                 raise RuntimeError(f"the block-sparse conv kernel ({engine}) refused its arguments (code {rc})")
-        return y.permute(0, 3, 1, 2), bad
+        return (y if nchw else y.permute(0, 3, 1, 2)), bad
 
     run.operands = (w, bias)  # (alive while the function is)
     return run
@@ -854,7 +859,7 @@ def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, 
                 rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
                           None, torch.get_num_threads())
             else:
-                rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
+                rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n, 0,
                           torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
@@ -891,8 +896,9 @@ def _check_float(lib) -> None:
                                                   dense.to(dtype).double(), bias.double(), stride, padding, dilation)
                 xl = xd.contiguous(memory_format=torch.channels_last)  # (read in place: no layout copy inside the check)
                 y = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xl, "native", lib)(xl)[0]
+                yn = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xd, "native", lib)(xd)[0]  # NCHW
                 err = float((y.double() - want).abs().max() / want.abs().max())
-                if not err < (1e-5 if dtype == torch.float32 else 1e-2):
+                if not (err < (1e-5 if dtype == torch.float32 else 1e-2) and yn.is_contiguous() and torch.equal(yn, y)):
                     raise RuntimeError(f"the {dtype} block-sparse conv (block {bs}, stride {stride}, padding {padding}, "
                                        f"dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
 
@@ -945,14 +951,15 @@ def _check_amx(lib) -> None:
                                    f"{padding}, dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
 
 
-def _int8_conv_raw(lib, up, w: Packed, kw, stride, dilation, oh, ow, scale, w_scale, bias, y) -> None:
+def _int8_conv_raw(lib, up, w: Packed, kw, stride, dilation, oh, ow, scale, w_scale, bias, y, nchw: bool = False) -> None:
     n, hp, wp, c = up.shape
     bs = w.blocks.shape[2]
     rc = lib.accel_int8_conv_amx(up.data_ptr(), n, hp, wp, c, kw, stride[0], stride[1], dilation[0], dilation[1], oh, ow,
                                  w.blocks.data_ptr(), w.crow.data_ptr(), w.col.data_ptr(), w.crow.numel() - 1, bs,
                                  w.comp.data_ptr(), scale.data_ptr(), w_scale.data_ptr(),
                                  None if bias is None else bias.data_ptr(), y.data_ptr(), int(y.dtype == torch.bfloat16),
-                                 y.shape[-1], y.shape[-1], torch.get_num_threads())
+                                 y.shape[1 if nchw else -1], y.shape[1 if nchw else -1], int(nchw),
+                                 torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the AMX int8 conv kernel refused its arguments (code {rc})")
 
@@ -992,7 +999,8 @@ def int8_conv_runner(w: Packed, weight_shape, w_scale: torch.Tensor, bias: torch
                      static_scale: float | None = None):
     """:func:`quantize_images_padded` then :func:`int8_conv2d_amx` for one layer's operands, checked once here: a
     function of inputs ``x [N, C, H, W]`` in ``dtype`` (channels_last, or contiguous NCHW: read in place) making two
-    native calls and returning ``[N, O, OH, OW]`` channels_last in ``dtype``, activated: for a settled layer's plan
+    native calls and returning ``[N, O, OH, OW]`` in ``dtype`` and ``x``'s layout (the kernel stores an NCHW result
+    itself: no copy of a channels_last one), activated: for a settled layer's plan
     (``accel.ops._plans``), where each Python step costs microseconds between a model's other ops (the checked path
     cost ~0.1 ms more per call than its two kernels on 8x64x56x56). ``static_scale``: one activation scale (accel's
     static rule), else per image."""
@@ -1023,14 +1031,14 @@ def int8_conv_runner(w: Packed, weight_shape, w_scale: torch.Tensor, bias: torch
     y_bf16 = int(y_dtype == torch.bfloat16)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # (else NCHW: y too, from the kernel)
         if x.dtype != dtype or x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu" or \
                 not (cl or x.is_contiguous()):
             raise ValueError(f"int8_conv2d (native AMX): x {x.dtype} {tuple(x.shape)} strides {x.stride()} on "
                              f"{x.device}: expected {dtype} [N, {c}, H, W], channels_last or contiguous, on the CPU")
         n, _, h, wd = x.shape
         oh, ow = _runner_out_hw("int8_conv2d (native AMX)", h, wd, kh, kw, sh, sw, ph, pw, dh, dw)
-        y = torch.empty(n, oh, ow, o, dtype=y_dtype)
+        y = torch.empty(n, oh, ow, o, dtype=y_dtype) if cl else torch.empty(n, o, oh, ow, dtype=y_dtype)
         if y.numel():
             hp, wp, threads = h + 2 * ph, wd + 2 * pw, torch.get_num_threads()
             up = scratch("native.up8", n * hp * wp * c, torch.uint8)
@@ -1040,13 +1048,14 @@ def int8_conv_runner(w: Packed, weight_shape, w_scale: torch.Tensor, bias: torch
             if rc != 0:
                 raise RuntimeError(f"the quantization kernel refused its arguments or ran out of memory (code {rc})")
             rc = conv(up.data_ptr(), n, hp, wp, c, kw, sh, sw, dh, dw, oh, ow, *weights, scale.data_ptr(), *tail,
-                      y.data_ptr(), y_bf16, o, o, threads)
+                      y.data_ptr(), y_bf16, o, o, int(not cl), threads)
             if rc != 0:
                 raise RuntimeError(f"the AMX int8 conv kernel refused its arguments (code {rc})")
         if activation != "none":
             y = activate(y, activation, inplace=True)
-        y = y.permute(0, 3, 1, 2)
-        return y if y.dtype == dtype else y.to(dtype, memory_format=torch.channels_last)
+        if cl:
+            y = y.permute(0, 3, 1, 2)
+        return y if y.dtype == dtype else y.to(dtype)  # (the layout kept)
 
     run.operands = (w, w_scale, bias)  # (alive while the function is)
     return run
@@ -1073,7 +1082,9 @@ def _check_amx_int8(lib) -> None:
             for out in (torch.float32, torch.bfloat16):
                 y = torch.empty(2, want.shape[2], want.shape[3], o, dtype=out)
                 _int8_conv_raw(lib, up, w, kw, stride, dilation, want.shape[2], want.shape[3], s, ws, None, y)
-                if not torch.equal(y.permute(0, 3, 1, 2), want.to(out)):  # (|sums| < 2**24: exact in fp32)
+                yn = torch.empty(2, o, want.shape[2], want.shape[3], dtype=out)  # (the NCHW store)
+                _int8_conv_raw(lib, up, w, kw, stride, dilation, want.shape[2], want.shape[3], s, ws, None, yn, True)
+                if not (torch.equal(y.permute(0, 3, 1, 2), want.to(out)) and torch.equal(yn, want.to(out))):
                     raise RuntimeError(f"the AMX int8 conv (block {bs}, width {width}, stride {stride}, dilation "
                                        f"{dilation}, {out} output) differs from an exact integer conv")
 

@@ -151,7 +151,8 @@ def default_engine(c: int, bs: int, m: int) -> str:
 
 @torch.no_grad()  # the engines are not differentiable: autograd comes from the op's registered backward
 def run_cpu(engine: str, x, values, crow, col, weight_shape, bias, stride, padding, dilation) -> torch.Tensor:
-    """Run one CPU engine (see :func:`cpu_engines`)."""
+    """Run one CPU engine (see :func:`cpu_engines`): its output channels_last, or (``native``) in the layout the op
+    returns (:func:`_dispatch` makes either that layout)."""
     if engine == "dense":
         return _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilation)
     if engine in cpu_native.CONV_ENGINES:

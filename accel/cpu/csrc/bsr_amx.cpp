@@ -20,6 +20,7 @@
 #include "amx_tiles.h"
 #include "bf16.h"
 #include "nonfinite.h"
+#include "transpose.h"
 
 namespace {
 
@@ -152,9 +153,11 @@ struct I8Out {
   const float* wscale;  // [O]
   const float* bias;    // [O] or null
   const int32_t* comp;  // [nbr * B]: 128 * sum of each output's weights
-  void* y;              // [M, ldy] fp32, or bf16 with bf16 = 1
+  void* y;              // [M, ldy] fp32, or bf16 with bf16 = 1; with nchw [N, ldy, OH*OW] (planes of `plane` pixels)
   int64_t ldy, nout;
   int bf16;
+  int nchw;
+  int64_t plane;  // OH * OW
 };
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline void store_i8(
@@ -166,14 +169,34 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline 
   const __m512 b = out.bias ? _mm512_maskz_loadu_ps(k, out.bias + o) : _mm512_setzero_ps();
   const __m512i c = _mm512_loadu_si512(out.comp + ob);
   const __m512 vs = _mm512_set1_ps(s);
+  __m512 r[16];  // (NCHW: the rows' values, transposed before they are stored)
   for (int64_t t = 0; t < rows; ++t) {
     __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + t * 16), c)), ws);
     v = out.bias ? _mm512_fmadd_ps(v, vs, b) : _mm512_mul_ps(v, vs);
+    if (out.nchw) {
+      r[t] = v;
+      continue;
+    }
     const int64_t at = (m0 + t) * out.ldy + o;
     if (out.bf16)
       _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, k, accel_bf16::fast(v));
     else
       _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, k, v);
+  }
+  if (!out.nchw) return;
+  // NCHW: the rows are consecutive pixels of one output row (an item never crosses one), so each output's values are
+  // `rows` consecutive pixels of its plane: one 16 x 16 transpose, then one masked store per output
+  for (int64_t t = rows; t < 16; ++t) r[t] = _mm512_setzero_ps();
+  accel_transpose::transpose16_ps(r);
+  const int64_t img = m0 / out.plane, p = m0 % out.plane;
+  const __mmask16 pm = rows == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
+  const int nc = static_cast<int>(out.nout - o < 16 ? out.nout - o : 16);
+  for (int j = 0; j < nc; ++j) {
+    const int64_t at = (img * out.ldy + o + j) * out.plane + p;
+    if (out.bf16)
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, pm, accel_bf16::fast(r[j]));
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, pm, r[j]);
   }
 }
 
@@ -320,17 +343,18 @@ extern "C" int accel_bsr_conv_amx(const void* x, int64_t n, int64_t h, int64_t w
 
 // accel's int8 conv on tiles. xp: the padded per-image-quantized input NHWC uint8 [n, hp, wp, c] (padding 128);
 // w: int8 blocks [nnz][B/4][B][4] of W [O, KH*KW*C]; comp [nbr * B]; scale [n]; y [n*oh*ow, ldy] fp32, or bf16 with
-// y_bf16.
+// y_bf16; with y_nchw, y [n, ldy, oh, ow] instead (NCHW: no copy of a channels_last result for an NCHW layer).
 extern "C" int accel_int8_conv_amx(const uint8_t* xp, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kw,
                                    int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t oh, int64_t ow,
                                    const int8_t* w, const int64_t* crow, const int64_t* col, int64_t nbr, int64_t bs,
                                    const int32_t* comp, const float* scale, const float* wscale, const float* bias,
-                                   void* y, int y_bf16, int64_t ldy, int64_t nout, int nthreads) {
+                                   void* y, int y_bf16, int64_t ldy, int64_t nout, int y_nchw, int nthreads) {
   const int refused = refuse(n, c, kw, sh, sw, dh, dw, oh, ow, nbr, bs, ldy, nout, nthreads);
   if (refused) return refused;
+  if (y_nchw != 0 && y_nchw != 1) return 2;
   if (n == 0 || oh == 0 || ow == 0 || nbr == 0) return 0;
   const Geometry g{hp, wp, c, 0, 0, oh, ow, sh, sw, dh, dw, kw, c / bs, crow[nbr], false};  // (padding in xp)
-  const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0};
+  const I8Out out{scale, wscale, bias, comp, y, ldy, nout, y_bf16 != 0, y_nchw, oh * ow};
   for_items(
       n, oh, ow, nbr, bs, nout, nthreads, kRows,
       [&](TileConfig& cur, char(*stage)[16 * 256], int64_t img, int64_t oh0, int nrows, int64_t ow0, int64_t np,

@@ -18,6 +18,7 @@
 
 #include "bf16.h"
 #include "nonfinite.h"
+#include "transpose.h"
 
 namespace {
 
@@ -30,10 +31,25 @@ struct Geometry {
 
 struct Out {
   const float* bias;  // [O] or null
-  void* y;            // [M, ldy] fp32 or bf16
+  void* y;            // [M, ldy] fp32 or bf16; with nchw [N, ldy, OH*OW] (planes of `plane` pixels)
   int64_t ldy, o;
   int bf16;
+  int nchw;
+  int64_t plane;  // OH * OW
 };
+
+// one output value of pixel m, output o (a conv's NCHW output: the tiles whose pixels cross images)
+inline void store_one(const Out& out, int64_t m, int64_t o, float v) {
+  const int64_t at = ((m / out.plane) * out.ldy + o) * out.plane + m % out.plane;
+  if (out.bf16) {
+    const __m256i h = accel_bf16::exact(_mm512_set1_ps(v));
+    std::memcpy(static_cast<uint16_t*>(out.y) + at, &h, 2);
+  } else {
+    static_cast<float*>(out.y)[at] = v;
+  }
+}
+
+using accel_transpose::transpose16_ps;
 
 alignas(64) const float kZeros[128] = {};
 constexpr int T_MAX = 8;  // most output pixels per tile
@@ -101,6 +117,31 @@ inline void store(const Out& out, int64_t m0, int64_t nt, int64_t o0, __m512 (&a
     const __mmask16 k = out.o - o >= 16 ? static_cast<__mmask16>(0xFFFF)
                                         : static_cast<__mmask16>((1u << (out.o - o)) - 1);
     const __m512 b = out.bias ? _mm512_maskz_loadu_ps(k, out.bias + o) : _mm512_setzero_ps();
+    if (out.nchw) {  // each output's nt pixels: consecutive in its plane unless the tile crosses images
+      const int64_t nt_ = T < nt ? T : nt;
+      const int nc = static_cast<int>(out.o - o < 16 ? out.o - o : 16);
+      __m512 r[16];
+      for (int t = 0; t < 16; ++t) r[t] = t < nt_ ? _mm512_add_ps(acc[t < T ? t : 0][j], b) : _mm512_setzero_ps();
+      if ((m0 + nt_ - 1) / out.plane != m0 / out.plane) {
+        for (int t = 0; t < nt_; ++t) {
+          alignas(64) float v[16];
+          _mm512_store_ps(v, r[t]);
+          for (int jj = 0; jj < nc; ++jj) store_one(out, m0 + t, o + jj, v[jj]);
+        }
+        continue;
+      }
+      transpose16_ps(r);
+      const __mmask16 pm = static_cast<__mmask16>((1u << nt_) - 1);
+      const int64_t img = m0 / out.plane, p = m0 % out.plane;
+      for (int jj = 0; jj < nc; ++jj) {
+        const int64_t at = (img * out.ldy + o + jj) * out.plane + p;
+        if (out.bf16)
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, pm, accel_bf16::exact(r[jj]));
+        else
+          _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, pm, r[jj]);
+      }
+      continue;
+    }
     for (int t = 0; t < T && t < nt; ++t) {
       const __m512 v = _mm512_add_ps(acc[t][j], b);
       if (out.bf16) {
@@ -203,21 +244,22 @@ void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, 
 
 }  // namespace
 
-// x: NHWC contiguous [n, h, w, c] fp32 (bf16 = 0) or bf16 (bf16 = 1); y: [n*oh*ow, ldy] in the same dtype.
-// Returns 0, or a code for refused arguments.
+// x: NHWC contiguous [n, h, w, c] fp32 (bf16 = 0) or bf16 (bf16 = 1); y: [n*oh*ow, ldy] in the same dtype, or with
+// y_nchw [n, ldy, oh, ow] (NCHW: no copy of a channels_last result for an NCHW layer). Returns 0, or a code for
+// refused arguments.
 extern "C" int accel_bsr_conv_float(const void* x, int bf16, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw,
                                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
                                     int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col,
                                     int64_t nbr, int64_t bs, const float* bias, void* y, int64_t ldy, int64_t o,
-                                    int nthreads) {
+                                    int y_nchw, int nthreads) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
   if (c % bs || n < 0 || h < 0 || w < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 ||
-      o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1))
+      o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1) || (y_nchw != 0 && y_nchw != 1))
     return 2;
   const int64_t m = n * oh * ow;
   if (m == 0 || nbr == 0) return 0;
   const Geometry g{n, h, w, c, oh, ow, sh, sw, ph, pw, dh, dw, kw, c / bs};
-  const Out out{bias, y, ldy, o, bf16};
+  const Out out{bias, y, ldy, o, bf16, y_nchw, oh * ow};
   switch (bs) {
     case 16: run<1, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
     case 32: run<2, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
@@ -291,35 +333,6 @@ extern "C" int accel_pad_nhwc(const void* x, int bf16, int64_t n, int64_t h, int
   }
   return found;
 }
-
-namespace {
-
-// Rows r[0..16) of 16 fp32 transposed in place (r[i][j] <-> r[j][i]): pairs, quads, then two rounds of 128-bit lanes.
-inline void transpose16_ps(__m512* r) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-}
-
-}  // namespace
 
 // y[b][j][i] = x[b][i][j] for n images of [hw][c] (both contiguous): NHWC -> NCHW, or with (hw, c) = (C, H*W) NCHW
 // -> NHWC. 32-bit values, or 16-bit ones (bf16, fp16) with half = 1 (widened to 32-bit lanes for the transpose: the

@@ -280,7 +280,8 @@ def _measure(old: nn.Module, new: nn.Module, x: torch.Tensor, budget_s: float) -
     if isinstance(new, SparseConv2d):
         shape = (new.weight_shape, new.stride, new.padding, new.dilation, new.block_size, new.density)
     key = engines.make_key("replace", old=type(old).__name__, new=type(new).__name__, mode=getattr(new, "mode", ""),
-                           w=shape, x=tuple(x.shape[1:]), m=engines.m_bucket(x.shape[0]), dt=str(x.dtype)[6:])
+                           w=shape, x=tuple(x.shape[1:]), m=engines.m_bucket(x.shape[0]), dt=str(x.dtype)[6:],
+                           cl=_channels_last(x))
     engines.choose("replace", key, {"old": lambda: old(x), "new": lambda: new(x)}, default="new",
                    device=x.device.type, budget_s=budget_s, allowed=("old", "new"))
     dec = engines.decision(key)
@@ -456,10 +457,11 @@ def _in_model_check(model: nn.Module, fallbacks: dict[str, nn.Module], calls: li
         if pairs and all(new > old * (1 + margin) for new, old in pairs):
             revert[n] = fallbacks[n]
             ratio = min(old / new for new, old in pairs)
+            label = "kept sparse float" if isinstance(fallbacks[n], (SparseLinear, SparseConv2d)) else kept
             for r in rows:
                 if r.get("layer") == n:
-                    r["decision"] = kept
-                    r["reason"] = f"{kept}: slower inside the model ({ratio:.2f}x); alone: {r.get('reason', '')}"
+                    r["decision"] = label
+                    r["reason"] = f"{label}: slower inside the model ({ratio:.2f}x); alone: {r.get('reason', '')}"
     if revert:
         replace_modules(model, revert)
     return revert
@@ -506,6 +508,12 @@ def _calls(per_batch, example_inputs) -> list[tuple]:
     if example_inputs is None:
         return []
     return [(batch_size_of(example_inputs), *as_call(example_inputs))]
+
+
+def _channels_last(x: torch.Tensor) -> int:
+    """1 for a channels_last image batch (the engines' layout; an NCHW one runs at other speeds), else 0: part of the
+    replacement decisions' keys."""
+    return int(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _decision_of(new: nn.Module, x: torch.Tensor) -> str:
@@ -1010,8 +1018,9 @@ def _sparse_form(name: str, old: SparseLinear | SparseConv2d, new: SparseQuantLi
     for batch, x in measured:
         for f in forms.values():
             f(x)  # each form's own engine decisions first, so they are not timed
+        layout = {"cl": _channels_last(x)} if conv else {}
         key = engines.make_key("replace", **parts, x=tuple(x.shape[1:]), m=engines.m_bucket(x.shape[0]),
-                               dt=str(x.dtype)[6:], q=getattr(new, "act_qmax", 0))
+                               dt=str(x.dtype)[6:], q=getattr(new, "act_qmax", 0), **layout)
         calls = {f: (lambda f=f: forms[f](x)) for f in names}
         winner = engines.choose("replace", key, calls, default=default, device=x.device.type,
                                 budget_s=config.budget_s, allowed=names)

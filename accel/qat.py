@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .api import carry_over, replace_module
 from .inputs import eval_mode, loader_batch_call, unnested
 from .modules.quant_linear import QuantConv2d, QuantLinear
+from .modules.sparse_conv import SparseConv2d
 from .prune import base_kind, is_accel_layer, is_conv1d, own_forward_reason, weight_source
 from .quant import QMAX, ieee_div
 
@@ -100,8 +101,8 @@ def calibration_qmax(device: str) -> int:
 def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None = None, num_batches: int | None = None,
               filter_fn=None, device: str = "cpu", percentile: float = 99.99) -> dict[str, float]:
     """Run ``loader`` through ``model`` and return ``{layer name: static activation scale}`` for its
-    Linear (Hugging Face ``Conv1D`` included) / Conv2d / QuantLinear / QuantConv2d layers
-    (``filter_fn(module, name)`` narrows them).
+    Linear (Hugging Face ``Conv1D`` included) / Conv2d / QuantLinear / QuantConv2d layers, and block-sparse
+    ``SparseConv2d`` ones (``quantize_`` may make them static int8 convs), ``filter_fn(module, name)`` narrowing them.
 
     A layer that saw no input (it never ran: an unused head) or only zeros (a dead ReLU before it) has no
     range to calibrate: it is left out of the result, with a warning naming it, and ``quantize_`` runs it
@@ -113,7 +114,7 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
     """
     if qmax is None:
         qmax = calibration_qmax(device)
-    kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
+    kinds = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d, SparseConv2d)
     observers, hooks = {}, []
     for name, m in model.named_modules():
         if (isinstance(m, kinds) or is_conv1d(m)) and (filter_fn is None or filter_fn(m, name)):
@@ -121,7 +122,7 @@ def calibrate(model: nn.Module, loader, method: str = "minmax", qmax: int | None
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args, name=name: observers[name].observe(unnested(args[0]))))
     if not observers:
-        raise ValueError("calibrate: no Linear/Conv1D/Conv2d layer selected")
+        raise ValueError("calibrate: no Linear/Conv1D/Conv2d/SparseConv2d layer selected")
     try:
         with eval_mode(model):
             for i, batch in enumerate(loader):

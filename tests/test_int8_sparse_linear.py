@@ -436,6 +436,31 @@ def test_quantize_keeps_the_faster_form_of_a_sparse_conv(measuring, monkeypatch,
             assert torch.equal(accel.load(fresh, str(tmp_path / "m.safetensors"))(x), y)
 
 
+def test_static_int8_form_of_a_calibrated_sparse_conv(measuring, monkeypatch):
+    """calibrate covers SparseConv2d layers, so quantize_ in static mode gives their int8 form the calibrated scale
+    (no warning about missing scales); the form is decided per input layout (NCHW and channels_last run at other
+    speeds)."""
+    import time
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+    accel.sparsify_(model, accel.SparsityConfig(sparsity=0.75, block=16, scope="layer", convs=True, mode="sparse"))
+    x = torch.randn(2, 32, 8, 8)
+    scales = accel.calibrate(model, [x])
+    assert set(scales) == {"0", "2"}
+    real = SparseConv2d.forward
+    monkeypatch.setattr(SparseConv2d, "forward", lambda self, inp: time.sleep(0.01) or real(self, inp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "act_scales has no scale for ..." warning)
+        accel.quantize_(model, accel.QuantConfig(conv_mode="static", act_scales=scales, budget_s=0.02),
+                        example_inputs=(x.contiguous(memory_format=torch.channels_last),))
+    assert isinstance(model[0], QuantConv2d) and model[0].mode == "static" and model[2].mode == "static"
+    assert float(model[0].act_scale) == pytest.approx(scales["0"])
+    keys = [k for k in engines.decisions() if k.startswith("replace|") and "old=SparseConv2d" in k]
+    assert len(keys) == 2 and all("cl=1" in k for k in keys)
+
+
 def test_quantize_static_mode_leaves_sparse_layers():
     model = _mlp()
     accel.sparsify_(model, accel.SparsityConfig(sparsity=0.75, scope="layer", mode="sparse"),

@@ -503,6 +503,30 @@ def test_nonfinite_inputs_poison_like_the_dense_conv():
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_conv_finds_every_nonfinite_pixel_its_windows_read(threads):
+    """The float kernel scans the input rows as it reads them (each thread its own): a NaN/inf anywhere a window reads
+    (first or last row, any image, a thread's first or last pixels) poisons exactly the dense conv's outputs; one in a
+    row no window reads (stride 2) poisons none."""
+    c, o, bs = 32, 40, 32
+    v, crow, col = float_weight(o, 9 * c, bs, 0.3)
+    w = bsr_to_dense(v, crow, col, (2 * bs, 9 * c))[:o].view(o, 3, 3, c).permute(0, 3, 1, 2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, hw, stride, padding, at in ((3, 9, 1, 1, (0, 0, 0)), (3, 9, 1, 1, (2, 8, 8)), (3, 9, 1, 0, (1, 4, 0)),
+                                           (2, 12, 2, 0, (1, 11, 5)), (2, 12, 2, 0, (0, 6, 3)), (4, 5, 1, 1, (3, 2, 4))):
+            x = torch.randn(n, c, hw, hw)
+            x[at[0], 7, at[1], at[2]] = float("inf") if at[1] % 2 else float("nan")
+            ref = torch.nn.functional.conv2d(x, w, None, stride, padding)
+            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+                y = ops_conv.run_cpu("native", xin, v, crow, col, (o, c, 3, 3), None, (stride, stride),
+                                     (padding, padding), (1, 1))
+                assert torch.equal(~y.isfinite(), ~ref.isfinite()), (n, hw, stride, padding, at)
+    finally:
+        torch.set_num_threads(old)
+
+
 # ------------------------------------------------------------------------------------------------ AMX kernel
 AMX = native.amx_available()
 

@@ -331,7 +331,8 @@ def _load(name: str, path: str):
         return lib
     if name == "bsr_float":
         lib.accel_bsr_conv_float.restype = i32
-        lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32, i32]
+        lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32, i64, p,
+                                                                     i32]
         lib.accel_any_nonfinite.restype = i32
         lib.accel_any_nonfinite.argtypes = [p, i32, i64, i64, i64, i32]
         lib.accel_nonfinite_rows.restype = i64
@@ -750,17 +751,17 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
     """One layer's native block-sparse conv, its operands checked once here with an input ``x`` of the layer: a
     function of such inputs (``x``'s dtype and channels, any batch and image size) that checks only the input and
     returns ``(y, bad)``: ``y [N, O, OH, OW]`` in ``x``'s dtype (channels_last; from ``native``, in the layout
-    ``nn.Conv2d`` gives ``x``, NCHW stored by the kernel), and whether ``x`` holds a NaN or an inf
-    in the input rows the windows reach where the engine learnt it on the way (the AMX engines; None from
-    ``native``). For a settled layer's plan (``accel.ops._plans``), where each Python step costs microseconds between a
-    model's other ops (the checked path cost ~50 us more per call than its kernel).
+    ``nn.Conv2d`` gives ``x``, NCHW stored by the kernel), and whether ``x`` holds a NaN or an inf in the input rows
+    the windows span (whole rows, from each output row's first tap row to its last; every engine scans each row just
+    before its first use, or as it copies it). For a settled layer's plan (``accel.ops._plans``), where each Python
+    step costs microseconds between a model's other ops (the checked path cost ~50 us more per call than its
+    kernel).
 
     Engines (:data:`CONV_ENGINES`): ``native`` the float kernel (fp32 or bf16, fp32 sums); ``native_amx`` bf16 on AMX
-    tiles, reading a channels_last ``x`` in place (other layouts are copied first) and scanning each input row the
-    windows reach just before its first use; pixel groups whose windows reach into the zero padding are copied into a
-    small buffer first, which costs more where most of them do (narrow images); ``native_amx_padded`` copies ``x``
-    into a zero-padded buffer instead, scanning all of it on the way (``accel_pad_nhwc``). ``lib``: the kernel's
-    library (its check before first use), else the loaded one."""
+    tiles, reading a channels_last ``x`` in place (other layouts are copied first); pixel groups whose windows reach
+    into the zero padding are copied into a small buffer first, which costs more where most of them do (narrow
+    images); ``native_amx_padded`` copies ``x`` into a zero-padded buffer instead (``accel_pad_nhwc``). ``lib``: the
+    kernel's library (its check before first use), else the loaded one."""
     if engine not in CONV_ENGINES:
         raise ValueError(f"bsr_conv2d (native): unknown engine {engine!r}; one of {CONV_ENGINES}")
     o, c, kh, kw = weight_shape
@@ -781,7 +782,7 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
     pad = _lib("bsr_float").accel_pad_nhwc if engine == "native_amx_padded" and (ph or pw) else None
     flag = int(dtype == torch.bfloat16)
 
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, bool | None]:
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if x.dtype != dtype or x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu":
             raise ValueError(f"bsr_conv2d (native): x {x.dtype} {tuple(x.shape)} on {x.device}: expected {dtype} "
                              f"[N, {c}, H, W] on the CPU")
@@ -790,12 +791,14 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
         # the float kernel stores an NCHW result itself for an input nn.Conv2d answers in NCHW (no copy afterwards)
         nchw = not amx and n > 0 and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last))
         y = torch.empty(n, o, oh, ow, dtype=dtype) if nchw else torch.empty(n, oh, ow, o, dtype=dtype)
-        bad = False if amx else None  # (no outputs: nothing to make NaN)
+        bad = False  # (no outputs: nothing to make NaN)
         if y.numel():
             xn, threads = _nhwc_view(x), torch.get_num_threads()
-            if not amx:
+            if not amx:  # (the rows the windows reach, scanned by the kernel as it goes)
+                found = ctypes.c_int(0)
                 rc = kern(xn.data_ptr(), flag, n, h, wd, c, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
-                          o, o, int(nchw), threads)
+                          o, o, int(nchw), kh, ctypes.byref(found), threads)
+                bad = bool(found.value)
             elif pad is not None:  # the padded copy, scanned as it is made
                 hp, wp = h + 2 * ph, wd + 2 * pw
                 xp = scratch("native.xpad", n * hp * wp * c, dtype)
@@ -859,8 +862,8 @@ def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, 
                 rc = kern(x.data_ptr(), 1, 1, m, k, 1, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n,
                           None, torch.get_num_threads())
             else:
-                rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n, 0,
-                          torch.get_num_threads())
+                rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n, 0, 1,
+                          None, torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
             fix(x.data_ptr(), bf16, m, k, k, y.data_ptr(), bf16, n, n)

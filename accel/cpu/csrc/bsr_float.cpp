@@ -206,17 +206,43 @@ __attribute__((target("avx512bf16"))) void tile_bf16(const uint16_t* x, const Ge
 //: tiles of T pixels per work item (amortizes an item's setup: the taps of its block row, its first pixel)
 constexpr int64_t kTilesPerItem = 4;
 
+// Whether the input rows that output pixels [first, last)'s windows span (whole rows, from each output row's first tap
+// row to its last) hold a NaN or an inf, skipping rows below `next` (this thread's rows already scanned, which come in
+// order) and moving it past the rows scanned: the sparse conv's check, each row read just before the tiles read it.
+inline bool scan_rows(const void* x, int bf16, const Geometry& g, int64_t kh, int64_t first, int64_t last,
+                      int64_t& next) {
+  const int64_t row = g.w * g.c * (bf16 ? 2 : 4);  // (bytes per input row)
+  bool found = false;
+  for (int64_t orow = first / g.ow; orow <= (last - 1) / g.ow; ++orow) {  // (output rows: image * oh + oh)
+    const int64_t img = orow / g.oh, lo = (orow % g.oh) * g.sh - g.ph, hi = lo + (kh - 1) * g.dh;
+    for (int64_t ih = lo < 0 ? 0 : lo; ih <= hi && ih < g.h; ++ih) {
+      const int64_t at = img * g.h + ih;
+      if (at < next) continue;
+      found |= accel_rows::row_nonfinite(static_cast<const char*>(x) + at * row, bf16, g.w * g.c);
+      next = at + 1;
+    }
+  }
+  return found;
+}
+
 template <int NB, int T>
 void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, const int64_t* crow,
-         const int64_t* col, int64_t nbr, const Out& out, int64_t m, int nthreads) {
+         const int64_t* col, int64_t nbr, const Out& out, int64_t m, int64_t kh, int* nonfinite, int nthreads) {
   const int64_t span = T * kTilesPerItem;
   const int64_t nchunk = (m + span - 1) / span;
   const int64_t items = nbr * nchunk;
   const int64_t pf_end = m <= T ? crow[nbr] : 0;  // (one tile of pixels: each block read once per call)
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel num_threads(nthreads)
+  {
+  int64_t next = 0;  // (the thread's input rows below this are scanned)
+  bool started = false, found = false;
+#pragma omp for schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t chunk = it / nbr, r = it % nbr;  // (consecutive items: the same pixels, the next block row)
     const int64_t p0 = crow[r], p1 = crow[r + 1];
+    const int64_t first = chunk * span, last = first + span < m ? first + span : m;
+    if (nonfinite && (r == 0 || !started)) found |= scan_rows(x, bf16, g, kh, first, last, next);
+    started = true;
     thread_local std::vector<Tap> row_taps;  // (the block row's taps: grown once per thread, not on the stack)
     if (static_cast<int64_t>(row_taps.size()) < p1 - p0) row_taps.resize(p1 - p0);
     Tap* taps = row_taps.data();
@@ -224,7 +250,6 @@ void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, 
       const int64_t tap = col[p] / g.ncb;
       taps[p - p0] = Tap{(tap / g.kw) * g.dh, (tap % g.kw) * g.dw, (col[p] % g.ncb) * bs};
     }
-    const int64_t first = chunk * span, last = first + span < m ? first + span : m;
     for (int64_t grp = 0; grp < bs && r * bs + grp < out.o; grp += NB * 16) {  // (two groups for B = 128)
       Cursor cur{first / (g.oh * g.ow), (first / g.ow) % g.oh, first % g.ow};
       for (int64_t m0 = first; m0 < last; m0 += T) {
@@ -240,30 +265,34 @@ void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, 
       }
     }
   }
+  if (found) __atomic_store_n(nonfinite, 1, __ATOMIC_RELAXED);
+  }
 }
 
 }  // namespace
 
 // x: NHWC contiguous [n, h, w, c] fp32 (bf16 = 0) or bf16 (bf16 = 1); y: [n*oh*ow, ldy] in the same dtype, or with
-// y_nchw [n, ldy, oh, ow] (NCHW: no copy of a channels_last result for an NCHW layer). Returns 0, or a code for
-// refused arguments.
+// y_nchw [n, ldy, oh, ow] (NCHW: no copy of a channels_last result for an NCHW layer). nonfinite (or null): set to 1
+// when an input row spanned by the windows of kh tap rows (from an output row's first tap row to its last, whole rows)
+// holds a NaN or an inf, else left (each thread scans the rows of its pixels just before reading them). Returns 0, or
+// a code for refused arguments.
 extern "C" int accel_bsr_conv_float(const void* x, int bf16, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw,
                                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
                                     int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col,
                                     int64_t nbr, int64_t bs, const float* bias, void* y, int64_t ldy, int64_t o,
-                                    int y_nchw, int nthreads) {
+                                    int y_nchw, int64_t kh, int* nonfinite, int nthreads) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
-  if (c % bs || n < 0 || h < 0 || w < 0 || oh < 0 || ow < 0 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 ||
-      o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1) || (y_nchw != 0 && y_nchw != 1))
+  if (c % bs || n < 0 || h < 0 || w < 0 || oh < 0 || ow < 0 || kw < 1 || kh < 1 || sh < 1 || sw < 1 || dh < 1 ||
+      dw < 1 || o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1) || (y_nchw != 0 && y_nchw != 1))
     return 2;
   const int64_t m = n * oh * ow;
   if (m == 0 || nbr == 0) return 0;
   const Geometry g{n, h, w, c, oh, ow, sh, sw, ph, pw, dh, dw, kw, c / bs};
   const Out out{bias, y, ldy, o, bf16, y_nchw, oh * ow};
   switch (bs) {
-    case 16: run<1, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
-    case 32: run<2, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
-    default: run<4, 4>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, nthreads); break;
+    case 16: run<1, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, kh, nonfinite, nthreads); break;
+    case 32: run<2, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, kh, nonfinite, nthreads); break;
+    default: run<4, 4>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, kh, nonfinite, nthreads); break;
   }
   return 0;
 }

@@ -527,3 +527,18 @@ def test_fuzz_every_engine(drawn):
         with torch.no_grad(), engines.force(bsr_conv2d=engine):
             y = bsr_conv2d(x, v, crow, col, ws, bias, *geo, allow_dense=True)
         torch.testing.assert_close(y.double(), ref, **_tol(torch.float32, ws[1] * ws[2] * ws[3]), msg=engine)
+
+
+def test_the_engine_is_decided_per_input_layout(measuring):
+    """NCHW and channels_last inputs run at other speeds (an NCHW input is copied to channels_last, or its output
+    stored NCHW): each layout gets its own measured decision."""
+    from accel import SparseConv2d, engines
+
+    torch.manual_seed(0)
+    s = SparseConv2d.from_dense(torch.nn.Conv2d(32, 32, 3, padding=1), sparsity=0.5, block=16, mode="auto")
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        s(x)
+        s(x.contiguous(memory_format=torch.channels_last))
+    keys = sorted(k for k in engines.decisions() if k.startswith("bsr_conv2d|"))
+    assert len(keys) == 2 and "cl=0" in keys[0] and "cl=1" in keys[1], keys

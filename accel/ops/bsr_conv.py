@@ -197,7 +197,7 @@ def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad: bo
 
 def _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense) -> str:
     parts = (tuple(weight_shape), tuple(x.shape[1:]), stride, padding, dilation, values.shape[0],
-             engines.m_bucket(x.shape[0]), x.dtype, allow_dense, bias is not None)
+             engines.m_bucket(x.shape[0]), x.dtype, allow_dense, bias is not None, conv_out_format(x))
     return engines.memo("bsr_conv2d", parts, lambda: _choose_cpu_engine(x, values, crow, col, weight_shape, bias,
                                                                           stride, padding, dilation, allow_dense))
 
@@ -209,7 +209,8 @@ def _choose_cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding
     density = nnz / (nbr * nbc)
     key = engines.make_key("bsr_conv2d", w=(o, c, kh, kw), hw=tuple(x.shape[2:]), s=stride, p=padding, d=dilation,
                            b=bs, dens=f"{round(density * 40) / 40:.3f}", m=engines.m_bucket(x.shape[0]),
-                           dt=str(x.dtype)[6:], dense=int(allow_dense))
+                           dt=str(x.dtype)[6:], dense=int(allow_dense),
+                           cl=int(conv_out_format(x) == torch.channels_last))  # (an NCHW input: copies, NCHW stores)
     allowed = cpu_engines(c, bs, x.dtype, allow_dense)
     args = (x, values, crow, col, weight_shape, bias, stride, padding, dilation)
 

@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 #: bump when candidates or keys change meaning, so old cache files are not reused
-ENGINE_VERSION = 8
+ENGINE_VERSION = 9
 #: a challenger must be this much faster than the incumbent (default) engine to replace it
 MARGIN = 0.05
 #: two best candidates closer than this get extra rounds between them
@@ -388,8 +388,8 @@ _OPS: dict[str, tuple[str, ...]] = {
     "int8_conv2d": ("onednn", "im2col", "onednn_split", "im2col_split", "onednn_cq", "im2col_cq", "amx_tiles", "float",
                     "float_nchw", "float_bf16"),
     "bsr_linear": _BSR_STRATEGIES + ("dense", "native", "native_amx"),  # accel.ops.bsr_linear
-    "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense", "native", "native_amx",
-                                                                                 "native_amx_padded"),
+    "bsr_conv2d": ("gather",) + tuple(f"im2col_{s}" for s in _BSR_STRATEGIES) + ("dense", "native", "native_nchw",
+                                                                                 "native_amx", "native_amx_padded"),
     # (accel.ops.bsr_conv)
     "int8_bsr_linear": ("rows", "stacked", "stacked_wide", "float", "vnni", "vnni_amx"),  # accel.cpu.int8_bsr
     "replace": ("old", "new", "sparse float", "int8 dense", "int8 block-sparse"),  # accel.api (SPARSE_FORMS)

@@ -14,15 +14,16 @@ from accel import SparseConv2d, SparseLinear, bsr_conv2d, bsr_linear, engines
 from accel.ops import _plans
 
 LINEAR_ENGINES = engines.known_ops()["bsr_linear"]
-CONV_ENGINES = ("gather", "im2col_gather_bmm", "im2col_rows", "im2col_panels", "dense", "native", "native_amx",
-                "native_amx_padded")
+CONV_ENGINES = ("gather", "im2col_gather_bmm", "im2col_rows", "im2col_panels", "dense", "native", "native_nchw",
+                "native_amx", "native_amx_padded")
 
 
 def _skip_unavailable(engine, dtype):
-    """The native engines run where their kernels build (AVX-512; AMX for bf16 only)."""
+    """The native engines run where their kernels build (AVX-512; AMX for bf16 only; native_nchw: fp32)."""
     ops = importlib.import_module("accel.ops.bsr_linear")
-    if engine.startswith("native") and engine.removesuffix("_padded") not in ops.native_strategies(
-            torch.zeros(1, 32, dtype=dtype), 16):
+    base = "native" if engine == "native_nchw" else engine.removesuffix("_padded")
+    if engine.startswith("native") and (base not in ops.native_strategies(torch.zeros(1, 32, dtype=dtype), 16) or
+                                        engine == "native_nchw" and dtype != torch.float32):
         pytest.skip(f"{engine} does not run {dtype} here")
 
 

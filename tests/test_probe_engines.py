@@ -225,8 +225,8 @@ def test_every_op_in_the_source_is_known_with_the_engines_its_modules_define():
     assert set(known["int8_conv2d"]) == set(int8.CONV_ENGINES) | set(ops_int8.FLOAT_CONV_FORMS)
     assert set(known["quant_linear_form"]) == set(ops_int8._auto_forms(torch.zeros(1, 4), 4))
     assert set(known["bsr_linear"]) == set(bsr.STRATEGIES) | {"dense", "native", "native_amx"}
-    assert set(known["bsr_conv2d"]) == set(bsr_conv.cpu_engines(32, 16, torch.float32, True)) | {"native", "native_amx",
-                                                                                               "native_amx_padded"}
+    assert set(known["bsr_conv2d"]) == set(bsr_conv.cpu_engines(32, 16, torch.float32, True)) | {
+        "native", "native_nchw", "native_amx", "native_amx_padded"}
     assert set(known["int8_bsr_linear"]) == set(int8_bsr.STRATEGIES)
     assert set(known["replace"]) == {"old", "new"} | set(api.SPARSE_FORMS)
 

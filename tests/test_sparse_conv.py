@@ -71,14 +71,15 @@ def _tol(dtype, k):
 def test_every_cpu_engine_matches_dense_conv(case, dtype):
     ws, geo, x, v, crow, col, bias = _setup(case, dtype)
     ref = conv_ref(x, v, crow, col, ws, bias, *geo)
-    for engine in cpu_engines(ws[1], v.shape[1], dtype, allow_dense=True):
+    for engine in cpu_engines(ws[1], v.shape[1], dtype, allow_dense=True, nchw=True):
         for layout in (torch.contiguous_format, torch.channels_last):
             xx = x.contiguous(memory_format=layout)
             for b in (bias, None):
                 y = run_cpu(engine, xx, v, crow, col, ws, b, *geo)
                 want = ref if b is not None else ref - bias.double().view(1, -1, 1, 1)
                 assert y.shape == ref.shape and y.dtype == dtype, engine
-                fmt = layout if engine == "native" else torch.channels_last  # (native: NCHW stored by the kernel)
+                # (the native float kernel stores an NCHW result itself)
+                fmt = layout if engine in ("native", "native_nchw") else torch.channels_last
                 assert y.is_contiguous(memory_format=fmt), engine
                 torch.testing.assert_close(y.double(), want, **_tol(dtype, ws[1] * ws[2] * ws[3]), msg=engine)
 
@@ -125,8 +126,9 @@ def test_measured_choice_is_recorded(accel_env, monkeypatch):
     with torch.no_grad():
         y = bsr_conv2d(x, v, crow, col, ws, bias, *geo, allow_dense=True)
     dec = engines.decision(engines.last_key("bsr_conv2d"))
-    assert dec is not None and dec.measured and dec.engine in cpu_engines(32, 16, torch.float32, True)
-    assert set(dec.times_ms) | set(dec.rejected) == set(cpu_engines(32, 16, torch.float32, True))
+    offered = cpu_engines(32, 16, torch.float32, True, nchw=x.is_contiguous())  # (measured for NCHW inputs)
+    assert dec is not None and dec.measured and dec.engine in offered
+    assert set(dec.times_ms) | set(dec.rejected) == set(offered)
     torch.testing.assert_close(y.double(), conv_ref(x, v, crow, col, ws, bias, *geo), **_tol(torch.float32, 288))
     engines.clear()
 
@@ -150,7 +152,7 @@ def test_a_nan_poisons_its_window_in_every_engine(case):
     readers = F.conv2d(hit, stored, None, *geo) > 0
     window = F.conv2d(hit, torch.ones(ws), None, *geo) > 0
     assert readers.any() and (window & ~readers).any()
-    for engine in cpu_engines(ws[1], v.shape[1], torch.float32, True):
+    for engine in cpu_engines(ws[1], v.shape[1], torch.float32, True, nchw=True):
         y = run_cpu(engine, x, v, crow, col, ws, bias, *geo)
         assert torch.equal(torch.isnan(y), window), engine
 
@@ -464,7 +466,8 @@ def test_sparsify_with_masks_and_measurement(accel_env, monkeypatch):
         if r["decision"] == "kept dense":  # the in-model check found the sparse conv slower inside the model
             assert "slower inside the model" in r["reason"] and type(model.get_submodule(r["layer"])) is nn.Conv2d
             continue
-        assert r["decision"].split(": ")[1] in cpu_engines(64 if r["layer"] == "c3" else 32, 16, torch.float32, True)
+        assert r["decision"].split(": ")[1] in cpu_engines(64 if r["layer"] == "c3" else 32, 16, torch.float32, True,
+                                                           nchw=True)  # (the inputs are NCHW)
     engines.clear()
 
 
@@ -523,7 +526,7 @@ def test_fuzz_every_engine(drawn):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     ref = conv_ref(x, v, crow, col, ws, bias, *geo)
-    for engine in cpu_engines(ws[1], v.shape[1], torch.float32, True):
+    for engine in cpu_engines(ws[1], v.shape[1], torch.float32, True, nchw=True):
         with torch.no_grad(), engines.force(bsr_conv2d=engine):
             y = bsr_conv2d(x, v, crow, col, ws, bias, *geo, allow_dense=True)
         torch.testing.assert_close(y.double(), ref, **_tol(torch.float32, ws[1] * ws[2] * ws[3]), msg=engine)

@@ -332,7 +332,7 @@ def _load(name: str, path: str):
     if name == "bsr_float":
         lib.accel_bsr_conv_float.restype = i32
         lib.accel_bsr_conv_float.argtypes = [p, i32] + [i64] * 13 + [p, p, p, i64, i64, p, p, i64, i64, i32, i64, p,
-                                                                     i32]
+                                                                     i32, i32]
         lib.accel_any_nonfinite.restype = i32
         lib.accel_any_nonfinite.argtypes = [p, i32, i64, i64, i64, i32]
         lib.accel_nonfinite_rows.restype = i64
@@ -743,7 +743,7 @@ def _runner_out_hw(what: str, h: int, w: int, kh: int, kw: int, sh: int, sw: int
 
 
 #: the native float conv engines (:func:`conv_runner`)
-CONV_ENGINES = ("native", "native_amx", "native_amx_padded")
+CONV_ENGINES = ("native", "native_nchw", "native_amx", "native_amx_padded")
 
 
 def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride, padding, dilation, x: torch.Tensor,
@@ -757,7 +757,9 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
     step costs microseconds between a model's other ops (the checked path cost ~50 us more per call than its
     kernel).
 
-    Engines (:data:`CONV_ENGINES`): ``native`` the float kernel (fp32 or bf16, fp32 sums); ``native_amx`` bf16 on AMX
+    Engines (:data:`CONV_ENGINES`): ``native`` the float kernel (fp32 or bf16, fp32 sums), reading channels_last (an
+    NCHW ``x`` copied first); ``native_nchw`` the same for fp32, reading a contiguous NCHW ``x`` in place (each pixel's
+    channels a plane apart: no copy, slower reads; which pays depends on the layer); ``native_amx`` bf16 on AMX
     tiles, reading a channels_last ``x`` in place (other layouts are copied first); pixel groups whose windows reach
     into the zero padding are copied into a small buffer first, which costs more where most of them do (narrow
     images); ``native_amx_padded`` copies ``x`` into a zero-padded buffer instead (``accel_pad_nhwc``). ``lib``: the
@@ -765,9 +767,12 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
     if engine not in CONV_ENGINES:
         raise ValueError(f"bsr_conv2d (native): unknown engine {engine!r}; one of {CONV_ENGINES}")
     o, c, kh, kw = weight_shape
-    dtype, amx = x.dtype, engine != "native"
+    dtype, amx = x.dtype, engine in ("native_amx", "native_amx_padded")
     if amx and dtype != torch.bfloat16:
         raise ValueError(f"bsr_conv2d (native AMX): x must be bfloat16, got {dtype}")
+    if engine == "native_nchw" and dtype != torch.float32:
+        raise ValueError(f"bsr_conv2d (native_nchw): x must be float32, got {dtype}")
+    in_place_nchw = engine == "native_nchw"
     bs = _float_operands(x, w, bias, c, kh * kw * c // w.blocks.shape[2], "bsr_conv2d")
     _check_geometry(stride, padding, dilation)
     nbr = w.crow.numel() - 1
@@ -793,11 +798,13 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
         y = torch.empty(n, o, oh, ow, dtype=dtype) if nchw else torch.empty(n, oh, ow, o, dtype=dtype)
         bad = False  # (no outputs: nothing to make NaN)
         if y.numel():
-            xn, threads = _nhwc_view(x), torch.get_num_threads()
+            threads = torch.get_num_threads()
+            read_nchw = in_place_nchw and x.is_contiguous()
+            xn = x if read_nchw else _nhwc_view(x)
             if not amx:  # (the rows the windows reach, scanned by the kernel as it goes)
                 found = ctypes.c_int(0)
                 rc = kern(xn.data_ptr(), flag, n, h, wd, c, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
-                          o, o, int(nchw), kh, ctypes.byref(found), threads)
+                          o, o, int(nchw), kh, ctypes.byref(found), int(read_nchw), threads)
                 bad = bool(found.value)
             elif pad is not None:  # the padded copy, scanned as it is made
                 hp, wp = h + 2 * ph, wd + 2 * pw
@@ -863,7 +870,7 @@ def linear_runner(w: PackedFloat, bias: torch.Tensor | None, out_features: int, 
                           None, torch.get_num_threads())
             else:
                 rc = kern(x.data_ptr(), bf16, 1, 1, m, k, 1, 1, 1, 0, 0, 1, 1, 1, m, *weights, y.data_ptr(), n, n, 0, 1,
-                          None, torch.get_num_threads())
+                          None, 0, torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"the block-sparse kernel refused its arguments (code {rc})")
             fix(x.data_ptr(), bf16, m, k, k, y.data_ptr(), bf16, n, n)
@@ -900,8 +907,13 @@ def _check_float(lib) -> None:
                 xl = xd.contiguous(memory_format=torch.channels_last)  # (read in place: no layout copy inside the check)
                 y = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xl, "native", lib)(xl)[0]
                 yn = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xd, "native", lib)(xd)[0]  # NCHW
+                if dtype == torch.float32:  # (and read in place)
+                    yi = conv_runner(w, (o, c, kh, kw), bias, stride, padding, dilation, xd, "native_nchw", lib)(xd)[0]
+                else:
+                    yi = yn
                 err = float((y.double() - want).abs().max() / want.abs().max())
-                if not (err < (1e-5 if dtype == torch.float32 else 1e-2) and yn.is_contiguous() and torch.equal(yn, y)):
+                if not (err < (1e-5 if dtype == torch.float32 else 1e-2) and yn.is_contiguous() and torch.equal(yn, y)
+                        and torch.equal(yi, y)):
                     raise RuntimeError(f"the {dtype} block-sparse conv (block {bs}, stride {stride}, padding {padding}, "
                                        f"dilation {dilation}) is off by {err:.2e} against PyTorch's conv")
 

@@ -130,14 +130,15 @@ def _run_dense(x, values, crow, col, weight_shape, bias, stride, padding, dilati
     return y.contiguous(memory_format=torch.channels_last)
 
 
-def cpu_engines(c: int, bs: int, dtype: torch.dtype, allow_dense: bool) -> tuple[str, ...]:
+def cpu_engines(c: int, bs: int, dtype: torch.dtype, allow_dense: bool, nchw: bool = False) -> tuple[str, ...]:
     """The CPU engines that can run a layer: ``gather`` (``C % B == 0``), ``im2col_<strategy>`` for the
     block-sparse matmul strategies of ``accel.cpu.bsr``, ``native`` (``accel.cpu.native``'s implicit GEMM: ``C % B
-    == 0``, fp32/bf16, where the kernel builds; ``native_amx`` its AMX tile version for bf16) and ``dense`` where
-    allowed."""
+    == 0``, fp32/bf16, where the kernel builds; ``native_nchw`` the same reading an fp32 NCHW input in place, with
+    ``nchw``: measured for NCHW inputs, and forcible for any; ``native_amx`` its AMX tile version for bf16) and
+    ``dense`` where allowed."""
     names = (("gather",) if c % bs == 0 else ()) + tuple(f"im2col_{s}" for s in cpu_bsr.strategies_for(dtype))
     if c % bs == 0 and cpu_native.float_available(dtype):
-        names += ("native",)
+        names += ("native",) + (("native_nchw",) if nchw and dtype == torch.float32 else ())
     if c % bs == 0 and dtype == torch.bfloat16 and cpu_native.amx_available():
         names += ("native_amx", "native_amx_padded")
     return names + (("dense",) if allow_dense else ())
@@ -211,11 +212,12 @@ def _choose_cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding
                            b=bs, dens=f"{round(density * 40) / 40:.3f}", m=engines.m_bucket(x.shape[0]),
                            dt=str(x.dtype)[6:], dense=int(allow_dense),
                            cl=int(conv_out_format(x) == torch.channels_last))  # (an NCHW input: copies, NCHW stores)
-    allowed = cpu_engines(c, bs, x.dtype, allow_dense)
+    allowed = cpu_engines(c, bs, x.dtype, allow_dense, nchw=True)  # (forced: native_nchw runs any fp32 input)
     args = (x, values, crow, col, weight_shape, bias, stride, padding, dilation)
 
-    def candidates():
-        return {e: (lambda e=e: run_cpu(e, *args)) for e in allowed}
+    def candidates():  # (measured: native_nchw for an NCHW input only; on another it is native)
+        return {e: (lambda e=e: run_cpu(e, *args)) for e in cpu_engines(c, bs, x.dtype, allow_dense,
+                                                                         nchw=x.is_contiguous())}
 
     def reference():  # the dense conv in fp32 (fp64 for fp64 inputs)
         dt = torch.promote_types(x.dtype, torch.float32)

@@ -23,10 +23,12 @@
 namespace {
 
 struct Geometry {
-  int64_t n, h, w, c;     // input NHWC
+  int64_t n, h, w, c;     // input [n, h, w, c] NHWC, or with nchw [n, c, h, w] (fp32 only)
   int64_t oh, ow;         // output pixels per image
   int64_t sh, sw, ph, pw, dh, dw, kw;
   int64_t ncb;            // C / B
+  int nchw;
+  int64_t ps, cs;  // elements between an input row's pixels (c, or 1 for NCHW) and between its channels (1, or h * w)
 };
 
 struct Out {
@@ -104,7 +106,7 @@ template <int T, typename E>
 inline void window_rows(const E* x, const Geometry& g, const Pixels& px, const Tap& tp, const E** rows) {
   for (int t = 0; t < T; ++t) {
     const int64_t ih = px.ih0[t] + tp.dy, iw = px.iw0[t] + tp.dx;
-    rows[t] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x + px.image[t] + (ih * g.w + iw) * g.c + tp.c0
+    rows[t] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x + px.image[t] + (ih * g.w + iw) * g.ps + tp.c0 * g.cs
                                                            : reinterpret_cast<const E*>(kZeros);
   }
 }
@@ -153,7 +155,8 @@ inline void store(const Out& out, int64_t m0, int64_t nt, int64_t o0, __m512 (&a
   }
 }
 
-template <int NB, int T>
+// NCHW: a pixel's channels are g.cs apart (the padding's zeros: consecutive, kZeros)
+template <int NB, int T, bool NCHW>
 void tile_f32(const float* x, const Geometry& g, const float* w, int64_t bs, const Tap* taps, int64_t p0, int64_t p1,
               int64_t grp, const Pixels& px, const Out& out, int64_t m0, int64_t nt, int64_t o0, int64_t pf_end) {
   __m512 acc[T][NB];
@@ -164,11 +167,15 @@ void tile_f32(const float* x, const Geometry& g, const float* w, int64_t bs, con
     prefetch_block(w, p, bs * bs * 4, pf_end);
     window_rows<T>(x, g, px, taps[p - p0], rows);
     const float* wb = w + p * bs * bs + grp;
+    int64_t step[T];
+    if constexpr (NCHW)
+      for (int t = 0; t < T; ++t) step[t] = rows[t] == kZeros ? 1 : g.cs;
     for (int64_t i = 0; i < bs; ++i) {
       __m512 wv[NB];
       for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(wb + i * bs + j * 16);
       for (int t = 0; t < T; ++t) {
-        const __m512 xv = _mm512_set1_ps(rows[t][i]);
+        const __m512 xv = _mm512_set1_ps(NCHW ? *rows[t] : rows[t][i]);
+        if constexpr (NCHW) rows[t] += step[t];
         for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_fmadd_ps(xv, wv[j], acc[t][j]);
       }
     }
@@ -211,14 +218,18 @@ constexpr int64_t kTilesPerItem = 4;
 // order) and moving it past the rows scanned: the sparse conv's check, each row read just before the tiles read it.
 inline bool scan_rows(const void* x, int bf16, const Geometry& g, int64_t kh, int64_t first, int64_t last,
                       int64_t& next) {
-  const int64_t row = g.w * g.c * (bf16 ? 2 : 4);  // (bytes per input row)
+  const int64_t elem = bf16 ? 2 : 4;
   bool found = false;
   for (int64_t orow = first / g.ow; orow <= (last - 1) / g.ow; ++orow) {  // (output rows: image * oh + oh)
     const int64_t img = orow / g.oh, lo = (orow % g.oh) * g.sh - g.ph, hi = lo + (kh - 1) * g.dh;
     for (int64_t ih = lo < 0 ? 0 : lo; ih <= hi && ih < g.h; ++ih) {
       const int64_t at = img * g.h + ih;
       if (at < next) continue;
-      found |= accel_rows::row_nonfinite(static_cast<const char*>(x) + at * row, bf16, g.w * g.c);
+      const char* base = static_cast<const char*>(x) + (img * g.h * g.w * g.c + ih * g.w * g.ps) * elem;
+      if (g.nchw)  // (the row's pixels of each channel)
+        for (int64_t ch = 0; ch < g.c; ++ch) found |= accel_rows::row_nonfinite(base + ch * g.cs * elem, bf16, g.w);
+      else
+        found |= accel_rows::row_nonfinite(base, bf16, g.w * g.c);
       next = at + 1;
     }
   }
@@ -259,9 +270,12 @@ void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, 
         if (bf16)
           tile_bf16<NB, T>(static_cast<const uint16_t*>(x), g, static_cast<const uint16_t*>(w), bs, taps, p0, p1, grp,
                            px, out, m0, nt, r * bs, pf_end);
+        else if (g.nchw)
+          tile_f32<NB, T, true>(static_cast<const float*>(x), g, static_cast<const float*>(w), bs, taps, p0, p1, grp,
+                                px, out, m0, nt, r * bs, pf_end);
         else
-          tile_f32<NB, T>(static_cast<const float*>(x), g, static_cast<const float*>(w), bs, taps, p0, p1, grp, px,
-                          out, m0, nt, r * bs, pf_end);
+          tile_f32<NB, T, false>(static_cast<const float*>(x), g, static_cast<const float*>(w), bs, taps, p0, p1, grp,
+                                 px, out, m0, nt, r * bs, pf_end);
       }
     }
   }
@@ -271,7 +285,9 @@ void run(const void* x, int bf16, const Geometry& g, const void* w, int64_t bs, 
 
 }  // namespace
 
-// x: NHWC contiguous [n, h, w, c] fp32 (bf16 = 0) or bf16 (bf16 = 1); y: [n*oh*ow, ldy] in the same dtype, or with
+// x: NHWC contiguous [n, h, w, c] fp32 (bf16 = 0) or bf16 (bf16 = 1), or with x_nchw (fp32 only) NCHW contiguous
+// [n, c, h, w] read in place (no NHWC copy of an NCHW layer's input: engine native_nchw); y: [n*oh*ow, ldy] in the
+// same dtype, or with
 // y_nchw [n, ldy, oh, ow] (NCHW: no copy of a channels_last result for an NCHW layer). nonfinite (or null): set to 1
 // when an input row spanned by the windows of kh tap rows (from an output row's first tap row to its last, whole rows)
 // holds a NaN or an inf, else left (each thread scans the rows of its pixels just before reading them). Returns 0, or
@@ -280,14 +296,15 @@ extern "C" int accel_bsr_conv_float(const void* x, int bf16, int64_t n, int64_t 
                                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
                                     int64_t ow, const void* wpack, const int64_t* crow, const int64_t* col,
                                     int64_t nbr, int64_t bs, const float* bias, void* y, int64_t ldy, int64_t o,
-                                    int y_nchw, int64_t kh, int* nonfinite, int nthreads) {
+                                    int y_nchw, int64_t kh, int* nonfinite, int x_nchw, int nthreads) {
   if (bs != 16 && bs != 32 && bs != 64 && bs != 128) return 1;
   if (c % bs || n < 0 || h < 0 || w < 0 || oh < 0 || ow < 0 || kw < 1 || kh < 1 || sh < 1 || sw < 1 || dh < 1 ||
-      dw < 1 || o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1) || (y_nchw != 0 && y_nchw != 1))
+      dw < 1 || o > nbr * bs || ldy < o || nthreads < 1 || (bf16 != 0 && bf16 != 1) || (y_nchw != 0 && y_nchw != 1) ||
+      (x_nchw != 0 && (x_nchw != 1 || bf16)))
     return 2;
   const int64_t m = n * oh * ow;
   if (m == 0 || nbr == 0) return 0;
-  const Geometry g{n, h, w, c, oh, ow, sh, sw, ph, pw, dh, dw, kw, c / bs};
+  const Geometry g{n, h, w, c, oh, ow, sh, sw, ph, pw, dh, dw, kw, c / bs, x_nchw, x_nchw ? 1 : c, x_nchw ? h * w : 1};
   const Out out{bias, y, ldy, o, bf16, y_nchw, oh * ow};
   switch (bs) {
     case 16: run<1, 8>(x, bf16, g, wpack, bs, crow, col, nbr, out, m, kh, nonfinite, nthreads); break;

@@ -541,7 +541,9 @@ def test_the_engine_is_decided_per_input_layout(measuring):
     s = SparseConv2d.from_dense(torch.nn.Conv2d(32, 32, 3, padding=1), sparsity=0.5, block=16, mode="auto")
     x = torch.randn(2, 32, 8, 8)
     with torch.no_grad():
+        s(torch.randn(2, 32, 8, 16)[..., ::2])  # strided 8x8: measured apart (native_nchw reads only a contiguous one)
         s(x)
         s(x.contiguous(memory_format=torch.channels_last))
     keys = sorted(k for k in engines.decisions() if k.startswith("bsr_conv2d|"))
-    assert len(keys) == 2 and "cl=0" in keys[0] and "cl=1" in keys[1], keys
+    assert len(keys) == 3 and ["cl=0" in keys[0], "cl=1" in keys[1], "cl=2" in keys[2]] == [True] * 3, keys
+    assert "native_nchw" in engines.decision(keys[0]).times_ms | engines.decision(keys[0]).rejected

@@ -198,9 +198,18 @@ def _nonfinite_like_dense(x, y, weight_shape, stride, padding, dilation, bad: bo
 
 def _cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense) -> str:
     parts = (tuple(weight_shape), tuple(x.shape[1:]), stride, padding, dilation, values.shape[0],
-             engines.m_bucket(x.shape[0]), x.dtype, allow_dense, bias is not None, conv_out_format(x))
+             engines.m_bucket(x.shape[0]), x.dtype, allow_dense, bias is not None, _layout(x))
     return engines.memo("bsr_conv2d", parts, lambda: _choose_cpu_engine(x, values, crow, col, weight_shape, bias,
                                                                           stride, padding, dilation, allow_dense))
+
+
+def _layout(x: torch.Tensor) -> int:
+    """The input layout an engine decision is for: 1 channels_last, 0 contiguous NCHW, 2 another (strided) NCHW-format
+    input. They run at other speeds: an NCHW input is copied to channels_last for most native engines (or read in
+    place by ``native_nchw``, a contiguous one only) and its output stored NCHW."""
+    if conv_out_format(x) == torch.channels_last:
+        return 1
+    return 0 if x.is_contiguous() else 2
 
 
 def _choose_cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_dense) -> str:
@@ -211,7 +220,7 @@ def _choose_cpu_engine(x, values, crow, col, weight_shape, bias, stride, padding
     key = engines.make_key("bsr_conv2d", w=(o, c, kh, kw), hw=tuple(x.shape[2:]), s=stride, p=padding, d=dilation,
                            b=bs, dens=f"{round(density * 40) / 40:.3f}", m=engines.m_bucket(x.shape[0]),
                            dt=str(x.dtype)[6:], dense=int(allow_dense),
-                           cl=int(conv_out_format(x) == torch.channels_last))  # (an NCHW input: copies, NCHW stores)
+                           cl=_layout(x))
     allowed = cpu_engines(c, bs, x.dtype, allow_dense, nchw=True)  # (forced: native_nchw runs any fp32 input)
     args = (x, values, crow, col, weight_shape, bias, stride, padding, dilation)
 

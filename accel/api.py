@@ -32,6 +32,7 @@ from .formats import BLOCK_SIZES, check_block_size
 from .inputs import as_call, at_batch, batch_size_of, detect_batch_size, eval_mode, resized_inputs, unnested
 from .modules import QuantConv2d, QuantEmbedding, QuantLinear, SparseConv2d, SparseLinear, SparseQuantLinear
 from .modules._common import explicit_padding
+from .ops._dispatch import conv_out_format
 from .prune import (
     _weight_matrix,
     as_linear,
@@ -513,7 +514,7 @@ def _calls(per_batch, example_inputs) -> list[tuple]:
 def _channels_last(x: torch.Tensor) -> int:
     """1 for a channels_last image batch (the engines' layout; an NCHW one runs at other speeds), else 0: part of the
     replacement decisions' keys."""
-    return int(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+    return int(conv_out_format(x) == torch.channels_last)
 
 
 def _decision_of(new: nn.Module, x: torch.Tensor) -> str:

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .. import engines
+from .bsr_conv import output_size
 from .packcache import cached
 from .workspace import scratch
 
@@ -735,11 +736,10 @@ def _runner_out_hw(what: str, h: int, w: int, kh: int, kw: int, sh: int, sw: int
                    dw: int) -> tuple[int, int]:
     """A conv runner's output size for an ``h x w`` input, or a ValueError where the padded input is smaller than the
     dilated kernel (as PyTorch's conv)."""
-    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
         raise ValueError(f"{what}: input {h}x{w} with padding {(ph, pw)} is smaller than the dilated {kh}x{kw} kernel "
                          f"(dilation {(dh, dw)})")
-    return oh, ow
+    return output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
 
 
 #: the native float conv engines (:func:`conv_runner`)
@@ -796,30 +796,26 @@ def conv_runner(w: PackedFloat, weight_shape, bias: torch.Tensor | None, stride,
         # the float kernel stores an NCHW result itself for an input nn.Conv2d answers in NCHW (no copy afterwards)
         nchw = not amx and n > 0 and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last))
         y = torch.empty(n, o, oh, ow, dtype=dtype) if nchw else torch.empty(n, oh, ow, o, dtype=dtype)
-        bad = False  # (no outputs: nothing to make NaN)
+        found = ctypes.c_int(0)  # (no outputs: nothing to make NaN)
         if y.numel():
             threads = torch.get_num_threads()
             read_nchw = in_place_nchw and x.is_contiguous()
             xn = x if read_nchw else _nhwc_view(x)
-            if not amx:  # (the rows the windows reach, scanned by the kernel as it goes)
-                found = ctypes.c_int(0)
-                rc = kern(xn.data_ptr(), flag, n, h, wd, c, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
-                          o, o, int(nchw), kh, ctypes.byref(found), int(read_nchw), threads)
-                bad = bool(found.value)
-            elif pad is not None:  # the padded copy, scanned as it is made
+            if pad is not None:  # the padded copy, scanned as it is made
                 hp, wp = h + 2 * ph, wd + 2 * pw
                 xp = scratch("native.xpad", n * hp * wp * c, dtype)
-                bad = bool(pad(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(), threads))
+                found.value = pad(xn.data_ptr(), 1, n, h, wd, c, ph, pw, xp.data_ptr(), threads)
                 rc = kern(xp.data_ptr(), n, hp, wp, c, kh, kw, sh, sw, 0, 0, dh, dw, oh, ow, *weights, y.data_ptr(),
                           o, o, None, threads)
-            else:  # the rows the windows reach, scanned by the kernel as it goes
-                found = ctypes.c_int(0)
+            elif amx:  # (the rows the windows reach, scanned by the kernels as they go)
                 rc = kern(xn.data_ptr(), n, h, wd, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
                           o, o, ctypes.byref(found), threads)
-                bad = bool(found.value)
+            else:
+                rc = kern(xn.data_ptr(), flag, n, h, wd, c, kw, sh, sw, ph, pw, dh, dw, oh, ow, *weights, y.data_ptr(),
+                          o, o, int(nchw), kh, ctypes.byref(found), int(read_nchw), threads)
             if rc != 0:
                 raise RuntimeError(f"the block-sparse conv kernel ({engine}) refused its arguments (code {rc})")
-        return (y if nchw else y.permute(0, 3, 1, 2)), bad
+        return (y if nchw else y.permute(0, 3, 1, 2)), bool(found.value)
 
     run.operands = (w, bias)  # (alive while the function is)
     return run

@@ -185,19 +185,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) inline 
   }
   if (!out.nchw) return;
   // NCHW: the rows are consecutive pixels of one output row (an item never crosses one), so each output's values are
-  // `rows` consecutive pixels of its plane: one 16 x 16 transpose, then one masked store per output
-  for (int64_t t = rows; t < 16; ++t) r[t] = _mm512_setzero_ps();
-  accel_transpose::transpose16_ps(r);
-  const int64_t img = m0 / out.plane, p = m0 % out.plane;
-  const __mmask16 pm = rows == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
-  const int nc = static_cast<int>(out.nout - o < 16 ? out.nout - o : 16);
-  for (int j = 0; j < nc; ++j) {
-    const int64_t at = (img * out.ldy + o + j) * out.plane + p;
-    if (out.bf16)
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, pm, accel_bf16::fast(r[j]));
-    else
-      _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, pm, r[j]);
-  }
+  // `rows` consecutive pixels of its plane
+  accel_transpose::store_planes(r, rows, static_cast<int>(out.nout - o < 16 ? out.nout - o : 16), out.y, out.bf16,
+                                m0 / out.plane, out.ldy, o, out.plane, m0 % out.plane);
 }
 
 // int8 sums kept for a few output rows at once, so that a stretch of the weight is read once from L2 for all of them

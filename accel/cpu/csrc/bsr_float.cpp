@@ -123,7 +123,7 @@ inline void store(const Out& out, int64_t m0, int64_t nt, int64_t o0, __m512 (&a
       const int64_t nt_ = T < nt ? T : nt;
       const int nc = static_cast<int>(out.o - o < 16 ? out.o - o : 16);
       __m512 r[16];
-      for (int t = 0; t < 16; ++t) r[t] = t < nt_ ? _mm512_add_ps(acc[t < T ? t : 0][j], b) : _mm512_setzero_ps();
+      for (int t = 0; t < nt_; ++t) r[t] = _mm512_add_ps(acc[t][j], b);
       if ((m0 + nt_ - 1) / out.plane != m0 / out.plane) {
         for (int t = 0; t < nt_; ++t) {
           alignas(64) float v[16];
@@ -132,16 +132,8 @@ inline void store(const Out& out, int64_t m0, int64_t nt, int64_t o0, __m512 (&a
         }
         continue;
       }
-      transpose16_ps(r);
-      const __mmask16 pm = static_cast<__mmask16>((1u << nt_) - 1);
-      const int64_t img = m0 / out.plane, p = m0 % out.plane;
-      for (int jj = 0; jj < nc; ++jj) {
-        const int64_t at = (img * out.ldy + o + jj) * out.plane + p;
-        if (out.bf16)
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + at, pm, accel_bf16::exact(r[jj]));
-        else
-          _mm512_mask_storeu_ps(static_cast<float*>(out.y) + at, pm, r[jj]);
-      }
+      accel_transpose::store_planes(r, nt_, nc, out.y, out.bf16, m0 / out.plane, out.ldy, o, out.plane,
+                                    m0 % out.plane);
       continue;
     }
     for (int t = 0; t < T && t < nt; ++t) {

@@ -4,6 +4,10 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
+#include "bf16.h"
+
 namespace accel_transpose {
 
 // Rows r[0..16) of 16 fp32 transposed in place (r[i][j] <-> r[j][i]): pairs, quads, then two rounds of 128-bit lanes.
@@ -31,5 +35,24 @@ __attribute__((target("avx512f"))) inline void transpose16_ps(__m512* r) {
   }
 }
 
+
+// The values of `rows` consecutive output pixels of one image (r[t]: pixel t's 16 outputs o .. o + 15) stored into
+// an NCHW output y [.., ldy, plane] (fp32, or bf16 rounded as PyTorch rounds) from pixel p of image img: r padded with
+// zeros and transposed in place, then outputs o .. o + nc - 1 each one masked store of `rows` values in its plane.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_planes(__m512* r, int64_t rows, int nc,
+                                                                               void* y, int bf16, int64_t img,
+                                                                               int64_t ldy, int64_t o, int64_t plane,
+                                                                               int64_t p) {
+  for (int64_t t = rows; t < 16; ++t) r[t] = _mm512_setzero_ps();
+  transpose16_ps(r);
+  const __mmask16 pm = rows == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
+  for (int j = 0; j < nc; ++j) {
+    const int64_t at = (img * ldy + o + j) * plane + p;
+    if (bf16)
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + at, pm, accel_bf16::exact(r[j]));
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + at, pm, r[j]);
+  }
+}
 
 }  // namespace accel_transpose

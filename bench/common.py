@@ -61,6 +61,8 @@ def environment() -> dict:
         ).stdout.strip() or None
     except OSError:
         env["git_commit"] = None
+    # a copy without .git (the GPU machine gets the working tree only): the commit named by whoever sent it
+    env["git_commit"] = env["git_commit"] or os.environ.get("ACCEL_GIT_COMMIT") or None
     return env
 
 

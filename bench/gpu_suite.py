@@ -24,7 +24,8 @@ like. Inputs are random, never zeros.
 Robustness: every case runs guarded; an exception becomes an error row and the suite goes on.
 ``bench/results/gpu_suite-cuda.json`` is rewritten after every case (environment, driver, rows),
 progress goes to stdout, and a table ends the run. ``--budget-s`` (default 420 s) skips the cases
-that remain when it is spent, recorded as skipped rows, so a run fits an 8-minute slot.
+that remain when it is spent, recorded as skipped rows, so a run fits an 8-minute slot; each section
+gets an equal share of what is left when it starts (block 64 first in ``bsr``: the figures name it).
 
 Prepared command for a GPU session (repository root, one shell command; installs without
 touching torch/triton, runs the Triton kernel tests on the device, then this suite, and copies the
@@ -141,12 +142,21 @@ class Case:
 def run_cases(cases: list[Case], budget: Budget, on_rows: Callable[[list[Row]], None],
               log: Callable[[str], None] = print) -> list[Row]:
     """Run ``cases`` in order, each guarded: an exception becomes an error row; once the budget is spent
-    the remaining cases become "skipped" rows. ``on_rows`` sees the rows after every case."""
+    the remaining cases become "skipped" rows. Each section gets an equal share of the budget left when it
+    starts (a section that ends early passes the rest on), so one slow section cannot starve the later ones.
+    ``on_rows`` sees the rows after every case."""
     rows: list[Row] = []
+    sections = list(dict.fromkeys(c.section for c in cases))
+    section, section_end = None, 0.0
     for i, case in enumerate(cases):
         prefix = f"[{i + 1}/{len(cases)}] {case.section} {case.name}"
-        if budget.spent():
-            rows.append(Row(case.section, case.name, "-", error="skipped: time budget spent"))
+        if case.section != section:  # a section gets an equal share of what is left, unused shares pass on
+            section = case.section
+            left = budget.left()
+            section_end = left - left / (len(sections) - sections.index(section))
+        if budget.spent() or budget.left() <= section_end:
+            why = "time budget spent" if budget.spent() else "the section's share of the time budget spent"
+            rows.append(Row(case.section, case.name, "-", error=f"skipped: {why}"))
             on_rows(rows)
             continue
         t0 = time.monotonic()
@@ -182,7 +192,7 @@ def sweeps(quick: bool, tiny: bool = False) -> dict:
     if quick:
         return dict(n=4096, bsr_blocks=(32,), bsr_densities=(0.5, 0.1), ms=(1, 4096), int8_sizes=(4096,),
                     conv_layers=CONV_LAYERS[:1] + CONV_LAYERS[-1:], conv_batches=(32,), train_m=2048, reps=10)
-    return dict(n=4096, bsr_blocks=(32, 64), bsr_densities=(0.5, 0.25, 0.1, 0.05), ms=(1, 16, 256, 4096),
+    return dict(n=4096, bsr_blocks=(64, 32), bsr_densities=(0.5, 0.25, 0.1, 0.05), ms=(1, 16, 256, 4096),
                 int8_sizes=(4096, 8192), conv_layers=CONV_LAYERS, conv_batches=(1, 32), train_m=4096, reps=30)
 
 

@@ -76,6 +76,27 @@ def test_cases_are_guarded_and_budgeted():
     assert seen == [1, 2, 3, 4]
 
 
+def test_sections_share_the_budget():
+    """A section may spend only its share of what is left when it starts (budget left / sections left), and
+    passes on what it does not use: a slow first section cannot starve the later ones."""
+    now = [0.0]
+    budget = G.Budget(30.0, clock=lambda: now[0])
+
+    def case(section, name, cost):
+        def run():
+            now[0] += cost
+            return [G.Row(section, name, "p", "p", us=1.0)]
+        return G.Case(section, name, run)
+
+    cases = [case("bsr", "a", 8.0), case("bsr", "b", 8.0), case("bsr", "c", 8.0),  # share 10: c skipped
+             case("int8", "d", 1.0), case("int8", "e", 1.0),  # share (30-16)/2 = 7: both run, 12 left
+             case("host", "f", 12.0), case("host", "g", 1.0)]  # share 12: f runs, g skipped (budget spent)
+    rows = G.run_cases(cases, budget, lambda rs: None, log=lambda s: None)
+    assert [r.case for r in rows if not r.error] == ["a", "b", "d", "e", "f"]
+    assert rows[2].error == "skipped: the section's share of the time budget spent"
+    assert rows[6].error == "skipped: time budget spent"
+
+
 def test_sections_and_sweeps():
     assert G.select_sections(None) == list(G.SECTIONS)
     assert G.select_sections(["host", "bsr"]) == ["bsr", "host"]
@@ -83,7 +104,7 @@ def test_sections_and_sweeps():
         G.select_sections(["bsr", "fp4"])
     full, quick = G.sweeps(False), G.sweeps(True)
     assert full["ms"] == (1, 16, 256, 4096) and full["bsr_densities"] == (0.5, 0.25, 0.1, 0.05)
-    assert full["bsr_blocks"] == (32, 64) and full["int8_sizes"] == (4096, 8192) and full["conv_batches"] == (1, 32)
+    assert full["bsr_blocks"] == (64, 32) and full["int8_sizes"] == (4096, 8192) and full["conv_batches"] == (1, 32)
     assert set(quick["ms"]) < set(full["ms"]) and quick["reps"] < full["reps"]
     assert {name.split("_")[0] for name, *_ in G.CONV_LAYERS} == {"3x3", "1x1", "1x1s2"}
 

@@ -61,8 +61,9 @@ def environment() -> dict:
         ).stdout.strip() or None
     except OSError:
         env["git_commit"] = None
-    # a copy without .git (the GPU machine gets the working tree only): the commit named by whoever sent it
-    env["git_commit"] = env["git_commit"] or os.environ.get("ACCEL_GIT_COMMIT") or None
+    # the GPU machine gets a copy of the working tree, whose .git (if any) need not be at the commit sent:
+    # the commit named by whoever sent it wins
+    env["git_commit"] = os.environ.get("ACCEL_GIT_COMMIT") or env["git_commit"]
     return env
 
 

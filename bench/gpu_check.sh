@@ -6,7 +6,9 @@
 # Logs and the suite's JSON go to $OUT (the device tool brings that folder back).
 #
 #   bash bench/gpu_check.sh [SUITE_BUDGET_S=250] [TEST_S=150] [suite args...]
-#   TESTS_K='not every' (default) selects the tests; TESTS_K='' runs the per-config sweeps too.
+#   TESTS_K='not every' (default) selects the tests; TESTS_K='' runs the per-config sweeps too;
+#   TEST_FILES picks the test files (default: the four Triton kernel files); PROFILE_S=60 also runs
+#   bench.gpu_host_profile (host time per launch, cProfile) into $OUT/host_profile.txt.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -24,13 +26,17 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2
 t0=$SECONDS
 if [ "$TEST_S" -gt 0 ]; then
   ACCEL_TEST_NO_INTERPRET=1 timeout "$TEST_S" $PY -m pytest -v -p no:cacheprovider -rfE --timeout 90 \
-    tests/test_int8_triton.py tests/test_bsr_triton.py tests/test_int8_bsr_triton.py tests/test_bsr_conv_triton.py \
+    --durations=12 ${TEST_FILES:-tests/test_int8_triton.py tests/test_bsr_triton.py tests/test_int8_bsr_triton.py tests/test_bsr_conv_triton.py} \
     -k "${TESTS_K-not every}" > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$? in $((SECONDS - t0)) s"
   grep -E "(FAILED|ERROR)( |$)| passed| failed|Timeout" "$OUT/pytest.log" | cut -c1-300 | tail -40
 fi
+if [ "${PROFILE_S:-0}" -gt 0 ]; then
+  timeout "$PROFILE_S" $PY -m bench.gpu_host_profile --out "$OUT/host_profile.txt" > /dev/null 2>&1
+  echo "host profile rc=$?"; tail -8 "$OUT/host_profile.txt" 2>/dev/null
+fi
 t0=$SECONDS
 timeout $((SUITE_BUDGET + 60)) $PY -m bench.gpu_suite --budget-s "$SUITE_BUDGET" "$@" > "$OUT/suite.log" 2>&1
 echo "suite rc=$? in $((SECONDS - t0)) s"
-cp bench/results/gpu_suite-cuda.json "$OUT/" 2>/dev/null
+cp bench/results/*-cuda*.json "$OUT/" 2>/dev/null
 grep -E "^\[|Error|error" "$OUT/suite.log" | cut -c1-220 | tail -70

@@ -3,8 +3,9 @@
 Sections (``--sections`` picks some; ``--quick`` shrinks every sweep):
 
 * ``bsr``: SparseLinear (mode "sparse", bf16) vs dense bf16 ``F.linear`` vs torch's
-  ``torch.sparse._triton_ops.bsr_dense_mm``: 4096x4096, block 32/64, block density
-  0.5/0.25/0.1/0.05, M = 1, 16, 256, 4096.
+  ``torch.sparse._triton_ops.bsr_dense_mm``: 4096x4096, block 64/32, block density
+  0.5/0.25/0.1/0.05, M = 1, 16, 256, 4096 (``bsr_dense_mm`` takes at least 16 dense columns and
+  ``torch._int_mm`` more than 16 rows: at smaller M they get the input padded, as a user would).
 * ``int8``: QuantLinear (modes dynamic and weight_only) and the int8 GEMM alone
   (``accel.kernels.int8_matmul.int8_mm`` on pre-quantized operands; on sm_90 also forced onto the
   pointer kernel) vs cuBLAS bf16, ``torch._int_mm`` and fp8 ``torch._scaled_mm``: 4096^2 and 8192^2,
@@ -388,7 +389,8 @@ def _bsr_cases(cfg: dict, timer: Timer) -> list[Case]:
 
                     sparse, w, w_bsr = state["layer"], state["w"], state["w_bsr"]
                     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-                    xt = x.t().contiguous()
+                    # bsr_dense_mm takes a dense operand of at least 16 columns: a user at M < 16 pads to 16
+                    xt = F.pad(x.t(), (0, max(0, 16 - m))).contiguous()
                     with torch.no_grad():
                         return timer.providers("bsr", f"B{block}_d{density}_M{m}", "dense_bf16", {
                             "dense_bf16": lambda: F.linear(x, w),
@@ -428,7 +430,8 @@ def _int8_cases(cfg: dict, timer: Timer) -> list[Case]:
                 st = setup()
                 x = torch.randn(m, size, device=DEVICE, dtype=torch.bfloat16)
                 x_q, x_s = quantize_rows(x)
-                x_i8 = x_q.clone()
+                # torch._int_mm takes more than 16 rows: a user at M <= 16 pads to 17
+                x_i8 = F.pad(x_q, (0, 0, 0, max(0, 17 - m))).contiguous()
                 w_t = st["w_q"].t()  # [K, N] column-major view for torch._int_mm
                 x_fp8 = x.to(torch.float8_e4m3fn)
                 one = torch.ones((), device=DEVICE)
@@ -567,8 +570,10 @@ def _host_cases(cfg: dict, timer: Timer) -> list[Case]:
 BUILDERS = {"bsr": _bsr_cases, "int8": _int8_cases, "conv": _conv_cases, "train": _train_cases, "host": _host_cases}
 
 
-def build_cases(sections: list[str], quick: bool, timer, tiny: bool = False) -> list[Case]:
+def build_cases(sections: list[str], quick: bool, timer, tiny: bool = False, **overrides) -> list[Case]:
+    """The cases of ``sections``; ``overrides`` (``ms``, ``bsr_blocks``; None: keep) replace sweep entries."""
     cfg = sweeps(quick, tiny)
+    cfg.update({k: tuple(v) for k, v in overrides.items() if v})
     cases = []
     for s in sections:
         try:
@@ -590,6 +595,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smaller sweeps and fewer repetitions (about 2 minutes)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="skip the remaining cases once this many seconds have passed (default 420)")
+    ap.add_argument("--ms", type=int, nargs="+", default=None, help="token counts M of the bsr and int8 sweeps "
+                    "(default 1 16 256 4096)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=None, help="block sizes of the bsr and train sections "
+                    "(default 64 32)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 30, quick 10)")
     ap.add_argument("--json", default=RESULTS_PATH, help=f"results file, rewritten after every case (default {RESULTS_PATH})")
     ap.add_argument("--dry-run", action="store_true",
@@ -619,11 +628,12 @@ def main(argv=None) -> int:
         env = {**environment(), "dry_run": True}
     else:
         env = gpu_environment()
-    meta = {"sections": sections, "quick": args.quick, "dry_run": args.dry_run, "budget_s": args.budget_s,
+    meta = {"sections": sections, "quick": args.quick, "ms": args.ms, "blocks": args.blocks,
+            "dry_run": args.dry_run, "budget_s": args.budget_s,
             "reps": cfg_reps, "flush_bytes": 0 if args.dry_run else FLUSH_BYTES}
     print(f"gpu_suite on {env.get('device')} (sm_{env.get('capability')}, driver {env.get('driver')}, torch "
           f"{env.get('torch')}, triton {env.get('triton')}); sections {sections}; budget {args.budget_s:.0f}s", flush=True)
-    cases = build_cases(sections, args.quick, timer, tiny=args.dry_run)
+    cases = build_cases(sections, args.quick, timer, tiny=args.dry_run, ms=args.ms, bsr_blocks=args.blocks)
     rows = run_cases(cases, budget, lambda rows: write_json(args.json, rows, env, meta),
                      log=lambda s: print(s, flush=True))
     print()

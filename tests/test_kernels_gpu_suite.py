@@ -112,6 +112,9 @@ def test_sections_and_sweeps():
 def test_cli_help_and_section_filter():
     args = G.parse_args(["--sections", "int8", "conv", "--quick", "--budget-s", "60"])
     assert args.sections == ["int8", "conv"] and args.quick and args.budget_s == 60.0
+    args = G.parse_args(["--sections", "bsr", "--ms", "1", "16", "--blocks", "64"])
+    cases = G.build_cases(args.sections, False, None, ms=args.ms, bsr_blocks=args.blocks)
+    assert [c.name for c in cases][:3] == ["B64_d0.5_M1", "B64_d0.5_M16", "B64_d0.25_M1"] and len(cases) == 8
     out = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--sections" in out.stdout and "--quick" in out.stdout
 
@@ -138,3 +141,14 @@ def test_dry_run_exercises_every_section(tmp_path):
             if r["provider"].startswith(("accel", "int8_mm", "quantize_rows")) or r["provider"] == r["baseline"]]
     assert mine and all(r["error"] == "" and r["us"] > 0 for r in mine), [(r["case"], r["provider"], r["error"]) for r in mine]
     assert "section  case" in proc.stdout  # the closing table
+
+
+def test_host_profile_dry_run():
+    """``bench.gpu_host_profile --dry-run`` times and profiles every provider (interpreter, CPU tensors)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_host_profile", "--dry-run", "--top", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("F.linear", "triton_bare_launch", "quantize_rows", "int8_mm", "SparseLinear", "QuantLinear_dynamic",
+                 "QuantLinear_weight_only"):
+        assert f"===== {name}:" in proc.stdout and f"\n{name} " in proc.stdout

@@ -5,7 +5,7 @@
 #   kernel tests on the device (ACCEL_TEST_NO_INTERPRET=1); run `python -m bench.gpu_suite`.
 # Logs and the suite's JSON go to $OUT (the device tool brings that folder back).
 #
-#   bash bench/gpu_check.sh [SUITE_BUDGET_S=250] [TEST_S=150] [suite args...]
+#   bash bench/gpu_check.sh [SUITE_BUDGET_S=250] [TEST_S=150] [suite args...]   (0 skips that step)
 #   TESTS_K='not every' (default) selects the tests; TESTS_K='' runs the per-config sweeps too;
 #   TEST_FILES picks the test files (default: the four Triton kernel files); PROFILE_S=60 also runs
 #   bench.gpu_host_profile (host time per launch, cProfile) into $OUT/host_profile.txt.
@@ -35,8 +35,10 @@ if [ "${PROFILE_S:-0}" -gt 0 ]; then
   timeout "$PROFILE_S" $PY -m bench.gpu_host_profile --out "$OUT/host_profile.txt" > /dev/null 2>&1
   echo "host profile rc=$?"; tail -8 "$OUT/host_profile.txt" 2>/dev/null
 fi
-t0=$SECONDS
-timeout $((SUITE_BUDGET + 60)) $PY -m bench.gpu_suite --budget-s "$SUITE_BUDGET" "$@" > "$OUT/suite.log" 2>&1
-echo "suite rc=$? in $((SECONDS - t0)) s"
-cp bench/results/*-cuda*.json "$OUT/" 2>/dev/null
-grep -E "^\[|Error|error" "$OUT/suite.log" | cut -c1-220 | tail -70
+if [ "$SUITE_BUDGET" -gt 0 ]; then
+  t0=$SECONDS
+  timeout $((SUITE_BUDGET + 60)) $PY -m bench.gpu_suite --budget-s "$SUITE_BUDGET" "$@" > "$OUT/suite.log" 2>&1
+  echo "suite rc=$? in $((SECONDS - t0)) s"
+  cp bench/results/*-cuda*.json "$OUT/" 2>/dev/null
+  grep -E "^\[|Error|error" "$OUT/suite.log" | cut -c1-220 | tail -70
+fi

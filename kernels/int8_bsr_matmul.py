@@ -223,12 +223,12 @@ def _int8_bsr_mm_kernel(
                         b_w = tl.load(p_v[:, None] + (kk + o_k)[None, :] * stride_vi)  # [BLOCK_N, BLOCK_K]
                         b_x = tl.load(p_x_rows[None, :] + i_k[:, None] * stride_xk,
                                       mask=m_k[:, None] & m_m[None, :], other=0)  # [BLOCK_K, BLOCK_M]
-                        acc = tl.dot(b_w, b_x, acc)
+                        acc = tl.dot(b_w, b_x, acc, out_dtype=tl.int32)
                     else:
                         b_x = tl.load(p_x_rows[:, None] + i_k[None, :] * stride_xk,
                                       mask=m_m[:, None] & m_k[None, :], other=0)  # [BLOCK_M, BLOCK_K]
                         b_w = tl.load(p_v[None, :] + (kk + o_k)[:, None] * stride_vi)  # [BLOCK_K, BLOCK_N]
-                        acc = tl.dot(b_x, b_w, acc)
+                        acc = tl.dot(b_x, b_w, acc, out_dtype=tl.int32)
             else:
                 # a K step gathers BLOCK_K // BS consecutive stored blocks of the block row
                 o_kb = o_k % BS
@@ -243,12 +243,12 @@ def _int8_bsr_mm_kernel(
                         b_w = tl.load(v_ptr + (n0 + o_n)[:, None] * stride_vo + off_v[None, :], mask=v_k[None, :], other=0)
                         b_x = tl.load(p_x_rows[None, :] + i_k[:, None] * stride_xk,
                                       mask=m_k[:, None] & m_m[None, :], other=0)
-                        acc = tl.dot(b_w, b_x, acc)
+                        acc = tl.dot(b_w, b_x, acc, out_dtype=tl.int32)
                     else:
                         b_x = tl.load(p_x_rows[:, None] + i_k[None, :] * stride_xk,
                                       mask=m_m[:, None] & m_k[None, :], other=0)
                         b_w = tl.load(v_ptr + (n0 + o_n)[None, :] * stride_vo + off_v[:, None], mask=v_k[:, None], other=0)
-                        acc = tl.dot(b_x, b_w, acc)
+                        acc = tl.dot(b_x, b_w, acc, out_dtype=tl.int32)
             if SWAP:
                 acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
 

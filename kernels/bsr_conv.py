@@ -297,7 +297,7 @@ def _bsr_conv2d_fwd_kernel(
             if UPCAST:
                 b_x = b_x.to(tl.float32)
                 b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=tl.float32)
     else:
         o_kb = o_k % BS
         for q in range(start, end, BLOCK_K // BS):
@@ -312,7 +312,7 @@ def _bsr_conv2d_fwd_kernel(
             if UPCAST:
                 b_x = b_x.to(tl.float32)
                 b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
     i_n = row * BS + o_n
     m_n = i_n < OC
@@ -350,7 +350,7 @@ def _dx_row(acc, p_dy_pix, m_pix, v_ptr, crowt_ptr, colt_ptr, bidx_ptr, kb, vali
             if UPCAST:
                 b_dy = b_dy.to(tl.float32)
                 b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION)
+            acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION, out_dtype=tl.float32)
     else:
         o_kb = o_k % BS
         for q0 in range(start, end, BLOCK_K // BS):
@@ -369,7 +369,7 @@ def _dx_row(acc, p_dy_pix, m_pix, v_ptr, crowt_ptr, colt_ptr, bidx_ptr, kb, vali
             if UPCAST:
                 b_dy = b_dy.to(tl.float32)
                 b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION)
+            acc = tl.dot(b_dy, b_w, acc, input_precision=PRECISION, out_dtype=tl.float32)
     return acc
 
 
@@ -478,7 +478,7 @@ def _bsr_conv2d_dw_kernel(
         if UPCAST:
             b_dyt = b_dyt.to(tl.float32)
             b_x = b_x.to(tl.float32)
-        acc = tl.dot(b_dyt, b_x, acc, input_precision=PRECISION)
+        acc = tl.dot(b_dyt, b_x, acc, input_precision=PRECISION, out_dtype=tl.float32)
     p_dv = dv_ptr + s.to(tl.int64) * stride_ds + p.to(tl.int64) * stride_db
     p_dv += o_b[:, None] * stride_do + o_b[None, :] * stride_di
     tl.store(p_dv, acc.to(dv_ptr.dtype.element_ty))

@@ -203,3 +203,25 @@ def test_negative_controls_trip_the_detectors(aot_results):
         if r["acc"] == "int32":  # int8 operands: byte loads
             assert r["byte_loads"] > 0, _key(r)
         assert r["async_operands"] < 2 or r["cp_async_min"] < 16, _key(r)
+
+
+def test_every_dot_names_its_accumulator_dtype():
+    """Every ``tl.dot`` in the kernels passes ``out_dtype``. Triton 3.6 (the GPU machines' version; the
+    package allows >= 3.4) asserts that an explicit accumulator's dtype equals ``out_dtype``, whose
+    default is fp32, so an int32 accumulator without it fails to compile there while 3.9 accepts it:
+    every int8 block-sparse test failed on an H200 that way. A source rule, since these tests compile
+    with the one Triton installed."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    missing, seen = [], 0
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dot"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl"):
+                seen += 1
+                if "out_dtype" not in {k.arg for k in node.keywords}:
+                    missing.append(f"{path.name}:{node.lineno}")
+    assert seen >= 20, seen  # the scan finds the kernels' dots
+    assert not missing, f"tl.dot without out_dtype: {missing}"

@@ -79,8 +79,13 @@ def test_fused_epilogue_matches_reference(case):
     xs, ws, bias = torch.rand(m) * 0.02 + 1e-3, torch.rand(n) * 0.02 + 1e-3, torch.randn(n)
     y = run(x, xs, v, ws, crow, col, n, bias, activation="relu")
     ref = int8_bsr_mm_ref(x, xs, v, ws, crow, col, n, bias, activation="relu")
-    # same fp32 operations in the same order on the exact integer accumulator
-    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    # same fp32 operations in the same order on the exact integer accumulator: bit-equal in the interpreter;
+    # a GPU build contracts the epilogue's multiply-add into an FMA (one rounding fewer than eager torch),
+    # seen on an H200 as up to 2 ulp of the largest output
+    if interpret_mode():
+        torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=4 * torch.finfo(torch.float32).eps * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("block", I.SUPPORTED_BLOCK_SIZES)

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_launchable, config_kwargs, kernel_for, needs_upcast, pick_configs
+from ._triton import bind, cdiv, check_launchable, launch, needs_upcast, pick_configs
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -596,8 +596,9 @@ def bsr_conv2d(
     y = torch.empty((nb, oh, ow, o), dtype=x.dtype, device=x.device)
     m = nb * oh * ow
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), crow_indices.numel() - 1)  # noqa: E731
-        kernel_for(_bsr_conv2d_fwd_kernel, config)[grid](
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), crow_indices.numel() - 1)  # noqa: E731
+        launch(_bsr_conv2d_fwd_kernel, grid, bind(
+            _bsr_conv2d_fwd_kernel,
             x, values, crow_indices, col_indices, bias if bias is not None else y, y,
             nb, c, h, w, o, oh, ow, kh, kw, kh * kw * c,
             *stride, *padding, *dilation,
@@ -609,8 +610,7 @@ def bsr_conv2d(
             HAS_BIAS=bias is not None,
             UPCAST=needs_upcast(x.dtype),
             PRECISION=_precision(x.dtype, allow_tf32),
-            **config_kwargs(config),
-        )
+        ), config)
     return y.permute(0, 3, 1, 2)
 
 
@@ -674,8 +674,9 @@ def bsr_conv2d_dx(
     dx = torch.empty((nb, h, w, c), dtype=dy.dtype, device=dy.device)
     m = nb * h * w
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, bs))  # noqa: E731
-        kernel_for(_bsr_conv2d_dx_kernel, config)[grid](
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c, bs))  # noqa: E731
+        launch(_bsr_conv2d_dx_kernel, grid, bind(
+            _bsr_conv2d_dx_kernel,
             dy, values, crow_t, col_t, block_index, dx,
             nb, c, h, w, o, oh, ow, kh, kw, nkb,
             *stride, *padding, *dilation,
@@ -686,8 +687,7 @@ def bsr_conv2d_dx(
             C_ALIGNED=c % bs == 0,
             UPCAST=needs_upcast(dy.dtype),
             PRECISION=_precision(dy.dtype, allow_tf32),
-            **config_kwargs(config),
-        )
+        ), config)
     return dx.permute(0, 3, 1, 2)
 
 
@@ -696,7 +696,7 @@ def _default_split(device: torch.device, m: int, nnz: int) -> int:
     if device.type != "cuda" or nnz == 0:
         return 1
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(m, 1024), triton.cdiv(2 * n_sm, nnz)))
+    return max(1, min(cdiv(m, 1024), cdiv(2 * n_sm, nnz)))
 
 
 def bsr_conv2d_dw(
@@ -761,12 +761,13 @@ def bsr_conv2d_dw(
     if m == 0:
         return dv.zero_()
     split = split_m if split_m is not None else _default_split(x.device, m, nnz)
-    chunk = triton.cdiv(triton.cdiv(m, split), DW_CHUNK_ALIGN) * DW_CHUNK_ALIGN
-    split = triton.cdiv(m, chunk)
+    chunk = cdiv(cdiv(m, split), DW_CHUNK_ALIGN) * DW_CHUNK_ALIGN
+    split = cdiv(m, chunk)
     out = dv if split == 1 else torch.empty((split, nnz, bs, bs), dtype=torch.float32, device=x.device)
     s_split = 0 if split == 1 else out.stride(0)
     s_blk = out.stride(-3)
-    kernel_for(_bsr_conv2d_dw_kernel, config)[(nnz, split)](
+    launch(_bsr_conv2d_dw_kernel, (nnz, split), bind(
+        _bsr_conv2d_dw_kernel,
         dy, x, row_indices, col_indices, out,
         nb, c, h, w, o, oh, ow, kh, kw, kh * kw * c, chunk,
         *stride, *padding, *dilation,
@@ -777,8 +778,7 @@ def bsr_conv2d_dw(
         VEC=_vec(c),
         UPCAST=needs_upcast(x.dtype),
         PRECISION=_precision(x.dtype, allow_tf32),
-        **config_kwargs(config),
-    )
+    ), config)
     if split > 1:
         dv.copy_(out.sum(0))
     return dv

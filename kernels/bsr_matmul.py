@@ -36,11 +36,10 @@ import triton.language as tl
 
 from ._triton import (
     INTERPRET,
+    cdiv,
     check_launchable,
-    chosen_config,
-    config_kwargs,
     density_bucket,
-    kernel_for,
+    launch,
     needs_upcast,
     pick_configs,
     pow2_bucket,
@@ -510,7 +509,7 @@ def bsr_dense_mm(
     check_launchable(*tensors, what=what)
     M, K = x.shape
     n_block_rows = crow_indices.numel() - 1
-    if n_block_rows != triton.cdiv(out_features, bs_n):
+    if n_block_rows != cdiv(out_features, bs_n):
         raise ValueError(
             f"{what}: crow_indices has {n_block_rows} block rows, expected ceil({out_features}/{bs_n})"
         )
@@ -534,17 +533,16 @@ def bsr_dense_mm(
         split_max = _max_split(bs_n, bs_k, pow2_bucket(M), x.element_size())
     ws = torch.empty((split_max, M, out_features), dtype=torch.float32, device=x.device) if split_max > 1 else y
     args = _fwd_args(x, values, crow_indices, col_indices, block_index, bias, y, ws, blocks_transposed=blocks_transposed,
-                     allow_tf32=allow_tf32, n_block_cols=triton.cdiv(K, bs_k))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_block_rows, meta["SPLIT"])  # noqa: E731
+                     allow_tf32=allow_tf32, n_block_cols=cdiv(K, bs_k))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), n_block_rows, meta["SPLIT"])  # noqa: E731
     cfg = None if config is None else _fwd_config(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.num_warps,
                                                   config.num_stages, config.kwargs.get("SPLIT", 1),
                                                   config.kwargs.get("SWAP", 0))
-    kernel_for(_bsr_dense_mm_kernel, cfg)[grid](**args, **config_kwargs(cfg))
-    split = chosen_config(_bsr_dense_mm_kernel, cfg).kwargs["SPLIT"]
+    split = launch(_bsr_dense_mm_kernel, grid, args, cfg).kwargs["SPLIT"]
     if split > 1:
         rargs = _reduce_args(ws, bias, y, split)
-        _bsr_split_reduce_kernel[(triton.cdiv(M, rargs["BLOCK_M"]), triton.cdiv(out_features, rargs["BLOCK_N"]))](
-            **rargs, num_warps=4)
+        launch(_bsr_split_reduce_kernel, (cdiv(M, rargs["BLOCK_M"]), cdiv(out_features, rargs["BLOCK_N"])),
+               rargs, num_warps=4)
     return y
 
 
@@ -644,9 +642,9 @@ def bsr_sddmm(
     if group is None:
         group = sddmm_group(bs_n, bs_k)
     if groups is None:
-        groups = sddmm_groups(row_indices, triton.cdiv(dy.shape[1], bs_n), group)
+        groups = sddmm_groups(row_indices, cdiv(dy.shape[1], bs_n), group)
     args = _sddmm_args(dy, x, groups, col_indices, dv, allow_tf32=allow_tf32, group=group)
-    kernel_for(_bsr_sddmm_kernel, config)[(groups[0].numel(),)](**args, **config_kwargs(config))
+    launch(_bsr_sddmm_kernel, (groups[0].numel(),), args, config)
     return dv
 
 

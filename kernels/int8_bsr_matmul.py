@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import check_launchable, config_kwargs, kernel_for, pick_configs
+from ._triton import bind, cdiv, check_launchable, launch, pick_configs
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -335,7 +335,7 @@ def int8_bsr_mm(
     if K > MAX_K:
         raise ValueError(f"{what}: K={K} exceeds {MAX_K}, where int32 accumulation of int8 products may overflow")
     n_block_rows = crow_indices.numel() - 1
-    if n_block_rows != triton.cdiv(N, bs):
+    if n_block_rows != cdiv(N, bs):
         raise ValueError(f"{what}: crow_indices has {n_block_rows} block rows, expected ceil({N}/{bs})")
     if col_indices.numel() != values_q.shape[0]:
         raise ValueError(f"{what}: col_indices has {col_indices.numel()} entries "
@@ -365,13 +365,14 @@ def int8_bsr_mm(
         return y
 
     def grid(meta):
-        groups = triton.cdiv(n_block_rows * (bs // meta["BLOCK_N"]), meta["ROWS"])
+        groups = cdiv(n_block_rows * (bs // meta["BLOCK_N"]), meta["ROWS"])
         if groups > _MAX_GRID_1:
             raise ValueError(f"{what}: {groups} output tiles exceed the grid limit {_MAX_GRID_1}; "
                              "use a larger block size or fewer output features")
-        return (triton.cdiv(M, meta["BLOCK_M"]), groups)
+        return (cdiv(M, meta["BLOCK_M"]), groups)
 
-    kernel_for(_int8_bsr_mm_kernel, config)[grid](
+    launch(_int8_bsr_mm_kernel, grid, bind(
+        _int8_bsr_mm_kernel,
         x_q, x_scale if x_scale is not None else y, values_q, w_scale if w_scale is not None else y,
         crow_indices, col_indices, bias if bias is not None else y, y,
         M, N, K, m_bucket(M),
@@ -384,6 +385,5 @@ def int8_bsr_mm(
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATIONS[activation],
         OUT_INT32=out_int32,
-        **config_kwargs(config),
-    )
+    ), config)
     return y

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import capability, check_launchable, config_kwargs, kernel_for, pick_configs
+from ._triton import capability, cdiv, check_launchable, launch, pick_configs
 from .int8_matmul import ACTIVATIONS, FLOAT_DTYPES, MAX_K, dequant_epilogue, grouped_tile, launch_mm
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, min capability); BLOCK_K >= 32 for
@@ -285,6 +285,6 @@ def int8_conv2d(
                   config=mm_config)
         return y.permute(0, 3, 1, 2)
     args = _conv_args(x, w, a_scale, w_scale, bias, y, stride, padding, dilation, activation)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
-    kernel_for(_int8_conv2d_kernel, config)[grid](**args, **config_kwargs(config))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
+    launch(_int8_conv2d_kernel, grid, args, config)
     return y.permute(0, 3, 1, 2)

@@ -50,11 +50,10 @@ import triton.language as tl
 from ._triton import (
     INTERPRET,
     capability,
+    cdiv,
     check_launchable,
-    chosen_config,
-    config_kwargs,
     ensure_allocator,
-    kernel_for,
+    launch,
     needs_upcast,
     num_sms,
     pick_configs,
@@ -237,10 +236,12 @@ def gpu_quant_configs() -> list[triton.Config]:
     return [_quant_config(*row) for row in QUANT_CONFIG_TABLE]
 
 
+@functools.lru_cache(maxsize=None)
 def quant_chunk_config() -> triton.Config:
     return _quant_config(*(QUANT_INTERPRET_CONFIG if INTERPRET else QUANT_CONFIG_TABLE[0]))
 
 
+@functools.lru_cache(maxsize=None)
 def one_pass_config(k: int) -> triton.Config:
     """The single-pass quantizer's launch for rows of ``k <= ONE_PASS_MAX_K`` elements: the whole row
     in one block, about 8-16 elements per thread."""
@@ -668,18 +669,22 @@ def quantize_rows(
         cfg = config if config is not None else one_pass_config(k)
         if cfg.kwargs["BLOCK_K"] < k:
             raise ValueError(f"{what}: the one-pass kernel needs BLOCK_K >= K, got {cfg.kwargs['BLOCK_K']} < {k}")
-        _quantize_rows_1pass_kernel[(m,)](x, q, s, static, k, x.stride(0), x.stride(1), q.stride(0),
-                                          QMAX=qmax, STATIC=static_scale is not None, **config_kwargs(cfg))
+        launch(_quantize_rows_1pass_kernel, (m,),
+               dict(x_ptr=x, q_ptr=q, s_ptr=s, static_ptr=static, K=k, stride_xm=x.stride(0), stride_xk=x.stride(1),
+                    stride_qm=q.stride(0), QMAX=qmax, STATIC=static_scale is not None), config=cfg)
         return q, s
     cfg = config if config is not None else quant_chunk_config()
     chunk = cfg.kwargs["BLOCK_K"]
-    n_chunks = triton.cdiv(k, chunk)
+    n_chunks = cdiv(k, chunk)
     part = torch.empty((m, n_chunks), dtype=torch.float32, device=x.device)
-    _row_chunk_absmax_kernel[(m, n_chunks)](x, part, k, x.stride(0), x.stride(1), n_chunks, BLOCK_K=chunk,
-                                            num_warps=cfg.num_warps)
-    _quantize_row_chunks_kernel[(m, n_chunks)](x, q, s, static, part, k, x.stride(0), x.stride(1), q.stride(0), n_chunks,
-                                               QMAX=qmax, STATIC=static_scale is not None, BLOCK_K=chunk,
-                                               BLOCK_C=max(2, triton.next_power_of_2(n_chunks)), num_warps=cfg.num_warps)
+    launch(_row_chunk_absmax_kernel, (m, n_chunks),
+           dict(x_ptr=x, part_ptr=part, K=k, stride_xm=x.stride(0), stride_xk=x.stride(1), N_CHUNKS=n_chunks,
+                BLOCK_K=chunk), num_warps=cfg.num_warps)
+    launch(_quantize_row_chunks_kernel, (m, n_chunks),
+           dict(x_ptr=x, q_ptr=q, s_ptr=s, static_ptr=static, part_ptr=part, K=k, stride_xm=x.stride(0),
+                stride_xk=x.stride(1), stride_qm=q.stride(0), N_CHUNKS=n_chunks, QMAX=qmax,
+                STATIC=static_scale is not None, BLOCK_K=chunk, BLOCK_C=max(2, triton.next_power_of_2(n_chunks))),
+           num_warps=cfg.num_warps)
     return q, s
 
 
@@ -777,17 +782,17 @@ def launch_mm(a, b, a_scale, b_scale, bias, c, *, activation="none", allow_tf32=
         programs = num_sms(a.device)
         args = _mm_args(a, b, a_scale, b_scale, bias, c, ws, m_bucket=plan.m_bucket, activation=activation,
                         allow_tf32=allow_tf32, a_scale_rows=a_scale_rows, tma=True, num_programs=programs)
-        grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+        grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])  # noqa: E731
                                  * meta["SPLIT_K"]),)
     else:
         args = _mm_args(a, b, a_scale, b_scale, bias, c, ws, m_bucket=plan.m_bucket, activation=activation,
                         allow_tf32=allow_tf32, a_scale_rows=a_scale_rows, aligned=plan.aligned)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    kernel_for(kernel, config)[grid](**args, **config_kwargs(config))
-    split = chosen_config(kernel, config).kwargs["SPLIT_K"]
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    split = launch(kernel, grid, args, config).kwargs["SPLIT_K"]
     if split > 1:
         eargs = _splitk_epilogue_args(ws, c, args, split)
-        _splitk_epilogue_kernel[(triton.cdiv(M, eargs["BLOCK_M"]), triton.cdiv(N, eargs["BLOCK_N"]))](**eargs, num_warps=4)
+        launch(_splitk_epilogue_kernel, (cdiv(M, eargs["BLOCK_M"]), cdiv(N, eargs["BLOCK_N"])), eargs,
+               num_warps=4)
     return c
 
 

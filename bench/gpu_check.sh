@@ -26,7 +26,7 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2
 t0=$SECONDS
 if [ "$TEST_S" -gt 0 ]; then
   ACCEL_TEST_NO_INTERPRET=1 timeout "$TEST_S" $PY -m pytest -v -p no:cacheprovider -rfE --timeout 90 \
-    --durations=12 ${TEST_FILES:-tests/test_int8_triton.py tests/test_bsr_triton.py tests/test_int8_bsr_triton.py tests/test_bsr_conv_triton.py} \
+    --durations=12 ${TEST_FILES:-tests/test_triton_launch.py tests/test_int8_triton.py tests/test_bsr_triton.py tests/test_int8_bsr_triton.py tests/test_bsr_conv_triton.py} \
     -k "${TESTS_K-not every}" > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$? in $((SECONDS - t0)) s"
   grep -E "(FAILED|ERROR)( |$)| passed| failed|Timeout" "$OUT/pytest.log" | cut -c1-300 | tail -40

@@ -271,7 +271,8 @@ def launch(kernel, grid, args: dict, config=None, **options):
     ran = kernel_for(kernel, config)[grid](**args, **config_kwargs(config), **options)
     cfg = chosen_config(kernel, config) if _is_autotuner(kernel) else config
     if direct:
-        binary = _InterpretedBinary(jit_fn) if INTERPRET else ran
+        # what Triton's launch returned: the CompiledKernel it ran (anything else is not remembered)
+        binary = _InterpretedBinary(jit_fn) if INTERPRET else (ran if hasattr(ran, "packed_metadata") else None)
         meta = {**args, **options, **(cfg.kwargs if cfg is not None else {})}
         values = {k: f(meta) for k, f in heuristics.items()}
         names = tuple(jit_fn.arg_names)

@@ -11,12 +11,16 @@ import triton
 import triton.language as tl
 
 from accel.quant import int8_linear_ref, quantize_rows_ref
-from tests.helpers import interpret_mode
+from tests.helpers import interpret_mode, kernel_device
 
 pytestmark = pytest.mark.interpreter
 
-if not interpret_mode():
-    pytest.skip("the stand-in binary runs under TRITON_INTERPRET=1 only", allow_module_level=True)
+if not interpret_mode() and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+#: the tests that count the stand-in binary's launches
+stand_in = pytest.mark.skipif(not interpret_mode(), reason="the stand-in binary runs under TRITON_INTERPRET=1")
+DEV = kernel_device()
 
 from accel.kernels import _triton as T  # noqa: E402
 from accel.kernels import int8_matmul as Q  # noqa: E402
@@ -24,7 +28,7 @@ from accel.kernels import int8_matmul as Q  # noqa: E402
 
 @pytest.fixture
 def as_binary(monkeypatch):
-    monkeypatch.setattr(T, "INTERPRET_AS_BINARY", True)
+    monkeypatch.setattr(T, "INTERPRET_AS_BINARY", interpret_mode())
     T.clear_direct()
     yield
     T.clear_direct()
@@ -42,6 +46,7 @@ def _int8(*shape):
     return torch.randint(-127, 128, shape, dtype=torch.int8)
 
 
+@stand_in
 def test_repeated_gemm_launches_go_direct_and_match(as_binary):
     w, ws, bias = _int8(40, 96), torch.rand(40) + 0.5, torch.randn(40)
     ys = []
@@ -67,6 +72,7 @@ def _copy(x, n, stride, scale=2.0, block=16):
     assert torch.equal(y, x[: n * stride : stride] * scale)
 
 
+@stand_in
 def test_a_new_specialisation_is_a_new_entry(as_binary):
     base = torch.randn(200)
     _copy(base, 40, 2)
@@ -87,6 +93,7 @@ def test_a_new_specialisation_is_a_new_entry(as_binary):
     assert len(T._direct) == 6 and _launches() == 1
 
 
+@stand_in
 def test_quantize_rows_both_kernels_direct(as_binary):
     for k in (300, Q.ONE_PASS_MAX_K + 100):  # one pass, and the two chunked passes
         for _ in range(2):
@@ -97,6 +104,7 @@ def test_quantize_rows_both_kernels_direct(as_binary):
     assert _launches() == 3  # the second call of each: one one-pass launch, two chunked launches
 
 
+@stand_in
 def test_split_k_epilogue_direct(as_binary):
     cfg = Q.tile_config(16, 32, 32, 1, 4, 1, split=2)
     w = _int8(32, 256)
@@ -107,6 +115,7 @@ def test_split_k_epilogue_direct(as_binary):
     assert _launches() == 2  # the GEMM and its split-K epilogue, both direct on the second call
 
 
+@stand_in
 def test_off_by_default_in_the_interpreter():
     assert not T.INTERPRET_AS_BINARY
     T.clear_direct()
@@ -130,58 +139,74 @@ def _launcher_cases():
     from tests.sparse_refs import block_rows, random_conv_bsr
 
     def bsr_mm(seed):  # forward with the split-K reduce (forced SPLIT 2), and the SDDMM
-        v, crow, col = _bsr(40, 96, 16, 0.6, seed=3)
+        v, crow, col = (t.to(DEV) for t in _bsr(40, 96, 16, 0.6, seed=3))
         cfg = next(c for c in B.fwd_configs_for_block(16, m_bucket=8) if c.kwargs["SPLIT"] > 1)
-        x, dy = torch.randn(5, 96), torch.randn(5, 40)
-        y = B.bsr_dense_mm(x, v, crow, col, 40, torch.randn(40), config=cfg)
-        y = (y, B.bsr_dense_mm(x, v, crow, col, 40))  # autotuned (the interpreter's one config)
-        dv = B.bsr_sddmm(dy, x, block_rows(crow), col, 16)
+        x, dy = torch.randn(5, 96, device=DEV), torch.randn(5, 40, device=DEV)
+        y = B.bsr_dense_mm(x, v, crow, col, 40, torch.randn(40, device=DEV), config=cfg)
+        y = (y, B.bsr_dense_mm(x, v, crow, col, 40))  # autotuned
+        dv = B.bsr_sddmm(dy, x, block_rows(crow).to(DEV), col, 16)
         return (*y, dv)
 
     def int8_bsr(seed):
         v, crow, col = _bsr(48, 64, 16, 0.5, seed=4)
         vq = v.mul(20).round().clamp(-127, 127).to(torch.int8)
-        x = _int8(6, 64)
-        return IB.int8_bsr_mm(x, torch.rand(6) + 0.5, vq, torch.rand(48) + 0.5, crow, col, 48, torch.randn(48),
-                              activation="gelu")
+        args = (_int8(6, 64), torch.rand(6) + 0.5, vq, torch.rand(48) + 0.5, crow, col)
+        return IB.int8_bsr_mm(*(t.to(DEV) for t in args), 48, torch.randn(48, device=DEV), activation="gelu")
 
     def int8_conv(seed):
-        x = _int8(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-        w = _int8(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
-        return C.int8_conv2d(x, w, torch.rand(2) + 0.5, torch.rand(16) + 0.5, torch.randn(16), 1, 1,
-                             out_dtype=torch.float32)
+        x = _int8(2, 16, 6, 6).to(DEV).contiguous(memory_format=torch.channels_last)
+        w = _int8(32, 16, 3, 3).to(DEV).contiguous(memory_format=torch.channels_last)
+        scales = (torch.rand(2) + 0.5, torch.rand(32) + 0.5, torch.randn(32))
+        return C.int8_conv2d(x, w, *(t.to(DEV) for t in scales), 1, 1, out_dtype=torch.float32)
 
     def bsr_conv(seed):
         ws = (16, 16, 3, 3)
-        v, crow, col = random_conv_bsr(ws, 16, 0.6, seed=5)
-        x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
-        dy = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
-        y = BC.bsr_conv2d(x, v, crow, col, ws, torch.randn(16), 1, 1, 1)
+        v, crow, col = (t.to(DEV) for t in random_conv_bsr(ws, 16, 0.6, seed=5))
+        x = torch.randn(2, 16, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(2, 16, 5, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+        y = BC.bsr_conv2d(x, v, crow, col, ws, torch.randn(16, device=DEV), 1, 1, 1)
         dx = BC.bsr_conv2d_dx(dy, v, crow, col, ws, x.shape, 1, 1, 1)
-        dv = BC.bsr_conv2d_dw(dy, x, block_rows(crow), col, 16, ws, 1, 1, 1)
+        dv = BC.bsr_conv2d_dw(dy, x, block_rows(crow).to(DEV), col, 16, ws, 1, 1, 1)
         return y, dx, dv
 
     return {"bsr_mm": bsr_mm, "int8_bsr": int8_bsr, "int8_conv": int8_conv, "bsr_conv": bsr_conv}
 
 
+class _Counting:
+    """Wraps a remembered binary (real or stand-in) and counts the direct launches through it."""
+
+    def __init__(self, binary):
+        self.binary, self.launches = binary, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.binary[grid]
+
+
 @pytest.mark.parametrize("name", ["bsr_mm", "int8_bsr", "int8_conv", "bsr_conv"])
 def test_every_launcher_direct_matches_triton(as_binary, monkeypatch, name):
-    """Each launcher's second call (same shapes, new data) runs its kernels direct and gives bit-for-bit
-    what Triton's own path gives on the same inputs."""
+    """Each launcher's second call (same shapes, new data) runs its kernels direct (on a GPU: their
+    compiled binaries) and gives bit-for-bit what Triton's own path gives on the same inputs."""
     fn = _launcher_cases()[name]
     torch.manual_seed(0)
     fn(0)  # through Triton: the entries
-    before = _launches()
+    entries = list(T._direct.values())
+    assert entries
+    for e in entries:
+        e.binary = _Counting(e.binary)
     torch.manual_seed(1)
     direct = fn(1)
-    assert _launches() > before
+    assert all(e.binary.launches >= 1 for e in entries), [e.names[0] for e in entries if not e.binary.launches]
     monkeypatch.setattr(T, "DIRECT", False)
     torch.manual_seed(1)
     ref = fn(1)
     for a, b in zip(direct if isinstance(direct, tuple) else (direct,), ref if isinstance(ref, tuple) else (ref,)):
         assert torch.equal(a, b)
+    if not interpret_mode():
+        assert all(hasattr(e.binary.binary, "packed_metadata") for e in entries)  # Triton's CompiledKernels
 
 
+@stand_in
 def test_heuristics_are_checked_on_every_direct_call(as_binary):
     """With a forced config K is keyed by its class only (64 and 96 are both multiples of 16), but the
     GEMM's EVEN_K heuristic (K a multiple of BLOCK_K = 64) differs: the second call must not reuse the

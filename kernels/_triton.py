@@ -149,23 +149,13 @@ TORCH_TO_TRITON_PTR = {
 DIRECT = os.environ.get("ACCEL_TRITON_DIRECT", "1") != "0"
 #: tests only: under the interpreter, remember launches as if they had compiled binaries
 #: (:class:`_InterpretedBinary` re-enters the interpreter by argument position), so the direct path's
-#: argument order, grid and keys are exercised on a CPU
+#: grids, configs and keys are exercised on a CPU
 INTERPRET_AS_BINARY = False
 
+#: key -> the launches remembered under it (one per set of heuristic results)
 _direct: dict = {}
-
-
-def _innermost(kernel):
-    """The ``@triton.jit`` function under autotune / heuristics wrappers, and the heuristics' functions."""
-    from triton.runtime.autotuner import Autotuner, Heuristics
-
-    heuristics = {}
-    fn = kernel
-    while isinstance(fn, (Autotuner, Heuristics)):
-        if isinstance(fn, Heuristics):
-            heuristics.update(fn.values)
-        fn = fn.fn
-    return fn, heuristics
+#: a value the key cannot hold: such a launch always goes through Triton
+_UNKEYED = object()
 
 
 def _is_autotuner(kernel) -> bool:
@@ -176,10 +166,21 @@ def _is_autotuner(kernel) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_info(kernel) -> tuple:
-    """``(jit function, heuristics, constexpr parameter names, autotune key names)`` of a launchable."""
-    jit_fn, heuristics = _innermost(kernel)
+    """``(jit function, heuristics in the order Triton applies them, constexpr parameter names,
+    autotune key names, rememberable)`` of a launchable: ``@triton.jit`` under optional
+    ``@triton.autotune`` / ``@triton.heuristics`` wrappers. An autotuner below a heuristics wrapper
+    is not remembered (its config could not be read back for the key)."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    heuristics, fn, rememberable = {}, kernel, True
+    while isinstance(fn, (Autotuner, Heuristics)):
+        if isinstance(fn, Heuristics):
+            heuristics.update(fn.values)
+        elif fn is not kernel:
+            rememberable = False
+        fn = fn.fn
     keys = frozenset(kernel.keys) if _is_autotuner(kernel) else frozenset()
-    return jit_fn, heuristics, _constexpr_names(jit_fn), keys
+    return fn, heuristics, _constexpr_names(fn), keys, rememberable
 
 
 def _constexpr_names(jit_fn) -> frozenset:
@@ -192,29 +193,61 @@ def _constexpr_names(jit_fn) -> frozenset:
 
 
 def _spec(v):
-    """What Triton's launch-time specialisation can see of a runtime argument (or finer): a tensor's
-    dtype and 16-byte alignment; an int's ``== 1``, divisibility by 16 and 32/64-bit range."""
+    """What Triton's launch-time specialisation can see of a runtime argument, or finer: a tensor's
+    dtype and 16-byte alignment; an int's ``== 1``, divisibility by 16 and 32/64-bit range; a float
+    (always fp32); a bool or None itself. Anything else: ``_UNKEYED``."""
     if isinstance(v, torch.Tensor):
         return v.dtype, v.data_ptr() % 16 == 0
-    if isinstance(v, bool) or v is None:
+    t = v.__class__
+    if t is bool or v is None:
         return v
-    if isinstance(v, int):
+    if t is int:
         return v == 1, v % 16 == 0, -(2**31) <= v < 2**31, v >= 2**63
-    if isinstance(v, float):
+    if t is float:
         return float
-    return v
+    return _UNKEYED
+
+
+def _value(v):
+    """A constexpr's or autotune key's value, typed (Triton compiles ``True`` and ``1`` apart)."""
+    t = v.__class__
+    if v is None or t in (bool, int, float, str) or isinstance(v, torch.dtype):
+        return t, v
+    return _UNKEYED
+
+
+def _tuned_config(autotuner, args: dict):
+    """The config the autotuner holds for ``args`` (its own key: the key arguments' values, then the
+    dtypes of the tensor arguments in order; a one-config autotuner runs that one), None if none."""
+    if len(autotuner.configs) == 1:
+        return autotuner.configs[0]
+    key = [args[k] for k in autotuner.keys if k in args]
+    key += [str(v.dtype) for v in args.values() if hasattr(v, "dtype")]
+    return autotuner.cache.get(tuple(key))
+
+
+def _heuristic_values(heuristics: dict, args: dict, base: dict) -> dict:
+    """The heuristics' results, as ``triton.heuristics`` computes them: each sees the arguments, the
+    config's keyword arguments (``num_warps``... included) and the earlier heuristics' results."""
+    if not heuristics:
+        return {}
+    meta = {**args, **base}
+    for k, f in heuristics.items():
+        meta[k] = f(meta)
+    return {k: meta[k] for k in heuristics}
 
 
 class _Direct:
-    """A remembered launch: the compiled binary, the kernel's parameter order, the config it ran (and
-    that config's meta-parameters), and the heuristics with the values they gave."""
+    """A remembered launch: the compiled binary, the kernel's parameter order, the config it ran
+    (``meta``: its meta-parameters and the options; ``base``: what the heuristics saw of it) and the
+    heuristics' results it was compiled with."""
 
-    __slots__ = ("binary", "names", "config", "meta", "heuristics", "heuristic_values")
+    __slots__ = ("binary", "names", "config", "meta", "base", "heuristic_values")
 
-    def __init__(self, binary, names, config, heuristics, heuristic_values, options):
+    def __init__(self, binary, names, config, options, base, heuristic_values):
         self.binary, self.names, self.config = binary, names, config
         self.meta = {**options, **(config.kwargs if config is not None else {})}
-        self.heuristics, self.heuristic_values = heuristics, heuristic_values
+        self.base, self.heuristic_values = base, heuristic_values
 
 
 class _InterpretedBinary:
@@ -239,6 +272,18 @@ def _config_key(config):
             getattr(config, "num_ctas", 1), getattr(config, "maxnreg", None))
 
 
+def _launch_key(jit_fn, config, args: dict, options: dict, by_value: frozenset):
+    parts = []
+    for k, v in args.items():
+        s = _value(v) if k in by_value else _spec(v)
+        if s is _UNKEYED:
+            return None
+        parts.append(s)
+    device = torch.cuda.current_device() if not INTERPRET else None
+    return (id(jit_fn), _config_key(config), tuple(sorted(options.items())) if options else (), tuple(args),
+            tuple(parts), device)
+
+
 def launch(kernel, grid, args: dict, config=None, **options):
     """Launch ``kernel`` (autotuned, heuristics-wrapped or plain ``@triton.jit``) on ``grid`` (a tuple, or
     a function of the launch's meta-parameters) with the keyword arguments ``args``; ``config`` forces a
@@ -247,45 +292,47 @@ def launch(kernel, grid, args: dict, config=None, **options):
 
     On a GPU the first launch of each specialisation goes through Triton (autotuning, compiling), and
     its compiled binary is remembered with the config it ran. A later launch with the same
-    specialisation calls the binary directly: the same dtypes, 16-byte alignments and integer classes
-    (``== 1``, divisible by 16, 32/64-bit) that Triton specialises on, the same values of the
-    constexprs and of the autotuner's key, and the same heuristic results (checked on every call).
+    specialisation calls the binary directly with every parameter by position, as Triton's launcher
+    does: the same dtypes, 16-byte alignments and integer classes (``== 1``, divisible by 16,
+    32/64-bit) that Triton specialises on, the same (typed) values of the constexprs and of the
+    autotuner's key, the same current device, and the same heuristic results (recomputed every call).
     That skips the autotuner's and the JIT's per-call argument binding: on an H200 machine a bare
-    Triton launch took 14 us of host time, the int8 GEMM's two launches 219 us."""
-    jit_fn, heuristics, constexprs, tune_keys = _kernel_info(kernel)
-    direct = DIRECT and (not INTERPRET or INTERPRET_AS_BINARY)
-    if direct:
-        by_value = constexprs | tune_keys if config is None else constexprs
-        key = (id(jit_fn), _config_key(config), tuple(sorted(options.items())) if options else (),
-               tuple((k, v if k in by_value else _spec(v)) for k, v in args.items()),
-               next((v.device for v in args.values() if isinstance(v, torch.Tensor)), None))
-        entry = _direct.get(key)
-        if entry is not None:
-            meta = {**args, **entry.meta}
-            values = {k: f(meta) for k, f in entry.heuristics.items()}
+    Triton launch took 14 us of host time, the int8 GEMM's two launches 219 us. Not carried over to a
+    direct launch: Triton's debug knobs changed after the first launch, and its check that the
+    kernel's global variables have not changed (the kernels read none)."""
+    jit_fn, heuristics, constexprs, tune_keys, rememberable = _kernel_info(kernel)
+    key = None
+    if DIRECT and rememberable and (not INTERPRET or INTERPRET_AS_BINARY):
+        key = _launch_key(jit_fn, config, args, options, constexprs | tune_keys if config is None else constexprs)
+        for entry in _direct.get(key, ()) if key is not None else ():
+            values = _heuristic_values(heuristics, args, entry.base)
             if values == entry.heuristic_values:
-                meta.update(values)
+                meta = {**args, **entry.meta, **values}
                 g = grid(meta) if callable(grid) else grid
                 entry.binary[tuple(g) + (1,) * (3 - len(g))](*[meta[n] for n in entry.names])
                 return entry.config
     ran = kernel_for(kernel, config)[grid](**args, **config_kwargs(config), **options)
-    cfg = chosen_config(kernel, config) if _is_autotuner(kernel) else config
-    if direct:
+    tuned = _is_autotuner(kernel) and config is None
+    # the autotuner's config for this key, read from its cache (its best_config attribute is shared)
+    cfg = _tuned_config(kernel, args) if tuned else config
+    if key is not None and not (tuned and cfg is None):
         # what Triton's launch returned: the CompiledKernel it ran (anything else is not remembered)
         binary = _InterpretedBinary(jit_fn) if INTERPRET else (ran if hasattr(ran, "packed_metadata") else None)
-        meta = {**args, **options, **(cfg.kwargs if cfg is not None else {})}
-        values = {k: f(meta) for k, f in heuristics.items()}
-        names = tuple(jit_fn.arg_names)
+        base = {**options, **(cfg.all_kwargs() if cfg is not None else {})}
+        values = _heuristic_values(heuristics, args, base)
+        entry = _Direct(binary, tuple(jit_fn.arg_names), cfg, options, base, values)
         # every parameter needs a value to pass (none of the kernels leaves one to its default)
-        if binary is not None and key not in _direct and all(n in meta or n in values for n in names):
-            _direct[key] = _Direct(binary, names, cfg, heuristics, values, options)
-    return cfg
+        if binary is not None and all(n in args or n in entry.meta or n in values for n in entry.names):
+            entries = _direct.setdefault(key, [])
+            if all(e.heuristic_values != values for e in entries):
+                entries.append(entry)
+    return cfg if cfg is not None or not tuned else chosen_config(kernel, None)
 
 
 def bind(kernel, *positional, **named) -> dict:
     """Keyword arguments of a launch of ``kernel`` from arguments given in the kernel's parameter order
     (the form :func:`launch` takes)."""
-    names = _innermost(kernel)[0].arg_names
+    names = _kernel_info(kernel)[0].arg_names
     if len(positional) > len(names):
         raise TypeError(f"{names[0]}...: {len(positional)} positional arguments for {len(names)} parameters")
     return {**dict(zip(names, positional)), **named}

@@ -34,8 +34,12 @@ def as_binary(monkeypatch):
     T.clear_direct()
 
 
+def _entries():
+    return [e for entries in T._direct.values() for e in entries]
+
+
 def _binaries():
-    return {id(e.binary): e.binary for e in T._direct.values()}
+    return {id(e.binary): e.binary for e in _entries()}
 
 
 def _launches():
@@ -56,7 +60,7 @@ def test_repeated_gemm_launches_go_direct_and_match(as_binary):
         ref = int8_linear_ref(a, a_s, w, ws, bias, activation="relu")
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
         ys.append(y)
-    assert len(T._direct) >= 1 and _launches() == 2  # the first call through Triton, the next two direct
+    assert len(_entries()) >= 1 and _launches() == 2  # the first call through Triton, the next two direct
 
 
 @triton.jit
@@ -76,21 +80,21 @@ def _copy(x, n, stride, scale=2.0, block=16):
 def test_a_new_specialisation_is_a_new_entry(as_binary):
     base = torch.randn(200)
     _copy(base, 40, 2)
-    assert len(T._direct) == 1
+    assert len(_entries()) == 1
     _copy(base, 37, 3, scale=0.5)  # other sizes and values of the same classes: direct
-    assert len(T._direct) == 1 and _launches() == 1
+    assert len(_entries()) == 1 and _launches() == 1
     # a base one element (4 bytes) off 16: Triton specialises pointers on 16-byte alignment
     _copy(base[1:], 40, 2)
-    assert len(T._direct) == 2 and _launches() == 1
+    assert len(_entries()) == 2 and _launches() == 1
     # an int equal to 1 becomes a constant, one divisible by 16 gets that attribute
     _copy(base, 40, 1)
-    assert len(T._direct) == 3 and _launches() == 1
+    assert len(_entries()) == 3 and _launches() == 1
     _copy(base, 48, 2)
-    assert len(T._direct) == 4 and _launches() == 1
+    assert len(_entries()) == 4 and _launches() == 1
     # a constexpr's value, and a dtype
     _copy(base, 40, 2, block=32)
     _copy(base.double(), 40, 2)
-    assert len(T._direct) == 6 and _launches() == 1
+    assert len(_entries()) == 6 and _launches() == 1
 
 
 @stand_in
@@ -169,7 +173,19 @@ def _launcher_cases():
         dv = BC.bsr_conv2d_dw(dy, x, block_rows(crow).to(DEV), col, 16, ws, 1, 1, 1)
         return y, dx, dv
 
-    return {"bsr_mm": bsr_mm, "int8_bsr": int8_bsr, "int8_conv": int8_conv, "bsr_conv": bsr_conv}
+    def int8_gemm(impl, offset=0):
+        def run(seed):  # the GEMM (split-K and its epilogue where the table picks them) and the quantizer
+            x = torch.randn(5, 256, device=DEV)
+            x_q, x_s = Q.quantize_rows(x)
+            x_q = torch.cat([x_q.new_zeros(offset), x_q.flatten()])[offset:].view(5, 256) if offset else x_q
+            w, ws = _int8(64, 256).to(DEV), torch.rand(64, device=DEV) + 0.5
+            y = Q.int8_mm(x_q, w, x_s, ws, torch.randn(64, device=DEV), activation="gelu", impl=impl)
+            long_q, long_s = Q.quantize_rows(torch.randn(2, Q.ONE_PASS_MAX_K + 300, device=DEV))
+            return x_q, x_s, y, long_q, long_s
+        return run
+
+    return {"bsr_mm": bsr_mm, "int8_bsr": int8_bsr, "int8_conv": int8_conv, "bsr_conv": bsr_conv,
+            "int8_mm_ptr": int8_gemm("ptr"), "int8_mm_tma": int8_gemm("tma"), "int8_mm_unaligned": int8_gemm("auto", 1)}
 
 
 class _Counting:
@@ -183,14 +199,15 @@ class _Counting:
         return self.binary[grid]
 
 
-@pytest.mark.parametrize("name", ["bsr_mm", "int8_bsr", "int8_conv", "bsr_conv"])
+@pytest.mark.parametrize("name", ["bsr_mm", "int8_bsr", "int8_conv", "bsr_conv", "int8_mm_ptr", "int8_mm_tma",
+                                  "int8_mm_unaligned"])
 def test_every_launcher_direct_matches_triton(as_binary, monkeypatch, name):
     """Each launcher's second call (same shapes, new data) runs its kernels direct (on a GPU: their
     compiled binaries) and gives bit-for-bit what Triton's own path gives on the same inputs."""
     fn = _launcher_cases()[name]
     torch.manual_seed(0)
     fn(0)  # through Triton: the entries
-    entries = list(T._direct.values())
+    entries = _entries()
     assert entries
     for e in entries:
         e.binary = _Counting(e.binary)
@@ -217,3 +234,40 @@ def test_heuristics_are_checked_on_every_direct_call(as_binary):
         y = Q.int8_mm(a, w, None, None, out_dtype=torch.int32, config=cfg, impl="ptr")
         assert torch.equal(y, a.int() @ w.int().t()), k
     assert _launches() == 0
+
+
+def test_values_that_cannot_be_keyed_are_never_remembered():
+    """Constexprs are keyed with their type (Triton compiles True and 1 apart); a value the key cannot
+    hold (here an object) makes the launch go through Triton every time."""
+    assert T._value(True) != T._value(1) and T._value(1) != T._value(1.0)
+    fn = T._kernel_info(_scaled_copy)[0]
+    assert T._launch_key(fn, None, {"x_ptr": object()}, {}, frozenset()) is None
+    assert T._launch_key(fn, None, {"BLOCK": object()}, {}, frozenset({"BLOCK"})) is None
+
+
+@pytest.mark.skipif(interpret_mode(), reason="CUDA graphs need a GPU")
+def test_direct_launches_capture_in_a_cuda_graph(as_binary):
+    """Direct launches (the TMA GEMM's scratch allocation included) record into a CUDA graph, and its
+    replays compute on the captured buffers' new contents."""
+    w, ws = _int8(256, 512).cuda(), torch.rand(256, device="cuda") + 0.5
+    x = torch.randn(8, 512, device="cuda")
+
+    def step():
+        x_q, x_s = Q.quantize_rows(x)
+        return Q.int8_mm(x_q, w, x_s, ws, out_dtype=torch.float32)
+
+    step()  # the entries
+    assert _entries()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = step()
+    x.copy_(torch.randn(8, 512, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    x_q, x_s = quantize_rows_ref(x.cpu())
+    torch.testing.assert_close(y.cpu(), int8_linear_ref(x_q, x_s, w.cpu(), ws.cpu()), rtol=1e-5, atol=1e-4)

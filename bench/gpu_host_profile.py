@@ -5,7 +5,11 @@ launch (the floor any Triton kernel pays on this host) and ``F.linear`` (what a 
     python -m bench.gpu_host_profile [--calls 200] [--top 14] [--out host_profile.txt]
 
 On a machine without a GPU, ``--dry-run`` runs it on CPU tensors through the Triton interpreter
-(a check of this script's code paths; its numbers mean nothing).
+(a check of this script's code paths; its numbers mean nothing), and ``--stand-in`` measures accel's
+own host work around its kernels on any machine: the layers take their Triton paths on CPU tensors
+(``ACCEL_FORCE_TRITON=1``), each launch's first call runs in the interpreter, and then every
+remembered launch (``accel.kernels._triton.launch``) gets a binary that does nothing, so a call costs
+accel's Python, the direct-launch bookkeeping and the tensor allocations, without the C launch itself.
 """
 
 from __future__ import annotations
@@ -13,8 +17,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import time
+
+
+class _NoOpBinary:
+    def __getitem__(self, grid):
+        return lambda *values: None
 
 
 def providers(device: str) -> dict:
@@ -59,19 +69,36 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--out", default=None, help="also write the report here")
     ap.add_argument("--dry-run", action="store_true", help="CPU tensors through the Triton interpreter")
+    ap.add_argument("--stand-in", action="store_true",
+                    help="accel's own host work: Triton paths on CPU tensors, kernels replaced by no-ops after "
+                         "their first (interpreted) launch")
     args = ap.parse_args(argv)
+    if args.stand_in:  # before anything imports triton
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["ACCEL_FORCE_TRITON"] = "1"
     import torch
 
-    device = "cpu" if args.dry_run else "cuda"
+    device = "cpu" if (args.dry_run or args.stand_in) else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("bench.gpu_host_profile: no CUDA device here (use --dry-run)")
         return 2
-    calls = args.calls if device == "cuda" else 2
+    calls = args.calls if (device == "cuda" or args.stand_in) else 2
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     report = io.StringIO()
     summary = []
+    provs = providers(device)
+    if args.stand_in:
+        from accel.kernels import _triton as T
+
+        T.INTERPRET_AS_BINARY = True
+        provs = {k: v for k, v in provs.items() if k != "triton_bare_launch"}  # not launched through accel
     with torch.no_grad():
-        for name, fn in providers(device).items():
+        for name, fn in provs.items():
+            fn()  # the first call: through Triton (here the interpreter), remembered
+            if args.stand_in:
+                for entries in T._direct.values():
+                    for e in entries:
+                        e.binary = _NoOpBinary()
             for _ in range(5):
                 fn()
             sync()

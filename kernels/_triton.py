@@ -192,30 +192,6 @@ def _constexpr_names(jit_fn) -> frozenset:
     return frozenset(n for n, p in inspect.signature(jit_fn.fn).parameters.items() if "constexpr" in str(p.annotation))
 
 
-def _spec(v):
-    """What Triton's launch-time specialisation can see of a runtime argument, or finer: a tensor's
-    dtype and 16-byte alignment; an int's ``== 1``, divisibility by 16 and 32/64-bit range; a float
-    (always fp32); a bool or None itself. Anything else: ``_UNKEYED``."""
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() % 16 == 0
-    t = v.__class__
-    if t is bool or v is None:
-        return v
-    if t is int:
-        return v == 1, v % 16 == 0, -(2**31) <= v < 2**31, v >= 2**63
-    if t is float:
-        return float
-    return _UNKEYED
-
-
-def _value(v):
-    """A constexpr's or autotune key's value, typed (Triton compiles ``True`` and ``1`` apart)."""
-    t = v.__class__
-    if v is None or t in (bool, int, float, str) or isinstance(v, torch.dtype):
-        return t, v
-    return _UNKEYED
-
-
 def _tuned_config(autotuner, args: dict):
     """The config the autotuner holds for ``args`` (its own key: the key arguments' values, then the
     dtypes of the tensor arguments in order; a one-config autotuner runs that one), None if none."""
@@ -272,14 +248,36 @@ def _config_key(config):
             getattr(config, "num_ctas", 1), getattr(config, "maxnreg", None))
 
 
+_PLAIN = (bool, int, float, str)
+_Tensor = torch.Tensor
+
+
 def _launch_key(jit_fn, config, args: dict, options: dict, by_value: frozenset):
+    """The direct-launch key of a call, None when a value cannot be keyed. A constexpr or autotune-key
+    argument is keyed by its typed value (Triton compiles ``True`` and ``1`` apart); a runtime argument
+    by what Triton's launch-time specialisation sees of it, or finer: a tensor's dtype and 16-byte
+    alignment, an int's ``== 1``, divisibility by 16 and 32/64-bit range, a float (always fp32), a
+    bool or None itself. Written out inline: it runs on every launch."""
     parts = []
+    append = parts.append
     for k, v in args.items():
-        s = _value(v) if k in by_value else _spec(v)
-        if s is _UNKEYED:
+        t = v.__class__
+        if k in by_value:
+            if v is None or t in _PLAIN or t is torch.dtype:
+                append((t, v))
+            else:
+                return None
+        elif t is _Tensor or isinstance(v, _Tensor):
+            append((v.dtype, not v.data_ptr() & 15))
+        elif t is int:  # == 1 / divisible by 16 / i32 range / u64 range, as one small int
+            append((v == 1) | ((not v & 15) << 1) | ((-(2**31) <= v < 2**31) << 2) | ((v >= 2**63) << 3))
+        elif t is bool or v is None:
+            append((t, v))
+        elif t is float:
+            append(float)
+        else:
             return None
-        parts.append(s)
-    device = torch.cuda.current_device() if not INTERPRET else None
+    device = None if INTERPRET else torch.cuda.current_device()
     return (id(jit_fn), _config_key(config), tuple(sorted(options.items())) if options else (), tuple(args),
             tuple(parts), device)
 

@@ -152,3 +152,15 @@ def test_host_profile_dry_run():
     for name in ("F.linear", "triton_bare_launch", "quantize_rows", "int8_mm", "SparseLinear", "QuantLinear_dynamic",
                  "QuantLinear_weight_only"):
         assert f"===== {name}:" in proc.stdout and f"\n{name} " in proc.stdout
+
+
+def test_host_profile_stand_in():
+    """``--stand-in``: the layers' Triton paths on CPU tensors with no-op binaries after the first
+    (interpreted) launch: every provider gets a time, and the direct launches carried the calls."""
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_host_profile", "--stand-in", "--calls", "3", "--top", "2"],
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("quantize_rows", "int8_mm", "SparseLinear", "QuantLinear_dynamic", "QuantLinear_weight_only"):
+        assert f"\n{name} " in proc.stdout
+    assert "triton_bare_launch" not in proc.stdout and "_launch_key" in proc.stdout

@@ -12,6 +12,10 @@ Sections (``--sections`` picks some; ``--quick`` shrinks every sweep):
   M = 1, 16, 256, 4096.
 * ``conv``: QuantConv2d and the int8 conv kernel alone (channels_last int8 weight) vs cuDNN bf16
   channels_last on ResNet-50 3x3 and 1x1 layers, batch 1 and 32.
+* ``sparse_int8``: SparseQuantLinear (int8 blocks, per-token int8 activations) at 90% block sparsity vs
+  SparseLinear bf16, dense QuantLinear (dynamic) and cuBLAS bf16: 4096x4096, M = 16, 256.
+* ``sparse_conv``: SparseConv2d at 90% block sparsity (block 32) on the ResNet-18 3x3 layers, batch 8, bf16
+  and fp32, vs cuDNN dense bf16 and fp32 channels_last.
 * ``train``: one training step (forward + backward) of SparseLinear at 90% block sparsity vs dense bf16.
 * ``host``: CPU wall time of one launch at M = 1, without synchronizing (host overhead per call).
 
@@ -56,7 +60,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-SECTIONS = ("bsr", "int8", "conv", "train", "host")
+SECTIONS = ("bsr", "int8", "conv", "sparse_int8", "sparse_conv", "train", "host")
 #: where the cases run: "cuda", or "cpu" for ``--dry-run`` (tiny shapes, wall-clock timer: a smoke test
 #: of the suite's own code paths on a machine without a GPU)
 DEVICE = "cuda"
@@ -189,13 +193,19 @@ def sweeps(quick: bool, tiny: bool = False) -> dict:
     if tiny:
         return dict(n=256, bsr_blocks=(32,), bsr_densities=(0.5,), ms=(1, 32), int8_sizes=(256,),
                     conv_layers=[("3x3_16_8", 16, 16, 8, 3, 1, 1), ("1x1_16to32_8", 16, 32, 8, 1, 1, 0)],
-                    conv_batches=(2,), train_m=64, reps=2)
+                    conv_batches=(2,), train_m=64, reps=2, sparse_ms=(16,), sparse_conv_layers=((32, 32, 8, 1),),
+                    sparse_conv_batch=2)
     if quick:
         return dict(n=4096, bsr_blocks=(32,), bsr_densities=(0.5, 0.1), ms=(1, 4096), int8_sizes=(4096,),
-                    conv_layers=CONV_LAYERS[:1] + CONV_LAYERS[-1:], conv_batches=(32,), train_m=2048, reps=10)
+                    conv_layers=CONV_LAYERS[:1] + CONV_LAYERS[-1:], conv_batches=(32,), train_m=2048, reps=10,
+                    sparse_ms=(256,), sparse_conv_layers=SPARSE_CONV_LAYERS[:1], sparse_conv_batch=8)
     return dict(n=4096, bsr_blocks=(64, 32), bsr_densities=(0.5, 0.25, 0.1, 0.05), ms=(1, 16, 256, 4096),
-                int8_sizes=(4096, 8192), conv_layers=CONV_LAYERS, conv_batches=(1, 32), train_m=4096, reps=30)
+                int8_sizes=(4096, 8192), conv_layers=CONV_LAYERS, conv_batches=(1, 32), train_m=4096, reps=30,
+                sparse_ms=(16, 256), sparse_conv_layers=SPARSE_CONV_LAYERS, sparse_conv_batch=8)
 
+
+#: ResNet-18 3x3 layers (C_in, C_out, H=W, stride), padding 1: the CPU sparse-conv benchmark's
+SPARSE_CONV_LAYERS = ((64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (256, 256, 14, 1), (512, 512, 7, 1))
 
 #: ResNet-50 layers: (name, C_in, C_out, H=W, kernel, stride, padding)
 CONV_LAYERS = [
@@ -487,6 +497,75 @@ def _conv_cases(cfg: dict, timer: Timer) -> list[Case]:
     return cases
 
 
+def _sparse_int8_cases(cfg: dict, timer: Timer) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    from accel import QuantLinear, SparseLinear, SparseQuantLinear
+    from accel.formats import topk_block_mask
+
+    cases = []
+    n = k = cfg["n"]
+    for block in cfg["bsr_blocks"]:
+        state = {}
+
+        def setup(block=block, state=state):
+            if not state:
+                torch.manual_seed(0)
+                lin = torch.nn.Linear(k, n, device=DEVICE, dtype=torch.bfloat16)
+                mask = topk_block_mask(torch.rand(n // block, k // block, device=DEVICE), 0.9)
+                sparse = SparseLinear.from_dense(lin, mask=mask, block=block, mode="sparse")
+                state.update(lin=lin, sparse=sparse, int8_sparse=SparseQuantLinear.from_sparse(sparse),
+                             quant=QuantLinear.from_float(lin, mode="dynamic"))
+            return state
+
+        for m in cfg["sparse_ms"]:
+            def run(m=m, block=block, setup=setup):
+                st = setup()
+                x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+                lin = st["lin"]
+                with torch.no_grad():
+                    return timer.providers("sparse_int8", f"B{block}_s0.9_M{m}", "cublas_bf16", {
+                        "cublas_bf16": lambda: F.linear(x, lin.weight, lin.bias),
+                        "accel_sparse_bf16": lambda: st["sparse"](x),
+                        "accel_quant_dense": lambda: st["quant"](x),
+                        "accel_sparse_int8": lambda: st["int8_sparse"](x),
+                    })
+            cases.append(Case("sparse_int8", f"B{block}_s0.9_M{m}", run))
+    return cases
+
+
+def _sparse_conv_cases(cfg: dict, timer: Timer) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    from bench.sparse_conv_bench import random_sparse_conv
+
+    cases = []
+    batch = cfg["sparse_conv_batch"]
+    for c, o, hw, stride in cfg["sparse_conv_layers"]:
+        def run(c=c, o=o, hw=hw, stride=stride):
+            sc = random_sparse_conv(c, o, stride, 0.1, 32).to(DEVICE)
+            dense = torch.nn.Conv2d(c, o, 3, stride, 1, device=DEVICE)
+            with torch.no_grad():
+                dense.weight.copy_(sc.dense_weight())
+                dense.bias.copy_(sc.bias)
+            cl = torch.channels_last
+            x = torch.randn(batch, c, hw, hw, device=DEVICE).contiguous(memory_format=cl)
+            x16, sc16 = x.bfloat16(), random_sparse_conv(c, o, stride, 0.1, 32).to(DEVICE, torch.bfloat16)
+            w, w16 = dense.weight.contiguous(memory_format=cl), dense.weight.bfloat16().contiguous(memory_format=cl)
+            b, b16 = dense.bias, dense.bias.bfloat16()
+            with torch.no_grad():
+                return timer.providers("sparse_conv", f"{c}to{o}_{hw}_s{stride}_B{batch}", "cudnn_bf16_cl", {
+                    "cudnn_bf16_cl": lambda: F.conv2d(x16, w16, b16, stride, 1),
+                    "cudnn_fp32_cl": lambda: F.conv2d(x, w, b, stride, 1),
+                    "accel_sparse_bf16": lambda: sc16(x16),
+                    "accel_sparse_fp32": lambda: sc(x),
+                })
+        cases.append(Case("sparse_conv", f"{c}to{o}_{hw}_s{stride}_B{batch}", run))
+    return cases
+
+
 def _train_cases(cfg: dict, timer: Timer) -> list[Case]:
     import torch
 
@@ -567,7 +646,8 @@ def _host_cases(cfg: dict, timer: Timer) -> list[Case]:
     return [Case("host", f"M1_{cfg['n']}^2_launch", run)]
 
 
-BUILDERS = {"bsr": _bsr_cases, "int8": _int8_cases, "conv": _conv_cases, "train": _train_cases, "host": _host_cases}
+BUILDERS = {"bsr": _bsr_cases, "int8": _int8_cases, "conv": _conv_cases, "sparse_int8": _sparse_int8_cases,
+            "sparse_conv": _sparse_conv_cases, "train": _train_cases, "host": _host_cases}
 
 
 def build_cases(sections: list[str], quick: bool, timer, tiny: bool = False, **overrides) -> list[Case]:

@@ -195,6 +195,28 @@ def test_gradcheck_fp64():
             assert torch.autograd.gradcheck(fn, (x, v, bias)), engine
 
 
+def test_eager_training_skips_the_custom_op_with_the_same_gradients(monkeypatch):
+    """Eager training runs an autograd.Function with the custom op's body and formula; its gradients are the
+    op's, and its backward calls the bodies (dX, dW), not the ops."""
+    import importlib
+
+    ops = importlib.import_module("accel.ops.bsr_conv")
+    ws, geo, x, v, crow, col, bias = _setup(CASES[0])
+    x, v, bias = x.requires_grad_(), v.requires_grad_(), bias.requires_grad_()
+    y = bsr_conv2d(x, v, crow, col, ws, bias, *geo)
+    assert type(y.grad_fn).__name__ == "_BsrConv2dFunctionBackward"
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, v, bias), g)
+    y_op = torch.ops.accel.bsr_conv2d(x, v, crow, col, list(ws), bias, *[list(t) for t in geo], False)
+    for a, b in zip(grads, torch.autograd.grad(y_op, (x, v, bias), g)):
+        assert torch.equal(a, b)
+    calls = []
+    for name in ("_bsr_conv2d_dx_op", "_bsr_conv2d_dw_op"):
+        monkeypatch.setattr(ops, name, lambda *a, name=name: calls.append(name))
+    torch.autograd.grad(bsr_conv2d(x, v, crow, col, ws, bias, *geo), (x, v), g)
+    assert not calls
+
+
 def test_opcheck():
     ws, geo, x, v, crow, col, bias = _setup(CASES[0])
     x.requires_grad_()

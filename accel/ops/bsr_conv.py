@@ -36,7 +36,16 @@ from ..cpu import native as cpu_native
 from ..cpu.int8 import float_conv2d_cpu, onednn_conv_ok
 from ..cpu.packcache import cached, drop
 from ..formats import bsr_row_indices, check_bsr_cached
-from ._dispatch import as_conv_output, check_tensors, conv_out_format, needs_op, use_triton
+from ._dispatch import (
+    as_conv_output,
+    backward_call,
+    check_tensors,
+    conv_out_format,
+    eager_function,
+    graph_mode,
+    needs_op,
+    use_triton,
+)
 from ._plans import _plan_key, _planned, _settled
 from .bsr_linear import MIN_SQNR, any_nonfinite, refuse_double_backward, transposed_structure
 
@@ -288,10 +297,7 @@ def _(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding,
         memory_format=conv_out_format(x))
 
 
-@torch.library.custom_op("accel::bsr_conv2d_dx", mutates_args=())
-def _bsr_conv2d_dx_op(dy: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-                      weight_shape: list[int], x_shape: list[int], stride: list[int], padding: list[int],
-                      dilation: list[int], allow_tf32: bool) -> torch.Tensor:
+def _bsr_conv2d_dx(dy, values, crow_indices, col_indices, weight_shape, x_shape, stride, padding, dilation, allow_tf32):
     if use_triton(dy, "bsr_conv2d"):
         from ..kernels import bsr_conv
 
@@ -305,15 +311,20 @@ def _bsr_conv2d_dx_op(dy: torch.Tensor, values: torch.Tensor, crow_indices: torc
                                       tuple(stride), tuple(padding), tuple(dilation))
 
 
+@torch.library.custom_op("accel::bsr_conv2d_dx", mutates_args=())
+def _bsr_conv2d_dx_op(dy: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      weight_shape: list[int], x_shape: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], allow_tf32: bool) -> torch.Tensor:
+    return _bsr_conv2d_dx(dy, values, crow_indices, col_indices, weight_shape, x_shape, stride, padding, dilation,
+                          allow_tf32)
+
+
 @_bsr_conv2d_dx_op.register_fake
 def _(dy, values, crow_indices, col_indices, weight_shape, x_shape, stride, padding, dilation, allow_tf32):
     return _empty_channels_last(dy, x_shape)
 
 
-@torch.library.custom_op("accel::bsr_conv2d_dw", mutates_args=())
-def _bsr_conv2d_dw_op(dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-                      block_size: int, weight_shape: list[int], stride: list[int], padding: list[int],
-                      dilation: list[int], allow_tf32: bool) -> torch.Tensor:
+def _bsr_conv2d_dw(dy, x, crow_indices, col_indices, block_size, weight_shape, stride, padding, dilation, allow_tf32):
     rows = cached("bsr_rows", (crow_indices, col_indices), (), lambda: bsr_row_indices(crow_indices, col_indices))
     if use_triton(dy, "bsr_conv2d"):
         from ..kernels import bsr_conv
@@ -322,6 +333,14 @@ def _bsr_conv2d_dw_op(dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Ten
                                       allow_tf32=allow_tf32)
     return cpu_conv.bsr_conv2d_dw_cpu(dy, x, rows, col_indices, block_size, tuple(weight_shape), tuple(stride),
                                       tuple(padding), tuple(dilation))
+
+
+@torch.library.custom_op("accel::bsr_conv2d_dw", mutates_args=())
+def _bsr_conv2d_dw_op(dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      block_size: int, weight_shape: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], allow_tf32: bool) -> torch.Tensor:
+    return _bsr_conv2d_dw(dy, x, crow_indices, col_indices, block_size, weight_shape, stride, padding, dilation,
+                          allow_tf32)
 
 
 @_bsr_conv2d_dw_op.register_fake
@@ -342,17 +361,24 @@ def _backward(ctx, dy):
     weight_shape, stride, padding, dilation = ctx.geometry
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = _bsr_conv2d_dx_op(dy, values, crow, col, weight_shape, list(x.shape), stride, padding, dilation,
-                               ctx.allow_tf32)
+        dx = backward_call(ctx, _bsr_conv2d_dx_op, _bsr_conv2d_dx)(dy, values, crow, col, weight_shape, list(x.shape), stride,
+                                                              padding, dilation, ctx.allow_tf32)
     if ctx.needs_input_grad[1]:
-        dvalues = _bsr_conv2d_dw_op(dy, x, crow, col, values.shape[1], weight_shape, stride, padding, dilation,
-                                    ctx.allow_tf32)
+        dvalues = backward_call(ctx, _bsr_conv2d_dw_op, _bsr_conv2d_dw)(dy, x, crow, col, values.shape[1], weight_shape,
+                                                                   stride, padding, dilation, ctx.allow_tf32)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         dbias = dy.sum((0, 2, 3))
     return dx, dvalues, None, None, None, dbias, None, None, None, None, None
 
 
 _bsr_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+#: eager training: the op's body and autograd formula without the custom-op dispatch
+_BsrConv2dFunction = eager_function(
+    "_BsrConv2dFunction",
+    lambda x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_tf32, allow_dense: _dispatch(
+        x, values, crow, col, tuple(weight_shape), bias, tuple(stride), tuple(padding), tuple(dilation), allow_tf32,
+        allow_dense),
+    _setup_context, _backward)
 refuse_double_backward(_bsr_conv2d_dx_op, "SparseConv2d")
 refuse_double_backward(_bsr_conv2d_dw_op, "SparseConv2d")
 
@@ -386,8 +412,9 @@ def bsr_conv2d(
                                                         stride, padding, dilation)
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
     if needs_op(x, values, bias):
-        return _bsr_conv2d_op(x, values, crow_indices, col_indices, list(weight_shape), bias, list(stride),
-                              list(padding), list(dilation), allow_tf32, allow_dense)
+        fn = _bsr_conv2d_op if graph_mode() else _BsrConv2dFunction.apply
+        return fn(x, values, crow_indices, col_indices, list(weight_shape), bias, list(stride), list(padding),
+                  list(dilation), allow_tf32, allow_dense)
     return _dispatch(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation, allow_tf32,
                      allow_dense)
 

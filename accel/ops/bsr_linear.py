@@ -38,7 +38,7 @@ from ..formats import (
     check_block_size,
     check_bsr_cached,
 )
-from ._dispatch import check_tensors, needs_op, use_triton
+from ._dispatch import backward_call, check_tensors, eager_function, graph_mode, needs_op, use_triton
 from ._plans import _plan_key, _planned, _settled, call_linear
 
 #: SQNR (dB) a CPU strategy must reach against the fp32 dense product before it can be chosen
@@ -230,6 +230,15 @@ def _(x, values, crow_indices, col_indices, out_features, bias, allow_tf32, allo
     return x.new_empty(x.shape[0], out_features)
 
 
+def _bsr_linear_dx(dy, values, crow_indices, col_indices, in_features, allow_tf32):
+    bs = values.shape[1]
+    crow_t, col_t, block_index = transposed_structure(crow_indices, col_indices, math.ceil(in_features / bs))
+    return _dispatch(
+        "bsr_dense_mm", dy, values, crow_t, col_t, in_features, None,
+        blocks_transposed=True, block_index=block_index, allow_tf32=allow_tf32,
+    )
+
+
 @torch.library.custom_op("accel::bsr_linear_dx", mutates_args=())
 def _bsr_linear_dx_op(
     dy: torch.Tensor,
@@ -239,12 +248,7 @@ def _bsr_linear_dx_op(
     in_features: int,
     allow_tf32: bool,
 ) -> torch.Tensor:
-    bs = values.shape[1]
-    crow_t, col_t, block_index = transposed_structure(crow_indices, col_indices, math.ceil(in_features / bs))
-    return _dispatch(
-        "bsr_dense_mm", dy, values, crow_t, col_t, in_features, None,
-        blocks_transposed=True, block_index=block_index, allow_tf32=allow_tf32,
-    )
+    return _bsr_linear_dx(dy, values, crow_indices, col_indices, in_features, allow_tf32)
 
 
 @_bsr_linear_dx_op.register_fake
@@ -252,11 +256,7 @@ def _(dy, values, crow_indices, col_indices, in_features, allow_tf32):
     return dy.new_empty(dy.shape[0], in_features)
 
 
-@torch.library.custom_op("accel::bsr_sddmm", mutates_args=())
-def _bsr_sddmm_op(
-    dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, block_size: int,
-    allow_tf32: bool,
-) -> torch.Tensor:
+def _bsr_sddmm(dy, x, crow_indices, col_indices, block_size, allow_tf32):
     rows = cached("bsr_rows", (crow_indices, col_indices), (), lambda: bsr_row_indices(crow_indices, col_indices))
     if use_triton(dy, "bsr_linear"):
         from ..kernels import bsr_matmul
@@ -268,6 +268,14 @@ def _bsr_sddmm_op(
         return bsr_matmul.bsr_sddmm(dy, x, rows, col_indices, block_size, allow_tf32=allow_tf32, group=group,
                                     groups=groups)
     return _dispatch("bsr_sddmm", dy, x, rows, col_indices, block_size, allow_tf32=allow_tf32)
+
+
+@torch.library.custom_op("accel::bsr_sddmm", mutates_args=())
+def _bsr_sddmm_op(
+    dy: torch.Tensor, x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor, block_size: int,
+    allow_tf32: bool,
+) -> torch.Tensor:
+    return _bsr_sddmm(dy, x, crow_indices, col_indices, block_size, allow_tf32)
 
 
 @_bsr_sddmm_op.register_fake
@@ -287,15 +295,21 @@ def _backward(ctx, dy):
     dx = dvalues = dbias = None
     dy = dy.contiguous()
     if ctx.needs_input_grad[0]:
-        dx = _bsr_linear_dx_op(dy, values, crow, col, x.shape[1], ctx.allow_tf32)
+        dx = backward_call(ctx, _bsr_linear_dx_op, _bsr_linear_dx)(dy, values, crow, col, x.shape[1], ctx.allow_tf32)
     if ctx.needs_input_grad[1]:
-        dvalues = _bsr_sddmm_op(dy, x, crow, col, values.shape[1], ctx.allow_tf32)
+        dvalues = backward_call(ctx, _bsr_sddmm_op, _bsr_sddmm)(dy, x, crow, col, values.shape[1], ctx.allow_tf32)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         dbias = dy.sum(0)
     return dx, dvalues, None, None, None, dbias, None, None
 
 
 _bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
+#: eager training: the op's body and autograd formula without the custom-op dispatch
+_BsrLinearFunction = eager_function(
+    "_BsrLinearFunction",
+    lambda x, values, crow, col, out_features, bias, allow_tf32, allow_dense: _dispatch(
+        "bsr_dense_mm", x, values, crow, col, out_features, bias, allow_tf32=allow_tf32, allow_dense=allow_dense),
+    _setup_context, _backward)
 
 
 def refuse_double_backward(op, what: str) -> None:
@@ -359,7 +373,8 @@ def bsr_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), in_features)
     if needs_op(x2, values, bias):
-        y = _bsr_linear_op(x2, values, crow_indices, col_indices, out_features, bias, allow_tf32, allow_dense)
+        fn = _bsr_linear_op if graph_mode() else _BsrLinearFunction.apply
+        y = fn(x2, values, crow_indices, col_indices, out_features, bias, allow_tf32, allow_dense)
     else:
         y = _dispatch("bsr_dense_mm", x2, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
                       allow_dense=allow_dense)

@@ -217,6 +217,25 @@ def test_eager_training_skips_the_custom_op_with_the_same_gradients(monkeypatch)
     assert not calls
 
 
+def test_vmap_and_batched_gradients_of_a_trainable_layer():
+    """vmap over a trainable SparseConv2d and ``is_grads_batched`` backward passes give a loop's results."""
+    ws, geo, x, v, crow, col, bias = _setup(CASES[0])
+    v, bias = v.requires_grad_(), bias.requires_grad_()
+
+    def f(a):
+        return bsr_conv2d(a, v, crow, col, ws, bias, *geo)
+
+    xs = torch.randn(2, *x.shape)
+    torch.testing.assert_close(torch.func.vmap(f)(xs), torch.stack([f(a) for a in xs]), rtol=1e-6, atol=1e-6)
+    x = x.requires_grad_()
+    y = f(x)
+    gs = torch.randn(3, *y.shape)
+    batched = torch.autograd.grad(y, (x, v), gs, is_grads_batched=True, retain_graph=True)
+    for i, g in enumerate(gs):
+        for a, b in zip(batched, torch.autograd.grad(y, (x, v), g, retain_graph=True)):
+            torch.testing.assert_close(a[i], b, rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck():
     ws, geo, x, v, crow, col, bias = _setup(CASES[0])
     x.requires_grad_()

@@ -225,6 +225,22 @@ def test_eager_training_skips_the_custom_op_with_the_same_gradients(monkeypatch)
     assert not calls
 
 
+def test_vmap_and_batched_gradients_of_a_trainable_layer():
+    """torch.func.vmap over a layer whose parameters require grad, and batched backward passes
+    (``is_grads_batched``, vectorized jacobians), go through the custom ops (PyTorch batches them): the
+    results equal a loop over the batch."""
+    sl, _ = _opcheck_args()
+    xs = torch.randn(3, 5, 100)
+    torch.testing.assert_close(torch.func.vmap(sl)(xs), torch.stack([sl(x) for x in xs]), rtol=0, atol=0)
+    x = torch.randn(3, 100, requires_grad=True)
+    y = sl(x)
+    gs = torch.randn(4, *y.shape)
+    batched = torch.autograd.grad(y, (x, sl.values), gs, is_grads_batched=True, retain_graph=True)
+    for i, g in enumerate(gs):
+        for a, b in zip(batched, torch.autograd.grad(y, (x, sl.values), g, retain_graph=True)):
+            torch.testing.assert_close(a[i], b, rtol=1e-6, atol=1e-6)
+
+
 def test_opcheck():
     from accel.formats import bsr_row_indices  # noqa: F401  (ops registered on import)
 

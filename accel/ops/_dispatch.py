@@ -43,9 +43,11 @@ def check_tensors(what: str, required: tuple, optional: tuple = ()) -> None:
 
 
 def graph_mode() -> bool:
-    """Under torch.compile or torch.jit.trace: calls must go through the registered custom ops (one opaque
-    node in the graph, and their fake kernels for shapes)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Under torch.compile or torch.jit.trace (one opaque node in the graph, and the ops' fake kernels for
+    shapes), or inside a torch.func transform (vmap: PyTorch batches the ops by its fallback): calls must go
+    through the registered custom ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+        torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def eager_function(name: str, forward_impl, setup_context, backward) -> type:
@@ -63,12 +65,20 @@ def eager_function(name: str, forward_impl, setup_context, backward) -> type:
                                                    "backward": staticmethod(backward)})
 
 
-def backward_call(ctx, op, impl):
+def _batched(t: torch.Tensor) -> bool:
+    """A vmap-batched (or other functorch-wrapped) tensor: ``is_grads_batched=True``, vectorized jacobians."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or "Batched" in str(torch._C._dispatch_keys(t))
+
+
+def backward_call(ctx, dy: torch.Tensor, op, impl):
     """What a backward formula calls: the custom op's body directly in an :func:`eager_function`'s backward,
-    the op itself in the op's own (traced by torch.compile, export and opcheck with fake tensors) and
-    when the backward is itself recorded (``create_graph=True``: the op's autograd formula then refuses
-    double backward in one clear line)."""
-    return impl if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op
+    the op itself in the op's own (traced by torch.compile, export and opcheck with fake tensors), under
+    :func:`graph_mode`, for a batched ``dy`` (the bodies run real kernels; PyTorch batches the ops) and when
+    the backward is itself recorded (``create_graph=True``: the op's autograd formula then refuses double
+    backward in one clear line)."""
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled() and not graph_mode() and not _batched(dy):
+        return impl
+    return op
 
 
 def needs_op(*tensors: torch.Tensor | None) -> bool:

@@ -361,11 +361,13 @@ def _backward(ctx, dy):
     weight_shape, stride, padding, dilation = ctx.geometry
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = backward_call(ctx, _bsr_conv2d_dx_op, _bsr_conv2d_dx)(dy, values, crow, col, weight_shape, list(x.shape), stride,
-                                                              padding, dilation, ctx.allow_tf32)
+        dx = backward_call(ctx, dy, _bsr_conv2d_dx_op, _bsr_conv2d_dx)(dy, values, crow, col, weight_shape,
+                                                                      list(x.shape), stride, padding, dilation,
+                                                                      ctx.allow_tf32)
     if ctx.needs_input_grad[1]:
-        dvalues = backward_call(ctx, _bsr_conv2d_dw_op, _bsr_conv2d_dw)(dy, x, crow, col, values.shape[1], weight_shape,
-                                                                   stride, padding, dilation, ctx.allow_tf32)
+        dvalues = backward_call(ctx, dy, _bsr_conv2d_dw_op, _bsr_conv2d_dw)(dy, x, crow, col, values.shape[1],
+                                                                           weight_shape, stride, padding, dilation,
+                                                                           ctx.allow_tf32)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         dbias = dy.sum((0, 2, 3))
     return dx, dvalues, None, None, None, dbias, None, None, None, None, None

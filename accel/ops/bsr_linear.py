@@ -295,9 +295,9 @@ def _backward(ctx, dy):
     dx = dvalues = dbias = None
     dy = dy.contiguous()
     if ctx.needs_input_grad[0]:
-        dx = backward_call(ctx, _bsr_linear_dx_op, _bsr_linear_dx)(dy, values, crow, col, x.shape[1], ctx.allow_tf32)
+        dx = backward_call(ctx, dy, _bsr_linear_dx_op, _bsr_linear_dx)(dy, values, crow, col, x.shape[1], ctx.allow_tf32)
     if ctx.needs_input_grad[1]:
-        dvalues = backward_call(ctx, _bsr_sddmm_op, _bsr_sddmm)(dy, x, crow, col, values.shape[1], ctx.allow_tf32)
+        dvalues = backward_call(ctx, dy, _bsr_sddmm_op, _bsr_sddmm)(dy, x, crow, col, values.shape[1], ctx.allow_tf32)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         dbias = dy.sum(0)
     return dx, dvalues, None, None, None, dbias, None, None

@@ -217,6 +217,27 @@ def test_eager_training_skips_the_custom_op_with_the_same_gradients(monkeypatch)
     assert not calls
 
 
+def test_trainable_layer_records_its_own_path_with_the_ops_gradients():
+    """A trainable SparseConv2d's call is recorded as its module path (plans, engine decisions) under the op's
+    autograd formula: the op's output and gradients, and an in-place update of the values (an optimizer
+    step) reaches the next call."""
+    sc = SparseConv2d.from_dense(nn.Conv2d(32, 48, 3, padding=1), sparsity=0.5, block=16, mode="sparse")
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    geo = [[1, 1], [1, 1], [1, 1]]
+    for step in range(2):
+        y = sc(x)
+        assert type(y.grad_fn).__name__ == "_ModuleBsrConv2dFunctionBackward"
+        y_op = torch.ops.accel.bsr_conv2d(x, sc.values, sc.crow_indices, sc.col_indices, list(sc.weight_shape), sc.bias,
+                                          *geo, False)
+        torch.testing.assert_close(y, y_op, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, (x, sc.values, sc.bias), g),
+                        torch.autograd.grad(y_op, (x, sc.values, sc.bias), g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            sc.values.mul_(0.5)  # what an optimizer step does
+
+
 def test_vmap_and_batched_gradients_of_a_trainable_layer():
     """vmap over a trainable SparseConv2d and ``is_grads_batched`` backward passes give a loop's results."""
     ws, geo, x, v, crow, col, bias = _setup(CASES[0])

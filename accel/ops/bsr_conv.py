@@ -374,6 +374,14 @@ def _backward(ctx, dy):
 
 
 _bsr_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+#: eager training of a SparseConv2d: its module path (plans, engine decisions) run without autograd, and the op's
+#: autograd formula
+_ModuleBsrConv2dFunction = eager_function(
+    "_ModuleBsrConv2dFunction",
+    lambda x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_tf32, allow_dense, owner:
+    module_bsr_conv2d(x, values, crow, col, tuple(weight_shape), bias, tuple(stride), tuple(padding), tuple(dilation),
+                      allow_dense, owner),
+    _setup_context, lambda ctx, dy: (*_backward(ctx, dy), None))
 #: eager training: the op's body and autograd formula without the custom-op dispatch
 _BsrConv2dFunction = eager_function(
     "_BsrConv2dFunction",
@@ -429,11 +437,17 @@ def module_bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, 
     (``accel.ops._plans``)."""
     tensors = (values, crow_indices, col_indices, bias)
     settings = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), allow_dense)
+    o, c, kh, kw = weight_shape
     if owner is not None and not needs_op(values, bias):  # (autograd records calls that train the layer)
         settled = _settled(owner, x, x.shape, tensors, settings, image=True)
         if settled is not None:
             return settled.fn(x)
-    o, c, kh, kw = weight_shape
+    elif owner is not None and not graph_mode() and x.dim() == 4 and x.dtype == values.dtype and \
+            x.device == values.device and x.shape[1] == c:  # trainable: autograd records the layer's own path
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
+        return _ModuleBsrConv2dFunction.apply(x, values, crow_indices, col_indices, list(weight_shape), bias,
+                                              list(stride), list(padding), list(dilation), allow_tf32, allow_dense,
+                                              owner)
     if needs_op(x, values, bias) or x.dim() != 4 or x.dtype != values.dtype or x.device != values.device or \
             x.shape[1] != c or x.is_cuda:
         return bsr_conv2d(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,

@@ -304,6 +304,13 @@ def _backward(ctx, dy):
 
 
 _bsr_linear_op.register_autograd(_backward, setup_context=_setup_context)
+#: eager training of a SparseLinear: its module path (plans, engine decisions) run without autograd, and the op's
+#: autograd formula
+_ModuleBsrLinearFunction = eager_function(
+    "_ModuleBsrLinearFunction",
+    lambda x, values, crow, col, out_features, bias, allow_tf32, allow_dense, shape, owner: module_bsr_linear(
+        x, values, crow, col, shape, bias, allow_dense, owner),
+    _setup_context, lambda ctx, dy: (*_backward(ctx, dy), None, None))
 #: eager training: the op's body and autograd formula without the custom-op dispatch
 _BsrLinearFunction = eager_function(
     "_BsrLinearFunction",
@@ -394,6 +401,13 @@ def module_bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch
         settled = _settled(owner, x, x.shape, tensors, (shape, allow_dense))
         if settled is not None:
             return call_linear(settled, x, out_features)
+    elif owner is not None and not graph_mode() and x.dtype == values.dtype and x.device == values.device and \
+            x.dim() and x.shape[-1] == in_features:  # trainable: autograd records the layer's own path
+        x2 = x.reshape(math.prod(x.shape[:-1]), in_features)
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if x.is_cuda else False
+        y = _ModuleBsrLinearFunction.apply(x2, values, crow_indices, col_indices, out_features, bias, allow_tf32,
+                                           allow_dense, shape, owner)
+        return y.view(*x.shape[:-1], out_features)
     if needs_op(x, values, bias) or x.dtype != values.dtype or x.device != values.device or x.dim() == 0 or \
             x.shape[-1] != in_features:
         return bsr_linear(x, values, crow_indices, col_indices, shape, bias, allow_dense=allow_dense)

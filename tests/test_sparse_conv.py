@@ -238,6 +238,27 @@ def test_trainable_layer_records_its_own_path_with_the_ops_gradients():
             sc.values.mul_(0.5)  # what an optimizer step does
 
 
+@pytest.mark.parametrize("batch", [4, 0])
+def test_inplace_relu_after_a_trainable_layer(batch):
+    """A trainable SparseConv2d's output (channels_last input: the kernels' permuted result) can be changed in
+    place, as nn.ReLU(inplace=True) after a conv does, with the gradients of the dense conv."""
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    sc = SparseConv2d.from_dense(conv, sparsity=0.75, block=32, mode="sparse")
+    dense = nn.Conv2d(64, 64, 3, padding=1)
+    with torch.no_grad():
+        dense.weight.copy_(sc.dense_weight())
+        dense.bias.copy_(sc.bias)
+    x = torch.randn(batch, 64, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    for layer in (sc, dense):
+        x.grad = None
+        nn.Sequential(layer, nn.ReLU(inplace=True))(x).square().sum().backward()
+        grads = x.grad.clone()
+    x.grad = None
+    sc_out = nn.Sequential(sc, nn.ReLU(inplace=True))(x)
+    sc_out.square().sum().backward()
+    torch.testing.assert_close(x.grad, grads, rtol=1e-4, atol=1e-4)
+
+
 def test_vmap_and_batched_gradients_of_a_trainable_layer():
     """vmap over a trainable SparseConv2d and ``is_grads_batched`` backward passes give a loop's results."""
     ws, geo, x, v, crow, col, bias = _setup(CASES[0])

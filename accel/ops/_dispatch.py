@@ -57,6 +57,8 @@ def eager_function(name: str, forward_impl, setup_context, backward) -> type:
 
     def forward(ctx, *inputs):
         out = forward_impl(*inputs)
+        if out._is_view():  # (a permuted or strided result: autograd would refuse in-place ops such as ReLU(inplace))
+            out = out.detach()
         setup_context(ctx, inputs, out)
         ctx.eager = True  # (the custom op's own autograd, also traced with fake tensors, never sets this)
         return out

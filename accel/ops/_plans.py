@@ -8,8 +8,9 @@ its settings are unchanged and no engine decision changed (``accel.engines.stamp
 (``accel.ops.int8``) and the block-sparse layers (``accel.ops.bsr_linear``, ``accel.ops.bsr_conv``).
 
 As the derived-weight cache (``accel.cpu.packcache``), a plan cannot see writes that bypass version counters:
-``layer.weight.data = other`` reusing the same storage address, or in-place writes to inference tensors (no
-counter); call ``accel.cpu.int8.clear_cache()`` and :func:`forget_plans` after such edits.
+``layer.weight.data = other`` reusing the same storage address, in-place writes through ``.data``
+(``p.data.add_(...)``, as some older optimizers update parameters) and in-place writes to inference tensors
+(no counter); call ``accel.cpu.int8.clear_cache()`` and :func:`forget_plans` after such edits.
 """
 
 from __future__ import annotations

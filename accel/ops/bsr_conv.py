@@ -283,8 +283,9 @@ def _empty_channels_last(like: torch.Tensor, shape) -> torch.Tensor:
 def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                    weight_shape: list[int], bias: torch.Tensor | None, stride: list[int], padding: list[int],
                    dilation: list[int], allow_tf32: bool, allow_dense: bool = False) -> torch.Tensor:
-    return _dispatch(x, values, crow_indices, col_indices, tuple(weight_shape), bias, tuple(stride), tuple(padding),
-                     tuple(dilation), allow_tf32, allow_dense)
+    y = _dispatch(x, values, crow_indices, col_indices, tuple(weight_shape), bias, tuple(stride), tuple(padding),
+                  tuple(dilation), allow_tf32, allow_dense)
+    return y.detach() if y._is_view() else y  # (not a view: in-place ops after the layer stay allowed)
 
 
 @_bsr_conv2d_op.register_fake

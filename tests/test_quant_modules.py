@@ -316,3 +316,21 @@ def test_converted_layers_show_a_float_weight():
     s = accel.SparseLinear.from_dense(nn.Linear(64, 32), 0.5, 16, mode="sparse")
     torch.testing.assert_close(s.weight, s.dense_weight())
     assert "weight" not in dict(s.named_parameters())
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("batch", [3, 0])
+def test_quant_conv_in_training_allows_inplace_relu_after_it(memory_format, batch):
+    """Gradients flow straight through a QuantConv2d to its input (its int8 weights are frozen). Its output is
+    neither a view nor saved for the backward, so nn.ReLU(inplace=True) may follow it, as after nn.Conv2d;
+    an empty batch keeps x in the graph (zero gradient). dx is the transposed conv of the dequantized weight."""
+    from accel.quant import dequantize_weight
+
+    q = QuantConv2d.from_float(nn.Conv2d(32, 48, 3, padding=1))
+    x = torch.randn(batch, 32, 7, 7).to(memory_format=memory_format).requires_grad_()
+    with torch.no_grad():
+        mask = (q(x) > 0).float()  # the ReLU's mask on the layer's own output
+    nn.Sequential(q, nn.ReLU(inplace=True))(x).sum().backward()
+    w = dequantize_weight(q.weight_q, q.weight_scale)
+    ref = torch.nn.grad.conv2d_input(x.shape, w, mask, 1, 1)
+    torch.testing.assert_close(x.grad, ref, rtol=1e-5, atol=1e-5)

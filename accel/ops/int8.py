@@ -328,7 +328,8 @@ def _(x, w_q, w_scale, bias, act_scale, activation, mode="dynamic", act_qmax=0):
 def _int8_conv2d_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     act_scale: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                     activation: str, mode: str = "int8", act_qmax: int = 0) -> torch.Tensor:
-    return _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
+    y = _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
+    return y.detach() if y._is_view() else y  # (not a view: in-place ops after the layer stay allowed)
 
 
 @_int8_conv2d_op.register_fake
@@ -356,7 +357,8 @@ def _grad_through_activation(ctx, dy):
 
 def _setup_linear(ctx, inputs, output):  # (x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
     ctx.activation, ctx.n_inputs = inputs[5], len(inputs)
-    ctx.save_for_backward(inputs[1], inputs[2], output)
+    # the output only for the fused ReLU's mask (saved, it would forbid in-place ops after the layer)
+    ctx.save_for_backward(inputs[1], inputs[2], output if ctx.activation == "relu" else None)
 
 
 def _backward_linear(ctx, dy):
@@ -369,7 +371,7 @@ def _backward_linear(ctx, dy):
 def _setup_conv(ctx, inputs, output):
     x, w_q, w_scale, _bias, _act_scale, stride, padding, dilation, activation = inputs[:9]
     ctx.activation, ctx.geometry, ctx.x_shape, ctx.n_inputs = activation, (stride, padding, dilation), x.shape, len(inputs)
-    ctx.save_for_backward(w_q, w_scale, output)
+    ctx.save_for_backward(w_q, w_scale, output if activation == "relu" else None)  # (as for the linear)
 
 
 def _backward_conv(ctx, dy):
@@ -590,14 +592,17 @@ def int8_conv2d(
         raise ValueError(f"{what}: input {tuple(x.shape[2:])} with padding {padding} is smaller than the "
                          f"dilated kernel {(kh, kw)} (dilation {dilation})")
     if x.shape[0] == 0 or w_q.shape[0] == 0:
-        return torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
-                           device=x.device).contiguous(memory_format=conv_out_format(x))
+        y = torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
+                        device=x.device).contiguous(memory_format=conv_out_format(x))
+        # an empty output; for an x that requires grad it stays in the graph (x.grad: zeros, as nn.Conv2d)
+        return y + x.sum() * 0 if needs_op(x) else y
     if w_q.shape[1] == 0:  # no input channels, nothing to multiply: the bias at every pixel (through the activation)
         y = torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=torch.float32,
                         device=x.device)
         if bias is not None:
             y += bias.float()[None, :, None, None]
-        return activate(y, activation).to(x.dtype).contiguous(memory_format=conv_out_format(x))
+        y = activate(y, activation).to(x.dtype).contiguous(memory_format=conv_out_format(x))
+        return y + x.sum() * 0 if needs_op(x) else y  # (x is empty: its gradient, zeros, as nn.Conv2d)
     args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
     return _int8_conv2d_op(*args) if needs_op(x) else _int8_conv2d_impl(*args)
 

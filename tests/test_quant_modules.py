@@ -334,3 +334,33 @@ def test_quant_conv_in_training_allows_inplace_relu_after_it(memory_format, batc
     w = dequantize_weight(q.weight_q, q.weight_scale)
     ref = torch.nn.grad.conv2d_input(x.shape, w, mask, 1, 1)
     torch.testing.assert_close(x.grad, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [4, 0])
+def test_int8_layers_with_a_fused_relu_allow_inplace_ops_after_them(batch):
+    """A fused ReLU's straight-through gradient uses a saved mask, not the saved output: an in-place op after
+    QuantLinear / QuantConv2d / SparseQuantLinear with activation="relu" does not break the backward, and dx
+    is the masked transposed product of the dequantized weight."""
+    from accel import SparseLinear, SparseQuantLinear
+    from accel.quant import dequantize_weight
+
+    lin = nn.Linear(64, 48)
+    sparse = SparseLinear.from_dense(lin, sparsity=0.5, block=16, mode="sparse")
+    layers = (QuantLinear.from_float(lin, activation="relu"),
+              SparseQuantLinear.from_sparse(sparse, activation="relu"),
+              QuantConv2d.from_float(nn.Conv2d(64, 48, 1), activation="relu"))
+    for layer in layers:
+        conv = isinstance(layer, QuantConv2d)
+        x = torch.randn(batch, 64, 3, 3) if conv else torch.randn(batch, 64)
+        x.requires_grad_()
+        with torch.no_grad():
+            mask = (layer(x) > 0).float()
+        y = layer(x)
+        y.mul_(2.0)  # in place, after the layer
+        y.sum().backward()
+        if isinstance(layer, SparseQuantLinear):
+            w = layer.dequantized_weight()
+        else:
+            w = dequantize_weight(layer.weight_q, layer.weight_scale)
+        ref = torch.nn.grad.conv2d_input(x.shape, w, 2 * mask) if conv else (2 * mask) @ w
+        torch.testing.assert_close(x.grad, ref, rtol=1e-5, atol=1e-5)

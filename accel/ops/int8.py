@@ -350,15 +350,15 @@ def conv2d_output_shape(x_shape, w_shape, stride, padding, dilation) -> tuple[in
 # ---------------------------------------------------------------------------------------------
 def _grad_through_activation(ctx, dy):
     if ctx.activation == "relu":
-        (out,) = ctx.saved_tensors[-1:]
-        return dy * (out > 0).to(dy.dtype)
+        (positive,) = ctx.saved_tensors[-1:]
+        return dy * positive.to(dy.dtype)
     return dy
 
 
 def _setup_linear(ctx, inputs, output):  # (x, w_q, w_scale, bias, act_scale, activation, mode, act_qmax)
     ctx.activation, ctx.n_inputs = inputs[5], len(inputs)
-    # the output only for the fused ReLU's mask (saved, it would forbid in-place ops after the layer)
-    ctx.save_for_backward(inputs[1], inputs[2], output if ctx.activation == "relu" else None)
+    # a fused ReLU's mask, not the output: saved, the output would forbid in-place ops after the layer
+    ctx.save_for_backward(inputs[1], inputs[2], output > 0 if ctx.activation == "relu" else None)
 
 
 def _backward_linear(ctx, dy):
@@ -371,7 +371,7 @@ def _backward_linear(ctx, dy):
 def _setup_conv(ctx, inputs, output):
     x, w_q, w_scale, _bias, _act_scale, stride, padding, dilation, activation = inputs[:9]
     ctx.activation, ctx.geometry, ctx.x_shape, ctx.n_inputs = activation, (stride, padding, dilation), x.shape, len(inputs)
-    ctx.save_for_backward(w_q, w_scale, output if activation == "relu" else None)  # (as for the linear)
+    ctx.save_for_backward(w_q, w_scale, output > 0 if activation == "relu" else None)  # (as for the linear)
 
 
 def _backward_conv(ctx, dy):

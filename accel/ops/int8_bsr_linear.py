@@ -140,15 +140,16 @@ def dequantized_values(values_q: torch.Tensor, w_scale: torch.Tensor, crow: torc
 def _setup(ctx, inputs, output):
     x, values_q, w_scale, crow, col, out_features, bias, activation = inputs[:8]
     ctx.activation, ctx.in_features, ctx.n_inputs = activation, x.shape[1], len(inputs)
-    ctx.save_for_backward(values_q, w_scale, crow, col, output)
+    # a fused ReLU's mask, not the output: saved, the output would forbid in-place ops after the layer
+    ctx.save_for_backward(values_q, w_scale, crow, col, output > 0 if activation == "relu" else None)
 
 
 def _backward(ctx, dy):
     from .bsr_linear import _bsr_linear_dx_op
 
-    values_q, w_scale, crow, col, out = ctx.saved_tensors
+    values_q, w_scale, crow, col, positive = ctx.saved_tensors
     if ctx.activation == "relu":
-        dy = dy * (out > 0).to(dy.dtype)
+        dy = dy * positive.to(dy.dtype)
     vals = dequantized_values(values_q, w_scale, crow, col, dy.dtype)
     dx = _bsr_linear_dx_op(dy.contiguous(), vals, crow, col, ctx.in_features,
                            bool(torch.backends.cuda.matmul.allow_tf32))

@@ -50,15 +50,19 @@ def graph_mode() -> bool:
         torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def not_a_view(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as an output autograd may record: a view (a permuted or strided result) detached from its internal
+    base, since autograd refuses in-place ops (ReLU(inplace)) on a custom op's or Function's view output."""
+    return y.detach() if y._is_view() else y
+
+
 def eager_function(name: str, forward_impl, setup_context, backward) -> type:
     """A ``torch.autograd.Function`` for eager training that runs ``forward_impl`` (the body of a custom op)
     with the op's own ``setup_context(ctx, inputs, output)`` and ``backward``: the same gradients without
     the custom-op dispatch, which costs ~0.1 ms a call on a CPU (the ops stay for :func:`graph_mode`)."""
 
     def forward(ctx, *inputs):
-        out = forward_impl(*inputs)
-        if out._is_view():  # (a permuted or strided result: autograd would refuse in-place ops such as ReLU(inplace))
-            out = out.detach()
+        out = not_a_view(forward_impl(*inputs))
         setup_context(ctx, inputs, out)
         ctx.eager = True  # (the custom op's own autograd, also traced with fake tensors, never sets this)
         return out

@@ -44,6 +44,7 @@ from ._dispatch import (
     eager_function,
     graph_mode,
     needs_op,
+    not_a_view,
     use_triton,
 )
 from ._plans import _plan_key, _planned, _settled
@@ -279,13 +280,18 @@ def _empty_channels_last(like: torch.Tensor, shape) -> torch.Tensor:
     return like.new_empty((n, h, w, c)).permute(0, 3, 1, 2)
 
 
+def _bsr_conv2d_body(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation, allow_tf32,
+                     allow_dense=False):
+    return not_a_view(_dispatch(x, values, crow_indices, col_indices, tuple(weight_shape), bias, tuple(stride),
+                                tuple(padding), tuple(dilation), allow_tf32, allow_dense))
+
+
 @torch.library.custom_op("accel::bsr_conv2d", mutates_args=())
 def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                    weight_shape: list[int], bias: torch.Tensor | None, stride: list[int], padding: list[int],
                    dilation: list[int], allow_tf32: bool, allow_dense: bool = False) -> torch.Tensor:
-    y = _dispatch(x, values, crow_indices, col_indices, tuple(weight_shape), bias, tuple(stride), tuple(padding),
-                  tuple(dilation), allow_tf32, allow_dense)
-    return y.detach() if y._is_view() else y  # (not a view: in-place ops after the layer stay allowed)
+    return _bsr_conv2d_body(x, values, crow_indices, col_indices, weight_shape, bias, stride, padding, dilation,
+                            allow_tf32, allow_dense)
 
 
 @_bsr_conv2d_op.register_fake
@@ -384,12 +390,7 @@ _ModuleBsrConv2dFunction = eager_function(
                       allow_dense, owner),
     _setup_context, lambda ctx, dy: (*_backward(ctx, dy), None))
 #: eager training: the op's body and autograd formula without the custom-op dispatch
-_BsrConv2dFunction = eager_function(
-    "_BsrConv2dFunction",
-    lambda x, values, crow, col, weight_shape, bias, stride, padding, dilation, allow_tf32, allow_dense: _dispatch(
-        x, values, crow, col, tuple(weight_shape), bias, tuple(stride), tuple(padding), tuple(dilation), allow_tf32,
-        allow_dense),
-    _setup_context, _backward)
+_BsrConv2dFunction = eager_function("_BsrConv2dFunction", _bsr_conv2d_body, _setup_context, _backward)
 refuse_double_backward(_bsr_conv2d_dx_op, "SparseConv2d")
 refuse_double_backward(_bsr_conv2d_dw_op, "SparseConv2d")
 

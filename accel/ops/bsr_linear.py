@@ -209,6 +209,11 @@ def _check_fake(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: 
     torch._check(col.shape[0] == values.shape[0], lambda: "bsr_linear: col_indices and values disagree on nnz")
 
 
+def _bsr_linear_body(x, values, crow_indices, col_indices, out_features, bias, allow_tf32, allow_dense=False):
+    return _dispatch("bsr_dense_mm", x, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
+                     allow_dense=allow_dense)
+
+
 @torch.library.custom_op("accel::bsr_linear", mutates_args=())
 def _bsr_linear_op(
     x: torch.Tensor,
@@ -220,8 +225,7 @@ def _bsr_linear_op(
     allow_tf32: bool,
     allow_dense: bool = False,
 ) -> torch.Tensor:
-    return _dispatch("bsr_dense_mm", x, values, crow_indices, col_indices, out_features, bias, allow_tf32=allow_tf32,
-                     allow_dense=allow_dense)
+    return _bsr_linear_body(x, values, crow_indices, col_indices, out_features, bias, allow_tf32, allow_dense)
 
 
 @_bsr_linear_op.register_fake
@@ -312,11 +316,7 @@ _ModuleBsrLinearFunction = eager_function(
         x, values, crow, col, shape, bias, allow_dense, owner),
     _setup_context, lambda ctx, dy: (*_backward(ctx, dy), None, None))
 #: eager training: the op's body and autograd formula without the custom-op dispatch
-_BsrLinearFunction = eager_function(
-    "_BsrLinearFunction",
-    lambda x, values, crow, col, out_features, bias, allow_tf32, allow_dense: _dispatch(
-        "bsr_dense_mm", x, values, crow, col, out_features, bias, allow_tf32=allow_tf32, allow_dense=allow_dense),
-    _setup_context, _backward)
+_BsrLinearFunction = eager_function("_BsrLinearFunction", _bsr_linear_body, _setup_context, _backward)
 
 
 def refuse_double_backward(op, what: str) -> None:

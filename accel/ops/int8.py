@@ -38,7 +38,7 @@ from ..cpu import compiled
 from ..cpu import int8 as cpu_int8
 from ..cpu.packcache import cached
 from ..quant import ACTIVATIONS, INT32_MAX_K, QMAX, activate, dequantize_weight
-from ._dispatch import as_conv_output, check_tensors, conv_out_format, needs_op, use_triton
+from ._dispatch import as_conv_output, check_tensors, conv_out_format, needs_op, not_a_view, use_triton
 from ._plans import _PLANS, _Plan, _plan_key, _planned, _settled, call_linear, forget_plans  # noqa: F401  (layers, tests)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -328,8 +328,8 @@ def _(x, w_q, w_scale, bias, act_scale, activation, mode="dynamic", act_qmax=0):
 def _int8_conv2d_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                     act_scale: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
                     activation: str, mode: str = "int8", act_qmax: int = 0) -> torch.Tensor:
-    y = _int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
-    return y.detach() if y._is_view() else y  # (not a view: in-place ops after the layer stay allowed)
+    return not_a_view(_int8_conv2d_impl(x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode,
+                                        act_qmax))
 
 
 @_int8_conv2d_op.register_fake
@@ -591,18 +591,19 @@ def int8_conv2d(
     if x.shape[2] + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or x.shape[3] + 2 * padding[1] < dilation[1] * (kw - 1) + 1:
         raise ValueError(f"{what}: input {tuple(x.shape[2:])} with padding {padding} is smaller than the "
                          f"dilated kernel {(kh, kw)} (dilation {dilation})")
-    if x.shape[0] == 0 or w_q.shape[0] == 0:
-        y = torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=x.dtype,
-                        device=x.device).contiguous(memory_format=conv_out_format(x))
-        # an empty output; for an x that requires grad it stays in the graph (x.grad: zeros, as nn.Conv2d)
+    if x.shape[0] == 0 or w_q.shape[0] == 0 or w_q.shape[1] == 0:  # nothing to multiply
+        shape = conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation)
+        if x.shape[0] == 0 or w_q.shape[0] == 0:  # an empty output
+            y = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        else:  # no input channels: the bias at every pixel (through the activation)
+            y = torch.zeros(shape, dtype=torch.float32, device=x.device)
+            if bias is not None:
+                y += bias.float()[None, :, None, None]
+            y = activate(y, activation).to(x.dtype)
+        y = y.contiguous(memory_format=conv_out_format(x))
+        # for an x that requires grad (here it is empty, or the output is) the output stays in the graph: x.grad
+        # zeros, as nn.Conv2d
         return y + x.sum() * 0 if needs_op(x) else y
-    if w_q.shape[1] == 0:  # no input channels, nothing to multiply: the bias at every pixel (through the activation)
-        y = torch.zeros(conv2d_output_shape(x.shape, w_q.shape, stride, padding, dilation), dtype=torch.float32,
-                        device=x.device)
-        if bias is not None:
-            y += bias.float()[None, :, None, None]
-        y = activate(y, activation).to(x.dtype).contiguous(memory_format=conv_out_format(x))
-        return y + x.sum() * 0 if needs_op(x) else y  # (x is empty: its gradient, zeros, as nn.Conv2d)
     args = (x, w_q, w_scale, bias, act_scale, stride, padding, dilation, activation, mode, act_qmax)
     return _int8_conv2d_op(*args) if needs_op(x) else _int8_conv2d_impl(*args)
 

@@ -158,16 +158,10 @@ _direct: dict = {}
 _UNKEYED = object()
 
 
-def _is_autotuner(kernel) -> bool:
-    from triton.runtime.autotuner import Autotuner
-
-    return isinstance(kernel, Autotuner)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel_info(kernel) -> tuple:
     """``(jit function, heuristics in the order Triton applies them, constexpr parameter names,
-    autotune key names, rememberable)`` of a launchable: ``@triton.jit`` under optional
+    autotune key names, autotuned, rememberable)`` of a launchable: ``@triton.jit`` under optional
     ``@triton.autotune`` / ``@triton.heuristics`` wrappers. An autotuner below a heuristics wrapper
     is not remembered (its config could not be read back for the key)."""
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -179,8 +173,8 @@ def _kernel_info(kernel) -> tuple:
         elif fn is not kernel:
             rememberable = False
         fn = fn.fn
-    keys = frozenset(kernel.keys) if _is_autotuner(kernel) else frozenset()
-    return fn, heuristics, _constexpr_names(fn), keys, rememberable
+    autotuned = isinstance(kernel, Autotuner)
+    return fn, heuristics, _constexpr_names(fn), frozenset(kernel.keys if autotuned else ()), autotuned, rememberable
 
 
 def _constexpr_names(jit_fn) -> frozenset:
@@ -214,16 +208,14 @@ def _heuristic_values(heuristics: dict, args: dict, base: dict) -> dict:
 
 
 class _Direct:
-    """A remembered launch: the compiled binary, the kernel's parameter order, the config it ran
-    (``meta``: its meta-parameters and the options; ``base``: what the heuristics saw of it) and the
-    heuristics' results it was compiled with."""
+    """A remembered launch: the compiled binary, the kernel's parameter order, the config it ran, ``base``
+    (the options and the config's keyword arguments: what the heuristics and the grid see of it, and the
+    meta-parameters' values) and the heuristics' results it was compiled with."""
 
-    __slots__ = ("binary", "names", "config", "meta", "base", "heuristic_values")
+    __slots__ = ("binary", "names", "config", "base", "heuristic_values")
 
-    def __init__(self, binary, names, config, options, base, heuristic_values):
-        self.binary, self.names, self.config = binary, names, config
-        self.meta = {**options, **(config.kwargs if config is not None else {})}
-        self.base, self.heuristic_values = base, heuristic_values
+    def __init__(self, binary, names, config, base, heuristic_values):
+        self.binary, self.names, self.config, self.base, self.heuristic_values = binary, names, config, base, heuristic_values
 
 
 class _InterpretedBinary:
@@ -298,19 +290,19 @@ def launch(kernel, grid, args: dict, config=None, **options):
     Triton launch took 14 us of host time, the int8 GEMM's two launches 219 us. Not carried over to a
     direct launch: Triton's debug knobs changed after the first launch, and its check that the
     kernel's global variables have not changed (the kernels read none)."""
-    jit_fn, heuristics, constexprs, tune_keys, rememberable = _kernel_info(kernel)
+    jit_fn, heuristics, constexprs, tune_keys, autotuned, rememberable = _kernel_info(kernel)
     key = None
     if DIRECT and rememberable and (not INTERPRET or INTERPRET_AS_BINARY):
         key = _launch_key(jit_fn, config, args, options, constexprs | tune_keys if config is None else constexprs)
         for entry in _direct.get(key, ()) if key is not None else ():
             values = _heuristic_values(heuristics, args, entry.base)
             if values == entry.heuristic_values:
-                meta = {**args, **entry.meta, **values}
+                meta = {**args, **entry.base, **values}
                 g = grid(meta) if callable(grid) else grid
                 entry.binary[tuple(g) + (1,) * (3 - len(g))](*[meta[n] for n in entry.names])
                 return entry.config
     ran = kernel_for(kernel, config)[grid](**args, **config_kwargs(config), **options)
-    tuned = _is_autotuner(kernel) and config is None
+    tuned = autotuned and config is None
     # the autotuner's config for this key, read from its cache (its best_config attribute is shared)
     cfg = _tuned_config(kernel, args) if tuned else config
     if key is not None and not (tuned and cfg is None):
@@ -318,9 +310,9 @@ def launch(kernel, grid, args: dict, config=None, **options):
         binary = _InterpretedBinary(jit_fn) if INTERPRET else (ran if hasattr(ran, "packed_metadata") else None)
         base = {**options, **(cfg.all_kwargs() if cfg is not None else {})}
         values = _heuristic_values(heuristics, args, base)
-        entry = _Direct(binary, tuple(jit_fn.arg_names), cfg, options, base, values)
+        entry = _Direct(binary, tuple(jit_fn.arg_names), cfg, base, values)
         # every parameter needs a value to pass (none of the kernels leaves one to its default)
-        if binary is not None and all(n in args or n in entry.meta or n in values for n in entry.names):
+        if binary is not None and all(n in args or n in base or n in values for n in entry.names):
             entries = _direct.setdefault(key, [])
             if all(e.heuristic_values != values for e in entries):
                 entries.append(entry)

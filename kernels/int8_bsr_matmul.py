@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import bind, cdiv, check_launchable, launch, pick_configs
+from ._triton import bind, cdiv, check_launchable, launch, pick_configs, pow2_bucket
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,7 +120,7 @@ def configs() -> list[triton.Config]:
 
 def m_bucket(m: int) -> int:
     """The autotuning key of M: the next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(max(m, 1)))
+    return max(16, pow2_bucket(max(m, 1)))
 
 
 def prune_for(bs: int, bucket: int, configs: list[triton.Config] | None = None) -> list[triton.Config]:

@@ -245,7 +245,7 @@ def quant_chunk_config() -> triton.Config:
 def one_pass_config(k: int) -> triton.Config:
     """The single-pass quantizer's launch for rows of ``k <= ONE_PASS_MAX_K`` elements: the whole row
     in one block, about 8-16 elements per thread."""
-    block = max(16, triton.next_power_of_2(k))
+    block = max(16, pow2_bucket(k))
     return triton.Config({"BLOCK_K": block}, num_warps=max(1, min(8, block // 512)), num_stages=1)
 
 
@@ -683,7 +683,7 @@ def quantize_rows(
     launch(_quantize_row_chunks_kernel, (m, n_chunks),
            dict(x_ptr=x, q_ptr=q, s_ptr=s, static_ptr=static, part_ptr=part, K=k, stride_xm=x.stride(0),
                 stride_xk=x.stride(1), stride_qm=q.stride(0), N_CHUNKS=n_chunks, QMAX=qmax,
-                STATIC=static_scale is not None, BLOCK_K=chunk, BLOCK_C=max(2, triton.next_power_of_2(n_chunks))),
+                STATIC=static_scale is not None, BLOCK_K=chunk, BLOCK_C=max(2, pow2_bucket(n_chunks))),
            num_warps=cfg.num_warps)
     return q, s
 
